@@ -1,0 +1,118 @@
+"""Config checks shared by every entry point: same keys as the default, right types, sane sizes.
+
+Errors are raised as `ConfigError` with one line that names the key, so the command-line tools
+can print it and exit non-zero before any heavy work.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import default as default_config
+
+MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
+DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'); the command-line form of list-valued keys."""
+    if isinstance(value, (tuple, list)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def num_channels(modalities: str) -> int:
+    """Channels of the stacked input for a comma-separated modality list."""
+    return sum(MODALITY_CHANNELS[m] for m in split_list(modalities))
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError when `config` differs from configs/default.py in keys or types,
+    or asks for sizes that cannot work (image not divisible by the patch stride, batch not
+    divisible by the device count, unknown modality or data format)."""
+    reference = _flatten(default_config.get_config())
+    actual = _flatten(config)
+    unknown = sorted(set(actual) - set(reference))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}: not in configs/default.py")
+    missing = sorted(set(reference) - set(actual))
+    if missing:
+        raise ConfigError(f"config lacks key(s) {missing} that configs/default.py sets")
+    for key, ref_value in reference.items():
+        value = actual[key]
+        ref_type = type(ref_value)
+        if ref_type is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if ref_type in (tuple, list) and isinstance(value, (tuple, list)):
+            continue
+        if not isinstance(value, ref_type):
+            raise ConfigError(
+                f"config key '{key}' is {type(value).__name__} {value!r}, "
+                f"expected {ref_type.__name__} like {ref_value!r}"
+            )
+    data, model, train = config.data, config.model, config.train
+    if data.format not in DATA_FORMATS:
+        raise ConfigError(f"data.format={data.format!r} is not one of {DATA_FORMATS}")
+    for modality in split_list(data.modalities):
+        if modality not in MODALITY_CHANNELS:
+            raise ConfigError(
+                f"data.modalities has unknown modality {modality!r}; "
+                f"known: {sorted(MODALITY_CHANNELS)}"
+            )
+    if not split_list(data.modalities):
+        raise ConfigError("data.modalities is empty")
+    if data.protocol not in ("unsupervised", "supervised"):
+        raise ConfigError(f"data.protocol={data.protocol!r}: use 'unsupervised' or 'supervised'")
+    if not 0.0 < data.labeled_fraction <= 1.0:
+        raise ConfigError(f"data.labeled_fraction={data.labeled_fraction} must be in (0, 1]")
+    if model.patch_stride <= 0 or model.patch_size < model.patch_stride:
+        raise ConfigError(
+            f"model.patch_stride={model.patch_stride} must be in [1, model.patch_size="
+            f"{model.patch_size}]"
+        )
+    for scale in model.scales:
+        side = data.image_size * scale
+        if side != int(side) or int(side) < model.patch_size:
+            raise ConfigError(
+                f"data.image_size={data.image_size} at model.scales entry {scale} gives a "
+                f"{side}px side, too small or fractional for model.patch_size={model.patch_size}"
+            )
+        if (int(side) - model.patch_size) % model.patch_stride:
+            raise ConfigError(
+                f"data.image_size={data.image_size} at scale {scale} is not covered exactly by "
+                f"patches of {model.patch_size}px at stride {model.patch_stride}"
+            )
+    for stride in model.det_strides:
+        if data.image_size % stride:
+            raise ConfigError(
+                f"data.image_size={data.image_size} is not divisible by model.det_strides "
+                f"entry {stride}"
+            )
+    if train.batch_size <= 0 or train.batch_size % train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} must be positive and divisible by "
+            f"train.grad_accum_steps={train.grad_accum_steps}"
+        )
+    if num_devices is not None:
+        for key in ("train.batch_size", "eval.batch_size"):
+            batch = actual[key]
+            if batch % num_devices:
+                raise ConfigError(
+                    f"{key}={batch} is not divisible by the {num_devices} devices; "
+                    f"pick a multiple of {num_devices}"
+                )

@@ -1,0 +1,101 @@
+"""Every config has exactly the default's keys; validate() rejects bad values with the key name."""
+
+import importlib
+import pathlib
+
+import ml_collections
+import pytest
+
+from configs import default
+from m2u_jax import config as config_lib
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _keys(config, prefix=""):
+    return set(config_lib._flatten(config, prefix))
+
+
+def test_known_configs_are_present():
+    assert {"default", "tiny", "demo"} <= set(CONFIG_NAMES)
+
+
+def test_default_has_reserved_keys():
+    keys = _keys(default.get_config())
+    reserved = {
+        "data.format", "data.root", "data.categories", "data.image_size", "data.modalities",
+        "data.protocol", "data.labeled_fraction", "model.variant", "model.scales",
+        "train.pretrain_steps", "train.finetune_steps", "train.batch_size",
+        "eval.num_mc_samples", "seed",
+    }  # fmt: skip
+    assert reserved <= keys
+
+
+def test_every_default_key_has_a_comment():
+    lines = (CONFIG_DIR / "default.py").read_text().splitlines()
+    assignments = [line for line in lines if line.strip().startswith(("config.", "data.",
+                   "model.", "train.", "evaluation.")) and " = " in line
+                   and "ConfigDict" not in line]  # fmt: skip
+    assert assignments, "no assignments found"
+    for line in assignments:
+        assert "#" in line, f"key without a comment in configs/default.py: {line.strip()}"
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_has_default_keys_and_validates(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert _keys(config) == _keys(default.get_config())
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_configs_are_locked(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.model.varaint = "S"
+
+
+def test_unknown_key_is_named():
+    config = default.get_config()
+    config.train.learning_rat = 0.1
+    with pytest.raises(config_lib.ConfigError, match="train.learning_rat"):
+        config_lib.validate(config)
+
+
+def test_wrong_type_is_named():
+    # ConfigDict refuses a wrong-typed assignment itself; a config built from a dict (for example
+    # a loaded config.json) does not, so validate() checks types too.
+    as_dict = default.get_config().to_dict()
+    as_dict["data"]["image_size"] = "big"
+    config = ml_collections.ConfigDict(as_dict)
+    with pytest.raises(config_lib.ConfigError, match="data.image_size"):
+        config_lib.validate(config)
+
+
+def test_image_not_covered_by_patches():
+    config = default.get_config()
+    config.data.image_size = 250
+    with pytest.raises(config_lib.ConfigError, match="patch"):
+        config_lib.validate(config)
+
+
+def test_batch_not_divisible_by_devices():
+    config = default.get_config()
+    config.train.batch_size = 12
+    with pytest.raises(config_lib.ConfigError, match="train.batch_size=12"):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_unknown_modality():
+    config = default.get_config()
+    config.data.modalities = "rgb,sonar"
+    with pytest.raises(config_lib.ConfigError, match="sonar"):
+        config_lib.validate(config)
+
+
+def test_split_list_and_channels():
+    assert config_lib.split_list(" bottle, cable,,") == ("bottle", "cable")
+    assert config_lib.split_list("") == ()
+    assert config_lib.num_channels("rgb,depth,thermal") == 5

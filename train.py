@@ -1,0 +1,49 @@
+"""Train M2U-InspectNet: contrastive pretraining, then multi-task fine-tuning.
+
+python train.py --config configs/tiny.py --workdir /tmp/m2u_tiny [--config.train.batch_size=16]
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from m2u_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, config.json.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (TPU pods, SLURM, explicit flags)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as error:
+        print(f"train.py: bad config: {error}", file=sys.stderr)
+        return 2
+    try:
+        from m2u_jax import trainer
+    except ImportError:
+        print("train.py: the trainer is not built yet (see the Training issue).", file=sys.stderr)
+        return 1
+    trainer.main(
+        config,
+        _WORKDIR.value,
+        multihost=_MULTIHOST.value,
+        coordinator=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
