@@ -1,0 +1,317 @@
+"""Box geometry, anchor-free target assignment and static-shape NMS (pure jnp).
+
+Boxes are `xyxy` in pixels: `[..., 4] = (x1, y1, x2, y2)` with `x1 <= x2`, `y1 <= y2`. Every
+function is shape-polymorphic over leading dimensions, jit-able, and free of data-dependent
+shapes, so the detection post-processing exports to ONNX as a static graph.
+
+The overlap measures divide by `area + eps` and clamp negative extents, so they and their
+gradients stay finite for zero-area boxes (e.g. padding) and for identical boxes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-7
+
+
+def box_area(boxes_xyxy: jax.Array) -> jax.Array:
+    """Area of `[..., 4]` xyxy boxes → `[...]`; inverted boxes count as zero area."""
+    widths = jnp.maximum(boxes_xyxy[..., 2] - boxes_xyxy[..., 0], 0.0)
+    heights = jnp.maximum(boxes_xyxy[..., 3] - boxes_xyxy[..., 1], 0.0)
+    return widths * heights
+
+
+def _intersection_and_union(boxes_a: jax.Array, boxes_b: jax.Array):
+    top_left = jnp.maximum(boxes_a[..., :2], boxes_b[..., :2])
+    bottom_right = jnp.minimum(boxes_a[..., 2:], boxes_b[..., 2:])
+    overlap = jnp.maximum(bottom_right - top_left, 0.0)
+    intersection = overlap[..., 0] * overlap[..., 1]
+    union = box_area(boxes_a) + box_area(boxes_b) - intersection
+    return intersection, union
+
+
+def _enclosing_box(boxes_a: jax.Array, boxes_b: jax.Array) -> jax.Array:
+    top_left = jnp.minimum(boxes_a[..., :2], boxes_b[..., :2])
+    bottom_right = jnp.maximum(boxes_a[..., 2:], boxes_b[..., 2:])
+    return jnp.concatenate([top_left, bottom_right], axis=-1)
+
+
+def box_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = EPS) -> jax.Array:
+    """Elementwise IoU of `[..., 4]` and `[..., 4]` xyxy boxes (broadcasting) → `[...]`."""
+    intersection, union = _intersection_and_union(boxes_a, boxes_b)
+    return intersection / (union + eps)
+
+
+def pairwise_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = EPS) -> jax.Array:
+    """IoU of every pair: `[..., N, 4]` × `[..., M, 4]` → `[..., N, M]` (leading dims broadcast)."""
+    return box_iou(boxes_a[..., :, None, :], boxes_b[..., None, :, :], eps)
+
+
+def generalized_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = EPS) -> jax.Array:
+    """Elementwise GIoU (Rezatofighi et al. 2019) → `[...]`, in [-1, 1].
+
+    GIoU = IoU - (enclosing area - union) / enclosing area.
+    """
+    intersection, union = _intersection_and_union(boxes_a, boxes_b)
+    iou = intersection / (union + eps)
+    enclosing_area = box_area(_enclosing_box(boxes_a, boxes_b))
+    return iou - (enclosing_area - union) / (enclosing_area + eps)
+
+
+def _center_distance_penalty(boxes_a: jax.Array, boxes_b: jax.Array, eps: float) -> jax.Array:
+    # Squared centre distance over the squared diagonal of the enclosing box (Zheng et al. 2020);
+    # squared lengths avoid the sqrt whose gradient is infinite at zero.
+    centers_a = (boxes_a[..., :2] + boxes_a[..., 2:]) / 2
+    centers_b = (boxes_b[..., :2] + boxes_b[..., 2:]) / 2
+    center_distance_sq = jnp.sum((centers_a - centers_b) ** 2, axis=-1)
+    enclosing = _enclosing_box(boxes_a, boxes_b)
+    diagonal_sq = jnp.sum((enclosing[..., 2:] - enclosing[..., :2]) ** 2, axis=-1)
+    return center_distance_sq / (diagonal_sq + eps)
+
+
+def distance_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = EPS) -> jax.Array:
+    """Elementwise DIoU = IoU - centre distance² / enclosing diagonal² → `[...]`."""
+    return box_iou(boxes_a, boxes_b, eps) - _center_distance_penalty(boxes_a, boxes_b, eps)
+
+
+def complete_iou(boxes_a: jax.Array, boxes_b: jax.Array, eps: float = EPS) -> jax.Array:
+    """Elementwise CIoU = DIoU - alpha * v with the aspect-ratio term v (Zheng et al. 2020).
+
+    v = 4/pi² (atan(w_b/h_b) - atan(w_a/h_a))², alpha = v / (1 - IoU + v). As in the paper's
+    reference code, alpha is a weight and is not differentiated (stop_gradient).
+    """
+    iou = box_iou(boxes_a, boxes_b, eps)
+    widths_a = jnp.maximum(boxes_a[..., 2] - boxes_a[..., 0], 0.0)
+    heights_a = jnp.maximum(boxes_a[..., 3] - boxes_a[..., 1], 0.0)
+    widths_b = jnp.maximum(boxes_b[..., 2] - boxes_b[..., 0], 0.0)
+    heights_b = jnp.maximum(boxes_b[..., 3] - boxes_b[..., 1], 0.0)
+    aspect_gap = jnp.arctan(widths_b / (heights_b + eps)) - jnp.arctan(widths_a / (heights_a + eps))
+    aspect_term = (4 / math.pi**2) * aspect_gap**2
+    alpha = jax.lax.stop_gradient(aspect_term / (1 - iou + aspect_term + eps))
+    return iou - _center_distance_penalty(boxes_a, boxes_b, eps) - alpha * aspect_term
+
+
+def decode_boxes(points: jax.Array, box_ltrb: jax.Array) -> jax.Array:
+    """Anchor points `[A, 2]` (x, y) + distances `[..., A, 4]` (left, top, right, bottom)
+    → xyxy boxes `[..., A, 4]`."""
+    return jnp.concatenate([points - box_ltrb[..., :2], points + box_ltrb[..., 2:]], axis=-1)
+
+
+def encode_ltrb(points: jax.Array, boxes_xyxy: jax.Array) -> jax.Array:
+    """Inverse of `decode_boxes`: points `[A, 2]`, boxes `[..., A, 4]` → ltrb `[..., A, 4]`.
+
+    Distances are negative where the point lies outside its box."""
+    return jnp.concatenate([points - boxes_xyxy[..., :2], boxes_xyxy[..., 2:] - points], axis=-1)
+
+
+def assign_targets(
+    points: jax.Array,
+    strides: jax.Array,
+    boxes: jax.Array,
+    box_classes: jax.Array,
+    box_valid: jax.Array,
+    num_classes: int,
+    *,
+    center_radius: float = 2.5,
+    scale_range_factor: float = 4.0,
+) -> dict[str, jax.Array]:
+    """Anchor-free (FCOS / YOLOX centre sampling) assignment of ground-truth boxes to points.
+
+    Args:
+      points: `[A, 2]` anchor centres (x, y) in pixels, all levels concatenated.
+      strides: `[A]` stride in pixels of each anchor's level.
+      boxes: `[B, G, 4]` xyxy ground-truth boxes in pixels (zero-padded).
+      box_classes: `[B, G]` int class in 0..K-1, or -1 for an unknown class.
+      box_valid: `[B, G]` 1 for real boxes, 0 for padding.
+      num_classes: K.
+      center_radius: centre-sampling radius in units of the anchor's stride.
+      scale_range_factor: sets the per-level size ranges (below).
+
+    Rules. Point `a` is a candidate for valid box `g` when all three hold:
+      1. it lies strictly inside the box;
+      2. it lies within the square of half-side `center_radius * stride[a]` around the box
+         centre (centre sampling: the border of a box is a poor anchor);
+      3. its farthest box edge, m = max(l, t, r, b), is in the level's range
+         (f * s_prev, f * s] with f = `scale_range_factor`, s = stride[a] and s_prev the next
+         finer stride present; the finest level has no lower bound and the coarsest no upper
+         bound. With f = 4, a stride-s level learns boxes up to about 8 s wide, so large boxes
+         go to coarse levels (FCOS uses f = 8 for its 800-px images; our images are small).
+    A valid box with no candidate (a tiny box between anchor points, or one that lost all its
+    points to the rules above) takes the finest-level point nearest to its centre, so every box
+    is learned. A point that is a candidate for several boxes takes the smallest-area one (ties:
+    the lower box index).
+
+    Returns a dict of float32 arrays:
+      `obj_targets` `[B, A]` (1 for positives), `cls_targets` `[B, A, K]` one-hot (all zero for
+      negatives and unknown classes), `cls_weights` `[B, A]` (1 for positives of a known class),
+      `box_targets` `[B, A, 4]` xyxy of the assigned box (zeros for negatives), `fg_mask` `[B, A]`.
+    """
+    points = points.astype(jnp.float32)
+    strides = strides.astype(jnp.float32)
+    boxes = boxes.astype(jnp.float32)
+    valid = box_valid > 0  # [B, G]
+    num_anchors = points.shape[0]
+
+    # Distances from every point to every box's edges: [B, A, G, 4].
+    ltrb = encode_ltrb(points[None, :, None, :], boxes[:, None, :, :])
+    inside_box = jnp.min(ltrb, axis=-1) > 0
+
+    centers = (boxes[..., :2] + boxes[..., 2:]) / 2  # [B, G, 2]
+    offset_from_center = jnp.abs(points[None, :, None, :] - centers[:, None, :, :])  # [B, A, G, 2]
+    radius = center_radius * strides[None, :, None, None]
+    inside_center = jnp.all(offset_from_center < radius, axis=-1)
+
+    # The next finer stride present, for each point: sorting keeps this O(A log A) instead of an
+    # [A, A] comparison, and works for any set of level strides.
+    sorted_strides = jnp.sort(strides)
+    finer_index = jnp.searchsorted(sorted_strides, strides, side="left") - 1
+    finer_stride = jnp.where(finer_index >= 0, sorted_strides[jnp.maximum(finer_index, 0)], 0.0)
+    is_finest = strides <= sorted_strides[0]
+    is_coarsest = strides >= sorted_strides[-1]
+    lower = scale_range_factor * finer_stride  # 0 on the finest level.
+    upper = jnp.where(is_coarsest, jnp.inf, scale_range_factor * strides)
+    farthest_edge = jnp.max(ltrb, axis=-1)  # [B, A, G]
+    in_scale_range = (farthest_edge > lower[None, :, None]) & (
+        farthest_edge <= upper[None, :, None]
+    )
+
+    candidate = inside_box & inside_center & in_scale_range & valid[:, None, :]
+
+    # Fallback for boxes without any candidate: the nearest finest-level point to the centre.
+    center_distance_sq = jnp.sum(offset_from_center**2, axis=-1)  # [B, A, G]
+    center_distance_sq = jnp.where(is_finest[None, :, None], center_distance_sq, jnp.inf)
+    nearest_point = jnp.argmin(center_distance_sq, axis=1)  # [B, G]
+    needs_fallback = valid & ~jnp.any(candidate, axis=1)  # [B, G]
+    fallback = (jnp.arange(num_anchors)[None, :, None] == nearest_point[:, None, :]) & (
+        needs_fallback[:, None, :]
+    )
+    candidate = candidate | fallback
+
+    areas = box_area(boxes)  # [B, G]
+    candidate_areas = jnp.where(candidate, areas[:, None, :], jnp.inf)
+    assigned_box = jnp.argmin(candidate_areas, axis=-1)  # [B, A]
+    fg = jnp.any(candidate, axis=-1)  # [B, A]
+
+    assigned_class = jnp.take_along_axis(box_classes, assigned_box, axis=1)  # [B, A]
+    known_class = fg & (assigned_class >= 0)
+    # one_hot of -1 is all zeros; the mask also clears negatives.
+    cls_targets = jax.nn.one_hot(assigned_class, num_classes) * known_class[..., None]
+    box_targets = jnp.take_along_axis(boxes, assigned_box[..., None], axis=1)  # [B, A, 4]
+    fg_float = fg.astype(jnp.float32)
+    return {
+        "obj_targets": fg_float,
+        "cls_targets": cls_targets.astype(jnp.float32),
+        "cls_weights": known_class.astype(jnp.float32),
+        "box_targets": box_targets * fg_float[..., None],
+        "fg_mask": fg_float,
+    }
+
+
+def batched_nms(
+    boxes_xyxy: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    *,
+    max_detections: int,
+    iou_threshold: float,
+    score_threshold: float,
+    candidates_per_detection: int = 8,
+) -> dict[str, jax.Array]:
+    """Class-aware greedy NMS with static shapes (jit-able, exports to ONNX).
+
+    Args:
+      boxes_xyxy: `[B, A, 4]` boxes; scores: `[B, A]`; classes: `[B, A]` int.
+      max_detections: M, boxes returned per image.
+      iou_threshold: a box is suppressed by a higher-scored kept box of the same class whose
+        IoU with it is above this.
+      score_threshold: boxes scoring below this are dropped.
+      candidates_per_detection: only the top `k = min(A, candidates_per_detection * M)` boxes by
+        score enter NMS (`lax.top_k`), which bounds the k² IoU matrix. The result equals exact
+        greedy NMS over all A boxes whenever fewer than k boxes pass the score threshold.
+
+    The greedy pass is a `lax.fori_loop` over the k candidates in score order: step i clears,
+    if candidate i is still kept, every later same-class candidate that overlaps it. That is
+    the textbook greedy rule (kept iff no higher-scored *kept* box suppresses it) with no
+    data-dependent shapes; the kept boxes are then moved to the front with a second `top_k`.
+
+    Returns a dict: `boxes_xyxy` `[B, M, 4]`, `scores` `[B, M]`, `classes` `[B, M]` int32,
+    `valid` `[B, M]` bool, sorted by descending score and zero-padded past the kept boxes.
+    """
+    num_boxes = scores.shape[1]
+    scores = scores.astype(jnp.float32)
+    classes = classes.astype(jnp.int32)
+    if num_boxes < max_detections:
+        # top_k needs at least M entries: pad with boxes that can never pass the threshold.
+        pad = max_detections - num_boxes
+        boxes_xyxy = jnp.pad(boxes_xyxy, ((0, 0), (0, pad), (0, 0)))
+        scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        classes = jnp.pad(classes, ((0, 0), (0, pad)))
+        num_boxes = max_detections
+    num_candidates = min(num_boxes, candidates_per_detection * max_detections)
+
+    candidate_scores, candidate_index = jax.lax.top_k(scores, num_candidates)  # [B, k]
+    candidate_boxes = jnp.take_along_axis(boxes_xyxy, candidate_index[..., None], axis=1)
+    candidate_classes = jnp.take_along_axis(classes, candidate_index, axis=1)
+
+    overlaps = pairwise_iou(candidate_boxes, candidate_boxes) > iou_threshold  # [B, k, k]
+    same_class = candidate_classes[:, :, None] == candidate_classes[:, None, :]
+    later = jnp.arange(num_candidates)[None, :] > jnp.arange(num_candidates)[:, None]
+    # suppresses[b, i, j]: candidate i (higher score) suppresses candidate j if i is kept.
+    suppresses = overlaps & same_class & later[None]
+
+    # The matrix travels in the loop state rather than as a closure: jax2onnx's Loop lowering
+    # cannot capture traced values from the enclosing graph.
+    def suppress_step(i, state):
+        keep, suppresses = state
+        keep_i = jax.lax.dynamic_index_in_dim(keep, i, axis=1, keepdims=False)  # [B]
+        row = jax.lax.dynamic_index_in_dim(suppresses, i, axis=1, keepdims=False)  # [B, k]
+        return keep & ~(row & keep_i[:, None]), suppresses
+
+    keep, _ = jax.lax.fori_loop(
+        0, num_candidates, suppress_step, (candidate_scores >= score_threshold, suppresses)
+    )
+
+    # Kept candidates first, in score order: rank key k - position for kept, 0 otherwise.
+    rank_key = jnp.where(keep, num_candidates - jnp.arange(num_candidates), 0)
+    _, order = jax.lax.top_k(rank_key.astype(jnp.float32), max_detections)  # [B, M]
+    valid = jnp.take_along_axis(keep, order, axis=1)
+    out_boxes = jnp.take_along_axis(candidate_boxes, order[..., None], axis=1)
+    out_scores = jnp.take_along_axis(candidate_scores, order, axis=1)
+    out_classes = jnp.take_along_axis(candidate_classes, order, axis=1)
+    return {
+        "boxes_xyxy": jnp.where(valid[..., None], out_boxes, 0.0),
+        "scores": jnp.where(valid, out_scores, 0.0),
+        "classes": jnp.where(valid, out_classes, 0).astype(jnp.int32),
+        "valid": valid,
+    }
+
+
+def postprocess(
+    det: dict[str, jax.Array],
+    *,
+    max_detections: int,
+    iou_threshold: float,
+    score_threshold: float,
+) -> dict[str, jax.Array]:
+    """Detection head outputs → final boxes (see docs/interfaces.md for `det`).
+
+    Box score = sigmoid(obj) × max_k sigmoid(cls_k), class = argmax_k; then `batched_nms`.
+    Returns the `batched_nms` dict: `boxes_xyxy` `[B, M, 4]`, `scores` `[B, M]`,
+    `classes` `[B, M]` int32, `valid` `[B, M]` bool.
+    """
+    boxes_xyxy = decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
+    class_probs = jax.nn.sigmoid(det["cls_logits"].astype(jnp.float32))
+    scores = jax.nn.sigmoid(det["obj_logits"].astype(jnp.float32)) * jnp.max(class_probs, axis=-1)
+    classes = jnp.argmax(class_probs, axis=-1)
+    return batched_nms(
+        boxes_xyxy,
+        scores,
+        classes,
+        max_detections=max_detections,
+        iou_threshold=iou_threshold,
+        score_threshold=score_threshold,
+    )

@@ -1,0 +1,323 @@
+"""Loss functions of every training stage (pure jnp, float32 math whatever the input dtype).
+
+Sharded training needs no collectives here: under `jax.jit` with sharded inputs each loss sees the
+global (logical) batch arrays, and XLA inserts whatever cross-device reductions the batch means
+and sums need. The contrastive losses therefore see every negative of the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2u_jax import boxes as box_ops
+
+LOSS_TERMS = ("recon", "seg_focal", "seg_dice", "cls", "det_obj", "det_cls", "det_box")
+
+_SSIM_WINDOW = 11
+_SSIM_SIGMA = 1.5
+
+
+def sigmoid_focal_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+) -> jax.Array:
+    """Elementwise binary focal loss (Lin et al. 2017) → same shape as `logits`.
+
+    loss = alpha_t · (1 - p_t)^gamma · BCE(logits, targets), p_t = p if t = 1 else 1 - p,
+    alpha_t = alpha if t = 1 else 1 - alpha. `alpha=None` or `alpha < 0` disables the alpha
+    weighting; with gamma = 0 as well this is exactly binary cross-entropy. Targets may be soft.
+    """
+    logits = logits.astype(jnp.float32)
+    targets = targets.astype(jnp.float32)
+    # log_sigmoid on both sides is stable for large |logits| (same form as optax's BCE).
+    cross_entropy = -targets * jax.nn.log_sigmoid(logits) - (1.0 - targets) * jax.nn.log_sigmoid(
+        -logits
+    )
+    loss = cross_entropy
+    if gamma != 0:
+        probs = jax.nn.sigmoid(logits)
+        p_t = probs * targets + (1.0 - probs) * (1.0 - targets)
+        loss = loss * (1.0 - p_t) ** gamma
+    if alpha is not None and alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    return loss
+
+
+def iou_loss(pred_xyxy: jax.Array, target_xyxy: jax.Array, kind: str = "giou") -> jax.Array:
+    """Elementwise 1 - overlap for `[..., 4]` xyxy boxes → `[...]`.
+
+    kind: 'iou' (in [0, 1]), 'giou' (in [0, 2]), 'diou' or 'ciou'. Finite gradients for
+    zero-area and identical boxes (see `m2u_jax.boxes`).
+    """
+    metrics = {
+        "iou": box_ops.box_iou,
+        "giou": box_ops.generalized_iou,
+        "diou": box_ops.distance_iou,
+        "ciou": box_ops.complete_iou,
+    }
+    if kind not in metrics:
+        raise ValueError(f"iou_loss kind={kind!r}: use one of {sorted(metrics)}")
+    pred_xyxy = pred_xyxy.astype(jnp.float32)
+    target_xyxy = target_xyxy.astype(jnp.float32)
+    return 1.0 - metrics[kind](pred_xyxy, target_xyxy)
+
+
+def dice_loss(logits: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+    """Soft dice loss per image: logits and targets `[B, H, W]` (any trailing dims) → `[B]`.
+
+    1 - (2 Σ p t + smooth) / (Σ p + Σ t + smooth) with p = sigmoid(logits). The smoothing term
+    keeps defect-free images (Σ t = 0) well defined: their loss pushes Σ p towards 0.
+    """
+    probs = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(logits.shape[0], -1)
+    targets = targets.astype(jnp.float32).reshape(targets.shape[0], -1)
+    intersection = jnp.sum(probs * targets, axis=-1)
+    total = jnp.sum(probs, axis=-1) + jnp.sum(targets, axis=-1)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def ssim_window(height: int, width: int) -> tuple[int, float]:
+    """(window side, Gaussian sigma) that `ssim` uses for an image of this size.
+
+    The standard 11×11, sigma 1.5 window (Wang et al. 2004); images smaller than 11 pixels use
+    the largest odd side that fits, with sigma scaled by side / 11.
+    """
+    side = min(_SSIM_WINDOW, min(height, width))
+    side = side if side % 2 else side - 1
+    if side < 1:
+        raise ValueError(f"ssim: image of {height}x{width} pixels is too small")
+    return side, _SSIM_SIGMA * side / _SSIM_WINDOW
+
+
+def _gaussian_kernel_1d(side: int, sigma: float) -> np.ndarray:
+    offsets = np.arange(side, dtype=np.float64) - (side - 1) / 2
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def ssim(images_a: jax.Array, images_b: jax.Array, max_value: float = 1.0) -> jax.Array:
+    """Mean SSIM per image: `[B, H, W, C]` × `[B, H, W, C]` → `[B]`.
+
+    Local statistics use a separable Gaussian window (`ssim_window`) applied as depthwise
+    convolutions over the 'valid' region (no padding, as in the reference implementation);
+    constants C1 = (0.01 L)², C2 = (0.03 L)² with L = `max_value`.
+    """
+    images_a = images_a.astype(jnp.float32)
+    images_b = images_b.astype(jnp.float32)
+    height, width = images_a.shape[1:3]
+    side, sigma = ssim_window(height, width)
+    kernel = jnp.asarray(_gaussian_kernel_1d(side, sigma))
+    # One depthwise pass over all five statistics' inputs stacked on the channel axis.
+    stacked = jnp.concatenate(
+        [images_a, images_b, images_a**2, images_b**2, images_a * images_b], axis=-1
+    )
+    num_features = stacked.shape[-1]
+    dimension_numbers = ("NHWC", "HWIO", "NHWC")
+    vertical = jnp.tile(kernel.reshape(side, 1, 1, 1), (1, 1, 1, num_features))
+    horizontal = jnp.tile(kernel.reshape(1, side, 1, 1), (1, 1, 1, num_features))
+    filtered = stacked
+    for window in (vertical, horizontal):
+        filtered = jax.lax.conv_general_dilated(
+            filtered,
+            window,
+            window_strides=(1, 1),
+            padding="VALID",
+            dimension_numbers=dimension_numbers,
+            feature_group_count=num_features,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    mean_a, mean_b, mean_aa, mean_bb, mean_ab = jnp.split(filtered, 5, axis=-1)
+    var_a = mean_aa - mean_a**2
+    var_b = mean_bb - mean_b**2
+    covariance = mean_ab - mean_a * mean_b
+    c1 = (0.01 * max_value) ** 2
+    c2 = (0.03 * max_value) ** 2
+    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / (
+        (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return jnp.mean(ssim_map, axis=(1, 2, 3))
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+    if weights is None:
+        return jnp.mean(values)
+    weights = weights.astype(jnp.float32)
+    # All-zero weights (no valid target in the batch) give 0, not NaN.
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
+
+
+def reconstruction_loss(
+    recon: jax.Array, target: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """Reconstruction loss: scalar weighted mean over images of L2 + (1 - SSIM).
+
+    Args:
+      recon, target: `[B, H, W, C]` images in [0, 1].
+      weights: `[B]` (the batch's `recon_valid`): images whose clean target is not real
+        (actual defects) get weight 0. None = plain mean.
+    Per image: mean squared error over pixels and channels + 1 - `ssim(recon, target)`.
+    """
+    recon = recon.astype(jnp.float32)
+    target = target.astype(jnp.float32)
+    per_image = jnp.mean((recon - target) ** 2, axis=(1, 2, 3)) + 1.0 - ssim(recon, target)
+    return _weighted_mean(per_image, weights)
+
+
+def _l2_normalize(vectors: jax.Array) -> jax.Array:
+    vectors = vectors.astype(jnp.float32)
+    return vectors * jax.lax.rsqrt(jnp.maximum(jnp.sum(vectors**2, -1, keepdims=True), 1e-12))
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+    """SimCLR NT-Xent loss (Chen et al. 2020) → scalar.
+
+    Args:
+      z1, z2: `[B, D]` projections of the two views; row i of each comes from image i.
+      temperature: softmax temperature tau.
+    Each of the 2B L2-normalised embeddings is classified against the other 2B - 1 (its partner
+    view is the positive, the rest are negatives) with logits cos / tau; mean over the 2B
+    anchors. Call it on the global batch (see the module docstring).
+    """
+    batch_size = z1.shape[0]
+    embeddings = _l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2B, D]
+    logits = embeddings @ embeddings.T / temperature
+    # An embedding is never its own negative; -inf keeps it out of the softmax.
+    logits = jnp.where(jnp.eye(2 * batch_size, dtype=bool), -jnp.inf, logits)
+    positives = jnp.concatenate([jnp.arange(batch_size) + batch_size, jnp.arange(batch_size)])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, positives[:, None], axis=-1))
+
+
+def _info_nce(queries: jax.Array, keys: jax.Array, temperature: float) -> jax.Array:
+    queries = _l2_normalize(queries)
+    keys = _l2_normalize(jax.lax.stop_gradient(keys))
+    logits = queries @ keys.T / temperature  # [B, B]; the diagonal holds the positives.
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.diagonal(log_probs))
+
+
+def moco_v3_loss(
+    q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, temperature: float
+) -> jax.Array:
+    """Symmetric MoCo v3 InfoNCE (Chen, Xie & He 2021) → scalar.
+
+    Args:
+      q1, q2: `[B, D]` predictor outputs of the online encoder for views 1 and 2.
+      k1, k2: `[B, D]` momentum-encoder outputs for views 1 and 2 (gradients are stopped).
+      temperature: tau.
+    loss = ctr(q1, k2) + ctr(q2, k1), where ctr is the cross-entropy of each query against all B
+    keys of the (global) batch with the same-image key as the positive, multiplied by 2·tau as in
+    the official MoCo v3 code (it makes the gradient scale independent of tau).
+    """
+    scale = 2.0 * temperature
+    return scale * (_info_nce(q1, k2, temperature) + _info_nce(q2, k1, temperature))
+
+
+def detection_loss(
+    det: Mapping[str, jax.Array],
+    batch: Mapping[str, jax.Array],
+    *,
+    focal_alpha: float | None = 0.25,
+    focal_gamma: float = 2.0,
+    box_loss_kind: str = "giou",
+) -> dict[str, jax.Array]:
+    """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
+
+    Args:
+      det: head outputs (docs/interfaces.md): `obj_logits` `[B, A]`, `cls_logits` `[B, A, K]`,
+        `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`.
+      batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
+    Targets come from `boxes.assign_targets`. With P = max(number of positives, 1) over the
+    (global) batch and P_known the same over positives of a known class:
+      det_obj = Σ focal(obj) over all anchors / P,
+      det_cls = Σ focal(cls) over positives of a known class and all K classes / P_known,
+      det_box = Σ (1 - GIoU) over positives / P.
+    Returns {'det_obj', 'det_cls', 'det_box'}.
+    """
+    num_classes = det["cls_logits"].shape[-1]
+    targets = box_ops.assign_targets(
+        det["points"],
+        det["strides"],
+        batch["boxes"],
+        batch["box_classes"],
+        batch["box_valid"],
+        num_classes,
+    )
+    fg_mask = targets["fg_mask"]
+    num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
+    num_known = jnp.maximum(jnp.sum(targets["cls_weights"]), 1.0)
+
+    obj_loss = sigmoid_focal_loss(
+        det["obj_logits"], targets["obj_targets"], focal_alpha, focal_gamma
+    )
+    cls_loss = sigmoid_focal_loss(
+        det["cls_logits"], targets["cls_targets"], focal_alpha, focal_gamma
+    )
+    cls_loss = jnp.sum(cls_loss, axis=-1) * targets["cls_weights"]
+    pred_boxes = box_ops.decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
+    box_loss = iou_loss(pred_boxes, targets["box_targets"], box_loss_kind) * fg_mask
+    return {
+        "det_obj": jnp.sum(obj_loss) / num_positives,
+        "det_cls": jnp.sum(cls_loss) / num_known,
+        "det_box": jnp.sum(box_loss) / num_positives,
+    }
+
+
+def _require(mapping: Mapping, keys: tuple[str, ...], what: str) -> None:
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise KeyError(f"multitask_loss: {what} lacks {missing}")
+
+
+def multitask_loss(
+    outputs: Mapping, batch: Mapping, weights: Mapping[str, float]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
+
+    Args:
+      outputs: model outputs (docs/interfaces.md): `recon`, `pixel_logits`, `image_logits`,
+        `type_logits`, `det`.
+      batch: fine-tuning batch: `clean_images`, `recon_valid`, `masks`, `labels`, the box keys,
+        and optionally `defect_types`.
+      weights: `config.train.loss_weights`, exactly the keys of `LOSS_TERMS`.
+    Terms:
+      recon: `reconstruction_loss(recon, clean_images, recon_valid)`;
+      seg_focal: pixel focal loss on `pixel_logits` vs `masks`, mean over pixels;
+      seg_dice: `dice_loss(pixel_logits, masks)`, mean over images;
+      cls: image focal loss on `image_logits` vs `labels`, mean over images, plus — when the
+        batch has `defect_types` — the softmax cross-entropy of `type_logits` [B, K+1] against
+        them (both are image-level classification, so they share one weight);
+      det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)`.
+    """
+    weight_keys = set(weights.keys())
+    if weight_keys != set(LOSS_TERMS):
+        raise ValueError(
+            f"train.loss_weights has keys {sorted(weight_keys)}; expected {sorted(LOSS_TERMS)}"
+        )
+    _require(outputs, ("recon", "pixel_logits", "image_logits", "det"), "outputs")
+    _require(
+        batch,
+        ("clean_images", "recon_valid", "masks", "labels", "boxes", "box_classes", "box_valid"),
+        "batch",
+    )
+    terms = {
+        "recon": reconstruction_loss(outputs["recon"], batch["clean_images"], batch["recon_valid"]),
+        "seg_focal": jnp.mean(sigmoid_focal_loss(outputs["pixel_logits"], batch["masks"])),
+        "seg_dice": jnp.mean(dice_loss(outputs["pixel_logits"], batch["masks"])),
+    }
+    cls_loss = jnp.mean(sigmoid_focal_loss(outputs["image_logits"], batch["labels"]))
+    if "defect_types" in batch:
+        _require(outputs, ("type_logits",), "outputs (the batch has defect_types)")
+        type_log_probs = jax.nn.log_softmax(outputs["type_logits"].astype(jnp.float32), axis=-1)
+        defect_types = batch["defect_types"].astype(jnp.int32)[:, None]
+        cls_loss = cls_loss - jnp.mean(jnp.take_along_axis(type_log_probs, defect_types, axis=-1))
+    terms["cls"] = cls_loss
+    terms.update(detection_loss(outputs["det"], batch))
+    # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).
+    total = sum(jnp.asarray(weights[name], jnp.float32) * terms[name] for name in LOSS_TERMS)
+    return total, terms

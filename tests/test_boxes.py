@@ -1,0 +1,340 @@
+"""Tests of m2u_jax.boxes: overlap measures, ltrb coding, target assignment, NMS."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2u_jax import boxes as box_ops
+
+SQUARE_A = [0.0, 0.0, 2.0, 2.0]
+SQUARE_B = [1.0, 1.0, 3.0, 3.0]
+
+
+def test_box_area_clamps_inverted_boxes():
+    areas = box_ops.box_area(jnp.array([[0.0, 0.0, 2.0, 3.0], [5.0, 5.0, 4.0, 9.0]]))
+    np.testing.assert_allclose(areas, [6.0, 0.0])
+
+
+def test_iou_and_giou_hand_computed():
+    a, b = jnp.array(SQUARE_A), jnp.array(SQUARE_B)
+    # Intersection 1, union 4 + 4 - 1 = 7, enclosing box [0, 0, 3, 3] of area 9.
+    np.testing.assert_allclose(box_ops.box_iou(a, b), 1 / 7, rtol=1e-6)
+    np.testing.assert_allclose(box_ops.generalized_iou(a, b), 1 / 7 - 2 / 9, rtol=1e-6)
+    # Disjoint: IoU 0, enclosing [0, 0, 3, 1] of area 3, union 2.
+    left, right = jnp.array([0.0, 0.0, 1.0, 1.0]), jnp.array([2.0, 0.0, 3.0, 1.0])
+    np.testing.assert_allclose(box_ops.box_iou(left, right), 0.0, atol=1e-7)
+    np.testing.assert_allclose(box_ops.generalized_iou(left, right), -1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(box_ops.box_iou(a, a), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(box_ops.generalized_iou(a, a), 1.0, rtol=1e-6)
+
+
+def test_diou_and_ciou_hand_computed():
+    a, b = jnp.array(SQUARE_A), jnp.array(SQUARE_B)
+    # Centres (1, 1) and (2, 2): distance² 2; enclosing diagonal² 3² + 3² = 18.
+    np.testing.assert_allclose(box_ops.distance_iou(a, b), 1 / 7 - 2 / 18, rtol=1e-5)
+    # Same aspect ratio: CIoU = DIoU.
+    np.testing.assert_allclose(box_ops.complete_iou(a, b), 1 / 7 - 2 / 18, rtol=1e-5)
+    wide = jnp.array([1.0, 1.0, 5.0, 3.0])
+    # Intersection 1, union 4 + 8 - 1 = 11; centres (1, 1), (3, 2): distance² 5;
+    # enclosing [0, 0, 5, 3]: diagonal² 34; v = 4/pi² (atan(4/2) - atan(2/2))².
+    iou = 1 / 11
+    v = 4 / math.pi**2 * (math.atan(2.0) - math.atan(1.0)) ** 2
+    alpha = v / (1 - iou + v)
+    np.testing.assert_allclose(box_ops.complete_iou(a, wide), iou - 5 / 34 - alpha * v, rtol=1e-5)
+
+
+def test_pairwise_iou_matches_elementwise_and_broadcasts_batches():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 20, size=(2, 5, 2))
+    boxes_a = np.concatenate([corners, corners + rng.uniform(1, 10, (2, 5, 2))], -1)
+    corners = rng.uniform(0, 20, size=(2, 3, 2))
+    boxes_b = np.concatenate([corners, corners + rng.uniform(1, 10, (2, 3, 2))], -1)
+    pairwise = box_ops.pairwise_iou(jnp.asarray(boxes_a), jnp.asarray(boxes_b))
+    assert pairwise.shape == (2, 5, 3)
+    # Every pair through the elementwise function at once, via explicit index arrays.
+    batch, i, j = np.meshgrid(np.arange(2), np.arange(5), np.arange(3), indexing="ij")
+    expected = box_ops.box_iou(jnp.asarray(boxes_a[batch, i]), jnp.asarray(boxes_b[batch, j]))
+    np.testing.assert_allclose(pairwise, expected, rtol=1e-6)
+    assert float(pairwise.max()) > 0  # the random case has overlapping pairs
+    assert box_ops.pairwise_iou(jnp.asarray(boxes_a[0]), jnp.asarray(boxes_b[0])).shape == (5, 3)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [box_ops.box_iou, box_ops.generalized_iou, box_ops.distance_iou, box_ops.complete_iou],
+)
+def test_overlap_gradients_finite_for_degenerate_boxes(metric):
+    target = jnp.array(SQUARE_B)
+    for pred, other in [
+        (jnp.zeros(4), jnp.zeros(4)),  # both zero-area (padding)
+        (jnp.array(SQUARE_A), jnp.array(SQUARE_A)),  # identical
+        (jnp.array([1.0, 1.0, 1.0, 1.0]), target),  # a point against a real box
+        (jnp.array([1.0, 1.0, 1.0, 3.0]), target),  # zero width
+    ]:
+        value, grad = jax.value_and_grad(metric)(pred, other)
+        assert np.isfinite(value) and np.all(np.isfinite(grad)), (pred, other)
+
+
+def test_decode_encode_round_trip():
+    points = jnp.array([[4.0, 4.0], [12.0, 4.0], [8.0, 20.0]])
+    box_ltrb = jnp.array([[[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [5.0, 1.0, 2.0, 7.0]]])
+    decoded = box_ops.decode_boxes(points, box_ltrb)
+    np.testing.assert_allclose(
+        decoded,
+        [[[3.0, 2.0, 7.0, 8.0], [12.0, 4.0, 12.0, 4.0], [3.0, 19.0, 10.0, 27.0]]],
+    )
+    np.testing.assert_allclose(box_ops.encode_ltrb(points, decoded), box_ltrb)
+    # A point outside its box gets negative distances.
+    np.testing.assert_allclose(
+        box_ops.encode_ltrb(points[:1], jnp.array([[10.0, 10.0, 20.0, 20.0]])),
+        [[-6.0, -6.0, 16.0, 16.0]],
+    )
+
+
+def _two_level_points(image_size=64, strides=(8, 16)):
+    points, point_strides = [], []
+    for stride in strides:
+        side = image_size // stride
+        for row in range(side):
+            for col in range(side):
+                points.append((stride / 2 + stride * col, stride / 2 + stride * row))
+                point_strides.append(stride)
+    return np.array(points, np.float32), np.array(point_strides, np.float32)
+
+
+def test_assign_targets_hand_built_case():
+    points, strides = _two_level_points()
+    index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}
+    boxes = np.zeros((2, 6, 4), np.float32)
+    boxes[0] = [
+        [0, 0, 16, 16],  # 0: small, class 2
+        [0, 0, 64, 64],  # 1: whole image, class 1 -> coarse level only (farthest edge > 32)
+        [0, 0, 40, 40],  # 2: medium, class 0; shares point (12, 12) with box 0
+        [49, 49, 51, 51],  # 3: tiny, between the anchor points, class 3
+        [40, 0, 56, 16],  # 4: unknown class
+        [0, 48, 16, 64],  # 5: padding (box_valid 0)
+    ]
+    box_classes = np.array([[2, 1, 0, 3, -1, 1], [0, 0, 0, 0, 0, 0]], np.int32)
+    box_valid = np.array([[1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], np.float32)
+
+    expected_box = {}
+    for x, y in [(4, 4), (12, 4), (4, 12), (12, 12)]:  # (12, 12): tie -> smaller box 0
+        expected_box[index[(x, y, 8)]] = 0
+    for x in (8, 24, 40, 56):
+        for y in (8, 24, 40, 56):
+            expected_box[index[(x, y, 16)]] = 1
+    for x in (12, 20, 28):
+        for y in (12, 20, 28):
+            if (x, y) != (12, 12):
+                expected_box[index[(x, y, 8)]] = 2
+    expected_box[index[(52, 52, 8)]] = 3  # nearest finest-level point to (50, 50)
+    for x, y in [(44, 4), (52, 4), (44, 12), (52, 12)]:
+        expected_box[index[(x, y, 8)]] = 4
+    assert len(expected_box) == 33
+
+    assign = jax.jit(functools.partial(box_ops.assign_targets, num_classes=4))
+    targets = assign(points, strides, boxes, box_classes, box_valid)
+    num_anchors = len(points)
+    assert targets["obj_targets"].shape == (2, num_anchors)
+    assert targets["cls_targets"].shape == (2, num_anchors, 4)
+    assert targets["box_targets"].shape == (2, num_anchors, 4)
+
+    expected_fg = np.zeros((2, num_anchors), np.float32)
+    expected_cls = np.zeros((2, num_anchors, 4), np.float32)
+    expected_weights = np.zeros((2, num_anchors), np.float32)
+    expected_boxes = np.zeros((2, num_anchors, 4), np.float32)
+    for anchor, box in expected_box.items():
+        expected_fg[0, anchor] = 1
+        expected_boxes[0, anchor] = boxes[0, box]
+        if box_classes[0, box] >= 0:
+            expected_cls[0, anchor, box_classes[0, box]] = 1
+            expected_weights[0, anchor] = 1
+    np.testing.assert_array_equal(targets["fg_mask"], expected_fg)
+    np.testing.assert_array_equal(targets["obj_targets"], expected_fg)
+    np.testing.assert_array_equal(targets["cls_targets"], expected_cls)
+    np.testing.assert_array_equal(targets["cls_weights"], expected_weights)
+    np.testing.assert_array_equal(targets["box_targets"], expected_boxes)
+    # Unknown class: foreground with a box target but no class supervision.
+    unknown_anchor = index[(44, 4, 8)]
+    assert targets["fg_mask"][0, unknown_anchor] == 1
+    assert targets["cls_weights"][0, unknown_anchor] == 0
+    # Padding is ignored: the points inside box 5 stay negative.
+    assert targets["fg_mask"][0, index[(4, 52, 8)]] == 0
+
+
+def test_assign_targets_scale_range_factor_moves_boxes_between_levels():
+    points, strides = _two_level_points()
+    boxes = np.array([[[0, 0, 40, 40]]], np.float32)
+    classes, valid = np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32)
+    assign = jax.jit(box_ops.assign_targets, static_argnames=("num_classes",))
+    fine = assign(points, strides, boxes, classes, valid, num_classes=1)
+    # With factor 1 the stride-8 level only takes farthest edges <= 8, so the box goes coarse.
+    coarse = assign(points, strides, boxes, classes, valid, num_classes=1, scale_range_factor=1.0)
+    fine_fg, coarse_fg = np.asarray(fine["fg_mask"][0]), np.asarray(coarse["fg_mask"][0])
+    assert fine_fg[strides == 8].sum() == 9 and fine_fg[strides == 16].sum() == 0
+    # Stride-16 points strictly inside [0, 40]: x, y in {8, 24}; farthest edges 32 and 24 > 16.
+    assert coarse_fg[strides == 8].sum() == 0 and coarse_fg[strides == 16].sum() == 4
+
+
+def _reference_nms(boxes, scores, classes, max_detections, iou_threshold, score_threshold):
+    """Textbook greedy NMS on one image (NumPy, explicit loops)."""
+
+    def iou(a, b):
+        inter_w = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+        inter_h = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+        inter = inter_w * inter_h
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] < score_threshold:
+            break
+        if all(classes[j] != classes[i] or iou(boxes[i], boxes[j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return kept[:max_detections]
+
+
+def _random_boxes(rng, shape):
+    # Crowded: boxes of 10-16 px with corners in a 16 px square overlap a lot.
+    corners = rng.uniform(0, 16, size=(*shape, 2))
+    return np.concatenate([corners, corners + rng.uniform(10, 16, size=(*shape, 2))], -1)
+
+
+@pytest.mark.parametrize("num_boxes,max_detections", [(40, 30), (200, 8)])
+def test_batched_nms_matches_numpy_reference(num_boxes, max_detections):
+    rng = np.random.default_rng(num_boxes)
+    batch_size = 4
+    boxes = _random_boxes(rng, (batch_size, num_boxes)).astype(np.float32)
+    classes = rng.integers(0, 3, size=(batch_size, num_boxes)).astype(np.int32)
+    scores = rng.uniform(0, 1, size=(batch_size, num_boxes)).astype(np.float32)
+    if num_boxes > 8 * max_detections:
+        # Fewer passing boxes than the k = 8 M pre-selected candidates: NMS is then exact.
+        scores[:, 30:] *= 0.2
+    nms = jax.jit(
+        functools.partial(
+            box_ops.batched_nms,
+            max_detections=max_detections,
+            iou_threshold=0.5,
+            score_threshold=0.3,
+        )
+    )
+    result = nms(boxes, scores, classes)
+    assert result["boxes_xyxy"].shape == (batch_size, max_detections, 4)
+    assert result["scores"].shape == (batch_size, max_detections)
+    assert result["classes"].dtype == jnp.int32 and result["valid"].dtype == jnp.bool_
+    total_kept = total_passing = 0
+    for image in range(batch_size):
+        kept = _reference_nms(boxes[image], scores[image], classes[image], num_boxes, 0.5, 0.3)
+        total_kept += len(kept)
+        total_passing += int(np.sum(scores[image] >= 0.3))
+        kept = kept[:max_detections]
+        count = len(kept)
+        np.testing.assert_array_equal(result["valid"][image], np.arange(max_detections) < count)
+        np.testing.assert_allclose(result["boxes_xyxy"][image, :count], boxes[image, kept])
+        np.testing.assert_allclose(result["scores"][image, :count], scores[image, kept])
+        np.testing.assert_array_equal(result["classes"][image, :count], classes[image, kept])
+        np.testing.assert_array_equal(result["boxes_xyxy"][image, count:], 0.0)
+        np.testing.assert_array_equal(result["scores"][image, count:], 0.0)
+    # The case really suppresses: 72 of 108 passing boxes survive (40 boxes), 64 of 90 (200).
+    assert batch_size < total_kept < total_passing - 20
+
+
+def test_batched_nms_hand_built_cases():
+    boxes = jnp.array(
+        [
+            [
+                [0, 0, 10, 10],  # class 0, 0.9: kept
+                [1, 1, 11, 11],  # class 0, 0.8: IoU 81/119 with the first -> suppressed
+                [0, 0, 10, 10],  # class 1, 0.7: other class -> kept
+                [50, 50, 60, 60],  # class 0, 0.2: below the score threshold
+            ],
+            [
+                # A chain: A suppresses B (IoU 7/13); B would suppress C but is gone, so C stays
+                # (IoU(A, C) = 4/16).
+                [0, 0, 10, 10],
+                [3, 0, 13, 10],
+                [6, 0, 16, 10],
+                [0, 0, 0, 0],
+            ],
+        ],
+        jnp.float32,
+    )
+    scores = jnp.array([[0.9, 0.8, 0.7, 0.2], [0.9, 0.8, 0.7, 0.0]])
+    classes = jnp.array([[0, 0, 1, 0], [2, 2, 2, 2]])
+    result = box_ops.batched_nms(
+        boxes, scores, classes, max_detections=5, iou_threshold=0.5, score_threshold=0.25
+    )
+    np.testing.assert_array_equal(
+        result["valid"], [[True, True, False, False, False], [True, True, False, False, False]]
+    )
+    np.testing.assert_allclose(result["scores"], [[0.9, 0.7, 0, 0, 0], [0.9, 0.7, 0, 0, 0]])
+    np.testing.assert_array_equal(result["classes"], [[0, 1, 0, 0, 0], [2, 2, 0, 0, 0]])
+    np.testing.assert_allclose(result["boxes_xyxy"][0, :2], [[0, 0, 10, 10], [0, 0, 10, 10]])
+    np.testing.assert_allclose(result["boxes_xyxy"][1, :2], [[0, 0, 10, 10], [6, 0, 16, 10]])
+    np.testing.assert_array_equal(result["boxes_xyxy"][:, 2:], 0.0)
+
+
+def test_postprocess_scores_decodes_and_suppresses():
+    points = jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]])
+    det = {
+        "points": points,
+        "strides": jnp.array([8.0, 8.0, 8.0]),
+        "box_ltrb": jnp.array([[[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0], [2.0, 2.0, 6.0, 6.0]]]),
+        "obj_logits": jnp.array([[2.0, 1.0, 0.5]]),
+        "cls_logits": jnp.array([[[3.0, -1.0], [2.0, 0.0], [-2.0, 1.0]]]),
+    }
+    result = jax.jit(
+        functools.partial(
+            box_ops.postprocess, max_detections=4, iou_threshold=0.5, score_threshold=0.1
+        )
+    )(det)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    # Anchor 1 (class 0, IoU 49/79 with anchor 0) is suppressed; anchor 2 is class 1.
+    np.testing.assert_allclose(
+        result["scores"][0],
+        [sigmoid(2.0) * sigmoid(3.0), sigmoid(0.5) * sigmoid(1.0), 0, 0],
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(result["classes"][0], [0, 1, 0, 0])
+    np.testing.assert_allclose(
+        result["boxes_xyxy"][0, :2], [[4.0, 4.0, 12.0, 12.0], [38.0, 38.0, 46.0, 46.0]]
+    )
+    np.testing.assert_array_equal(result["valid"][0], [True, True, False, False])
+
+
+def test_batched_nms_exports_to_onnx_with_exact_parity():
+    jax2onnx = pytest.importorskip("jax2onnx")
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(7)
+    boxes = _random_boxes(rng, (2, 40)).astype(np.float32)
+    scores = rng.uniform(0, 1, (2, 40)).astype(np.float32)
+    classes = rng.integers(0, 3, (2, 40)).astype(np.int32)
+
+    def nms(boxes_xyxy, box_scores, box_classes):
+        result = box_ops.batched_nms(
+            boxes_xyxy,
+            box_scores,
+            box_classes,
+            max_detections=8,
+            iou_threshold=0.5,
+            score_threshold=0.3,
+        )
+        return result["boxes_xyxy"], result["scores"], result["classes"], result["valid"]
+
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (boxes, scores, classes)]
+    model = jax2onnx.to_onnx(nms, specs, opset=17)
+    onnx.checker.check_model(model)
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    input_names = [spec.name for spec in session.get_inputs()]
+    exported = session.run(None, dict(zip(input_names, (boxes, scores, classes))))
+    for onnx_value, jax_value in zip(exported, nms(boxes, scores, classes)):
+        np.testing.assert_array_equal(onnx_value, np.asarray(jax_value))
+    assert exported[3].sum() > 0

@@ -1,0 +1,363 @@
+"""Tests of m2u_jax.losses against hand-computed values and NumPy/SciPy references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import ndimage
+
+from configs import default as default_config
+from m2u_jax import boxes as box_ops
+from m2u_jax import losses
+
+LN2 = math.log(2.0)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# ---------------------------------------------------------------- focal
+
+
+def test_focal_without_alpha_and_gamma_is_bce():
+    logits = jnp.array([-30.0, -2.5, -0.1, 0.0, 0.7, 3.0, 25.0])
+    targets = jnp.array([0.0, 1.0, 0.0, 1.0, 0.3, 0.0, 1.0])
+    expected = optax.sigmoid_binary_cross_entropy(logits, targets)
+    np.testing.assert_array_equal(losses.sigmoid_focal_loss(logits, targets, None, 0.0), expected)
+    np.testing.assert_array_equal(losses.sigmoid_focal_loss(logits, targets, -1.0, 0.0), expected)
+
+
+def test_focal_hand_computed():
+    values = losses.sigmoid_focal_loss(jnp.array([0.0, 2.0]), jnp.array([1.0, 0.0]), 0.25, 2.0)
+    # logit 0, target 1: p_t = 0.5, BCE = ln 2, (1 - p_t)² = 0.25, alpha_t = 0.25.
+    # logit 2, target 0: p_t = 1 - s(2), BCE = softplus(2), (1 - p_t)² = s(2)², alpha_t = 0.75.
+    expected = [0.25 * 0.25 * LN2, 0.75 * _sigmoid(2.0) ** 2 * math.log1p(math.exp(2.0))]
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- IoU losses
+
+SQUARE_A = jnp.array([0.0, 0.0, 2.0, 2.0])
+SQUARE_B = jnp.array([1.0, 1.0, 3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("iou", 1 - 1 / 7),
+        ("giou", 1 - (1 / 7 - 2 / 9)),
+        ("diou", 1 - (1 / 7 - 2 / 18)),
+        ("ciou", 1 - (1 / 7 - 2 / 18)),  # equal aspect ratios: no aspect term
+    ],
+)
+def test_iou_loss_hand_computed(kind, expected):
+    np.testing.assert_allclose(losses.iou_loss(SQUARE_A, SQUARE_B, kind), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses.iou_loss(SQUARE_A, SQUARE_A, kind), 0.0, atol=1e-6)
+    batched = losses.iou_loss(jnp.stack([SQUARE_A, SQUARE_A]), jnp.stack([SQUARE_B, SQUARE_A]))
+    assert batched.shape == (2,)
+
+
+@pytest.mark.parametrize("kind", ["iou", "giou", "diou", "ciou"])
+def test_iou_loss_gradients_finite_at_zero_area_and_identical_boxes(kind):
+    cases = [
+        (jnp.zeros(4), jnp.zeros(4)),
+        (SQUARE_A, SQUARE_A),
+        (jnp.array([1.0, 1.0, 1.0, 1.0]), SQUARE_B),
+        (SQUARE_B, jnp.array([2.0, 2.0, 2.0, 2.0])),
+    ]
+    for pred, target in cases:
+        grad = jax.grad(lambda p, t=target: losses.iou_loss(p, t, kind))(pred)
+        assert np.all(np.isfinite(grad)), (kind, pred, target, grad)
+
+
+def test_iou_loss_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind='eiou'"):
+        losses.iou_loss(SQUARE_A, SQUARE_B, "eiou")
+
+
+# ---------------------------------------------------------------- dice
+
+
+def test_dice_loss_hand_computed():
+    logits = jnp.zeros((2, 2, 2))  # p = 0.5 everywhere
+    targets = jnp.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    # Image 0: Σpt = 0.5, Σp + Σt = 3 -> 1 - (1 + 1) / (3 + 1). Image 1: 1 - 1 / (2 + 1).
+    np.testing.assert_allclose(losses.dice_loss(logits, targets), [0.5, 2 / 3], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- SSIM / reconstruction
+
+
+def _reference_ssim(images_a, images_b):
+    """SSIM per image with scipy's Gaussian filter, cropped to the fully-covered region."""
+    side, sigma = losses.ssim_window(*images_a.shape[1:3])
+    radius = side // 2
+
+    def blur(image):
+        filtered = ndimage.gaussian_filter(
+            image.astype(np.float64), sigma=(sigma, sigma, 0), radius=(radius, radius, 0)
+        )
+        return filtered[radius : image.shape[0] - radius, radius : image.shape[1] - radius]
+
+    c1, c2 = 0.01**2, 0.03**2
+    result = []
+    for a, b in zip(images_a, images_b):
+        mean_a, mean_b = blur(a), blur(b)
+        var_a = blur(a * a) - mean_a**2
+        var_b = blur(b * b) - mean_b**2
+        covariance = blur(a * b) - mean_a * mean_b
+        ssim_map = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)) / (
+            (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+        )
+        result.append(ssim_map.mean())
+    return np.array(result)
+
+
+def test_ssim_window_sizes():
+    assert losses.ssim_window(32, 32) == (11, 1.5)
+    side, sigma = losses.ssim_window(8, 12)
+    assert side == 7 and sigma == pytest.approx(1.5 * 7 / 11)
+
+
+@pytest.mark.parametrize("size", [20, 8])
+def test_ssim_matches_scipy_reference(size):
+    rng = np.random.default_rng(size)
+    clean = rng.uniform(0, 1, (3, size, size, 2)).astype(np.float32)
+    noisy = np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
+    noisy[2] = rng.uniform(0, 1, noisy[2].shape)  # an unrelated image: low SSIM
+    values = losses.ssim(jnp.asarray(noisy), jnp.asarray(clean))
+    assert values.shape == (3,)
+    np.testing.assert_allclose(values, _reference_ssim(noisy, clean), atol=1e-5)
+    assert values[2] < 0.2 < values[0] < 0.99
+
+
+def test_reconstruction_loss_zero_for_identical_and_weighted_mean():
+    rng = np.random.default_rng(1)
+    clean = rng.uniform(0, 1, (3, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(losses.ssim(clean, clean), 1.0, atol=1e-5)
+    assert float(losses.reconstruction_loss(clean, clean, jnp.ones(3))) == pytest.approx(
+        0.0, abs=1e-5
+    )
+    recon = np.clip(clean + rng.normal(0, 0.2, clean.shape), 0, 1).astype(np.float32)
+    weights = np.array([1.0, 0.0, 0.5], np.float32)
+    per_image = np.mean((recon - clean) ** 2, axis=(1, 2, 3)) + 1 - _reference_ssim(recon, clean)
+    expected = (per_image * weights).sum() / weights.sum()
+    np.testing.assert_allclose(
+        losses.reconstruction_loss(recon, clean, weights), expected, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        losses.reconstruction_loss(recon, clean), per_image.mean(), rtol=1e-4
+    )
+    # No valid target in the batch: zero, not NaN.
+    assert float(losses.reconstruction_loss(recon, clean, jnp.zeros(3))) == 0.0
+
+
+# ---------------------------------------------------------------- contrastive
+
+
+def _normalize(vectors):
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_nt_xent_matches_numpy_loops():
+    rng = np.random.default_rng(2)
+    z1, z2 = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    temperature = 0.5
+    embeddings = _normalize(np.concatenate([z1, z2]))
+    total = 0.0
+    for i in range(6):
+        partner = (i + 3) % 6
+        denominator = sum(
+            math.exp(embeddings[i] @ embeddings[j] / temperature) for j in range(6) if j != i
+        )
+        total += -math.log(
+            math.exp(embeddings[i] @ embeddings[partner] / temperature) / denominator
+        )
+    value = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2), temperature)
+    np.testing.assert_allclose(value, total / 6, rtol=1e-5)
+    grads = jax.grad(losses.nt_xent, argnums=(0, 1))(jnp.asarray(z1), jnp.asarray(z2), 0.5)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_moco_v3_loss_matches_numpy_and_stops_key_gradients():
+    rng = np.random.default_rng(3)
+    q1, q2, k1, k2 = (rng.normal(size=(4, 6)) for _ in range(4))
+    temperature = 0.2
+
+    def contrastive(queries, keys):
+        queries, keys = _normalize(queries), _normalize(keys)
+        total = 0.0
+        for i in range(len(queries)):
+            logits = [queries[i] @ keys[j] / temperature for j in range(len(keys))]
+            total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
+        return total / len(queries) * 2 * temperature
+
+    expected = contrastive(q1, k2) + contrastive(q2, k1)
+    arrays = [jnp.asarray(x) for x in (q1, q2, k1, k2)]
+    np.testing.assert_allclose(losses.moco_v3_loss(*arrays, temperature), expected, rtol=1e-5)
+    grads = jax.grad(losses.moco_v3_loss, argnums=(0, 1, 2, 3))(*arrays, temperature)
+    assert np.any(grads[0] != 0) and np.any(grads[1] != 0)
+    np.testing.assert_array_equal(grads[2], 0.0)
+    np.testing.assert_array_equal(grads[3], 0.0)
+
+
+# ---------------------------------------------------------------- detection / multitask
+
+
+def _det_points(image_size, strides):
+    points, point_strides = [], []
+    for stride in strides:
+        side = image_size // stride
+        ys, xs = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+        level = np.stack([xs.ravel(), ys.ravel()], -1) * stride + stride / 2
+        points.append(level)
+        point_strides.append(np.full(len(level), stride))
+    return (
+        jnp.asarray(np.concatenate(points), jnp.float32),
+        jnp.asarray(np.concatenate(point_strides), jnp.float32),
+    )
+
+
+def _box_batch():
+    boxes = np.zeros((2, 3, 4), np.float32)
+    boxes[0, 0] = [0, 0, 8, 8]  # class 1, four stride-4 points inside
+    boxes[0, 1] = [8, 4, 16, 12]  # unknown class
+    boxes[1, 0] = [2, 2, 14, 14]  # class 0
+    return {
+        "boxes": jnp.asarray(boxes),
+        "box_classes": jnp.array([[1, -1, 0], [0, 0, 0]], jnp.int32),
+        "box_valid": jnp.array([[1, 1, 0], [1, 0, 0]], jnp.float32),
+    }
+
+
+def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
+    num_classes = 3
+    points, strides = _det_points(16, (4, 8))
+    num_anchors = points.shape[0]
+    batch = _box_batch()
+    det = {
+        "points": points,
+        "strides": strides,
+        "obj_logits": jnp.zeros((2, num_anchors)),
+        "cls_logits": jnp.zeros((2, num_anchors, num_classes)),
+        "box_ltrb": jnp.zeros((2, num_anchors, 4)),
+    }
+    terms = jax.jit(losses.detection_loss)(det, batch)
+    assert set(terms) == {"det_obj", "det_cls", "det_box"}
+    targets = jax.jit(box_ops.assign_targets, static_argnames=("num_classes",))(
+        points,
+        strides,
+        batch["boxes"],
+        batch["box_classes"],
+        batch["box_valid"],
+        num_classes=num_classes,
+    )
+    num_pos = float(targets["fg_mask"].sum())
+    num_known = float(targets["cls_weights"].sum())
+    assert num_pos > num_known > 0
+    # At logit 0 the focal loss is 0.25² ln 2 for a positive and 0.75 · 0.25 ln 2 for a negative.
+    positive, negative = 0.0625 * LN2, 0.1875 * LN2
+    expected_obj = (num_pos * positive + (2 * num_anchors - num_pos) * negative) / num_pos
+    np.testing.assert_allclose(terms["det_obj"], expected_obj, rtol=1e-5)
+    np.testing.assert_allclose(terms["det_cls"], positive + (num_classes - 1) * negative, rtol=1e-5)
+    # Zero distances decode to points strictly inside their boxes: GIoU 0, loss 1 each.
+    np.testing.assert_allclose(terms["det_box"], 1.0, rtol=1e-5)
+
+    # Boxes decoded exactly onto the targets: zero box loss.
+    perfect = dict(det, box_ltrb=box_ops.encode_ltrb(points, targets["box_targets"]))
+    perfect["box_ltrb"] = jnp.where(targets["fg_mask"][..., None] > 0, perfect["box_ltrb"], 0.0)
+    perfect_terms = jax.jit(losses.detection_loss)(perfect, batch)
+    np.testing.assert_allclose(perfect_terms["det_box"], 0.0, atol=1e-5)
+
+
+def _fake_outputs_and_batch(rng, num_classes=3, size=16):
+    points, strides = _det_points(size, (4, 8))
+    num_anchors = points.shape[0]
+    outputs = {
+        "recon": jnp.asarray(rng.uniform(0, 1, (2, size, size, 3)), jnp.float32),
+        "pixel_logits": jnp.asarray(rng.normal(size=(2, size, size)), jnp.float32),
+        "image_logits": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+        "type_logits": jnp.asarray(rng.normal(size=(2, num_classes + 1)), jnp.float32),
+        "embedding": jnp.zeros((2, 8)),
+        "det": {
+            "points": points,
+            "strides": strides,
+            "obj_logits": jnp.asarray(rng.normal(size=(2, num_anchors)), jnp.float32),
+            "cls_logits": jnp.asarray(rng.normal(size=(2, num_anchors, num_classes)), jnp.float32),
+            "box_ltrb": jnp.asarray(rng.uniform(0, 6, (2, num_anchors, 4)), jnp.float32),
+        },
+    }
+    masks = np.zeros((2, size, size), np.float32)
+    masks[0, 0:8, 0:8] = 1
+    batch = {
+        "images": jnp.asarray(rng.uniform(0, 1, (2, size, size, 3)), jnp.float32),
+        "clean_images": jnp.asarray(rng.uniform(0, 1, (2, size, size, 3)), jnp.float32),
+        "recon_valid": jnp.array([0.0, 1.0]),
+        "masks": jnp.asarray(masks),
+        "labels": jnp.array([1, 0], jnp.int32),
+        "defect_types": jnp.array([2, 0], jnp.int32),
+        **_box_batch(),
+    }
+    return outputs, batch
+
+
+def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
+    outputs, batch = _fake_outputs_and_batch(np.random.default_rng(4))
+    weights = default_config.get_config().train.loss_weights
+    total, terms = jax.jit(losses.multitask_loss)(outputs, batch, dict(weights))
+    assert set(terms) == set(losses.LOSS_TERMS)
+    for name, value in terms.items():
+        assert value.shape == () and np.isfinite(value), name
+        assert float(value) > 0, name
+    expected_total = sum(weights[name] * float(terms[name]) for name in losses.LOSS_TERMS)
+    np.testing.assert_allclose(total, expected_total, rtol=1e-6)
+
+    # Each term is what its own loss function gives.
+    np.testing.assert_allclose(
+        terms["recon"],
+        losses.reconstruction_loss(outputs["recon"], batch["clean_images"], batch["recon_valid"]),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        terms["seg_dice"], losses.dice_loss(outputs["pixel_logits"], batch["masks"]).mean()
+    )
+    detection = jax.jit(losses.detection_loss)(outputs["det"], batch)
+    for name in ("det_obj", "det_cls", "det_box"):
+        np.testing.assert_allclose(terms[name], detection[name], rtol=1e-6)
+
+    # 'cls' adds the defect-type cross-entropy when the batch has defect_types.
+    without_types = {k: v for k, v in batch.items() if k != "defect_types"}
+    _, terms_without = jax.jit(losses.multitask_loss)(outputs, without_types, dict(weights))
+    type_logits = np.asarray(outputs["type_logits"], np.float64)
+    log_probs = type_logits - np.log(np.exp(type_logits).sum(-1, keepdims=True))
+    type_ce = -np.mean(log_probs[[0, 1], [2, 0]])
+    np.testing.assert_allclose(terms["cls"] - terms_without["cls"], type_ce, rtol=1e-5)
+
+    differentiable = {k: v for k, v in outputs.items() if k != "det"}
+    differentiable["det"] = {
+        k: v for k, v in outputs["det"].items() if k not in ("points", "strides")
+    }
+
+    def total_loss(trainable):
+        full = dict(trainable, det=dict(trainable["det"], points=outputs["det"]["points"]))
+        full["det"]["strides"] = outputs["det"]["strides"]
+        return losses.multitask_loss(full, batch, weights)[0]
+
+    grads = jax.jit(jax.grad(total_loss))(differentiable)
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(grad)), path
+    assert np.any(grads["det"]["box_ltrb"] != 0) and np.any(grads["recon"] != 0)
+
+
+def test_multitask_loss_rejects_wrong_weights_and_missing_keys():
+    outputs, batch = _fake_outputs_and_batch(np.random.default_rng(5))
+    weights = dict(default_config.get_config().train.loss_weights)
+    with pytest.raises(ValueError, match="train.loss_weights"):
+        losses.multitask_loss(outputs, batch, {**weights, "extra": 1.0})
+    without_masks = {k: v for k, v in batch.items() if k != "masks"}
+    with pytest.raises(KeyError, match="masks"):
+        losses.multitask_loss(outputs, without_masks, weights)
