@@ -18,12 +18,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.format = "mvtec_ad"  # 'mvtec_ad' | 'mvtec_3d' | 'mask_folder' | 'voc' | 'tfds'.
     data.root = "data/synthetic"  # Dataset root folder (manual_dir for 'tfds').
+    data.tfds_data_dir = ""  # Prepared-data folder of the 'tfds' builder; '' = TFDS default.
     data.categories = ""  # Comma-separated categories to use; '' = every category under root.
     data.image_size = 256  # Square side the images are resized to (pixels).
     data.modalities = "rgb"  # Comma-separated stacked modalities: rgb,thermal,xray,depth.
     data.protocol = "unsupervised"  # 'unsupervised' (train on good) | 'supervised' (labels).
     data.labeled_fraction = 1.0  # Fraction of the labelled training defects kept (supervised only).
     data.val_fraction = 0.2  # Fraction of each split carved out as validation when none exists.
+    data.test_fraction = 0.2  # Fraction of each class held out as test when no test split exists.
     data.max_boxes = 16  # Boxes per image, padded (static shapes).
     data.good_class = "good"  # Folder/class name that marks defect-free images (mask_folder, voc).
     data.skip_bad_files = False  # Skip unreadable/inconsistent files with a counted warning.
@@ -35,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
+    # The model reads modalities and image size from the data section (linked, not copied).
+    model.modalities = data.get_ref("modalities")  # Same as data.modalities (a reference).
+    model.image_size = data.get_ref("image_size")  # Same as data.image_size (a reference).
     model.variant = "S"  # Backbone size: 'tiny' | 'S' | 'B' (width, depth, heads, MLP).
     model.scales = (1.0, 0.5)  # Image scales tokenized by the shared patch embedding (MSPG).
     model.patch_size = 16  # Patch side (pixels).
@@ -43,12 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.posemb = "learn"  # 2-D position embedding: 'learn' | 'sincos2d'.
     model.dropout_rate = 0.1  # Dropout in MLP/attention outputs; also the MC-dropout rate.
     model.mc_dropout_blocks = 2  # Last N backbone blocks sampled by MC dropout (trunk runs once).
-    model.attention = "dot_product"  # 'dot_product' (jax.nn.dot_product_attention) | 'einsum'.
+    model.attention = "dot_product"  # 'dot_product' (jax.nn) | 'cudnn' (flash, GPU) | 'einsum'.
     model.scan_blocks = False  # nn.scan over backbone blocks (faster compile for deep models).
     model.remat = False  # Rematerialise block activations in the backward pass.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
     model.param_dtype = "float32"  # Parameter dtype.
     model.decoder_channels = 64  # Channels of the upsampling decoder of the anomaly branch.
+    model.det_channels = 128  # Channels of the YOLO-style detection CNN (neck and shared head).
     model.num_defect_classes = 4  # Defect classes for the detection / defect-type heads.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.
     model.det_max_detections = 32  # Boxes kept after NMS (static output size).

@@ -100,37 +100,49 @@ def _gaussian_kernel_1d(side: int, sigma: float) -> np.ndarray:
     return (kernel / kernel.sum()).astype(np.float32)
 
 
+def _valid_filter_matrix(size: int, kernel: np.ndarray) -> np.ndarray:
+    """`[size - side + 1, size]` banded matrix: row i holds `kernel` at columns i..i+side-1,
+    so `matrix @ x` is the 'valid' 1-D correlation of x with the kernel."""
+    side = kernel.shape[0]
+    matrix = np.zeros((size - side + 1, size), np.float32)
+    for row in range(size - side + 1):
+        matrix[row, row : row + side] = kernel
+    return matrix
+
+
 def ssim(images_a: jax.Array, images_b: jax.Array, max_value: float = 1.0) -> jax.Array:
     """Mean SSIM per image: `[B, H, W, C]` × `[B, H, W, C]` → `[B]`.
 
-    Local statistics use a separable Gaussian window (`ssim_window`) applied as depthwise
-    convolutions over the 'valid' region (no padding, as in the reference implementation);
-    constants C1 = (0.01 L)², C2 = (0.03 L)² with L = `max_value`.
+    Local statistics use a separable Gaussian window (`ssim_window`) over the 'valid' region
+    (no padding, as in the reference implementation); constants C1 = (0.01 L)², C2 = (0.03 L)²
+    with L = `max_value`. Each 1-D pass is a matmul with a constant banded matrix rather than a
+    depthwise (feature-grouped) convolution: XLA's CPU backend runs grouped convolutions and
+    their gradients 10-70x slower than the matmul (it was most of a CPU train step; see
+    docs/performance.md). The matmul spends ~(size / side) x more FLOPs than the taps, a few
+    percent of a train step at 256 px on a GPU.
     """
     images_a = images_a.astype(jnp.float32)
     images_b = images_b.astype(jnp.float32)
     height, width = images_a.shape[1:3]
     side, sigma = ssim_window(height, width)
-    kernel = jnp.asarray(_gaussian_kernel_1d(side, sigma))
-    # One depthwise pass over all five statistics' inputs stacked on the channel axis.
+    kernel = _gaussian_kernel_1d(side, sigma)
+    # One pass over all five statistics' inputs stacked on the channel axis.
     stacked = jnp.concatenate(
         [images_a, images_b, images_a**2, images_b**2, images_a * images_b], axis=-1
     )
-    num_features = stacked.shape[-1]
-    dimension_numbers = ("NHWC", "HWIO", "NHWC")
-    vertical = jnp.tile(kernel.reshape(side, 1, 1, 1), (1, 1, 1, num_features))
-    horizontal = jnp.tile(kernel.reshape(1, side, 1, 1), (1, 1, 1, num_features))
-    filtered = stacked
-    for window in (vertical, horizontal):
-        filtered = jax.lax.conv_general_dilated(
-            filtered,
-            window,
-            window_strides=(1, 1),
-            padding="VALID",
-            dimension_numbers=dimension_numbers,
-            feature_group_count=num_features,
-            precision=jax.lax.Precision.HIGHEST,
-        )
+    highest = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes on GPU/TPU: SSIM needs f32
+    filtered = jnp.einsum(
+        "Hh,bhwc->bHwc",
+        jnp.asarray(_valid_filter_matrix(height, kernel)),
+        stacked,
+        precision=highest,
+    )
+    filtered = jnp.einsum(
+        "Ww,bhwc->bhWc",
+        jnp.asarray(_valid_filter_matrix(width, kernel)),
+        filtered,
+        precision=highest,
+    )
     mean_a, mean_b, mean_aa, mean_bb, mean_ab = jnp.split(filtered, 5, axis=-1)
     var_a = mean_aa - mean_a**2
     var_b = mean_bb - mean_b**2
@@ -291,7 +303,8 @@ def multitask_loss(
       seg_dice: `dice_loss(pixel_logits, masks)`, mean over images;
       cls: image focal loss on `image_logits` vs `labels`, mean over images, plus — when the
         batch has `defect_types` — the softmax cross-entropy of `type_logits` [B, K+1] against
-        them (both are image-level classification, so they share one weight);
+        them, skipping images whose type is -1 (unknown) (both are image-level
+        classification, so they share one weight);
       det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)`.
     """
     weight_keys = set(weights.keys())
@@ -314,8 +327,14 @@ def multitask_loss(
     if "defect_types" in batch:
         _require(outputs, ("type_logits",), "outputs (the batch has defect_types)")
         type_log_probs = jax.nn.log_softmax(outputs["type_logits"].astype(jnp.float32), axis=-1)
-        defect_types = batch["defect_types"].astype(jnp.int32)[:, None]
-        cls_loss = cls_loss - jnp.mean(jnp.take_along_axis(type_log_probs, defect_types, axis=-1))
+        defect_types = batch["defect_types"].astype(jnp.int32)
+        # -1 marks an image whose type is unknown (a synthetic anomaly under the supervised
+        # protocol): it trains the good/defective focal term but not the type cross-entropy.
+        known = (defect_types >= 0).astype(jnp.float32)
+        picked = jnp.take_along_axis(
+            type_log_probs, jnp.maximum(defect_types, 0)[:, None], axis=-1
+        )[:, 0]
+        cls_loss = cls_loss - jnp.sum(picked * known) / jnp.maximum(jnp.sum(known), 1.0)
     terms["cls"] = cls_loss
     terms.update(detection_loss(outputs["det"], batch))
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

@@ -337,6 +337,14 @@ def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
     type_ce = -np.mean(log_probs[[0, 1], [2, 0]])
     np.testing.assert_allclose(terms["cls"] - terms_without["cls"], type_ce, rtol=1e-5)
 
+    # An unknown type (-1, a synthetic anomaly under the supervised protocol) is left out of the
+    # cross-entropy instead of wrapping around to the last class.
+    one_unknown = dict(batch, defect_types=jnp.array([-1, 0], jnp.int32))
+    _, terms_unknown = jax.jit(losses.multitask_loss)(outputs, one_unknown, dict(weights))
+    np.testing.assert_allclose(
+        terms_unknown["cls"] - terms_without["cls"], -log_probs[1, 0], rtol=1e-5
+    )
+
     differentiable = {k: v for k, v in outputs.items() if k != "det"}
     differentiable["det"] = {
         k: v for k, v in outputs["det"].items() if k not in ("points", "strides")

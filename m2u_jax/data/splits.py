@@ -1,0 +1,216 @@
+"""Protocols: which records train, validate and test; the class map (`DatasetInfo`). No TF.
+
+Every split is computed per stratum (category, defect type), from the records sorted by path and
+a numpy generator seeded by (config.seed, the stratum's names), so the assignment does not depend
+on discovery order or on which other categories are loaded.
+
+- `unsupervised`: train = the defect-free images of the source's train split (or, for layouts
+  without splits, all but `test_fraction` + `val_fraction` of them); every defective image is
+  for evaluation only.
+- `supervised`: as above for defect-free images; the defective images of each type are pooled
+  (whatever source split they were in) and split seeded into test (`test_fraction`), validation
+  (`val_fraction`) and train (the rest); `labeled_fraction` then keeps that seeded fraction of
+  each type's training defects (at least one).
+- Validation always exists: it is the source's validation split plus, for every stratum that
+  split lacks, a seeded `val_fraction` of that stratum's test images, moved out of test (so test
+  and validation are disjoint). MVTec AD has no validation split, so validation is carved from
+  its test set (good and each defect type); MVTec 3D-AD's validation holds only good images, so
+  only its defect types are carved.
+
+Class map: `defect_type_names` lists every defect type of the dataset, sorted (good = 0, type
+i = 1 + index). The model's classes are `DatasetInfo.class_names` (K = `num_classes`, which
+`config.model.num_defect_classes` must equal): the defect types under `supervised`, and the
+single class 'defect' under `unsupervised`, where detection is class-agnostic (all real boxes are
+class 0, every defective image has `defect_types` 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from m2u_jax.config import num_channels, split_list
+from m2u_jax.data.sources import GOOD, SampleRecord, defect_type_names, discover
+
+SPLITS = ("train", "validation", "test")
+CLASS_AGNOSTIC_NAME = "defect"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer and evaluator need to know about a dataset.
+
+    Attributes:
+      class_names: the K classes of the defect-type and detection heads (box class i, defect
+        type i + 1): the sorted defect types (supervised) or ('defect',) (unsupervised).
+      defect_type_names: every defect type in the data, sorted, whatever the protocol.
+      counts: split -> {'images', 'good', 'defective', 'per_category': {name: n},
+        'per_defect_type': {name: n}} (per_defect_type includes 'good').
+    """
+
+    format: str
+    root: str
+    protocol: str
+    categories: tuple[str, ...]
+    modalities: tuple[str, ...]
+    num_channels: int
+    image_size: int
+    class_names: tuple[str, ...]
+    defect_type_names: tuple[str, ...]
+    counts: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _stratum_rng(seed: int, category: str, defect_name: str) -> np.random.Generator:
+    return np.random.default_rng(
+        [seed, zlib.crc32(category.encode()), zlib.crc32(defect_name.encode())]
+    )
+
+
+def _carve_count(total: int, fraction: float) -> int:
+    """Items moved out of a pool of `total`: round(total * fraction), at least 1 when the pool
+    has two or more items (and fraction > 0), and never the whole pool."""
+    if fraction <= 0 or total < 2:
+        return 0
+    return int(min(max(round(total * fraction), 1), total - 1))
+
+
+def _three_way(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) sizes: rounded fractions, but train gets the first item, test
+    the second and validation the third before any stratum is left without them."""
+    num_test = _carve_count(total, test_fraction)
+    num_val = _carve_count(total - num_test, val_fraction / max(1.0 - test_fraction, 1e-9))
+    return total - num_test - num_val, num_val, num_test
+
+
+def assign_splits(
+    records: Sequence[SampleRecord],
+    *,
+    protocol: str,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    labeled_fraction: float = 1.0,
+) -> dict[str, list[SampleRecord]]:
+    """Splits records into 'train' / 'validation' / 'test' (each sorted by path)."""
+    if protocol not in ("unsupervised", "supervised"):
+        raise ValueError(f"data.protocol={protocol!r}: use 'unsupervised' or 'supervised'")
+    strata = collections.defaultdict(list)
+    for record in sorted(records, key=lambda r: r.path):
+        strata[(record.category, record.defect_name)].append(record)
+    splits = {name: [] for name in SPLITS}
+    for (category, defect_name), items in sorted(strata.items()):
+        rng = _stratum_rng(seed, category, defect_name)
+        by_source = collections.defaultdict(list)
+        for record in items:
+            by_source[record.source_split].append(record)
+        train, validation, test = [], list(by_source["validation"]), []
+        if defect_name == GOOD or protocol == "unsupervised":
+            if defect_name == GOOD:
+                train += by_source["train"]
+                test += by_source["test"]
+            else:  # Unsupervised: defects are for evaluation only.
+                test += by_source["train"] + by_source["test"]
+            unsplit = [by_source[None][i] for i in rng.permutation(len(by_source[None]))]
+            if defect_name == GOOD:
+                num_train, num_val, num_test = _three_way(len(unsplit), val_fraction, test_fraction)
+                train += unsplit[:num_train]
+                validation += unsplit[num_train : num_train + num_val]
+                test += unsplit[num_train + num_val :]
+            else:
+                test += unsplit
+        else:  # Supervised defects: pool every source split, split per type.
+            pool = [items[i] for i in rng.permutation(len(items))]
+            num_train, num_val, num_test = _three_way(len(pool), val_fraction, test_fraction)
+            train = pool[:num_train]
+            validation = pool[num_train : num_train + num_val]
+            test = pool[num_train + num_val :]
+            if train:
+                keep = max(1, round(labeled_fraction * len(train)))
+                train = train[:keep]
+        if not validation and test:
+            order = rng.permutation(len(test))
+            num_carved = _carve_count(len(test), val_fraction)
+            carved = set(order[:num_carved].tolist())
+            validation = [test[i] for i in sorted(carved)]
+            test = [record for i, record in enumerate(test) if i not in carved]
+        splits["train"] += train
+        splits["validation"] += validation
+        splits["test"] += test
+    return {name: sorted(items, key=lambda r: r.path) for name, items in splits.items()}
+
+
+def split_counts(split_records: Sequence[SampleRecord]) -> dict:
+    """{'images', 'good', 'defective', 'per_category', 'per_defect_type'} for one split."""
+    per_category = collections.Counter(r.category for r in split_records)
+    per_type = collections.Counter(r.defect_name for r in split_records)
+    good = per_type.get(GOOD, 0)
+    return {
+        "images": len(split_records),
+        "good": good,
+        "defective": len(split_records) - good,
+        "per_category": dict(sorted(per_category.items())),
+        "per_defect_type": dict(sorted(per_type.items())),
+    }
+
+
+def make_info(data_config, records: Sequence[SampleRecord], splits: dict) -> DatasetInfo:
+    """The DatasetInfo of discovered records and their split."""
+    type_names = defect_type_names(records)
+    if data_config.protocol == "supervised":
+        class_names = type_names
+    else:
+        class_names = (CLASS_AGNOSTIC_NAME,)
+    return DatasetInfo(
+        format=data_config.format,
+        root=str(data_config.root),
+        protocol=data_config.protocol,
+        categories=tuple(sorted({r.category for r in records})),
+        modalities=split_list(data_config.modalities),
+        num_channels=num_channels(data_config.modalities),
+        image_size=int(data_config.image_size),
+        class_names=class_names,
+        defect_type_names=type_names,
+        counts={name: split_counts(items) for name, items in splits.items()},
+    )
+
+
+def load_splits(config) -> tuple[dict[str, list[SampleRecord]], DatasetInfo]:
+    """Discovers `config.data` and applies its protocol: (split -> records, DatasetInfo)."""
+    data = config.data
+    records = discover(data)
+    splits = assign_splits(
+        records,
+        protocol=data.protocol,
+        seed=int(config.seed),
+        val_fraction=float(data.val_fraction),
+        test_fraction=float(data.test_fraction),
+        labeled_fraction=float(data.labeled_fraction),
+    )
+    return splits, make_info(data, records, splits)
+
+
+def load_dataset_info(config) -> DatasetInfo:
+    """The class map and split sizes of `config.data` (discovers the files; no decoding)."""
+    return load_splits(config)[1]
+
+
+def class_index_maps(info: DatasetInfo) -> tuple[dict[str, int], dict[str, int]]:
+    """(defect name -> defect type id, defect name -> box class) for `info`'s protocol.
+
+    good -> 0 in the first map. Unsupervised: every defect -> type 1, box class 0.
+    """
+    if info.protocol == "supervised":
+        type_of = {name: i + 1 for i, name in enumerate(info.class_names)}
+    else:
+        type_of = {name: 1 for name in info.defect_type_names}
+    type_of[GOOD] = 0
+    box_class_of = {name: type_id - 1 for name, type_id in type_of.items() if name != GOOD}
+    return type_of, box_class_of

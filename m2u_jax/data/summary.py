@@ -1,0 +1,149 @@
+"""Dataset summary as one JSON object (no TF except for the 'tfds' format).
+
+    python -m m2u_jax.data.summary --config configs/default.py \\
+        --config.data.format=voc --config.data.root=../shared/data/neu_det
+
+prints images per split / category / defect type, box counts, the size range of the image
+files, modalities, the class map and the number of bad files. Box counts are those of the
+annotations (VOC) or of the 8-connected components of the masks at the files' own resolution
+(every component, before resizing and before truncation to `data.max_boxes`). Exits with status
+2 and a one-line message naming the file or key on bad input.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from m2u_jax.config import ConfigError, split_list, validate
+from m2u_jax.data import decode
+from m2u_jax.data.decode import DataError
+from m2u_jax.data.sources import SampleRecord, apply_skip_policy, discover_config
+from m2u_jax.data.splits import SPLITS, assign_splits, make_info
+
+
+def _count_boxes(record: SampleRecord) -> tuple[int, list[str]]:
+    """(number of boxes, their defect names) of one record at its native resolution."""
+    if record.boxes is not None:
+        return len(record.boxes), list(record.box_names)
+    if record.mask_path is None or record.tfds_index is not None:
+        return 0, []
+    count = len(decode.boxes_from_mask(decode.read_mask(record.mask_path)))
+    return count, [record.defect_name] * count
+
+
+def _size_range(records: Sequence[SampleRecord]) -> dict:
+    widths = [r.width for r in records]
+    heights = [r.height for r in records]
+    return {
+        "min": {"width": min(widths), "height": min(heights)},
+        "max": {"width": max(widths), "height": max(heights)},
+    }
+
+
+def summarize(config) -> dict:
+    """The summary dict of `config.data` (see the module docstring)."""
+    data = config.data
+    discovery = discover_config(data)
+    records = apply_skip_policy(discovery, data.skip_bad_files)
+    if not records:
+        raise DataError(f"{data.root}: no usable images found")
+    splits = assign_splits(
+        records,
+        protocol=data.protocol,
+        seed=int(config.seed),
+        val_fraction=float(data.val_fraction),
+        test_fraction=float(data.test_fraction),
+        labeled_fraction=float(data.labeled_fraction),
+    )
+    info = make_info(data, records, splits)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        box_counts = dict(zip((r.path for r in records), pool.map(_count_boxes, records)))
+    per_box_class = collections.Counter()
+    for _, names in box_counts.values():
+        per_box_class.update(names)
+    split_summary = {}
+    for name in SPLITS:
+        counts = dict(info.counts[name])
+        counts["boxes"] = sum(box_counts[r.path][0] for r in splits[name])
+        split_summary[name] = counts
+    per_category = collections.Counter(r.category for r in records)
+    per_type = collections.Counter(r.defect_name for r in records)
+    notes = []
+    if not splits["train"]:
+        notes.append(
+            f"the training split is empty under data.protocol={data.protocol!r}"
+            + (" (no defect-free images)" if data.protocol == "unsupervised" else "")
+        )
+    good = per_type.get("good", 0)
+    return {
+        "format": data.format,
+        "root": str(data.root),
+        "protocol": data.protocol,
+        "modalities": list(split_list(data.modalities)),
+        "num_channels": info.num_channels,
+        "images": len(records),
+        "good": good,
+        "defective": len(records) - good,
+        "boxes": sum(count for count, _ in box_counts.values()),
+        "boxes_per_defect_type": dict(sorted(per_box_class.items())),
+        "per_category": dict(sorted(per_category.items())),
+        "per_defect_type": dict(sorted(per_type.items())),
+        "image_size": _size_range(records),
+        "resized_to": int(data.image_size),
+        "splits": split_summary,
+        "class_names": list(info.class_names),
+        "num_classes": info.num_classes,
+        "defect_type_names": list(info.defect_type_names),
+        "bad_files": len(discovery.problems),
+        "notes": notes,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv if argv is None else argv)
+    # Own FlagValues: importing this module never touches absl's global flags. `sys_argv` lets
+    # config_flags register the `--config.a.b=value` override flags it finds in argv.
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file (configs/*.py).",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    try:
+        flag_values(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        if isinstance(error, (AttributeError, KeyError)):  # config_flags: unknown override key
+            key = str(error).strip("\"'")
+            message = f"unknown config key {key!r} on the command line (see configs/default.py)"
+        else:
+            message = f"bad command line: {error}"
+        print(f"summary: error: {message}", file=sys.stderr)
+        return 2
+    config = flag_values.config
+    if config is None:
+        print("summary: error: --config is required", file=sys.stderr)
+        return 2
+    try:
+        validate(config)
+        summary = summarize(config)
+    except (ConfigError, DataError) as error:
+        print(f"summary: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

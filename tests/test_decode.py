@@ -1,0 +1,210 @@
+"""Image / mask reading, validation errors, boxes from masks (m2u_jax.data.decode)."""
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2u_jax.data import decode
+from m2u_jax.data.decode import DataError
+from m2u_jax.data.float_tiff import write_float_tiff
+from m2u_jax.data.sources import SampleRecord
+from tests.data_trees import block_mask, rgb_image, save_png
+
+
+def _record(path, mask_path=None, defect="crack", extra=None, boxes=None, names=None):
+    modality_paths = {"rgb": str(path), **(extra or {})}
+    return SampleRecord(
+        path=str(path),
+        category="c",
+        defect_name=defect,
+        source_split="test",
+        modality_paths=modality_paths,
+        mask_path=None if mask_path is None else str(mask_path),
+        width=0,
+        height=0,
+        boxes=boxes,
+        box_names=names,
+    )
+
+
+def test_boxes_from_mask_eight_connected_largest_first():
+    mask = np.zeros((10, 12), bool)
+    mask[1:3, 1:3] = True  # 4 pixels
+    mask[3, 3] = True  # touches the block diagonally: same component (8-connectivity)
+    mask[5:9, 6:11] = True  # 20 pixels
+    mask[0, 11] = True  # single pixel
+    boxes = decode.boxes_from_mask(mask)
+    np.testing.assert_array_equal(boxes, [[6, 5, 11, 9], [1, 1, 4, 4], [11, 0, 12, 1]])
+    assert boxes.dtype == np.float32
+    assert decode.boxes_from_mask(np.zeros((4, 4))).shape == (0, 4)
+
+
+def test_pad_boxes_keeps_largest_and_pads():
+    boxes = np.array([[0, 0, 1, 1], [0, 0, 4, 4], [0, 0, 2, 3], [5, 5, 7, 7]], np.float32)
+    padded, classes, valid = decode.pad_boxes(boxes, [0, 1, 2, 3], max_boxes=3)
+    np.testing.assert_array_equal(padded, [[0, 0, 4, 4], [0, 0, 2, 3], [5, 5, 7, 7]])
+    np.testing.assert_array_equal(classes, [1, 2, 3])
+    padded, classes, valid = decode.pad_boxes(boxes[:1], [2], max_boxes=3)
+    np.testing.assert_array_equal(padded, [[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(classes, [2, 0, 0])
+    np.testing.assert_array_equal(valid, [1, 0, 0])
+
+
+def test_mask_from_boxes_pixel_centres():
+    mask = decode.mask_from_boxes(np.array([[1.0, 2.0, 3.0, 5.0], [6.2, 6.2, 6.4, 6.4]]), 8, 8)
+    expected = np.zeros((8, 8), bool)
+    expected[2:5, 1:3] = True
+    expected[6, 6] = True  # a sub-pixel box still marks one pixel
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_grayscale_is_replicated_for_rgb(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    path = save_png(tmp_path / "g.png", gray)
+    array, kind = decode.read_modality(str(path), "rgb")
+    assert kind == "uint8" and array.shape == (3, 4, 3)
+    np.testing.assert_array_equal(array[..., 2], gray)
+
+
+def test_sixteen_bit_thermal_and_resize_is_exact(tmp_path):
+    values = np.full((4, 4), 1000, np.uint16)
+    path = tmp_path / "t.png"
+    Image.fromarray(values).save(path)
+    array, kind = decode.read_modality(str(path), "thermal")
+    assert kind == "uint16" and array.shape == (4, 4, 1)
+    resized = decode.resize_to_uint16(array, kind, 2)
+    np.testing.assert_array_equal(resized, np.full((2, 2, 1), 1000, np.uint16))
+    # 8-bit: k / 255 is stored as 257 k (exact).
+    resized = decode.resize_to_uint16(np.full((4, 4, 3), 51, np.uint8), "uint8", 8)
+    np.testing.assert_array_equal(resized, np.full((8, 8, 3), 51 * 257, np.uint16))
+
+
+@pytest.mark.parametrize(
+    "array, modality, message",
+    [
+        (np.zeros((4, 4, 4), np.uint8), "rgb", "has 4 channels (mode RGBA)"),
+        (np.zeros((4, 4, 3), np.uint8), "thermal", "has 3 channels (mode RGB); 'thermal' needs"),
+    ],
+)
+def test_wrong_channel_count_names_file(tmp_path, array, modality, message):
+    path = save_png(tmp_path / "bad.png", array)
+    with pytest.raises(DataError, match=re.escape(message)) as error:
+        decode.read_modality(str(path), modality)
+    assert str(error.value).startswith(str(path))
+
+
+def test_truncated_and_unreadable_files(tmp_path):
+    good = save_png(
+        tmp_path / "x.png", rgb_image(32, 100) + np.arange(32, dtype=np.uint8)[:, None, None]
+    )
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated|corrupt") as error:
+        decode.read_modality(str(truncated), "rgb")
+    assert str(truncated) in str(error.value)
+    jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(rgb_image(32, 100)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    with pytest.raises(DataError, match=f"{re.escape(str(jpeg))}: truncated or corrupt"):
+        decode.read_modality(str(jpeg), "rgb")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match="not a readable image"):
+        decode.read_modality(str(text), "rgb")
+    with pytest.raises(DataError, match="file not found"):
+        decode.read_modality(str(tmp_path / "missing.png"), "rgb")
+
+
+def test_mask_binarisation(tmp_path):
+    values = np.array([[0, 100, 127, 128, 200, 255]], np.uint8)
+    path = save_png(tmp_path / "m.png", values)
+    np.testing.assert_array_equal(decode.read_mask(str(path)), [[0, 0, 0, 1, 1, 1]])
+    labels = save_png(tmp_path / "labels.png", np.array([[0, 1, 1, 0]], np.uint8))
+    np.testing.assert_array_equal(decode.read_mask(str(labels)), [[0, 1, 1, 0]])
+    colour = save_png(tmp_path / "colour.png", rgb_image(4, 50))
+    with pytest.raises(DataError, match="colour image"):
+        decode.read_mask(str(colour))
+
+
+def test_depth_from_xyz_normalised_over_valid_pixels(tmp_path):
+    xyz = np.zeros((2, 3, 3), np.float32)
+    xyz[..., 2] = [[0.0, 400.0, 450.0], [500.0, np.nan, 425.0]]
+    path = tmp_path / "xyz.tiff"
+    write_float_tiff(path, xyz)
+    assert decode.probe_image(path) == decode.ImageHeader(3, 2, 3, "F")
+    depth, kind = decode.read_modality(str(path), "depth")
+    assert kind == "float"
+    np.testing.assert_allclose(depth[..., 0], [[0.0, 0.0, 0.5], [1.0, 0.0, 0.25]])
+    with pytest.raises(DataError, match="cannot feed 'thermal'"):
+        decode.read_modality(str(path), "thermal")
+
+
+def test_decode_record_stacks_modalities_and_boxes(tmp_path):
+    image = save_png(tmp_path / "000.png", rgb_image(8, 60))
+    thermal = save_png(tmp_path / "000.thermal.png", np.full((8, 8), 255, np.uint8))
+    mask = save_png(tmp_path / "000_mask.png", block_mask(8, [(0, 4, 0, 4), (6, 8, 6, 8)]))
+    record = _record(image, mask, extra={"thermal": str(thermal)})
+    sample = decode.decode_record(
+        record,
+        image_size=4,
+        modalities=("thermal", "rgb"),
+        max_boxes=3,
+        box_class_of={"crack": 2},
+    )
+    assert sample.image.shape == (4, 4, 4) and sample.image.dtype == np.uint16
+    np.testing.assert_array_equal(sample.image[0, 0], [65535, 60 * 257, 30 * 257, 195 * 257])
+    expected_mask = np.zeros((4, 4), np.uint8)
+    expected_mask[:2, :2] = 1
+    expected_mask[3, 3] = 1
+    np.testing.assert_array_equal(sample.mask, expected_mask)
+    np.testing.assert_array_equal(sample.boxes, [[0, 0, 2, 2], [3, 3, 4, 4], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(sample.box_classes, [2, 2, 0])
+    np.testing.assert_array_equal(sample.box_valid, [1, 1, 0])
+
+
+def test_decode_record_errors_name_the_file(tmp_path):
+    image = save_png(tmp_path / "000.png", rgb_image(8, 60))
+    small_mask = save_png(tmp_path / "000_mask.png", block_mask(6, [(0, 2, 0, 2)]))
+    with pytest.raises(DataError, match=f"{small_mask}: mask is 6x6 but its image .* is 8x8"):
+        decode.decode_record(
+            _record(image, small_mask),
+            image_size=4,
+            modalities=("rgb",),
+            max_boxes=2,
+            box_class_of={"crack": 0},
+        )
+    thermal = save_png(tmp_path / "000.thermal.png", np.zeros((5, 8), np.uint8))
+    with pytest.raises(DataError, match="thermal image is 8x5 but .* is 8x8"):
+        decode.decode_record(
+            _record(image, None, defect="good", extra={"thermal": str(thermal)}),
+            image_size=4,
+            modalities=("rgb", "thermal"),
+            max_boxes=2,
+            box_class_of={},
+        )
+
+
+def test_decode_record_voc_boxes_scale_and_fill_mask(tmp_path):
+    image = save_png(tmp_path / "a.png", rgb_image(10, 60, width=20))
+    record = _record(
+        image,
+        boxes=((0.0, 0.0, 5.0, 10.0), (10.0, 2.0, 20.0, 4.0)),
+        names=("patches", "inclusion"),
+    )
+    sample = decode.decode_record(
+        record,
+        image_size=10,
+        modalities=("rgb",),
+        max_boxes=2,
+        box_class_of={"inclusion": 0, "patches": 1},
+    )
+    # x scales by 10 / 20, y by 10 / 10; the larger box comes first.
+    np.testing.assert_allclose(sample.boxes, [[0, 0, 2.5, 10], [5, 2, 10, 4]])
+    np.testing.assert_array_equal(sample.box_classes, [1, 0])
+    expected = np.zeros((10, 10), np.uint8)
+    expected[:, 0:2] = 1  # pixel centres 0.5 and 1.5 lie in [0, 2.5)
+    expected[2:4, 5:10] = 1
+    np.testing.assert_array_equal(sample.mask, expected)

@@ -1,0 +1,294 @@
+"""The tf.data pipeline: sharded training batches, evaluation batches, TFDS (m2u_jax.data.pipeline).
+
+Runs with 8 fake CPU devices (tests/conftest.py).
+"""
+
+import logging
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+pytest.importorskip("tensorflow")
+
+from configs import tiny  # noqa: E402
+from m2u_jax.data import decode, pipeline, synthetic  # noqa: E402
+from m2u_jax.data.decode import DataError  # noqa: E402
+from tests.data_trees import (  # noqa: E402
+    block_mask,
+    rgb_image,
+    save_png,
+    write_mvtec_3d,
+    write_voc,
+)
+
+TRAIN_KEYS = {
+    "images": ((8, 32, 32, 3), np.float32),
+    "clean_images": ((8, 32, 32, 3), np.float32),
+    "recon_valid": ((8,), np.float32),
+    "masks": ((8, 32, 32), np.float32),
+    "labels": ((8,), np.int32),
+    "defect_types": ((8,), np.int32),
+    "boxes": ((8, 4, 4), np.float32),
+    "box_classes": ((8, 4), np.int32),
+    "box_valid": ((8, 4), np.float32),
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(
+        root,
+        categories="fabric,pill",
+        image_size=32,
+        num_train=8,
+        num_test_good=3,
+        num_test_defect=2,
+        seed=0,
+    )
+    return root
+
+
+def _config(root, **data):
+    config = tiny.get_config()
+    config.data.root = str(root)
+    config.data.synthetic_anomaly_prob = 0.75
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+def _numpy(batch):
+    return {key: np.asarray(value) for key, value in batch.items()}
+
+
+def test_train_batches_contract_and_sharding(synthetic_root):
+    mesh = jax.make_mesh((8,), ("data",))
+    batch = next(pipeline.make_train_iterator(_config(synthetic_root), mesh))
+    assert set(batch) == set(TRAIN_KEYS)
+    for key, (shape, dtype) in TRAIN_KEYS.items():
+        value = batch[key]
+        assert isinstance(value, jax.Array) and value.shape == shape and value.dtype == dtype, key
+        assert value.sharding.spec == PartitionSpec("data"), key
+        assert len(value.addressable_shards) == 8
+        assert {s.data.shape[0] for s in value.addressable_shards} == {1}
+    values = _numpy(batch)
+    assert values["images"].min() >= 0 and values["images"].max() <= 1
+    assert set(np.unique(values["masks"])) <= {0.0, 1.0}
+    # Unsupervised training images are defect-free: every defect is synthetic.
+    has_mask = values["masks"].reshape(8, -1).max(1) > 0
+    np.testing.assert_array_equal(values["labels"], has_mask.astype(np.int32))
+    np.testing.assert_array_equal(values["defect_types"], has_mask.astype(np.int32))  # 'defect'
+    np.testing.assert_array_equal(values["box_valid"][:, 0], has_mask.astype(np.float32))
+    np.testing.assert_array_equal(values["box_classes"][:, 0], -has_mask.astype(np.int32))
+    np.testing.assert_array_equal(values["recon_valid"], np.ones(8))
+    good = ~has_mask
+    np.testing.assert_array_equal(values["images"][good], values["clean_images"][good])
+
+
+def test_fsdp_mesh_and_explicit_sharding(synthetic_root):
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+    sharding = pipeline.batch_sharding(mesh)
+    assert sharding.spec == PartitionSpec(("data", "fsdp"))
+    batch = next(pipeline.make_train_iterator(_config(synthetic_root), sharding, stage="pretrain"))
+    assert set(batch) == {"views1", "views2"}
+    for value in batch.values():
+        assert value.shape == (8, 32, 32, 3) and value.sharding.spec == PartitionSpec(
+            ("data", "fsdp")
+        )
+        assert {s.data.shape[0] for s in value.addressable_shards} == {1}
+    views1, views2 = np.asarray(batch["views1"]), np.asarray(batch["views2"])
+    assert views1.min() >= 0 and views1.max() <= 1 and np.abs(views1 - views2).mean() > 0.02
+    config = _config(synthetic_root)
+    config.train.batch_size = 12
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 shards"):
+        pipeline.make_train_iterator(config, mesh)
+
+
+def test_deterministic_and_resumable(synthetic_root):
+    mesh = jax.make_mesh((8,), ("data",))
+    config = _config(synthetic_root)
+    first = pipeline.make_train_iterator(config, mesh)
+    batches = [_numpy(next(first)) for _ in range(3)]
+    again = _numpy(next(pipeline.make_train_iterator(config, mesh)))
+    resumed = _numpy(next(pipeline.make_train_iterator(config, mesh, start_step=2)))
+    for key in TRAIN_KEYS:
+        np.testing.assert_array_equal(again[key], batches[0][key], err_msg=key)
+        np.testing.assert_array_equal(resumed[key], batches[2][key], err_msg=key)
+    assert not np.array_equal(batches[0]["clean_images"], batches[1]["clean_images"])
+    config.seed = 1
+    other = _numpy(next(pipeline.make_train_iterator(config, mesh)))
+    assert not np.array_equal(other["clean_images"], batches[0]["clean_images"])
+
+
+def _image_keys(images):
+    return sorted(np.round(image * 65535).astype(np.uint16).tobytes() for image in images)
+
+
+def test_each_epoch_visits_every_training_image_once(synthetic_root):
+    config = _config(synthetic_root, synthetic_anomaly_prob=0.0, cache=False)
+    dataset, _ = pipeline.make_train_dataset(config)
+    batches = dataset.take(4).as_numpy_iterator()
+    seen = [next(batches)["clean_images"] for _ in range(4)]
+    train = list(pipeline.iterate_eval(config, "train", batch_size=16))
+    assert len(train) == 1 and train[0]["valid"].all()
+    expected = _image_keys(train[0]["images"])
+    assert _image_keys(np.concatenate(seen[:2])) == expected  # epoch 0
+    assert _image_keys(np.concatenate(seen[2:])) == expected  # epoch 1, another order
+    assert not np.array_equal(np.concatenate(seen[:2]), np.concatenate(seen[2:]))
+
+
+def test_eval_batches(synthetic_root):
+    config = _config(synthetic_root)
+    info = pipeline.load_dataset_info(config)
+    assert info.class_names == ("defect",) and info.num_classes == 1
+    assert info.defect_type_names == synthetic.DEFECT_KINDS
+    assert info.counts["train"]["images"] == 16
+    # Per category: test good 3 -> 1 to validation; each defect type 2 -> 1 to validation.
+    assert info.counts["validation"] == {
+        "images": 10,
+        "good": 2,
+        "defective": 8,
+        "per_category": {"fabric": 5, "pill": 5},
+        "per_defect_type": {"crack": 2, "good": 2, "hole": 2, "scratch": 2, "stain": 2},
+    }
+    batches = {
+        split: list(pipeline.iterate_eval(config, split)) for split in ("validation", "test")
+    }
+    assert [int(b["valid"].sum()) for b in batches["validation"]] == [8, 2]
+    assert [int(b["valid"].sum()) for b in batches["test"]] == [8, 4]
+    last = batches["validation"][-1]
+    assert list(last["paths"][2:]) == [""] * 6 and not last["images"][2:].any()
+    paths = {split: [p for b in bs for p in b["paths"] if p] for split, bs in batches.items()}
+    assert not set(paths["validation"]) & set(paths["test"])
+    test_files = {str(p) for p in synthetic_root.glob("*/test/*/*.png")}
+    assert set(paths["validation"]) | set(paths["test"]) == test_files
+    for batch in batches["validation"] + batches["test"]:
+        for row in np.nonzero(batch["valid"])[0]:
+            defect = batch["defect_names"][row]
+            assert batch["categories"][row] in ("fabric", "pill")
+            assert batch["paths"][row].split("/")[-2] == defect
+            assert batch["labels"][row] == batch["defect_types"][row] == int(defect != "good")
+            assert batch["recon_valid"][row] == 1 - batch["labels"][row]
+            mask = batch["masks"][row]
+            assert mask.any() == (defect != "good")
+            boxes = decode.boxes_from_mask(mask)[:4]
+            count = len(boxes)
+            np.testing.assert_array_equal(batch["boxes"][row, :count], boxes)
+            np.testing.assert_array_equal(batch["box_valid"][row], [1] * count + [0] * (4 - count))
+            np.testing.assert_array_equal(batch["box_classes"][row], 0)
+
+
+def test_supervised_protocol_class_map(synthetic_root):
+    config = _config(synthetic_root, protocol="supervised")
+    info = pipeline.load_dataset_info(config)
+    assert info.class_names == synthetic.DEFECT_KINDS and info.num_classes == 4
+    # 2 images per category and type: one to test, one to train (validation would empty train).
+    assert info.counts["train"]["per_defect_type"] == {
+        "crack": 2,
+        "good": 16,
+        "hole": 2,
+        "scratch": 2,
+        "stain": 2,
+    }
+    for batch in pipeline.iterate_eval(config, "test"):
+        for row in np.nonzero(batch["valid"])[0]:
+            name = batch["defect_names"][row]
+            type_id = 0 if name == "good" else 1 + synthetic.DEFECT_KINDS.index(name)
+            assert batch["defect_types"][row] == type_id
+            valid = batch["box_valid"][row] > 0
+            np.testing.assert_array_equal(batch["box_classes"][row][valid], type_id - 1)
+    dataset, _ = pipeline.make_train_dataset(config)
+    batch = next(dataset.skip(1).as_numpy_iterator())  # (the first batch has no real defect)
+    real = batch["recon_valid"] == 0  # real defects keep their type, mask and boxes
+    assert real.any()
+    pasted = (batch["labels"] == 1) & ~real  # supervised: a synthetic anomaly's type is unknown
+    assert pasted.any() and (batch["defect_types"][pasted] == -1).all()
+    assert ((batch["defect_types"][real] >= 1) & (batch["labels"][real] == 1)).all()
+    assert batch["masks"][real].reshape(real.sum(), -1).max(1).min() == 1
+    np.testing.assert_array_equal(batch["box_classes"][real, 0], batch["defect_types"][real] - 1)
+    assert ((batch["defect_types"][real] >= 1) & (batch["labels"][real] == 1)).all()
+
+
+def test_mvtec_3d_depth_channel(tmp_path):
+    depths = write_mvtec_3d(tmp_path, size=24)
+    config = _config(tmp_path, format="mvtec_3d", modalities="rgb,depth", image_size=24)
+    for batch in pipeline.iterate_eval(config, "test"):
+        assert batch["images"].shape == (8, 24, 24, 4)
+        for row in np.nonzero(batch["valid"])[0]:
+            z = depths[batch["paths"][row]]
+            valid = z != 0
+            expected = np.where(valid, (z - z[valid].min()) / (z[valid].max() - z[valid].min()), 0)
+            np.testing.assert_allclose(batch["images"][row, ..., 3], expected, atol=1e-4)
+    dataset, _ = pipeline.make_train_dataset(config)
+    assert next(dataset.as_numpy_iterator())["images"].shape == (8, 24, 24, 4)
+
+
+def test_bad_file_during_training(tmp_path, caplog):
+    for index in range(8):
+        save_png(tmp_path / f"cat/train/good/{index:03d}.png", rgb_image(16, 10 * index))
+    save_png(tmp_path / "cat/test/crack/000.png", rgb_image(16, 1))
+    save_png(tmp_path / "cat/ground_truth/crack/000_mask.png", block_mask(16, [(0, 4, 0, 4)]))
+    bad = tmp_path / "cat/train/good/003.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) - 30])  # header intact: only full decoding notices
+    config = _config(tmp_path, image_size=16)
+    mesh = jax.make_mesh((8,), ("data",))
+    with pytest.raises(DataError, match=re.escape(str(bad)) + ": truncated or corrupt"):
+        next(pipeline.make_train_iterator(config, mesh))
+    config.data.skip_bad_files = True
+    with caplog.at_level(logging.WARNING):
+        batch = next(pipeline.make_train_iterator(config, mesh))
+    assert batch["images"].shape == (8, 16, 16, 3)
+    assert "skipping bad file (1 so far" in caplog.text and str(bad) in caplog.text
+
+
+def test_empty_training_split_is_explained(tmp_path):
+    write_voc(tmp_path / "steel")
+    (tmp_path / "steel/Validation_Images/clean_1.jpg").unlink()
+    (tmp_path / "steel/Validation_Annotations/clean_1.xml").unlink()
+    config = _config(tmp_path / "steel", format="voc")
+    with pytest.raises(DataError, match="training split is empty .*data.protocol=supervised"):
+        pipeline.make_train_dataset(config)
+    config.data.protocol = "supervised"
+    batch = next(pipeline.make_train_dataset(config)[0].as_numpy_iterator())
+    assert batch["images"].shape == (8, 32, 32, 3)
+
+
+def test_tfds_builder_matches_files(synthetic_root, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from m2u_jax.data.tfds_mvtec_ad import mvtec_ad  # noqa: F401  (registers 'mvtec_ad')
+
+    # 'pill' is also an MVTec AD category: its predefined config reads the synthetic tree too.
+    builder = tfds.builder("mvtec_ad/pill", data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(synthetic_root)),
+        file_format="array_record",
+    )
+    assert builder.info.splits["train"].num_examples == 8
+    assert builder.info.splits["test"].num_examples == 3 + 4 * 2
+    example = builder.as_data_source("test")[0]
+    assert example["path"] == b"pill/test/crack/000.png" and example["label"] == 1
+    mask = decode.read_mask(str(synthetic_root / "pill/ground_truth/crack/000_mask.png"))
+    np.testing.assert_array_equal(example["mask"][..., 0], mask.astype(np.uint8) * 255)
+
+    files = _config(synthetic_root, categories="pill")
+    prepared = _config(
+        synthetic_root, categories="pill", format="tfds", tfds_data_dir=str(tmp_path)
+    )
+    assert pipeline.load_dataset_info(prepared).counts == pipeline.load_dataset_info(files).counts
+    for expected, actual in zip(
+        pipeline.iterate_eval(files, "test"), pipeline.iterate_eval(prepared, "test"), strict=True
+    ):
+        for key, value in expected.items():
+            np.testing.assert_array_equal(actual[key], value, err_msg=key)
+    batch = next(pipeline.make_train_dataset(prepared)[0].as_numpy_iterator())
+    assert batch["images"].shape == (8, 32, 32, 3)
+
+
+def test_benchmark_pipeline_reports_throughput(synthetic_root):
+    images_per_sec = pipeline.benchmark_pipeline(_config(synthetic_root), num_batches=2)
+    assert np.isfinite(images_per_sec) and images_per_sec > 0
