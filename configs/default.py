@@ -101,4 +101,5 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_mc_samples = 16  # MC-dropout samples for uncertainty (1 = deterministic).
     evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
+    evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
     return config

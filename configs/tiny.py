@@ -17,6 +17,7 @@ def get_config():
     config.model.fusion_every = 1
     config.model.mc_dropout_blocks = 1
     config.model.decoder_channels = 8
+    config.model.det_channels = 16
     config.model.det_strides = (8, 16)
     config.model.det_max_detections = 8
     config.model.projection_dim = 16

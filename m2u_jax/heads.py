@@ -1,0 +1,244 @@
+"""Heads on the fused fine-scale token grid: the anomaly decoder (reconstruction + pixel
+logits), the YOLO-style anchor-free detection head, the image-level classifier, and a projection
+MLP for contrastive pretraining.
+
+The convolutional heads use SiLU (as YOLO heads do); besides being cheap, it keeps the ONNX
+export clean — jax2onnx 0.17 mis-shapes a tanh-GELU between two convolutions (ONNX Runtime then
+rejects the graph), while SiLU and exact GELU convert correctly.
+
+Every head takes the token grid `[B, gh, gw, D]` of the finest scale stream plus the static
+input size, and puts it on its own pixel grid with `token_alignment_matrix` (bilinear between
+token centres; the identity — no op at all — when patch size == patch stride == the head's
+stride). Convolutions use SAME padding; no batch norm, so heads are pure functions of their
+parameters (MC dropout and ensembles need no state).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2u_jax.layers import Dtype, resample_grid, token_alignment_matrix, upsample2x_bilinear
+
+# Prior probability of the positive class for the bias init of focal-loss logits
+# (RetinaNet): the first steps are not swamped by the easy negatives.
+PRIOR_PROBABILITY = 0.01
+
+
+def prior_logit(prior: float = PRIOR_PROBABILITY) -> float:
+    return float(-np.log((1.0 - prior) / prior))
+
+
+class TokenGeometry(nn.Module):
+    """Base of the convolutional heads: where the tokens of the finest stream sit in the image
+    (patch size / stride, image scale of the stream), the dtypes, and `align`."""
+
+    patch_size: int = 16
+    patch_stride: int = 16
+    token_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def align(self, grid: jax.Array, image_hw: tuple[int, int], out_stride: int) -> jax.Array:
+        """Token grid `[B, gh, gw, C]` → `[B, H/out_stride, W/out_stride, C]`."""
+        height, width = image_hw
+        geometry = dict(
+            patch_size=self.patch_size, patch_stride=self.patch_stride, scale=self.token_scale
+        )
+        rows = token_alignment_matrix(
+            grid.shape[1], out_size=height // out_stride, out_stride=out_stride, **geometry
+        )
+        cols = token_alignment_matrix(
+            grid.shape[2], out_size=width // out_stride, out_stride=out_stride, **geometry
+        )
+        return resample_grid(grid, rows, cols)
+
+
+def decoder_start_stride(patch_stride: int, token_scale: float, height: int, width: int) -> int:
+    """Largest power of two ≤ the token stride (in input pixels) dividing both image sides:
+    the decoder starts there and doubles the resolution each stage."""
+    token_stride = patch_stride / token_scale
+    stride = 1
+    while stride * 2 <= token_stride and height % (stride * 2) == 0 and width % (stride * 2) == 0:
+        stride *= 2
+    return stride
+
+
+class AnomalyDecoder(TokenGeometry):
+    """Light upsampling decoder → (recon `[B, H, W, C]` in [0, 1], pixel_logits `[B, H, W]`).
+
+    1×1 projection to `channels` at the start stride (`decoder_start_stride`), dropout, then per
+    ×2 stage: bilinear ×2 upsampling and a 3×3 conv + SiLU, channels halving down to 16, until
+    stride 2. A 1×1 conv gives C + 1 maps (image channels + anomaly logit) at stride 2 and a
+    last bilinear ×2 brings them to full size: the 1×1 conv and the bilinear upsampling are both
+    linear with weights summing to one, so this equals convolving at full size at a quarter of
+    the cost. No skip connection from the input, so the reconstruction cannot copy defects.
+    """
+
+    channels: int = 64
+    image_channels: int = 3
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, grid: jax.Array, image_hw: tuple[int, int], *, train: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        height, width = image_hw
+        stride = decoder_start_stride(self.patch_stride, self.token_scale, height, width)
+        features = nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid)
+        features = nn.silu(self.align(features, image_hw, stride))
+        features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
+        channels, stage = self.channels, 0
+        floor = min(16, self.channels)
+        while stride > 2:
+            channels = max(channels // 2, floor)
+            features = upsample2x_bilinear(features)
+            features = nn.silu(nn.Conv(channels, (3, 3), name=f"up_{stage}", **conv)(features))
+            stride, stage = stride // 2, stage + 1
+        maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
+        while stride > 1:
+            maps = upsample2x_bilinear(maps)
+            stride //= 2
+        maps = maps.astype(jnp.float32)
+        recon = jax.nn.sigmoid(maps[..., : self.image_channels])
+        return recon, maps[..., self.image_channels]
+
+
+class DetectionHead(TokenGeometry):
+    """YOLO-style anchor-free head at `strides` (≥ 1 level; pixels).
+
+    Level features: a 1×1 projection of the token grid to `channels`, put on the first level's
+    grid by `align`; each next level is a stride-2 3×3 conv of the previous one when its stride
+    is exactly twice as coarse, else the projection re-aligned to its grid. Each level gets its
+    own 3×3 conv ('neck_l'), then a head shared by all levels (3×3 conv + SiLU, then one 1×1
+    conv for objectness, K class logits and 4 box distances; FCOS-style sharing, since distances
+    are in units of the level stride). Box distances = softplus(raw) × stride (non-negative pixels).
+
+    Returns `det` per docs/interfaces.md: `obj_logits [B, A]`, `cls_logits [B, A, K]`,
+    `box_ltrb [B, A, 4]`, `points [A, 2]` (cell centres x, y), `strides [A]`, all float32; the
+    anchors run level by level, row-major within a level.
+    """
+
+    channels: int = 128
+    num_classes: int = 4
+    strides: tuple[int, ...] = (16, 32)
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, grid: jax.Array, image_hw: tuple[int, int], *, train: bool
+    ) -> dict[str, jax.Array]:
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        height, width = image_hw
+        for stride in self.strides:
+            if height % stride or width % stride:
+                raise ValueError(
+                    f"model.det_strides entry {stride} does not divide the {height}x{width} input"
+                )
+        projected = nn.silu(nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid))
+        head_conv = nn.Conv(self.channels, (3, 3), name="head_conv", **conv)
+        # One 1x1 conv predicts [objectness, K class logits, 4 box distances]: one matmul
+        # instead of three; focal-loss logits start at the prior, box logits at zero.
+        num_logits = 1 + self.num_classes
+        predict = nn.Conv(
+            num_logits + 4,
+            (1, 1),
+            bias_init=lambda key, shape, dtype: jnp.concatenate(
+                [jnp.full((num_logits,), prior_logit(), dtype), jnp.zeros((4,), dtype)]
+            ),
+            name="predict",
+            **conv,
+        )
+        predictions = []
+        previous, previous_stride = None, None
+        for level, stride in enumerate(self.strides):
+            if previous is not None and stride == 2 * previous_stride:
+                features = nn.Conv(
+                    self.channels, (3, 3), strides=(2, 2), name=f"down_{level}", **conv
+                )(previous)
+                features = nn.silu(features)
+            else:
+                features = self.align(projected, image_hw, stride)
+            previous, previous_stride = features, stride
+            features = nn.silu(
+                nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)
+            )
+            features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
+            level_predictions = _flatten_cells(predict(nn.silu(head_conv(features))))
+            box_logits = level_predictions[..., num_logits:]
+            predictions.append(
+                jnp.concatenate(
+                    [level_predictions[..., :num_logits], jax.nn.softplus(box_logits) * stride],
+                    axis=-1,
+                )
+            )
+        predictions = jnp.concatenate(predictions, axis=1)  # [B, A, 1 + K + 4]
+        points, strides = anchor_points(image_hw, self.strides)
+        return dict(
+            obj_logits=predictions[..., 0],
+            cls_logits=predictions[..., 1:num_logits],
+            box_ltrb=predictions[..., num_logits:],
+            points=jnp.asarray(points),
+            strides=jnp.asarray(strides),
+        )
+
+
+def _flatten_cells(values: jax.Array) -> jax.Array:
+    """`[B, rows, cols, F]` → `[B, rows*cols, F]` float32 (row-major cells)."""
+    batch, rows, cols, features = values.shape
+    return values.reshape(batch, rows * cols, features).astype(jnp.float32)
+
+
+def anchor_points(
+    image_hw: tuple[int, int], strides: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `(points [A, 2], strides [A])` the detection head emits for an input size (numpy),
+    for target assignment outside the model."""
+    points, point_strides = [], []
+    for stride in strides:
+        ys, xs = np.mgrid[: image_hw[0] // stride, : image_hw[1] // stride]
+        points.append((np.stack([xs.reshape(-1), ys.reshape(-1)], axis=-1) + 0.5) * stride)
+        point_strides.append(np.full((xs.size,), stride))
+    return (
+        np.concatenate(points).astype(np.float32),
+        np.concatenate(point_strides).astype(np.float32),
+    )
+
+
+class ImageHead(nn.Module):
+    """Pooled embedding `[B, D]` → (image_logits `[B]` "defective", type_logits `[B, K+1]`
+    with 0 = good). Dropout first, so MC dropout samples the classifier too."""
+
+    num_defect_classes: int = 4
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, embedding: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        features = nn.Dropout(self.dropout_rate)(embedding, deterministic=not train)
+        image_logits = nn.Dense(1, name="image", **dense)(features)[:, 0]
+        type_logits = nn.Dense(self.num_defect_classes + 1, name="type", **dense)(features)
+        return image_logits.astype(jnp.float32), type_logits.astype(jnp.float32)
+
+
+class ProjectionHead(nn.Module):
+    """Contrastive projection / predictor MLP (SimCLR, MoCo v3): `[B, D]` → `[B, output_dim]`.
+    Dense → LayerNorm → GELU → Dense (LayerNorm instead of the papers' batch norm keeps the
+    model stateless). Not part of M2UNet: the pretraining stage owns it."""
+
+    hidden_dim: int
+    output_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = nn.Dense(self.hidden_dim, name="fc1", **dense)(embedding)
+        hidden = nn.gelu(nn.LayerNorm(name="norm", **dense)(hidden))
+        return nn.Dense(self.output_dim, name="fc2", **dense)(hidden).astype(jnp.float32)

@@ -1,0 +1,311 @@
+"""M2UNet: the full network (MS-ViT backbone + anomaly decoder + detection head + image head).
+
+Build it from the config with `build_model(config.model)`. Calls (all through `model.apply`):
+
+- `model.apply(variables, images, train=...)` → `(outputs, aux)` per docs/interfaces.md;
+  dropout needs `rngs={'dropout': key}` when `train=True`.
+- `method=M2UNet.trunk`: images → `(tokens [B, N, D], aux)`, everything before the last
+  `mc_dropout_blocks` backbone blocks, deterministic (run once for MC dropout).
+- `method=M2UNet.stochastic_tail`: `(tokens, image_hw=(H, W), train=True)` → `(outputs, aux)`,
+  the last blocks, final norm and every head. `__call__` is exactly `stochastic_tail ∘ trunk`.
+- `method=M2UNet.embed`: images → pooled backbone embedding `[B, D]` only (contrastive
+  pretraining; skips the heads).
+- `method=M2UNet.predict` or `predict(model, variables, images)`: deterministic inference →
+  anomaly map, image score and post-processed boxes.
+
+Image score (`image_score`): `0.5 * (mean of the top-k pixel probabilities +
+sigmoid(image_logits))`, k = max(1, round(image_score_topk × H × W)). The top-k mean is robust
+to a few noisy pixels yet reacts to small defects that a global mean would wash out; averaging
+with the classifier probability lets either evidence raise the score.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from m2u_jax import boxes
+from m2u_jax.config import MODALITY_CHANNELS, split_list
+from m2u_jax.heads import AnomalyDecoder, DetectionHead, ImageHead
+from m2u_jax.layers import ATTENTION_IMPLEMENTATIONS, Dtype, mean
+from m2u_jax.vit import VARIANTS, Backbone, stream_grids
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def image_score(outputs: dict, topk_fraction: float) -> jax.Array:
+    """Image anomaly score `[B]` in [0, 1] (see module docstring) from `pixel_logits [B, H, W]`
+    and `image_logits [B]`."""
+    pixel_logits = outputs["pixel_logits"].astype(jnp.float32)
+    batch = pixel_logits.shape[0]
+    flat = pixel_logits.reshape(batch, -1)
+    k = max(1, int(round(topk_fraction * flat.shape[1])))
+    # Top-k on logits then sigmoid: sigmoid is monotonic, so this is the top-k of probabilities.
+    top_logits, _ = jax.lax.top_k(flat, k)
+    map_score = mean(jax.nn.sigmoid(top_logits), -1)
+    return 0.5 * (map_score + jax.nn.sigmoid(outputs["image_logits"].astype(jnp.float32)))
+
+
+class M2UNet(nn.Module):
+    """Multi-scale, multi-modal, uncertainty-aware inspection network (see module docstring).
+
+    Inputs are images `[B, H, W, C]` float32 in [0, 1] (C = stacked modality channels);
+    normalisation to [-1, 1] happens inside. H and W may differ from `image_size` as long as the
+    patches tile every scale exactly; the position table is resampled.
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    modalities: tuple[str, ...] = ("rgb",)
+    image_size: int = 256
+    scales: tuple[float, ...] = (1.0, 0.5)
+    patch_size: int = 16
+    patch_stride: int = 16
+    fusion_every: int = 2
+    posemb: str = "learn"
+    dropout_rate: float = 0.1
+    mc_dropout_blocks: int = 2
+    attention: str = "dot_product"
+    scan_blocks: bool = False
+    remat: bool = False
+    decoder_channels: int = 64
+    det_channels: int = 128
+    num_defect_classes: int = 4
+    det_strides: tuple[int, ...] = (16, 32)
+    det_max_detections: int = 32
+    det_score_threshold: float = 0.25
+    det_iou_threshold: float = 0.5
+    image_score_topk: float = 0.01
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.backbone = Backbone(
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            modalities=self.modalities,
+            image_size=self.image_size,
+            scales=self.scales,
+            patch_size=self.patch_size,
+            patch_stride=self.patch_stride,
+            fusion_every=self.fusion_every,
+            posemb=self.posemb,
+            dropout_rate=self.dropout_rate,
+            tail_blocks=self.mc_dropout_blocks,
+            attention=self.attention,
+            scan_blocks=self.scan_blocks,
+            remat=self.remat,
+            **common,
+        )
+        geometry = dict(
+            patch_size=self.patch_size,
+            patch_stride=self.patch_stride,
+            token_scale=max(self.scales),
+        )
+        self.anomaly_decoder = AnomalyDecoder(
+            channels=self.decoder_channels,
+            image_channels=self.num_channels,
+            dropout_rate=self.dropout_rate,
+            **geometry,
+            **common,
+        )
+        self.detection_head = DetectionHead(
+            channels=self.det_channels,
+            num_classes=self.num_defect_classes,
+            strides=self.det_strides,
+            dropout_rate=self.dropout_rate,
+            **geometry,
+            **common,
+        )
+        self.image_head = ImageHead(
+            num_defect_classes=self.num_defect_classes,
+            dropout_rate=self.dropout_rate,
+            **common,
+        )
+
+    @property
+    def num_channels(self) -> int:
+        return sum(MODALITY_CHANNELS[name] for name in self.modalities)
+
+    def _grids(self, image_hw: tuple[int, int]):
+        return stream_grids(*image_hw, self.patch_size, self.patch_stride, self.scales)
+
+    def trunk(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+        """images `[B, H, W, C]` in [0, 1] → (tokens `[B, N, D]`, aux). Deterministic unless
+        `train` (the training forward passes through here too)."""
+        return self.backbone.trunk(images, train=train)
+
+    def stochastic_tail(
+        self,
+        tokens: jax.Array,
+        *,
+        image_hw: tuple[int, int] | None = None,
+        train: bool,
+    ) -> tuple[dict, dict]:
+        """Trunk tokens `[B, N, D]` → (outputs, aux): the last `mc_dropout_blocks` blocks, the
+        final norm and all heads. `image_hw` (static) is the input size, default
+        `(image_size, image_size)`."""
+        image_hw = tuple(image_hw or (self.image_size, self.image_size))
+        grids = self._grids(image_hw)
+        lengths = tuple(rows * cols for rows, cols in grids)
+        tokens, aux = self.backbone.tail(tokens, lengths, train=train)
+        embedding = self._pool(tokens, lengths)
+        fine = max(range(len(self.scales)), key=lambda index: self.scales[index])
+        start = sum(lengths[:fine])
+        rows, cols = grids[fine]
+        fine_grid = tokens[:, start : start + rows * cols].reshape(-1, rows, cols, self.width)
+        recon, pixel_logits = self.anomaly_decoder(fine_grid, image_hw, train=train)
+        det = self.detection_head(fine_grid, image_hw, train=train)
+        image_logits, type_logits = self.image_head(embedding, train=train)
+        outputs = dict(
+            recon=recon,
+            pixel_logits=pixel_logits,
+            image_logits=image_logits,
+            type_logits=type_logits,
+            embedding=embedding.astype(jnp.float32),
+            det=det,
+        )
+        aux = {**aux, "tokens": tokens, "fine_grid": fine_grid}
+        return outputs, aux
+
+    @staticmethod
+    def _pool(tokens: jax.Array, lengths: tuple[int, ...]) -> jax.Array:
+        """Mean over each stream's tokens, then over streams (each scale counts equally)."""
+        means, start = [], 0
+        for length in lengths:
+            means.append(mean(tokens[:, start : start + length].astype(jnp.float32), 1))
+            start += length
+        return sum(means) / len(means)
+
+    def __call__(
+        self, images: jax.Array, *, train: bool, dropout_tail_only: bool = False
+    ) -> tuple[dict, dict]:
+        """images `[B, H, W, C]` in [0, 1] → (outputs, aux) per docs/interfaces.md.
+
+        `dropout_tail_only=True` keeps the trunk deterministic while the tail uses dropout (with
+        `train=True`): exactly one MC-dropout sample, as `uncertainty.mc_dropout_predict` draws
+        them."""
+        tokens, trunk_aux = self.trunk(images, train=train and not dropout_tail_only)
+        outputs, tail_aux = self.stochastic_tail(tokens, image_hw=images.shape[1:3], train=train)
+        return outputs, {**trunk_aux, **tail_aux}
+
+    def embed(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """images → pooled, final-normalised backbone embedding `[B, D]` (no heads)."""
+        tokens, _ = self.backbone(images, train=train)
+        grids = self._grids(images.shape[1:3])
+        return self._pool(tokens, tuple(rows * cols for rows, cols in grids))
+
+    def predict(self, images: jax.Array) -> dict[str, jax.Array]:
+        """Deterministic inference → `anomaly_map [B, H, W]` (sigmoid of the pixel logits),
+        `image_score [B]`, `image_prob [B]` (sigmoid(image_logits)), `type_probs [B, K+1]`,
+        and post-processed boxes: `boxes_xyxy [B, M, 4]`, `box_scores [B, M]`,
+        `box_classes [B, M]`, `box_valid [B, M]` (M = det_max_detections)."""
+        outputs, _ = self(images, train=False)
+        return predictions_from_outputs(
+            outputs,
+            image_score_topk=self.image_score_topk,
+            max_detections=self.det_max_detections,
+            iou_threshold=self.det_iou_threshold,
+            score_threshold=self.det_score_threshold,
+        )
+
+
+def predictions_from_outputs(
+    outputs: dict,
+    *,
+    image_score_topk: float,
+    max_detections: int,
+    iou_threshold: float,
+    score_threshold: float,
+) -> dict[str, jax.Array]:
+    """Model outputs → the prediction dict of `M2UNet.predict` (pure, jit-able)."""
+    detections = boxes.postprocess(
+        outputs["det"],
+        max_detections=max_detections,
+        iou_threshold=iou_threshold,
+        score_threshold=score_threshold,
+    )
+    return dict(
+        anomaly_map=jax.nn.sigmoid(outputs["pixel_logits"]),
+        image_score=image_score(outputs, image_score_topk),
+        image_prob=jax.nn.sigmoid(outputs["image_logits"]),
+        type_probs=jax.nn.softmax(outputs["type_logits"], axis=-1),
+        boxes_xyxy=detections["boxes_xyxy"],
+        box_scores=detections["scores"],
+        box_classes=detections["classes"],
+        box_valid=detections["valid"],
+    )
+
+
+def predict(model: M2UNet, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """Jitted `M2UNet.predict`: images `[B, H, W, C]` in [0, 1] → predictions (see there).
+    Thresholds come from the model's fields (set from config.model by `build_model`)."""
+    return _jitted_predict(model, variables, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_predict(model, variables, images):
+    return model.apply(variables, images, method=M2UNet.predict)
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
+    """`config.model` → M2UNet. Raises ValueError naming the key for unknown variants, dtypes,
+    attention forms or position embeddings."""
+    if model_config.variant not in VARIANTS:
+        raise ValueError(f"model.variant={model_config.variant!r} is not one of {sorted(VARIANTS)}")
+    for key in ("dtype", "param_dtype"):
+        if model_config[key] not in DTYPES:
+            raise ValueError(f"model.{key}={model_config[key]!r} is not one of {sorted(DTYPES)}")
+    if model_config.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={model_config.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if model_config.posemb not in ("learn", "sincos2d"):
+        raise ValueError(f"model.posemb={model_config.posemb!r}: use 'learn' or 'sincos2d'")
+    modalities = split_list(model_config.modalities)
+    for name in modalities:
+        if name not in MODALITY_CHANNELS:
+            raise ValueError(
+                f"model.modalities has unknown modality {name!r}; "
+                f"known: {sorted(MODALITY_CHANNELS)}"
+            )
+    variant = VARIANTS[model_config.variant]
+    if not 0 <= model_config.mc_dropout_blocks <= variant["depth"]:
+        raise ValueError(
+            f"model.mc_dropout_blocks={model_config.mc_dropout_blocks} must be in "
+            f"[0, {variant['depth']}] (depth of variant {model_config.variant!r})"
+        )
+    return M2UNet(
+        **variant,
+        modalities=modalities,
+        image_size=int(model_config.image_size),
+        scales=tuple(float(scale) for scale in model_config.scales),
+        patch_size=int(model_config.patch_size),
+        patch_stride=int(model_config.patch_stride),
+        fusion_every=int(model_config.fusion_every),
+        posemb=model_config.posemb,
+        dropout_rate=float(model_config.dropout_rate),
+        mc_dropout_blocks=int(model_config.mc_dropout_blocks),
+        attention=model_config.attention,
+        scan_blocks=bool(model_config.scan_blocks),
+        remat=bool(model_config.remat),
+        decoder_channels=int(model_config.decoder_channels),
+        det_channels=int(model_config.det_channels),
+        num_defect_classes=int(model_config.num_defect_classes),
+        det_strides=tuple(int(stride) for stride in model_config.det_strides),
+        det_max_detections=int(model_config.det_max_detections),
+        det_score_threshold=float(model_config.det_score_threshold),
+        det_iou_threshold=float(model_config.det_iou_threshold),
+        image_score_topk=float(model_config.image_score_topk),
+        dtype=DTYPES[model_config.dtype],
+        param_dtype=DTYPES[model_config.param_dtype],
+    )

@@ -1,0 +1,198 @@
+"""Predictive uncertainty: MC dropout, deep ensembles, and the accept / reject / review policy.
+
+MC dropout runs the deterministic trunk (`M2UNet.trunk`) once and samples only the stochastic
+tail (`M2UNet.stochastic_tail`: the last `mc_dropout_blocks` backbone blocks and every head) with
+`jax.vmap` over dropout keys, all under one `jit`: T samples cost one trunk + T tails instead of
+T full passes. Sample t uses `jax.random.split(rng, T)[t]` as its dropout key, so it equals
+`model.apply(variables, images, train=True, dropout_tail_only=True, rngs={'dropout': key_t})`
+for threefry keys (JAX's default); 'rbg' / 'unsafe_rbg' keys draw different (equally valid) bits
+under vmap than in a loop.
+
+Per image, the statistics treat the image score `p_t` of every sample (see
+`model.image_score`) as the probability that the image is defective:
+- `score_mean` = mean_t p_t, `score_var` = var_t p_t (population variance),
+- `entropy` = H(score_mean) — predictive entropy of the mean probability, in nats, with
+  H(p) = -p log p - (1-p) log(1-p),
+- `mutual_info` = H(score_mean) - mean_t H(p_t) (BALD: the epistemic part; ≥ 0),
+and per pixel `map_mean` / `map_var` of the pixel probabilities sigmoid(pixel_logits).
+`type_probs_mean [B, K+1]` is the mean defect-type distribution.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m2u_jax.layers import mean, variance
+from m2u_jax.model import M2UNet, image_score
+
+ACCEPT, REJECT, REVIEW = 0, 1, 2
+DECISION_NAMES = ("accept", "reject", "review")
+_EPS = 1e-6
+
+
+def binary_entropy(probs: jax.Array) -> jax.Array:
+    """Entropy (nats) of Bernoulli(probs), elementwise; 0 at probs ∈ {0, 1}."""
+    probs = jnp.clip(probs, _EPS, 1.0 - _EPS)
+    return -(probs * jnp.log(probs) + (1.0 - probs) * jnp.log1p(-probs))
+
+
+def sample_statistics(outputs: dict, topk_fraction: float) -> dict[str, jax.Array]:
+    """Stacked per-sample outputs (leading sample axis T on every array) → the statistics in
+    the module docstring: `score_mean, score_var, entropy, mutual_info [B]`,
+    `map_mean, map_var [B, H, W]`, `type_probs_mean [B, K+1]`."""
+    scores = jax.vmap(lambda sample: image_score(sample, topk_fraction))(outputs)  # [T, B]
+    maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))  # [T, B, H, W]
+    score_mean = mean(scores, 0)
+    entropy = binary_entropy(score_mean)
+    expected_entropy = mean(binary_entropy(scores), 0)
+    return dict(
+        score_mean=score_mean,
+        score_var=variance(scores, 0),
+        entropy=entropy,
+        # Clamped: with identical samples the difference is a rounding error around zero.
+        mutual_info=jnp.maximum(entropy - expected_entropy, 0.0),
+        map_mean=mean(maps, 0),
+        map_var=variance(maps, 0),
+        type_probs_mean=mean(jax.nn.softmax(outputs["type_logits"], axis=-1), 0),
+    )
+
+
+def mc_dropout_predict(
+    model: M2UNet, variables, images: jax.Array, rng: jax.Array, num_samples: int
+) -> dict[str, jax.Array]:
+    """MC-dropout prediction (module docstring).
+
+    Args:
+      model: an M2UNet (its `dropout_rate` is the MC rate, `mc_dropout_blocks` the sampled
+        depth, `image_score_topk` the score reduction).
+      variables: `{'params': ...}`.
+      images: `[B, H, W, C]` float32 in [0, 1].
+      rng: a PRNG key; split into `num_samples` dropout keys.
+      num_samples: T (static).
+
+    Returns:
+      dict of `[B]` / `[B, H, W]` arrays (see `sample_statistics`).
+    """
+    return _mc_dropout_statistics(model, num_samples, variables, images, rng)
+
+
+def mc_dropout_samples(
+    model: M2UNet, variables, images: jax.Array, rng: jax.Array, num_samples: int
+) -> dict:
+    """The raw outputs of the T tail samples, every array with a leading `[T]` axis — what
+    `mc_dropout_predict` reduces (for analysis, and for tests of the trunk/tail split)."""
+    return _mc_dropout_samples(model, num_samples, variables, images, rng)
+
+
+def _tail_samples(model: M2UNet, num_samples: int, variables, images, rng) -> dict:
+    """Trunk once (deterministic), then the stochastic tail vmapped over T dropout keys."""
+    tokens, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
+
+    def one_sample(key):
+        outputs, _ = model.apply(
+            variables,
+            tokens,
+            image_hw=images.shape[1:3],
+            train=True,
+            rngs={"dropout": key},
+            method=M2UNet.stochastic_tail,
+        )
+        return outputs
+
+    return jax.vmap(one_sample)(jax.random.split(rng, num_samples))
+
+
+_mc_dropout_samples = jax.jit(_tail_samples, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _mc_dropout_statistics(model: M2UNet, num_samples: int, variables, images, rng):
+    samples = _tail_samples(model, num_samples, variables, images, rng)
+    return sample_statistics(samples, model.image_score_topk)
+
+
+def ensemble_predict(model: M2UNet, stacked_variables, images: jax.Array) -> dict[str, jax.Array]:
+    """Deep-ensemble prediction: `stacked_variables` holds E members' variables stacked on a
+    leading axis (e.g. `jax.tree.map(lambda *x: jnp.stack(x), *members)`); the deterministic
+    forward is `jax.vmap`-ed over it under jit. Returns the statistics of
+    `sample_statistics` with members as samples."""
+    return _ensemble(model, stacked_variables, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ensemble(model: M2UNet, stacked_variables, images):
+    members = jax.vmap(lambda variables: model.apply(variables, images, train=False)[0])(
+        stacked_variables
+    )
+    return sample_statistics(members, model.image_score_topk)
+
+
+def review_policy(
+    scores: jax.Array, uncertainty: jax.Array, thresholds: dict[str, float]
+) -> jax.Array:
+    """Per-image decision `[B]` int32: REVIEW (2) where `uncertainty > uncertainty_threshold`,
+    else REJECT (1) where `score >= score_threshold`, else ACCEPT (0).
+
+    `uncertainty` is whichever measure the caller calibrated on (e.g. `mutual_info` or
+    `score_var`); `thresholds` = dict(score_threshold=..., uncertainty_threshold=...).
+    Names: `DECISION_NAMES[decision]`.
+    """
+    review = uncertainty > thresholds["uncertainty_threshold"]
+    reject = scores >= thresholds["score_threshold"]
+    return jnp.where(review, REVIEW, jnp.where(reject, REJECT, ACCEPT)).astype(jnp.int32)
+
+
+def calibrate_review_thresholds(scores, uncertainty, labels, budget: float) -> dict[str, float]:
+    """Chooses review thresholds on validation data (host-side numpy).
+
+    - `uncertainty_threshold`: the (1 - budget) quantile of `uncertainty` (numpy 'higher'
+      method), so that `uncertainty > threshold` sends at most a `budget` fraction of the
+      images to review (fewer with ties); budget 0 reviews nothing.
+    - `score_threshold`: the F1-optimal threshold for "defective" (`labels` 1) among the images
+      the policy decides automatically (not sent to review), over the candidate thresholds =
+      their distinct scores (predict defective where score >= threshold). Ties in F1 keep the
+      highest threshold (fewer false rejects). With no positive label among them, the
+      threshold is just above the largest score (accept everything).
+
+    Args: scores, uncertainty `[N]` float; labels `[N]` in {0, 1}; budget in [0, 1].
+    """
+    scores = np.asarray(scores, np.float64)
+    uncertainty = np.asarray(uncertainty, np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if not (scores.shape == uncertainty.shape == labels.shape) or scores.ndim != 1:
+        raise ValueError(
+            f"scores {scores.shape}, uncertainty {uncertainty.shape} and labels {labels.shape} "
+            "must be equal 1-D shapes"
+        )
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"review budget {budget} must be in [0, 1]")
+    if scores.size == 0:
+        raise ValueError("cannot calibrate review thresholds on an empty validation set")
+    if budget == 0.0:
+        uncertainty_threshold = float(np.max(uncertainty))
+    else:
+        uncertainty_threshold = float(np.quantile(uncertainty, 1.0 - budget, method="higher"))
+        if budget == 1.0:
+            uncertainty_threshold = float(np.min(uncertainty)) - 1.0
+    automatic = uncertainty <= uncertainty_threshold
+    auto_scores, auto_labels = scores[automatic], labels[automatic]
+    if auto_scores.size == 0 or not auto_labels.any():
+        top = float(np.max(auto_scores)) if auto_scores.size else float(np.max(scores))
+        return dict(
+            score_threshold=float(np.nextafter(top, np.inf)),
+            uncertainty_threshold=uncertainty_threshold,
+        )
+    candidates = np.unique(auto_scores)  # ascending
+    predicted = auto_scores[None, :] >= candidates[:, None]  # [T, N]
+    true_positive = np.sum(predicted & auto_labels[None], axis=1)
+    false_positive = np.sum(predicted & ~auto_labels[None], axis=1)
+    false_negative = np.sum(~predicted & auto_labels[None], axis=1)
+    f1 = 2 * true_positive / np.maximum(2 * true_positive + false_positive + false_negative, 1)
+    best = np.flatnonzero(f1 == f1.max())[-1]
+    return dict(
+        score_threshold=float(candidates[best]), uncertainty_threshold=uncertainty_threshold
+    )

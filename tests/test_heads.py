@@ -1,0 +1,132 @@
+"""Tests for m2u_jax.heads: decoder geometry and numbers, detection anchors and init, image and
+projection heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2u_jax import heads
+
+
+def key(seed):
+    # rbg keys: XLA compiles their random bits far faster than threefry's on CPU.
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def test_decoder_start_stride():
+    assert heads.decoder_start_stride(16, 1.0, 256, 256) == 16
+    assert heads.decoder_start_stride(8, 1.0, 32, 32) == 8
+    assert heads.decoder_start_stride(12, 1.0, 252, 252) == 4  # 8 does not divide 252
+    assert heads.decoder_start_stride(16, 0.5, 256, 256) == 32  # a half-scale stream
+    assert heads.decoder_start_stride(1, 1.0, 5, 5) == 1
+
+
+def _silu(values):
+    return np.asarray(jax.nn.silu(jnp.asarray(values)))
+
+
+def test_decoder_numbers_without_conv_stages():
+    # Patch 2 = stride 2: the decoder is proj (1x1) -> GELU -> out (1x1) -> bilinear x2.
+    decoder = heads.AnomalyDecoder(channels=4, image_channels=3, patch_size=2, patch_stride=2)
+    grid = np.random.default_rng(0).normal(size=(2, 4, 4, 6)).astype(np.float32)
+    variables = jax.jit(lambda k: decoder.init(k, grid, (8, 8), train=False))(key(0))
+    params = variables["params"]
+    assert sorted(params) == ["out", "proj"]
+    recon, pixel_logits = decoder.apply(variables, grid, (8, 8), train=False)
+    assert recon.shape == (2, 8, 8, 3) and pixel_logits.shape == (2, 8, 8)
+    hidden = _silu(grid @ params["proj"]["kernel"][0, 0] + params["proj"]["bias"])
+    maps = hidden @ params["out"]["kernel"][0, 0] + params["out"]["bias"]
+    maps = jax.image.resize(maps, (2, 8, 8, 4), method="linear", antialias=False)
+    np.testing.assert_allclose(recon, jax.nn.sigmoid(maps[..., :3]), atol=1e-5)
+    np.testing.assert_allclose(pixel_logits, maps[..., 3], atol=1e-5)
+
+
+def test_decoder_stages_channels_and_overlapping_tokens():
+    decoder = heads.AnomalyDecoder(channels=64, image_channels=1, patch_size=32, patch_stride=16)
+    grid = jnp.zeros((1, 15, 15, 8))  # 256 px, 32 px patches at stride 16
+    shapes = jax.eval_shape(lambda: decoder.init(key(0), grid, (256, 256), train=False))
+    params = shapes["params"]
+    assert sorted(params) == ["out", "proj", "up_0", "up_1", "up_2"]
+    assert [params[f"up_{i}"]["kernel"].shape[-1] for i in range(3)] == [32, 16, 16]
+    recon, logits = jax.eval_shape(
+        lambda v: decoder.apply(v, grid, (256, 256), train=False), shapes
+    )
+    assert recon.shape == (1, 256, 256, 1) and logits.shape == (1, 256, 256)
+
+
+@pytest.fixture(scope="module")
+def detection():
+    head = heads.DetectionHead(
+        channels=8, num_classes=3, strides=(8, 16, 64), patch_size=8, patch_stride=8
+    )
+    grid = jnp.zeros((2, 8, 8, 4))  # 64 px image
+    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    return head, grid, variables
+
+
+def test_detection_layout_and_anchor_points(detection):
+    head, grid, variables = detection
+    det = head.apply(variables, grid, (64, 64), train=False)
+    anchors = 64 + 16 + 1
+    assert det["obj_logits"].shape == (2, anchors)
+    assert det["cls_logits"].shape == (2, anchors, 3)
+    assert det["box_ltrb"].shape == (2, anchors, 4)
+    assert det["points"].shape == (anchors, 2) and det["strides"].shape == (anchors,)
+    np.testing.assert_array_equal(det["points"][:3], [[4, 4], [12, 4], [20, 4]])
+    np.testing.assert_array_equal(det["points"][8], [4, 12])  # second row
+    np.testing.assert_array_equal(det["points"][64], [8, 8])  # level 2 starts
+    np.testing.assert_array_equal(det["points"][-1], [32, 32])
+    np.testing.assert_array_equal(det["strides"][np.array([0, 63, 64, 79, 80])], [8, 8, 16, 16, 64])
+    points, strides = heads.anchor_points((64, 64), (8, 16, 64))
+    np.testing.assert_array_equal(points, det["points"])
+    np.testing.assert_array_equal(strides, det["strides"])
+    # 16 = 2 x 8: a strided conv; 64 != 2 x 16: re-aligned from the projection.
+    assert "down_1" in variables["params"] and "down_2" not in variables["params"]
+
+
+def test_detection_init_values_on_zero_features(detection):
+    head, grid, variables = detection
+    det = head.apply(variables, grid, (64, 64), train=False)
+    prior_logit = np.log(0.01 / 0.99)
+    # Zero tokens -> zero features everywhere (zero conv biases): outputs are the biases.
+    np.testing.assert_allclose(det["obj_logits"], prior_logit, atol=1e-5)
+    np.testing.assert_allclose(det["cls_logits"], prior_logit, atol=1e-5)
+    expected_ltrb = np.log(2.0) * det["strides"][None, :, None]
+    np.testing.assert_allclose(
+        det["box_ltrb"], np.broadcast_to(expected_ltrb, (2, 81, 4)), rtol=1e-5
+    )
+    random_grid = jax.random.normal(key(1), grid.shape)
+    det = head.apply(variables, random_grid, (64, 64), train=False)
+    assert np.all(np.asarray(det["box_ltrb"]) >= 0)
+    assert det["obj_logits"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="det_strides entry 16"):
+        head.apply(variables, grid, (72, 72), train=False)
+
+
+def test_image_and_projection_heads():
+    embedding = jax.random.normal(key(0), (3, 8))
+    image_head = heads.ImageHead(num_defect_classes=4, dropout_rate=0.5)
+    variables = jax.jit(lambda k: image_head.init(k, embedding, train=False))(key(1))
+
+    @jax.jit
+    def run(variables):
+        deterministic = image_head.apply(variables, embedding, train=False)
+        sampled = image_head.apply(variables, embedding, train=True, rngs={"dropout": key(2)})
+        return deterministic, sampled[0]
+
+    (image_logits, type_logits), sampled = run(variables)
+    assert image_logits.shape == (3,) and type_logits.shape == (3, 5)
+    params = variables["params"]
+    np.testing.assert_allclose(
+        image_logits,
+        embedding @ params["image"]["kernel"][:, 0] + params["image"]["bias"][0],
+        atol=1e-5,
+    )
+    assert not np.allclose(sampled, image_logits)
+    projection = heads.ProjectionHead(hidden_dim=16, output_dim=4)
+    shapes = jax.eval_shape(lambda: projection.init(key(0), embedding))
+    assert shapes["params"]["fc1"]["kernel"].shape == (8, 16)
+    assert shapes["params"]["fc2"]["kernel"].shape == (16, 4)
+    projected = jax.eval_shape(lambda v: projection.apply(v, embedding), shapes)
+    assert projected.shape == (3, 4) and projected.dtype == jnp.float32

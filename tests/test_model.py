@@ -1,0 +1,291 @@
+"""Tests for m2u_jax.model: the output contract, trunk/tail split, gradients, bf16, predict,
+pinned parameter counts of every variant."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default, tiny
+from m2u_jax import model as model_lib
+from m2u_jax.vit import VARIANTS
+
+BATCH = 2
+
+
+def random_params(model, images, seed=0):
+    """Parameters with init-like magnitudes from numpy: `init` compiles its random number
+    generation for seconds on a CPU; these tests need generic values, and the real init is
+    checked once in `test_real_init_matches_abstract_shapes`."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        if name == "scale":
+            return (1.0 + 0.1 * noise).astype(np.float32)
+        fan_in = math.prod(leaf.shape[:-1]) if name == "kernel" and leaf.ndim > 1 else 100
+        return (noise / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def tiny_model_config(**overrides):
+    config = tiny.get_config()
+    config.model.det_channels = 16  # keeps the CPU compile of the tests short
+    for key, value in overrides.items():
+        config.model[key] = value
+    return config.model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.uniform(jax.random.key(3), (BATCH, 32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def setup(images):
+    model = model_lib.build_model(tiny_model_config())
+    variables = {"params": random_params(model, images)}
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return model, variables, forward
+
+
+def test_build_model_reads_config():
+    model = model_lib.build_model(tiny_model_config(scales=(1.0, 0.5), dtype="bfloat16"))
+    assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (64, 2, 2, 128)
+    assert model.modalities == ("rgb",) and model.image_size == 32
+    assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+    assert model.det_strides == (8, 16) and model.num_channels == 3
+    config = tiny.get_config()
+    config.data.modalities = "rgb,depth"  # model.modalities is a reference to it
+    assert model_lib.build_model(config.model).num_channels == 4
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("variant", "L", "model.variant='L'"),
+        ("dtype", "float64", "model.dtype='float64'"),
+        ("attention", "flash", "model.attention='flash'"),
+        ("posemb", "rope", "model.posemb='rope'"),
+        ("mc_dropout_blocks", 3, "model.mc_dropout_blocks=3"),
+    ],
+)
+def test_build_model_rejects_bad_values(key, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        model_lib.build_model(tiny_model_config(**{key: value}))
+
+
+def test_real_init_matches_abstract_shapes(images):
+    model = model_lib.build_model(tiny_model_config())
+    key = jax.random.key(0, impl="unsafe_rbg")  # fast to compile on CPU
+    variables = jax.jit(lambda k: model.init(k, images, train=False))(key)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+    assert sorted(variables["params"]) == [
+        "anomaly_decoder",
+        "backbone",
+        "detection_head",
+        "image_head",
+    ]
+    for leaf in jax.tree.leaves(variables):
+        assert np.all(np.isfinite(leaf))
+    stem = variables["params"]["backbone"]["embed"]["stem_rgb"]["kernel"]
+    assert stem.shape == (8, 8, 3, 64) and 0.01 < float(jnp.std(stem)) < 0.2
+
+
+def test_forward_output_contract(setup, images):
+    model, variables, forward = setup
+    outputs, aux = forward(variables, images)
+    assert outputs["recon"].shape == (BATCH, 32, 32, 3)
+    assert outputs["pixel_logits"].shape == (BATCH, 32, 32)
+    assert outputs["image_logits"].shape == (BATCH,)
+    assert outputs["type_logits"].shape == (BATCH, 5)
+    assert outputs["embedding"].shape == (BATCH, 64)
+    det = outputs["det"]
+    anchors = 4 * 4 + 2 * 2
+    assert det["obj_logits"].shape == (BATCH, anchors)
+    assert det["cls_logits"].shape == (BATCH, anchors, 4)
+    assert det["box_ltrb"].shape == (BATCH, anchors, 4)
+    np.testing.assert_array_equal(det["points"][0], [4, 4])
+    np.testing.assert_array_equal(det["points"][16], [8, 8])
+    np.testing.assert_array_equal(det["strides"], [8] * 16 + [16] * 4)
+    for leaf in jax.tree.leaves(outputs):
+        assert leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf))
+    recon = np.asarray(outputs["recon"])
+    assert recon.min() >= 0 and recon.max() <= 1
+    assert np.all(np.asarray(det["box_ltrb"]) >= 0)
+    assert {"block_00", "block_01", "tokens", "fine_grid"} <= set(aux)
+    assert aux["block_00"].shape == (BATCH, 16 + 4, 64)
+    assert aux["fine_grid"].shape == (BATCH, 4, 4, 64)
+    # Embedding = mean of the per-scale token means of the final tokens.
+    tokens = np.asarray(aux["tokens"])
+    expected = 0.5 * (tokens[:, :16].mean(1) + tokens[:, 16:].mean(1))
+    np.testing.assert_allclose(outputs["embedding"], expected, atol=1e-5)
+    # The two images give different outputs (no accidental batch mixing or constant maps).
+    assert not np.allclose(outputs["pixel_logits"][0], outputs["pixel_logits"][1])
+
+
+def test_trunk_tail_split_embed_and_dropout(setup, images):
+    model, variables, forward = setup
+    outputs, _ = forward(variables, images)
+
+    @jax.jit
+    def deterministic_parts(variables, images):
+        tokens, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
+        split, _ = model.apply(
+            variables,
+            tokens,
+            image_hw=(32, 32),
+            train=False,
+            method=model_lib.M2UNet.stochastic_tail,
+        )
+        embedding = model.apply(variables, images, train=False, method=model_lib.M2UNet.embed)
+        return tokens, split, embedding
+
+    tokens, split, embedding = deterministic_parts(variables, images)
+    assert tokens.shape == (BATCH, 20, 64)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), split, outputs)
+    np.testing.assert_allclose(embedding, outputs["embedding"], atol=1e-6)
+
+    key = jax.random.key(5, impl="unsafe_rbg")
+    train_forward = jax.jit(
+        lambda k: model.apply(variables, images, train=True, rngs={"dropout": k})[0]["pixel_logits"]
+    )
+    trained = [train_forward(k) for k in (key, key, jax.random.fold_in(key, 1))]
+    np.testing.assert_array_equal(trained[0], trained[1])  # same key, same masks
+    assert not np.allclose(trained[0], trained[2])  # another key, other masks
+    assert not np.allclose(trained[0], outputs["pixel_logits"])  # dropout is on
+
+
+def test_gradients_are_finite_and_reach_every_module(setup, images):
+    model, variables, _ = setup
+
+    def loss(params):
+        outputs, _ = model.apply({"params": params}, images, train=False)
+        det = outputs["det"]
+        return (
+            jnp.mean((outputs["recon"] - images) ** 2)
+            + jnp.mean(jax.nn.softplus(outputs["pixel_logits"]))
+            + jnp.mean(outputs["image_logits"] ** 2)
+            + jnp.mean(outputs["type_logits"] ** 2)
+            + jnp.mean(det["obj_logits"] ** 2)
+            + jnp.mean(det["box_ltrb"])
+            + jnp.mean(det["cls_logits"] ** 2)
+        )
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(leaf)), path
+    for module, tree in grads.items():
+        norm = float(jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(tree))))
+        assert norm > 0, module
+    backbone = grads["backbone"]
+    for name in ("block_00", "block_01", "fusion_00", "fusion_01", "embed"):
+        assert float(jnp.abs(jax.tree.leaves(backbone[name])[0]).sum()) > 0, name
+
+
+# Measured max |bf16 - f32| on the tiny model, batch 8, over 3 random parameter draws and the
+# real init: pixel probabilities <= 2.9e-3, recon <= 2.4e-3, image probability <= 1.7e-3
+# (box distances <= 0.6 % relative). Documented tolerance: 2e-2 on probabilities and recon.
+BF16_TOLERANCE = 2e-2
+
+
+def test_bfloat16_compute_close_to_float32(setup, images):
+    model, variables, forward = setup
+    model_bf16 = model_lib.build_model(tiny_model_config(dtype="bfloat16"))
+    outputs, _ = forward(variables, images)
+    outputs_bf16, aux = jax.jit(lambda v, x: model_bf16.apply(v, x, train=False))(variables, images)
+    assert aux["block_00"].dtype == jnp.bfloat16
+    assert outputs_bf16["pixel_logits"].dtype == jnp.float32
+    pixel = np.abs(
+        jax.nn.sigmoid(outputs_bf16["pixel_logits"]) - jax.nn.sigmoid(outputs["pixel_logits"])
+    ).max()
+    recon = np.abs(outputs_bf16["recon"] - outputs["recon"]).max()
+    image = np.abs(
+        jax.nn.sigmoid(outputs_bf16["image_logits"]) - jax.nn.sigmoid(outputs["image_logits"])
+    ).max()
+    assert max(pixel, recon, image) < BF16_TOLERANCE, (pixel, recon, image)
+    assert max(pixel, recon, image) > 0  # bf16 really ran
+
+
+def test_other_input_size_traces(setup):
+    model, variables, _ = setup
+    # Position embeddings are resampled: a 48x64 input maps back to 48x64 outputs.
+    bigger = jax.ShapeDtypeStruct((1, 48, 64, 3), jnp.float32)
+    other, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, bigger)
+    assert other["pixel_logits"].shape == (1, 48, 64)
+    assert other["recon"].shape == (1, 48, 64, 3)
+    assert other["det"]["obj_logits"].shape == (1, 6 * 8 + 3 * 4)
+    assert aux["tokens"].shape == (1, 6 * 8 + 3 * 4, 64)
+    with pytest.raises(ValueError, match="not tiled exactly"):
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=False),
+            variables,
+            jax.ShapeDtypeStruct((1, 36, 32, 3), jnp.float32),
+        )
+
+
+def test_image_score_hand_case():
+    logits = np.full((2, 10, 10), -20.0, np.float32)
+    logits[0, 0, :3] = 20.0  # three certain pixels in image 0
+    outputs = dict(pixel_logits=jnp.asarray(logits), image_logits=jnp.asarray([0.0, 20.0]))
+    # k = round(0.02 * 100) = 2: image 0 top-2 mean = 1, image 1 = sigmoid(-20) ~ 0.
+    scores = model_lib.image_score(outputs, 0.02)
+    np.testing.assert_allclose(scores, [0.5 * (1 + 0.5), 0.5 * (0 + 1)], atol=1e-6)
+    # k = 5: image 0 top-5 = three ones and two zeros -> 0.6.
+    np.testing.assert_allclose(
+        model_lib.image_score(outputs, 0.05)[0], 0.5 * (0.6 + 0.5), atol=1e-6
+    )
+    # A fraction below one pixel still uses k = 1.
+    np.testing.assert_allclose(model_lib.image_score(outputs, 1e-6)[0], 0.75, atol=1e-6)
+
+
+def test_predict(setup, images):
+    model, variables, forward = setup
+    outputs, _ = forward(variables, images)
+    predictions = model_lib.predict(model, variables, images)
+    np.testing.assert_allclose(
+        predictions["anomaly_map"], jax.nn.sigmoid(outputs["pixel_logits"]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        predictions["image_score"],
+        model_lib.image_score(outputs, model.image_score_topk),
+        atol=1e-6,
+    )
+    m = model.det_max_detections
+    assert predictions["boxes_xyxy"].shape == (BATCH, m, 4)
+    assert predictions["box_scores"].shape == predictions["box_valid"].shape == (BATCH, m)
+    assert predictions["box_classes"].shape == (BATCH, m)
+    assert predictions["type_probs"].shape == (BATCH, 5)
+    np.testing.assert_allclose(np.sum(predictions["type_probs"], -1), 1.0, atol=1e-5)
+    valid = np.asarray(predictions["box_valid"])
+    scores = np.asarray(predictions["box_scores"])
+    assert np.all(scores[valid] >= model.det_score_threshold)
+
+
+# Full-model parameters per variant for configs/default.py with only model.variant changed
+# (rgb, 256 px, scales (1, 0.5), patch 16, decoder 64 channels, detection 128 channels, K = 4).
+MODEL_PARAMETERS = {"tiny": 779475, "S": 25936979, "B": 100802003}
+
+
+def test_every_variant_is_pinned():
+    assert set(MODEL_PARAMETERS) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parameter_count(variant):
+    config = default.get_config()
+    config.model.variant = variant
+    config.model.mc_dropout_blocks = min(config.model.mc_dropout_blocks, VARIANTS[variant]["depth"])
+    model = model_lib.build_model(config.model)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)), train=False)
+    )
+    assert (
+        sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) == MODEL_PARAMETERS[variant]
+    )
