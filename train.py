@@ -29,19 +29,20 @@ def main(argv):
     except config_lib.ConfigError as error:
         print(f"train.py: bad config: {error}", file=sys.stderr)
         return 2
+    from m2u_jax import trainer  # after validation: a bad config fails before jax starts
+
     try:
-        from m2u_jax import trainer
-    except ImportError:
-        print("train.py: the trainer is not built yet (see the Training issue).", file=sys.stderr)
+        trainer.main(
+            config,
+            _WORKDIR.value,
+            multihost=_MULTIHOST.value,
+            coordinator=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    except trainer.NonFiniteLossError as error:
+        print(f"train.py: {error}", file=sys.stderr)
         return 1
-    trainer.main(
-        config,
-        _WORKDIR.value,
-        multihost=_MULTIHOST.value,
-        coordinator=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
     return 0
 
 

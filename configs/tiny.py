@@ -30,4 +30,5 @@ def get_config():
     config.eval.batch_size = 8
     config.eval.num_mc_samples = 4
     config.eval.num_overlays = 2
+    config.eval.after_training = False
     return config
