@@ -7,9 +7,20 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 # Quiet TensorFlow's C++ start-up chatter in every target.
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup test lint format demo clean
+.PHONY: setup setup-jax2tf test lint format demo clean
 
 setup: $(VENV)/.installed
+
+# The jax2tf export backend needs jax 0.7.1 (the last jax2tf with plain-TF-op output), so it gets
+# its own pinned environment, built on demand (and by `make test`, whose export tests use it).
+JAX2TF_VENV := .venv-jax2tf
+setup-jax2tf: $(JAX2TF_VENV)/.installed
+
+$(JAX2TF_VENV)/.installed: tools/convert_to_onnx/requirements-jax2tf.txt
+	$(PYTHON) -m venv $(JAX2TF_VENV)
+	$(JAX2TF_VENV)/bin/pip install -q --upgrade pip
+	$(JAX2TF_VENV)/bin/pip install -q -r tools/convert_to_onnx/requirements-jax2tf.txt
+	touch $@
 
 $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +29,7 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: setup
+test: setup setup-jax2tf
 	$(FAKE_DEVICES) $(PY) -m pytest -q tests
 
 lint: setup
@@ -29,12 +40,20 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The demo's embedded data: 3 categories at 64 px (see configs/demo.py); written once.
 data/synthetic/.done: | setup
-	$(PY) -m m2u_jax.data.synthetic --out data/synthetic
+	$(PY) -m m2u_jax.data.synthetic --out data/synthetic --image-size 64 --num-train 60 \
+		--num-test-good 30 --num-test-defect 30
 	touch $@
 
+# Train (pretrain + fine-tune, then eval into runs/demo/eval), export ONNX with its parity check,
+# print the summary table. A re-run resumes from the last checkpoint and re-exports.
 demo: setup data/synthetic/.done
 	$(PY) train.py --config configs/demo.py --workdir runs/demo
+	$(PY) tools/convert_to_onnx/convert.py --config configs/demo.py --workdir runs/demo \
+		--output runs/demo/model.onnx --dynamic-batch
+	$(PY) tools/demo_summary.py --config configs/demo.py --workdir runs/demo \
+		--onnx runs/demo/model.onnx
 
 clean:
 	rm -rf runs data/synthetic

@@ -1,0 +1,262 @@
+"""The exportable inference function shared by both ONNX backends (jax2onnx and jax2tf).
+
+`make_inference_fn(model, params, num_mc_samples=T)` returns a pure function
+
+    images [N, H, W, C] float32 in [0, 1]  →  (anomaly_map [N, H, W] f32, image_score [N] f32,
+        uncertainty [N] f32, boxes [N, M, 4] f32 (x0, y0, x1, y1 pixels), box_scores [N, M] f32,
+        box_classes [N, M] i32, num_boxes [N] i32)
+
+(`OUTPUT_NAMES` in this order; M = `model.det_max_detections`). Normalisation to the network's
+range happens inside the model, so the graph takes the same [0, 1] images as every other entry
+point. Post-processing (box decoding, score threshold, top-k and class-aware NMS with static
+shapes) is inside the graph too; boxes past `num_boxes` are zero.
+
+T = 1: the deterministic forward (`M2UNet.predict`); `uncertainty` is all zeros.
+
+T > 1: MC dropout with T *fixed* dropout masks baked into the graph as constants. The trunk runs
+once; the stochastic tail runs on T + 1 copies of its tokens folded into the batch axis
+(`[(T + 1) * N, ...]`, one batched pass, no loop): copy 0 without dropout, copies 1..T with the
+masks. Then
+- `anomaly_map` = mean over the T samples of sigmoid(pixel_logits) (`map_mean`),
+- `image_score` = mean over the T samples of the image score (`score_mean`),
+- `uncertainty` = population variance of the T image scores (`score_var`),
+- boxes come from copy 0 (the deterministic pass): NMS over dropout-averaged logits has no
+  clear meaning, and these are the boxes of the T = 1 export (up to float rounding);
+with the definitions of `m2u_jax.uncertainty.sample_statistics`.
+
+Why fixed masks: a graph that draws random bits needs threefry (uint32 bit ops that TensorRT
+does not parse) or ONNX RandomUniform (its seed is ignored by TensorRT, so results are not
+reproducible). A mask of sample t is drawn once, with numpy, from (`mc_seed`, the Dropout
+module's path), shaped like one image's activation, and shared by every image of the batch. So
+an image's outputs do not depend on the batch it is in or the batch size, and ONNX Runtime,
+TensorRT and JAX compute the same numbers. These are MC-dropout samples with a fixed set of T
+dropout configurations (a T-member implicit ensemble), not fresh draws per call; T is fixed at
+export. Masks are stored as bool constants (1 byte per activation of the sampled blocks and
+heads per sample: under 1 MB for the tiny/demo models at T = 4, growing with T and width).
+
+The dropout masks are applied by temporarily replacing `flax.linen.Dropout.__call__` while the
+function is traced (`fixed_dropout`): flax offers no other hook that survives jax2onnx, which
+itself patches that method during export. The patch is process-global while active; do not
+trace other flax models on other threads at the same time.
+
+The model is rebuilt for export by `export_model_config`: explicit-letter einsum attention
+(TensorRT's parser rejects `...` in Einsum), no `nn.scan` (scanned params are unrolled by
+`prepare_params`) and no remat, float32 compute, or float16 compute with float32 parameters
+for `--fp16` (see README.md).
+
+This module must also run under the jax2tf environment (jax 0.7.1, flax 0.12.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from m2u_jax import boxes
+from m2u_jax import model as model_lib
+from m2u_jax.vit import unroll_scanned_params
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = (
+    "anomaly_map",
+    "image_score",
+    "uncertainty",
+    "boxes",
+    "box_scores",
+    "box_classes",
+    "num_boxes",
+)
+
+
+def export_model_config(
+    model_config: ml_collections.ConfigDict, *, fp16: bool = False
+) -> ml_collections.ConfigDict:
+    """A copy of `config.model` set up for export: `attention='einsum'`, `scan_blocks=False`,
+    `remat=False`, `param_dtype='float32'` and `dtype` float32 (or float16 with `fp16`).
+    The references to `config.data` (modalities, image size) are resolved to plain values."""
+    exported = ml_collections.ConfigDict(model_config.to_dict())
+    exported.attention = "einsum"
+    exported.scan_blocks = False
+    exported.remat = False
+    exported.dtype = "float16" if fp16 else "float32"
+    exported.param_dtype = "float32"
+    return exported
+
+
+def prepare_params(params: dict) -> dict:
+    """Trained params → the export layout: the scanned backbone (`scan_*`) unrolled into
+    `block_XX` / `fusion_XX`, every floating leaf as float32 numpy (constants of the graph)."""
+    params = dict(params)
+    if "backbone" in params:
+        params["backbone"] = unroll_scanned_params(dict(params["backbone"]))
+
+    def to_float32(leaf):
+        leaf = np.asarray(leaf)
+        return leaf.astype(np.float32) if np.issubdtype(leaf.dtype, np.floating) else leaf
+
+    return jax.tree.map(to_float32, params)
+
+
+def dropout_mask(
+    module_path: tuple[str, ...], shape: tuple[int, ...], num_samples: int, rate: float, seed: int
+) -> np.ndarray:
+    """Keep-masks `[num_samples, *shape]` bool of one Dropout module (True = keep, probability
+    1 - rate), a pure function of (seed, module path, shape)."""
+    path_code = zlib.crc32("/".join(module_path).encode())
+    rng = np.random.default_rng([int(seed), path_code])
+    return rng.random((num_samples, *shape)) >= rate
+
+
+@contextlib.contextmanager
+def fixed_dropout(num_samples: int, seed: int):
+    """While active, a non-deterministic `nn.Dropout` treats its input as `num_samples + 1`
+    copies of a batch folded into axis 0 (`[(T + 1) * N, ...]`): copy 0 passes unchanged, copy
+    t ≥ 1 is multiplied by mask t of `dropout_mask` and scaled by 1 / (1 - rate), exactly like
+    flax's inverted dropout. Deterministic calls return the input (no ONNX Dropout node)."""
+    original_call = nn.Dropout.__call__
+
+    def call(self, inputs, deterministic=None, rng=None):
+        del rng
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if num_samples < 1:
+            raise ValueError("fixed_dropout needs num_samples >= 1 for a non-deterministic call")
+        item_shape = tuple(int(size) for size in inputs.shape[1:])
+        mask_shape = list(item_shape)
+        for axis in self.broadcast_dims:
+            if axis % inputs.ndim != 0:  # axis 0 (the batch) is shared by construction
+                mask_shape[axis % inputs.ndim - 1] = 1
+        keep = dropout_mask(self.scope.path, tuple(mask_shape), num_samples, self.rate, seed)
+        keep = np.concatenate([np.ones((1, *mask_shape), bool), keep])  # copy 0: no dropout
+        scale = np.full((num_samples + 1,) + (1,) * len(item_shape), 1.0 / (1.0 - self.rate))
+        scale[0] = 1.0
+        copies = inputs.reshape(num_samples + 1, -1, *item_shape)
+        dropped = jnp.where(
+            keep[:, None],
+            copies * jnp.asarray(scale[:, None], inputs.dtype),
+            jnp.zeros((), inputs.dtype),
+        )
+        return dropped.reshape(-1, *item_shape)
+
+    nn.Dropout.__call__ = call
+    try:
+        yield
+    finally:
+        nn.Dropout.__call__ = original_call
+
+
+def _first_axis_copies(values: jax.Array, copies: int) -> jax.Array:
+    """`[copies * N, ...]` → `[copies, N, ...]` (N may be symbolic: the -1 keeps it free)."""
+    return values.reshape(copies, -1, *values.shape[1:])
+
+
+def make_inference_fn(
+    model: model_lib.M2UNet, params: dict, *, num_mc_samples: int = 1, mc_seed: int = 0
+) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """The exportable inference function (module docstring) with `params` closed over (their
+    values become constants of the exported graph).
+
+    Args:
+      model: an M2UNet built from `export_model_config(...)`.
+      params: its `params` tree (e.g. from `prepare_params`).
+      num_mc_samples: T ≥ 1, fixed at export.
+      mc_seed: seed of the fixed dropout masks.
+
+    Returns:
+      `fn(images [N, H, W, C] f32) -> tuple` of the seven arrays in `OUTPUT_NAMES` order.
+    """
+    inference = inference_with_params(model, num_mc_samples=num_mc_samples, mc_seed=mc_seed)
+    return lambda images: inference(params, images)
+
+
+def inference_with_params(
+    model: model_lib.M2UNet, *, num_mc_samples: int = 1, mc_seed: int = 0
+) -> Callable[[dict, jax.Array], tuple[jax.Array, ...]]:
+    """`make_inference_fn` with the params as the first argument: `fn(params, images)` (jax2tf
+    keeps them as TF variables of the SavedModel)."""
+    if num_mc_samples < 1:
+        raise ValueError(f"--mc-samples must be >= 1, got {num_mc_samples}")
+
+    def inference(params: dict, images: jax.Array) -> tuple[jax.Array, ...]:
+        variables = {"params": params}
+        image_hw = tuple(int(size) for size in images.shape[1:3])
+        with fixed_dropout(num_mc_samples, mc_seed):
+            tokens, _ = model.apply(variables, images, train=False, method=model_lib.M2UNet.trunk)
+            if num_mc_samples == 1:
+                outputs, _ = model.apply(
+                    variables,
+                    tokens,
+                    image_hw=image_hw,
+                    train=False,
+                    method=model_lib.M2UNet.stochastic_tail,
+                )
+                predictions = model_lib.predictions_from_outputs(
+                    outputs,
+                    image_score_topk=model.image_score_topk,
+                    max_detections=model.det_max_detections,
+                    iou_threshold=model.det_iou_threshold,
+                    score_threshold=model.det_score_threshold,
+                )
+                anomaly_map = predictions["anomaly_map"]
+                image_score = predictions["image_score"]
+                uncertainty = jnp.zeros_like(image_score)
+            else:
+                copies = num_mc_samples + 1
+                outputs, _ = model.apply(
+                    variables,
+                    jnp.tile(tokens, (copies, 1, 1)),
+                    image_hw=image_hw,
+                    train=True,
+                    method=model_lib.M2UNet.stochastic_tail,
+                )
+                scores = model_lib.image_score(outputs, model.image_score_topk)
+                scores = _first_axis_copies(scores, copies)[1:]  # [T, N]
+                maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))
+                anomaly_map = jnp.mean(_first_axis_copies(maps, copies)[1:], axis=0)
+                image_score = jnp.mean(scores, axis=0)
+                # Population variance written out: jnp.var adds where(count > 0, ., nan), which
+                # tf2onnx turns into arithmetic with NaN (NaN * 0 = NaN).
+                uncertainty = jnp.mean(jnp.square(scores - image_score), axis=0)
+                det = dict(outputs["det"])
+                for key in ("obj_logits", "cls_logits", "box_ltrb"):
+                    det[key] = _first_axis_copies(det[key], copies)[0]
+                detections = boxes.postprocess(
+                    det,
+                    max_detections=model.det_max_detections,
+                    iou_threshold=model.det_iou_threshold,
+                    score_threshold=model.det_score_threshold,
+                )
+                predictions = dict(
+                    boxes_xyxy=detections["boxes_xyxy"],
+                    box_scores=detections["scores"],
+                    box_classes=detections["classes"],
+                    box_valid=detections["valid"],
+                )
+        return (
+            anomaly_map.astype(jnp.float32),
+            image_score.astype(jnp.float32),
+            uncertainty.astype(jnp.float32),
+            predictions["boxes_xyxy"].astype(jnp.float32),
+            predictions["box_scores"].astype(jnp.float32),
+            predictions["box_classes"].astype(jnp.int32),
+            jnp.sum(predictions["box_valid"].astype(jnp.int32), axis=1),
+        )
+
+    return inference
+
+
+def build_export_model(
+    model_config: ml_collections.ConfigDict, params: dict, *, fp16: bool = False
+) -> tuple[model_lib.M2UNet, dict]:
+    """(export model, export params) from the trained `config.model` and its params tree."""
+    return model_lib.build_model(export_model_config(model_config, fp16=fp16)), prepare_params(
+        params
+    )
