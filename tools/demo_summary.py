@@ -32,16 +32,18 @@ def _format(value, percent: bool = False) -> str:
     return f"{100 * value:.1f} %" if percent else f"{value:.3f}"
 
 
-def review_rate(workdir: str, metrics: dict) -> tuple[float | None, float]:
-    """Fraction of test images the calibrated policy sends to a person, and its budget."""
-    budget = metrics["uncertainty"].get("review_budget")
-    queue_path = os.path.join(workdir, "eval", "review_queue.jsonl")
-    with open(queue_path) as file:
+def review_rate(workdir: str, metrics: dict) -> tuple[float | None, float | None]:
+    """Fraction of test images the policy calibrated on validation (DIR/eval/thresholds.json)
+    sends to a person (lines of review_queue.jsonl), and the budget it was calibrated for."""
+    thresholds = _read_json(os.path.join(workdir, "eval", "thresholds.json"))
+    with open(os.path.join(workdir, "eval", "review_queue.jsonl")) as file:
         queued = sum(1 for line in file if line.strip())
-    num_test = metrics.get("run", {}).get("num_test_images")
-    if not num_test:
-        return None, budget
-    return queued / num_test, budget
+    # The review-budget table knows the test-set size: num_reviewed / fraction_reviewed.
+    num_test = None
+    for row in metrics["uncertainty"]["review"].values():
+        if row["num_reviewed"] and row["fraction_reviewed"]:
+            num_test = round(row["num_reviewed"] / row["fraction_reviewed"])
+    return (queued / num_test if num_test else None), thresholds["budget"]
 
 
 def main(argv: list[str] | None = None) -> int:
