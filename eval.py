@@ -29,9 +29,18 @@ def main(argv):
     except ImportError:
         print("eval.py: evaluation is not built yet (see the Evaluation issue).", file=sys.stderr)
         return 1
-    evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
+    from m2u_jax.data.decode import DataError
+
+    try:
+        evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
+    except config_lib.ConfigError as error:  # checks that need the devices (batch split)
+        print(f"eval.py: bad config: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, DataError) as error:  # no checkpoint / bad file: names it
+        print(f"eval.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.flags_parser_for("eval.py"))

@@ -30,6 +30,7 @@ def main(argv):
         print(f"train.py: bad config: {error}", file=sys.stderr)
         return 2
     from m2u_jax import trainer  # after validation: a bad config fails before jax starts
+    from m2u_jax.data.decode import DataError
 
     try:
         trainer.main(
@@ -43,8 +44,14 @@ def main(argv):
     except trainer.NonFiniteLossError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 1
+    except config_lib.ConfigError as error:  # checks that need the devices (batch split)
+        print(f"train.py: bad config: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:  # names the file and the problem
+        print(f"train.py: bad data: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.flags_parser_for("train.py"))

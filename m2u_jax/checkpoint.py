@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
             arrays = {_strip_prefix(key): np.asarray(archive[key]) for key in archive.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"ViT checkpoint {path} does not exist") from None
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # truncated: BadZipFile
         raise ValueError(f"ViT checkpoint {path} is not a readable .npz file: {error}") from None
     # A scanned big_vision encoder stores every block under one name with a depth axis.
     for key in [k for k in arrays if _SCANNED_BLOCK.match(k)]:

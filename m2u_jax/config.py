@@ -6,6 +6,9 @@ can print it and exit non-zero before any heavy work.
 
 from __future__ import annotations
 
+import re
+import sys
+
 import ml_collections
 
 from configs import default as default_config
@@ -116,3 +119,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                     f"{key}={batch} is not divisible by the {num_devices} devices; "
                     f"pick a multiple of {num_devices}"
                 )
+
+
+def flags_parser_for(program: str):
+    """An absl `app.run(..., flags_parser=...)` that turns a `--config.<key>=...` override of a
+    key the config lacks (ml_collections raises AttributeError mid-parse, i.e. a traceback)
+    into one line on stderr and exit status 2, like every other bad flag."""
+    from absl import app
+
+    def parse(argv):
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as error:
+            found = re.search(r"([A-Za-z_][A-Za-z0-9_]*)", str(error))
+            detail = found.group(1) if found else str(error)
+            overrides = [arg for arg in argv[1:] if detail and detail in arg.split("=")[0]]
+            where = f" in {overrides[0]}" if overrides else ""
+            print(
+                f"{program}: bad config override{where}: no config key {detail!r} "
+                "(every key is in configs/default.py)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+    return parse

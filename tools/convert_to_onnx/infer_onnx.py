@@ -82,6 +82,14 @@ def make_session(model_path: str, providers: list[str] | None = None):
 
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"ONNX model {model_path} does not exist")
+    import onnx
+
+    # Check the file before handing it to a runtime: a truncated or foreign file then fails with
+    # one line naming it instead of a protobuf traceback from deep inside onnxruntime.
+    try:
+        onnx.checker.check_model(model_path)
+    except Exception as error:  # onnx raises several unrelated types for bad files.
+        raise ValueError(f"{model_path}: not a valid ONNX model ({error})") from error
     providers = providers or select_providers()
     configured = []
     for name in providers:

@@ -1,0 +1,103 @@
+"""Reliability of the command-line tools under bad input: one clear line on stderr and a
+non-zero exit before any heavy work (no model is built, no data is read)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_TINY = str(_REPO / "configs" / "tiny.py")
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    result = subprocess.run(
+        [sys.executable, *args], cwd=_REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return result.returncode, lines[-1] if lines else "", result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "--config.train.foo=1",
+            "train.py: bad config override in --config.train.foo=1: no config key 'foo'",
+        ),
+        ("--config.train.batch_size=abc", None),
+        (
+            "--config.data.image_size=36",
+            "train.py: bad config: data.image_size=36 at scale 1.0 is not covered exactly by "
+            "patches of 8px at stride 8",
+        ),
+        (
+            "--config.data.modalities=rgb,sonar",
+            "train.py: bad config: data.modalities has unknown modality 'sonar'",
+        ),
+    ],
+)
+def test_train_rejects_a_bad_config_in_one_line(override, expected, tmp_path):
+    code, last, stderr = _run(
+        "train.py", "--config", _TINY, "--workdir", str(tmp_path), override, timeout=120
+    )
+    assert code != 0, stderr
+    if expected is None:  # absl's own flag errors: name the flag, no traceback
+        key = override.split("=")[0].removeprefix("--")
+        assert "Traceback" not in stderr, stderr
+        assert key.split(".")[-1] in last or key in stderr, stderr
+    else:
+        assert code == 2 and last.startswith(expected), last
+        assert "Traceback" not in stderr, stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_rejects_a_batch_the_devices_cannot_split(tmp_path):
+    # 8 fake devices; 12 is divisible by grad_accum_steps (1) but not by 8.
+    code, last, stderr = _run(
+        "train.py",
+        "--config",
+        _TINY,
+        "--workdir",
+        str(tmp_path),
+        "--config.train.batch_size=12",
+        "--config.data.root=/nonexistent",
+    )
+    assert code == 2, stderr
+    assert last == (
+        "train.py: bad config: train.batch_size=12 is not divisible by the 8 devices; "
+        "pick a multiple of 8"
+    ), stderr
+
+
+def test_eval_without_checkpoints_says_train_first(tmp_path, tiny_synthetic_root):
+    code, last, stderr = _run(
+        "eval.py",
+        "--config",
+        _TINY,
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.root={tiny_synthetic_root}",
+    )
+    assert code != 0, stderr
+    assert last.startswith("eval.py: ") and "checkpoints" in last and "train first" in last, last
+    assert "Traceback" not in stderr, stderr
+
+
+def test_export_without_checkpoints_exits_2(tmp_path):
+    code, last, stderr = _run(
+        str(_REPO / "tools" / "convert_to_onnx" / "convert.py"),
+        "--config",
+        _TINY,
+        "--workdir",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "model.onnx"),
+    )
+    assert code == 2, stderr
+    assert last.startswith("convert.py: ") and str(tmp_path) in last, last
+    assert "checkpoint" in last and not (tmp_path / "model.onnx").exists()
