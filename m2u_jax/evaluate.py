@@ -1,0 +1,859 @@
+"""Evaluation of a trained run: `python eval.py --config CFG --workdir DIR [--step N]`.
+
+`evaluate(config, workdir, step=None)` restores the fine-tuned parameters of checkpoint `step`
+(default: the newest) from DIR/checkpoints, runs the validation and test splits and writes
+DIR/eval/:
+
+- `metrics.json` — `image` (accuracy at the F1-optimal threshold chosen on *validation*,
+  AUROC, AP, F1-max, that threshold), `pixel` (AUROC, AUPRO up to FPR 0.3), `detection` (COCO
+  mAP@0.5, mAP@[.5:.95], AP@0.5 per class; class-agnostic under the unsupervised protocol or a
+  single class), `uncertainty` (ECE with 15 bins, AUROC of the uncertainty for catching wrong
+  decisions, review budgets 0.5/1/2/5/10 %), `speed` (images/s and batch-1 latency of the jitted
+  inference, deterministic and MC dropout) and `per_category`. NaN is written as null.
+- `report.md` with the tables, `plots/*.png` (ROC, PR, PRO, reliability, review budget,
+  per-category bars) and `overlays/*.png` (worst test images and the review queue).
+- `review_queue.jsonl` — one line per test image the review policy sends to a person.
+- `thresholds.json` — the review policy calibrated on validation for `eval.review_budget`, for
+  the ONNX runner to apply the same decisions.
+- `predictions.npz` (per image: scores, uncertainties, labels, boxes) and `pixel_maps.npz`
+  (test anomaly maps and masks) so that every number can be recomputed.
+
+Which prediction feeds which metric:
+- image / pixel / box metrics use the deterministic forward (`model.predict`: dropout off), the
+  same numbers the exported model gives without sampling;
+- uncertainty metrics and the review policy use MC dropout (`eval.num_mc_samples` samples,
+  `uncertainty.mc_dropout_predict`): the MC mean score is the probability of "defective" (ECE)
+  and its variance across samples (`score_var`, `UNCERTAINTY_MEASURE`) is the uncertainty. The
+  variance is what the exported graph returns next to the mean, so the ONNX runner can apply
+  `thresholds.json` as it is. With `eval.num_mc_samples <= 1` the deterministic score is used
+  and the variance is zero.
+
+Memory: per image only scores and boxes are kept, except the test split's anomaly maps and masks
+(`N x H x W` float32 + bool), which the exact pixel AUROC / AUPRO need. That is ~0.3 MB per
+256 px image (a few hundred MB for the largest sets used here); images themselves are kept only
+for the few overlays (bounded top-k lists while streaming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from m2u_jax import config as config_lib
+from m2u_jax import metrics as metrics_lib
+from m2u_jax import report as report_lib
+from m2u_jax import uncertainty as uncertainty_lib
+
+# Review budgets of the `uncertainty.review` table (fractions of the test images).
+REVIEW_BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1)
+ECE_BINS = 15
+AUPRO_FPR_LIMIT = 0.3
+# The per-image uncertainty that the review policy thresholds (see module docstring).
+UNCERTAINTY_MEASURE = "score_var"
+# Timed calls per speed measurement (after two warm-up calls); the median is reported.
+SPEED_REPEATS = 5
+# Fallback decision threshold when validation has no defective image (F1 undefined).
+FALLBACK_THRESHOLD = 0.5
+
+_PER_IMAGE_KEYS = ("image_score", "score_mean", "score_var", "entropy", "mutual_info")
+_BOX_KEYS = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def restore_params(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *, stage="finetune"
+) -> tuple[dict, int]:
+    """Parameters of a checkpoint in WORKDIR/checkpoints, sharded as the trainer saved them.
+
+    Args:
+      config: the run's config (the model and optimizer shapes must match the checkpoint).
+      workdir: run directory written by train.py.
+      step: global step of the checkpoint; None = the newest checkpoint of `stage`.
+      stage: 'finetune' → the M2UNet params; 'pretrain' → the contrastive encoder's params
+        (the backbone subtree of the M2UNet params, for linear probes).
+    Returns:
+      (params, global step). Raises FileNotFoundError / ValueError naming the folder, the step
+      and what is wrong (no checkpoint, unknown step, checkpoint of the other stage).
+    """
+    import orbax.checkpoint as ocp
+
+    from m2u_jax import model as model_lib
+    from m2u_jax import run_checkpoint, sharding, trainer
+
+    trainer._quiet_orbax()  # orbax logs a dozen INFO lines per restore
+    if stage not in trainer.STAGES:
+        raise ValueError(f"stage={stage!r} is not one of {trainer.STAGES}")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist: train first (train.py --workdir)")
+    manager = run_checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no checkpoint: train first")
+
+        def meta_of(global_step: int) -> dict:
+            restored = manager.restore(
+                global_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            return dict(restored["meta"])
+
+        if step is None:
+            candidates = [s for s in reversed(steps) if meta_of(s)["stage"] == stage]
+            if not candidates:
+                raise ValueError(
+                    f"{directory} has no {stage} checkpoint (steps {steps}); "
+                    + (
+                        "evaluation needs a fine-tuned run (train.finetune_steps > 0)"
+                        if stage == "finetune"
+                        else "the run had no pretraining (train.pretrain_steps = 0)"
+                    )
+                )
+            step = candidates[0]
+        elif step not in steps:
+            raise ValueError(f"--step={step}: {directory} has checkpoints {steps}")
+        meta = meta_of(step)
+        if meta["stage"] != stage:
+            raise ValueError(
+                f"checkpoint {step} in {directory} is from the {meta['stage']} stage, not "
+                f"{stage}; pick a {stage} step (available: {steps})"
+            )
+        mesh = sharding.make_mesh(config.train.mesh_fsdp)
+        model = model_lib.build_model(config.model)
+        rng = jax.random.PRNGKey(config.seed)
+        if stage == "finetune":
+            built = trainer.build_finetune_stage(config, model, mesh, rng)
+        else:
+            built = trainer.build_pretrain_stage(config, model, mesh, rng)
+        state = run_checkpoint.restore_state(manager, step, built.abstract_state)
+    finally:
+        manager.close()
+    params = state.params if stage == "finetune" else state.params["encoder"]
+    return params, int(step)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def eval_batch_sharding(config: ml_collections.ConfigDict):
+    """Sharding of an evaluation batch over every device (the trainer's mesh); checks that
+    `eval.batch_size` splits evenly."""
+    from m2u_jax import sharding
+
+    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    batch = int(config.eval.batch_size)
+    if batch % mesh.size:
+        raise ValueError(
+            f"eval.batch_size={batch} is not divisible by the {mesh.size} devices; "
+            f"pick a multiple of {mesh.size}"
+        )
+    return sharding.batch_sharding(mesh)
+
+
+def to_host(tree) -> dict:
+    """Device arrays -> float32/int numpy (bf16 outputs become float32)."""
+
+    def convert(leaf):
+        array = np.asarray(jax.device_get(leaf))
+        return array.astype(np.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
+
+    return jax.tree.map(convert, tree)
+
+
+def make_model_predict_fn(
+    config: ml_collections.ConfigDict, model, variables, batch_sharding
+) -> Callable[[np.ndarray, int], dict]:
+    """The per-batch prediction of `evaluate`: images `[B, H, W, C]` (host) and the batch
+    index → host numpy dict with `image_score [B]`, `anomaly_map [B, H, W]`, the four box
+    arrays of `model.predict` and the MC statistics `score_mean, score_var, entropy,
+    mutual_info [B]` (dropout key: `fold_in(PRNGKey(seed), batch index)`)."""
+    from m2u_jax import model as model_lib
+
+    num_samples = int(config.eval.num_mc_samples)
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
+
+    def predict_batch(images: np.ndarray, batch_index: int) -> dict:
+        images = jax.device_put(images, batch_sharding)
+        predictions = model_lib.predict(model, variables, images)
+        wanted = ("image_score", "anomaly_map", *_BOX_KEYS)
+        result = to_host({key: predictions[key] for key in wanted})
+        if num_samples > 1:
+            statistics = uncertainty_lib.mc_dropout_predict(
+                model, variables, images, jax.random.fold_in(base_rng, batch_index), num_samples
+            )
+            result.update(to_host({key: statistics[key] for key in _PER_IMAGE_KEYS[1:]}))
+        else:
+            scores = result["image_score"]
+            result["score_mean"] = scores
+            result["score_var"] = np.zeros_like(scores)
+            result["entropy"] = np.asarray(uncertainty_lib.binary_entropy(scores), np.float32)
+            result["mutual_info"] = np.zeros_like(scores)
+        return result
+
+    return predict_batch
+
+
+def _without_classes(predict_batch):
+    """Class-agnostic protocol: every predicted box becomes class 0 ('defect'); the class
+    head's output carries no meaning when the data has one class or no labelled types."""
+
+    def predict(images, batch_index):
+        result = predict_batch(images, batch_index)
+        result["box_classes"] = np.zeros_like(result["box_classes"])
+        return result
+
+    return predict
+
+
+class TopK:
+    """The k items with the largest keys seen in a stream (ties: the earlier item wins)."""
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self._heap: list = []
+        self._count = 0
+
+    def offer(self, key: float, make_item: Callable[[], dict]) -> None:
+        """Keeps `make_item()` when `key` is among the k largest; builds it only then."""
+        if self.k <= 0 or not math.isfinite(key):
+            return
+        self._count += 1
+        entry = (key, -self._count)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, (*entry, make_item()))
+        elif entry > self._heap[0][:2]:
+            heapq.heapreplace(self._heap, (*entry, make_item()))
+
+    def items(self) -> list[dict]:
+        """Kept items, largest key first."""
+        return [item for *_, item in sorted(self._heap, key=lambda e: e[:2], reverse=True)]
+
+
+def collect_split(
+    config: ml_collections.ConfigDict,
+    split: str,
+    predict_batch: Callable[[np.ndarray, int], dict],
+    *,
+    keep_maps: bool,
+    on_rows: Callable[[dict], None] | None = None,
+    batches: Iterator[dict] | None = None,
+) -> dict[str, np.ndarray]:
+    """Runs `predict_batch` over a split and gathers the per-image results on the host.
+
+    Args:
+      config: full config (`iterate_eval` reads data.* and eval.batch_size).
+      split: 'validation' | 'test' | 'train'.
+      predict_batch: `(images [B,H,W,C], batch index) -> dict` of host arrays with a leading
+        batch axis (see `make_model_predict_fn`); extra keys are kept as they are.
+      keep_maps: keep `anomaly_map [N, H, W]` and the ground-truth `masks [N, H, W]` (bool).
+      on_rows: called per batch with the valid rows of the batch and its predictions (images
+        included), e.g. to keep overlay candidates.
+      batches: an iterator of eval batches to use instead of `pipeline.iterate_eval`.
+    Returns:
+      dict of arrays over the N valid images: `paths`, `categories`, `defect_names` (str),
+      `labels` (int32), `gt_boxes [N, G, 4]`, `gt_box_classes`, `gt_box_valid`, every key of
+      the predictions except `anomaly_map` unless `keep_maps` (then also `masks`).
+    """
+    from m2u_jax.data import pipeline
+
+    if batches is None:
+        batches = pipeline.iterate_eval(config, split)
+    gathered: dict[str, list] = {}
+    for batch_index, batch in enumerate(batches):
+        valid = np.asarray(batch["valid"], bool)
+        if not valid.any():
+            continue
+        predictions = predict_batch(batch["images"], batch_index)
+        rows = {
+            "paths": batch["paths"][valid],
+            "categories": batch["categories"][valid],
+            "defect_names": batch["defect_names"][valid],
+            "labels": batch["labels"][valid].astype(np.int32),
+            "gt_boxes": batch["boxes"][valid],
+            "gt_box_classes": batch["box_classes"][valid],
+            "gt_box_valid": batch["box_valid"][valid],
+        }
+        rows.update({key: np.asarray(value)[valid] for key, value in predictions.items()})
+        if on_rows is not None:
+            on_rows({**rows, "images": batch["images"][valid], "masks": batch["masks"][valid]})
+        if keep_maps:
+            rows["masks"] = batch["masks"][valid] > 0.5
+        else:
+            rows.pop("anomaly_map", None)
+        for key, value in rows.items():
+            gathered.setdefault(key, []).append(value)
+    if not gathered:
+        raise ValueError(
+            f"the {split} split of data.root={config.data.root!r} is empty "
+            f"(format {config.data.format}, protocol {config.data.protocol})"
+        )
+    return {key: np.concatenate(values) for key, values in gathered.items()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def decision_threshold(labels, scores) -> float:
+    """F1-optimal threshold on validation (`metrics.f1_optimal_threshold`), or
+    `FALLBACK_THRESHOLD` when validation has no defective image."""
+    if len(labels) == 0:
+        return FALLBACK_THRESHOLD
+    threshold = metrics_lib.f1_optimal_threshold(labels, scores)
+    if math.isnan(threshold):
+        logging.warning(
+            "validation has no defective image: decision threshold falls back to %s",
+            FALLBACK_THRESHOLD,
+        )
+        return FALLBACK_THRESHOLD
+    return threshold
+
+
+def image_metrics(validation: Mapping, test: Mapping, score_key: str = "image_score") -> dict:
+    """`{accuracy, auroc, ap, f1_max, threshold}` of `test[score_key]`; the accuracy uses the
+    F1-optimal threshold of the *validation* scores (`decision_threshold`)."""
+    threshold = decision_threshold(validation["labels"], validation[score_key])
+    labels, scores = test["labels"], test[score_key]
+    f1, _ = metrics_lib.f1_max(labels, scores)
+    return {
+        "accuracy": metrics_lib.accuracy(labels, scores, threshold),
+        "auroc": metrics_lib.image_auroc(labels, scores),
+        "ap": metrics_lib.average_precision(labels, scores),
+        "f1_max": f1,
+        "threshold": threshold,
+    }
+
+
+def pixel_metrics(test: Mapping) -> dict:
+    """`{auroc, aupro}` of `test['anomaly_map']` against `test['masks']` (AUPRO to FPR 0.3)."""
+    return {
+        "auroc": metrics_lib.pixel_auroc(test["masks"], test["anomaly_map"]),
+        "aupro": metrics_lib.aupro(test["masks"], test["anomaly_map"], AUPRO_FPR_LIMIT),
+    }
+
+
+def box_lists(split: Mapping) -> tuple[list[dict], list[dict]]:
+    """(predictions, ground truth) of a split as the per-image dicts of `metrics.box_map`."""
+    predictions = [
+        {
+            "boxes_xyxy": split["boxes_xyxy"][i],
+            "scores": split["box_scores"][i],
+            "classes": split["box_classes"][i],
+            "valid": split["box_valid"][i],
+        }
+        for i in range(len(split["labels"]))
+    ]
+    ground_truth = [
+        {
+            "boxes_xyxy": split["gt_boxes"][i],
+            "classes": split["gt_box_classes"][i],
+            "valid": split["gt_box_valid"][i],
+        }
+        for i in range(len(split["labels"]))
+    ]
+    return predictions, ground_truth
+
+
+def detection_metrics(
+    test: Mapping, class_names: Sequence[str], class_agnostic: bool
+) -> dict[str, object]:
+    """`{map50, map, per_class_ap50}` (COCO, `metrics.box_map`); a -1 from COCO (no
+    ground-truth box) becomes NaN."""
+    predictions, ground_truth = box_lists(test)
+    result = metrics_lib.box_map(
+        predictions,
+        ground_truth,
+        num_classes=len(class_names),
+        class_names=None if class_agnostic else list(class_names),
+        class_agnostic=class_agnostic,
+    )
+
+    def undefined_as_nan(value: float) -> float:
+        return math.nan if value == -1.0 else value
+
+    return {
+        "map50": undefined_as_nan(result["map50"]),
+        "map": undefined_as_nan(result["map"]),
+        "per_class_ap50": {k: undefined_as_nan(v) for k, v in result["per_class_ap50"].items()},
+    }
+
+
+def budget_name(budget: float) -> str:
+    """0.005 -> '0.5%' (the keys of `uncertainty.review`)."""
+    return f"{budget * 100:g}%"
+
+
+def uncertainty_metrics(validation: Mapping, test: Mapping) -> tuple[dict, float]:
+    """MC-dropout quality on the test split: `{ece, error_auroc, review}` and the decision
+    threshold of the MC mean score (F1-optimal on validation) that they use.
+
+    - `ece`: `metrics.expected_calibration_error(score_mean, labels, 15)`;
+    - `error_auroc`: AUROC of `score_var` for catching wrong decisions
+      (`score_mean >= threshold`);
+    - `review`: budget name -> the `metrics.review_budget_curve` row (without `budget`).
+    """
+    threshold = decision_threshold(validation["labels"], validation["score_mean"])
+    labels, scores = test["labels"], test["score_mean"]
+    uncertainty = test[UNCERTAINTY_MEASURE]
+    correct = (scores >= threshold) == labels.astype(bool)
+    rows = metrics_lib.review_budget_curve(scores, uncertainty, labels, threshold, REVIEW_BUDGETS)
+    review = {
+        budget_name(row["budget"]): {k: v for k, v in row.items() if k != "budget"} for row in rows
+    }
+    return {
+        "ece": metrics_lib.expected_calibration_error(scores, labels, ECE_BINS),
+        "error_auroc": metrics_lib.error_detection_auroc(uncertainty, correct),
+        "review": review,
+    }, threshold
+
+
+def per_category_metrics(test: Mapping, threshold: float) -> dict[str, dict[str, float]]:
+    """category -> `{image_auroc, image_ap, pixel_auroc, aupro, accuracy}` (the accuracy at the
+    global validation threshold); pixel metrics only when the maps were kept."""
+    result = {}
+    for category in sorted(set(test["categories"].tolist())):
+        rows = test["categories"] == category
+        labels, scores = test["labels"][rows], test["image_score"][rows]
+        values = {
+            "image_auroc": metrics_lib.image_auroc(labels, scores),
+            "image_ap": metrics_lib.average_precision(labels, scores),
+        }
+        if "anomaly_map" in test:
+            values["pixel_auroc"] = metrics_lib.pixel_auroc(
+                test["masks"][rows], test["anomaly_map"][rows]
+            )
+            values["aupro"] = metrics_lib.aupro(
+                test["masks"][rows], test["anomaly_map"][rows], AUPRO_FPR_LIMIT
+            )
+        values["accuracy"] = metrics_lib.accuracy(labels, scores, threshold)
+        result[category] = values
+    return result
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def time_call(function: Callable[[], object], repeats: int = SPEED_REPEATS) -> float:
+    """Median wall time (s) of `function()` over `repeats` calls, after two warm-up calls
+    (compilation and first-run allocation excluded); each call is `block_until_ready`."""
+    for _ in range(2):
+        jax.block_until_ready(function())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(function())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def device_description() -> str:
+    """'<device kind> x<count>' of the devices jax runs on, e.g. 'NVIDIA H100 80GB HBM3 x1'."""
+    devices = jax.devices()
+    return f"{devices[0].device_kind} x{len(devices)} ({devices[0].platform})"
+
+
+def measure_speed(
+    config: ml_collections.ConfigDict,
+    model,
+    variables,
+    batch_sharding,
+    *,
+    repeats: int = SPEED_REPEATS,
+) -> dict[str, object]:
+    """Throughput and latency of the jitted inference on random images.
+
+    - `images_per_sec`: `model.predict` on `eval.batch_size` images split over every device
+      (the evaluation layout); `latency_ms`: batch 1 on the first device alone.
+    - `mc_images_per_sec` / `mc_latency_ms`: the same for `uncertainty.mc_dropout_predict` with
+      `eval.num_mc_samples` samples (only when > 1): trunk once + T tails with every head, but
+      no box post-processing (NMS), so at batch 1 it can be faster than `model.predict`.
+    Host-device transfers are excluded (inputs are placed first); medians of `repeats` calls.
+    """
+    from m2u_jax import model as model_lib
+
+    side = int(config.data.image_size)
+    channels = config_lib.num_channels(config.data.modalities)
+    batch_size = int(config.eval.batch_size)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(
+        rng.random((batch_size, side, side, channels), dtype=np.float32), batch_sharding
+    )
+    first_device = jax.devices()[0]
+    single = jax.device_put(rng.random((1, side, side, channels), dtype=np.float32), first_device)
+    single_variables = jax.device_put(variables, first_device)
+    result: dict[str, object] = {}
+    seconds = time_call(lambda: model_lib.predict(model, variables, batch), repeats)
+    result["images_per_sec"] = batch_size / seconds
+    seconds = time_call(lambda: model_lib.predict(model, single_variables, single), repeats)
+    result["latency_ms"] = 1e3 * seconds
+    result["device"] = device_description()
+    num_samples = int(config.eval.num_mc_samples)
+    if num_samples > 1:
+        key = jax.random.PRNGKey(0)
+        seconds = time_call(
+            lambda: uncertainty_lib.mc_dropout_predict(model, variables, batch, key, num_samples),
+            repeats,
+        )
+        result["mc_images_per_sec"] = batch_size / seconds
+        single_key = jax.device_put(key, first_device)
+        seconds = time_call(
+            lambda: uncertainty_lib.mc_dropout_predict(
+                model, single_variables, single, single_key, num_samples
+            ),
+            repeats,
+        )
+        result["mc_latency_ms"] = 1e3 * seconds
+    return result
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def to_json_value(value):
+    """Metrics tree -> JSON-ready Python values: NaN/Inf -> None, numpy scalars -> Python."""
+    if isinstance(value, Mapping):
+        return {str(key): to_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_json_value(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: str, value) -> str:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(to_json_value(value), file, indent=2, allow_nan=False)
+        file.write("\n")
+    return path
+
+
+def _class_name(class_id: int, class_names: Sequence[str]) -> str:
+    if 0 <= class_id < len(class_names):
+        return class_names[class_id]
+    return "defect" if class_id < 0 else str(class_id)
+
+
+def _boxes_of(row: Mapping, class_names: Sequence[str]) -> list[dict]:
+    keep = np.asarray(row["box_valid"]) > 0
+    return [
+        {
+            "xyxy": [round(float(v), 2) for v in box],
+            "score": float(score),
+            "class": _class_name(int(class_id), class_names),
+        }
+        for box, score, class_id in zip(
+            row["boxes_xyxy"][keep], row["box_scores"][keep], row["box_classes"][keep]
+        )
+    ]
+
+
+def review_reason(score: float, variance: float, score_threshold: float) -> str:
+    """Why an image is in the review queue. Every queued image is more uncertain than the
+    calibrated limit ('uncertain'); it is 'near threshold' when one MC standard deviation
+    around its mean score reaches across the decision threshold (the samples disagree on the
+    decision, not only on the score)."""
+    if abs(score - score_threshold) <= math.sqrt(max(variance, 0.0)):
+        return "near threshold"
+    return "uncertain"
+
+
+def _plot_overlays(
+    items: Sequence[dict], directory: str, prefix: str, group: str, class_names, caption
+) -> list[dict]:
+    entries = []
+    for index, row in enumerate(items):
+        path = os.path.join(directory, f"{prefix}_{index:02d}.png")
+        keep = np.asarray(row["box_valid"]) > 0
+        title = caption(row)
+        report_lib.plot_overlay(
+            row["images"],
+            row["anomaly_map"],
+            row["masks"],
+            row["boxes_xyxy"][keep],
+            row["box_scores"][keep],
+            row["box_classes"][keep],
+            list(class_names),
+            title,
+            path,
+        )
+        entries.append({"path": path, "caption": title, "group": group})
+    return entries
+
+
+def _single_row(rows: Mapping, index: int) -> dict:
+    return {key: np.asarray(value[index]).copy() for key, value in rows.items()}
+
+
+def _image_loss(label: int, score: float) -> float:
+    """Binary cross-entropy of the image score against the label (the worst-case ranking)."""
+    probability = min(max(float(score), 1e-7), 1.0 - 1e-7)
+    return -math.log(probability if label else 1.0 - probability)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What `evaluate` derives from the config and dataset before predicting."""
+
+    class_names: tuple[str, ...]
+    class_agnostic: bool
+    info: object
+
+
+def eval_context(config: ml_collections.ConfigDict) -> EvalContext:
+    """Dataset class map and the box protocol; raises ValueError when the model's class count
+    cannot be evaluated against the dataset's (supervised, mismatched)."""
+    from m2u_jax.data import pipeline
+
+    info = pipeline.load_dataset_info(config)
+    num_model_classes = int(config.model.num_defect_classes)
+    class_agnostic = info.protocol == "unsupervised" or info.num_classes == 1
+    if not class_agnostic and num_model_classes != info.num_classes:
+        raise ValueError(
+            f"model.num_defect_classes={num_model_classes} but {config.data.root} has "
+            f"{info.num_classes} defect classes {list(info.class_names)} under the "
+            f"{info.protocol} protocol; set --config.model.num_defect_classes={info.num_classes}"
+        )
+    class_names = ("defect",) if class_agnostic else tuple(info.class_names)
+    return EvalContext(class_names=class_names, class_agnostic=class_agnostic, info=info)
+
+
+def save_predictions(out_dir: str, splits: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """`predictions.npz` (`<split>/<key>` per-image arrays) and `pixel_maps.npz` (test
+    `anomaly_map`, `masks`)."""
+    per_image = {}
+    for split, arrays in splits.items():
+        for key, value in arrays.items():
+            if key in ("anomaly_map", "masks"):
+                continue
+            per_image[f"{split}/{key}"] = value
+    np.savez(os.path.join(out_dir, "predictions.npz"), **per_image)
+    test = splits["test"]
+    if "anomaly_map" in test:
+        np.savez(
+            os.path.join(out_dir, "pixel_maps.npz"),
+            anomaly_map=test["anomaly_map"].astype(np.float32),
+            masks=test["masks"],
+            paths=test["paths"],
+        )
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int | None = None,
+    *,
+    with_speed: bool = True,
+) -> dict:
+    """Evaluates checkpoint `step` (default: the newest fine-tuned one) of WORKDIR and writes
+    WORKDIR/eval (module docstring). Returns the metrics dict of metrics.json (with NaN)."""
+    from m2u_jax import model as model_lib
+
+    config_lib.validate(config, num_devices=jax.device_count())
+    context = eval_context(config)
+    params, step = restore_params(config, workdir, step)
+    model = model_lib.build_model(config.model)
+    variables = {"params": params}
+    batch_sharding = eval_batch_sharding(config)
+    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    plots_dir = os.path.join(out_dir, "plots")
+    overlays_dir = os.path.join(out_dir, "overlays")
+    os.makedirs(plots_dir, exist_ok=True)
+    os.makedirs(overlays_dir, exist_ok=True)
+    predict_batch = make_model_predict_fn(config, model, variables, batch_sharding)
+    if context.class_agnostic:
+        predict_batch = _without_classes(predict_batch)
+
+    logging.info("evaluating checkpoint %d of %s on the validation split", step, workdir)
+    validation = collect_split(config, "validation", predict_batch, keep_maps=False)
+    policy = uncertainty_lib.calibrate_review_thresholds(
+        validation["score_mean"],
+        validation[UNCERTAINTY_MEASURE],
+        validation["labels"],
+        float(config.eval.review_budget),
+    )
+    num_overlays = int(config.eval.num_overlays)
+    worst = TopK(num_overlays)
+    queued = TopK(num_overlays)
+    queue_lines: list[dict] = []
+
+    def on_rows(rows: dict) -> None:
+        decisions = np.asarray(
+            uncertainty_lib.review_policy(rows["score_mean"], rows[UNCERTAINTY_MEASURE], policy)
+        )
+        for index in range(len(rows["labels"])):
+            loss = _image_loss(int(rows["labels"][index]), float(rows["image_score"][index]))
+            worst.offer(loss, lambda index=index: _single_row(rows, index))
+            if decisions[index] != uncertainty_lib.REVIEW:
+                continue
+            score = float(rows["score_mean"][index])
+            variance = float(rows["score_var"][index])
+            queue_lines.append(
+                {
+                    "path": str(rows["paths"][index]),
+                    "category": str(rows["categories"][index]),
+                    "score": score,
+                    "deterministic_score": float(rows["image_score"][index]),
+                    "uncertainty": {
+                        "variance": variance,
+                        "entropy": float(rows["entropy"][index]),
+                        "mutual_information": float(rows["mutual_info"][index]),
+                    },
+                    "reason": review_reason(score, variance, policy["score_threshold"]),
+                    "automatic_decision": "reject"
+                    if score >= policy["score_threshold"]
+                    else "accept",
+                    "ground_truth": {
+                        "label": int(rows["labels"][index]),
+                        "defect": str(rows["defect_names"][index]),
+                    },
+                    "boxes": _boxes_of(
+                        {key: rows[key][index] for key in _BOX_KEYS}, context.class_names
+                    ),
+                }
+            )
+            queued.offer(
+                float(rows[UNCERTAINTY_MEASURE][index]),
+                lambda index=index: _single_row(rows, index),
+            )
+
+    logging.info("evaluating on the test split")
+    test = collect_split(config, "test", predict_batch, keep_maps=True, on_rows=on_rows)
+
+    image = image_metrics(validation, test)
+    uncertainty, mc_threshold = uncertainty_metrics(validation, test)
+    speed = {}
+    if with_speed:
+        logging.info("measuring inference speed")
+        speed = measure_speed(config, model, variables, batch_sharding)
+    metrics = {
+        "image": image,
+        "pixel": pixel_metrics(test),
+        "detection": detection_metrics(test, context.class_names, context.class_agnostic),
+        "uncertainty": uncertainty,
+        "speed": speed,
+        "per_category": per_category_metrics(test, image["threshold"]),
+    }
+
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    thresholds = {
+        "score_threshold": policy["score_threshold"],
+        "uncertainty_threshold": policy["uncertainty_threshold"],
+        "uncertainty_measure": UNCERTAINTY_MEASURE,
+        "budget": float(config.eval.review_budget),
+        "num_mc_samples": int(config.eval.num_mc_samples),
+        "image_decision_threshold": image["threshold"],
+        "mc_decision_threshold": mc_threshold,
+        "checkpoint_step": step,
+        "policy": (
+            "review if uncertainty > uncertainty_threshold, else reject (defective) if "
+            "MC mean score >= score_threshold, else accept"
+        ),
+    }
+    write_json(os.path.join(out_dir, "thresholds.json"), thresholds)
+    with open(os.path.join(out_dir, "review_queue.jsonl"), "w", encoding="utf-8") as file:
+        for line in queue_lines:
+            file.write(json.dumps(to_json_value(line), allow_nan=False) + "\n")
+    save_predictions(out_dir, {"validation": validation, "test": test})
+
+    plots = _write_plots(plots_dir, test, metrics)
+    overlays = _plot_overlays(
+        worst.items(),
+        overlays_dir,
+        "worst",
+        "Worst test images (highest image-level cross-entropy)",
+        context.class_names,
+        lambda row: (
+            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): "
+            f"score {float(row['image_score']):.3f}, threshold {image['threshold']:.3f}"
+        ),
+    )
+    overlays += _plot_overlays(
+        queued.items(),
+        overlays_dir,
+        "review",
+        "Review queue (most uncertain first)",
+        context.class_names,
+        lambda row: (
+            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): MC score "
+            f"{float(row['score_mean']):.3f} ± {math.sqrt(max(float(row['score_var']), 0)):.3f}"
+        ),
+    )
+    run = {
+        "workdir": os.path.abspath(workdir),
+        "checkpoint step": step,
+        "data": f"{config.data.format} {config.data.root} ({context.info.protocol})",
+        "validation images": len(validation["labels"]),
+        "test images": len(test["labels"]),
+        "test defective images": int(test["labels"].sum()),
+        "detection protocol": "class-agnostic" if context.class_agnostic else "per class",
+        "MC-dropout samples": int(config.eval.num_mc_samples),
+        "review budget (validation)": float(config.eval.review_budget),
+        "review score threshold": policy["score_threshold"],
+        f"review uncertainty threshold ({UNCERTAINTY_MEASURE})": policy["uncertainty_threshold"],
+        "test images sent to review": len(queue_lines),
+        "MC decision threshold (uncertainty section)": mc_threshold,
+    }
+    report_lib.write_report(out_dir, {"run": run, **metrics}, plots, overlays)
+    logging.info(
+        "eval step %d: image AUROC %.4f, accuracy %.4f, pixel AUROC %.4f, AUPRO %.4f, "
+        "mAP@0.5 %.4f -> %s",
+        step,
+        image["auroc"],
+        image["accuracy"],
+        metrics["pixel"]["auroc"],
+        metrics["pixel"]["aupro"],
+        metrics["detection"]["map50"],
+        out_dir,
+    )
+    return metrics
+
+
+def _write_plots(plots_dir: str, test: Mapping, metrics: Mapping) -> dict:
+    labels = test["labels"]
+    plots = {
+        "Image-level ROC (test)": report_lib.plot_roc(
+            labels, test["image_score"], os.path.join(plots_dir, "roc.png")
+        ),
+        "Image-level precision-recall (test)": report_lib.plot_pr(
+            labels, test["image_score"], os.path.join(plots_dir, "pr.png")
+        ),
+    }
+    fpr, pro = metrics_lib.aupro_curve(test["masks"], test["anomaly_map"], AUPRO_FPR_LIMIT)
+    plots["Per-region overlap (test pixels)"] = report_lib.plot_pro_curve(
+        fpr, pro, AUPRO_FPR_LIMIT, os.path.join(plots_dir, "pro.png")
+    )
+    plots["Reliability of the MC-dropout score (test)"] = report_lib.plot_reliability(
+        test["score_mean"], labels, os.path.join(plots_dir, "reliability.png"), ECE_BINS
+    )
+    review_rows = [
+        {"budget": budget, **metrics["uncertainty"]["review"][budget_name(budget)]}
+        for budget in REVIEW_BUDGETS
+    ]
+    plots["Review budget (test)"] = report_lib.plot_review_curve(
+        review_rows, os.path.join(plots_dir, "review_budget.png")
+    )
+    plots["Per category (test)"] = report_lib.plot_per_category(
+        metrics["per_category"], os.path.join(plots_dir, "per_category.png")
+    )
+    return plots

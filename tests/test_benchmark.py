@@ -1,0 +1,203 @@
+"""tools/benchmark.py in CI-sized form: the CLI writes complete JSON, modes skip cleanly, the
+timed programs never retrace. Speed itself is measured by running the tool, not by tests."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from m2u_jax import config as config_lib
+from tools import benchmark
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """One CLI run (subprocess, 2 fake CPU devices) of the train, infer and mc modes.
+
+    XLA's backend optimisation level 0 takes ~40 % off the compile time of the tiny train
+    step; this test checks the tool's output, not the model's speed."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+    )
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "tools" / "benchmark.py"),
+        "--config",
+        "configs/tiny.py",
+        "--modes",
+        "train,infer,mc",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--steps-per-repeat",
+        "1",
+        "--matmul-sizes",
+        "128,256",
+        "--config.eval.num_mc_samples=3",
+        "--unrolled-threefry",  # loop-free dropout RNG: a third of the compile time on CPU
+        "--mc-chunk",
+        "1",
+        "--out",
+        str(out),
+    ]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
+def test_cli_json_has_every_required_number(cli_results):
+    results, _ = cli_results
+    assert results["device"] == "cpu:cpu x2" and results["num_devices"] == 2
+    assert results["jax_version"] == jax.__version__
+    for key in (
+        "train.images_per_sec_per_device",
+        "train.step_ms",
+        "train.mfu",
+        "infer.images_per_sec",
+        "infer.latency_ms_batch1",
+        "infer.mfu",
+        "mc.cost_ratio",
+        "compile_s",
+        "peak_memory_bytes",
+        "peak_flops",
+    ):
+        section, _, name = key.rpartition(".")
+        value = results[section][name] if section else results[name]
+        assert _finite_positive(value), f"{key} = {value!r}"
+    assert results["peak_flops_source"].startswith("measured:")
+    assert results["peak_memory_source"].startswith("compiled memory_analysis")
+    # MFU can never exceed 1 against a peak measured in the same run... by much.
+    assert 0 < results["infer"]["mfu"] < 1.5
+
+
+def test_cli_numbers_are_consistent(cli_results):
+    results, stdout = cli_results
+    train, infer, mc = results["train"], results["infer"], results["mc"]
+    assert train["batch_size"] == 8 and infer["batch_size"] == 8
+    # images/s/device = batch / step time / devices.
+    assert train["images_per_sec_per_device"] == pytest.approx(
+        8 / (train["step_ms"] / 1e3) / 2, rel=1e-6
+    )
+    assert infer["images_per_sec"] == pytest.approx(8 / (infer["batch_ms"] / 1e3), rel=1e-6)
+    assert results["compile_s"] == train["compile_s"]
+    assert mc["num_samples"] == 3 and mc["mc_dropout_blocks"] == 1
+    # The trunk runs once: T samples cost fewer FLOPs than T deterministic passes, and exactly
+    # one pass plus T - 1 tails up to the RNG and the statistics.
+    assert 1.0 < mc["flops_ratio"] < 3.0
+    assert mc["flops_bound_ratio"] == pytest.approx(1 + 2 * mc["tail_flops_fraction"])
+    assert 0 < mc["tail_flops_fraction"] < 1
+    assert train["loss_is_finite"]
+    # Warm-up and every timed call reused one compiled program per jitted function.
+    assert train["jit_cache_entries"] == 1
+    assert infer["jit_cache_entries"] == 1
+    assert mc["jit_cache_entries"] == 1
+    # Samples one at a time (lax.map) are the library's vmapped samples: same dropout keys.
+    assert mc["chunked"]["chunk"] == 1 and _finite_positive(mc["chunked"]["cost_ratio"])
+    assert mc["chunked"]["max_abs_difference"] < 1e-5
+    assert results["unrolled_threefry_on_cpu"] is True
+    # The in-memory modes never import TensorFlow (GPU machines have none).
+    assert results["tensorflow_imported"] is False
+    assert "train images/s/device" in stdout and "MC T=3 cost ratio" in stdout
+
+
+def test_predict_program_does_not_retrace():
+    config = tiny.get_config()
+    model, variables = benchmark.build(config)
+    predict = jax.jit(chex.assert_max_traces(benchmark.predict_fn(model), n=1))
+    rng = np.random.default_rng(0)
+    scores = []
+    for _ in range(3):  # new image values each call: same shapes, so one trace
+        images = rng.random((2, 32, 32, 3), dtype=np.float32)
+        predictions = predict(variables, images)
+        assert predictions["anomaly_map"].shape == (2, 32, 32)
+        scores.append(np.asarray(predictions["image_score"]))
+    chex.clear_trace_counter()
+    assert all(np.all((score >= 0) & (score <= 1)) for score in scores)
+    assert not np.allclose(scores[0], scores[1])  # really ran on the new images
+
+
+def test_synthetic_batch_follows_the_batch_contract():
+    config = tiny.get_config()
+    batch = benchmark.synthetic_batch(config, 4)
+    assert batch["images"].shape == (4, 32, 32, 3) and batch["images"].dtype == np.float32
+    assert batch["masks"].shape == (4, 32, 32)
+    assert batch["boxes"].shape == (4, 4, 4) and batch["box_valid"].shape == (4, 4)
+    np.testing.assert_array_equal(batch["labels"], [0, 1, 0, 1])
+    np.testing.assert_array_equal(batch["defect_types"], [0, 2, 0, 4])
+    np.testing.assert_array_equal(batch["box_classes"][:, 0], [0, 1, 0, 3])
+    np.testing.assert_array_equal(batch["box_valid"][:, 0], [0, 1, 0, 1])
+    # The defect square [8, 16) x [8, 16) is both the mask and the box.
+    assert batch["masks"][1].sum() == 64 and batch["masks"][0].sum() == 0
+    np.testing.assert_array_equal(batch["boxes"][1, 0], [8, 8, 16, 16])
+    np.testing.assert_array_equal(batch["recon_valid"], [1, 0, 1, 0])
+
+
+def test_load_config_settings_and_overrides():
+    config = benchmark.load_config(
+        "configs/benchmark.py:B256_bf16",
+        ["--config.model.scan_blocks=false", "--config.model.scales=1.0", "--config.seed=3"],
+    )
+    assert config.model.variant == "B" and config.model.dtype == "bfloat16"
+    assert config.model.scan_blocks is False and config.model.scales == (1.0,)
+    assert config.seed == 3 and config.model.image_size == 256
+    config_lib.validate(config)
+    with pytest.raises(ValueError, match="model.varaint"):
+        benchmark.load_config("configs/tiny.py", ["--config.model.varaint=S"])
+    with pytest.raises(ValueError, match="expected true or false"):
+        benchmark.load_config("configs/tiny.py", ["--config.model.remat=maybe"])
+    with pytest.raises(ValueError, match="no config file"):
+        benchmark.load_config("configs/nope.py")
+    with pytest.raises(ValueError, match="unknown setting"):
+        benchmark.load_config("configs/benchmark.py:XL")
+
+
+def test_unknown_mode_and_bad_batch_are_rejected():
+    with pytest.raises(ValueError, match="unknown mode"):
+        benchmark.run_benchmark(tiny.get_config(), ("train", "warp"))
+    with pytest.raises(config_lib.ConfigError, match="train.batch_size"):
+        benchmark.run_benchmark(tiny.get_config(), ("torch",), batch_size=3)
+
+
+def test_torch_mode_skips_cleanly_without_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.delitem(sys.modules, "tools.torch_reference", raising=False)
+    results = benchmark.run_benchmark(
+        tiny.get_config(), ("torch",), settings=benchmark.Settings(warmup=1, repeats=1)
+    )
+    assert results["torch"]["skipped"] is True
+    assert "torch is not importable" in results["torch"]["reason"]
+    assert results["peak_flops"] is None  # nothing to normalise: no matmul was timed
+
+
+def test_pipeline_mode_writes_a_synthetic_set_when_data_is_missing(tmp_path):
+    config = tiny.get_config()
+    config.data.root = str(tmp_path / "absent")
+    config.train.batch_size = 8
+    results = benchmark.run_benchmark(
+        config,
+        ("pipeline",),
+        settings=benchmark.Settings(warmup=1, repeats=1, pipeline_batches=2),
+    )
+    pipeline = results["pipeline"]
+    assert _finite_positive(pipeline["images_per_sec"])
+    assert pipeline["data"].startswith("synthetic") and pipeline["batch_size"] == 8
+    assert len(pipeline["images_per_sec_runs"]) == 1

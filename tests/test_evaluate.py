@@ -1,0 +1,459 @@
+"""Tests of m2u_jax.evaluate.
+
+Unit tests of the aggregation pieces on hand-made numbers, then one real run: a tiny synthetic
+dataset, two fine-tuning steps of the tiny config through the trainer, `evaluate` on its
+checkpoint (module fixture). Every metric in metrics.json is recomputed from the saved
+per-image predictions with scikit-learn / scipy / slow references, the saved predictions are
+checked against a fresh forward pass, and the review queue against the calibrated policy.
+
+The run uses a persistent XLA compilation cache in the session's temp folder (shared with
+tests/test_studies.py, which trains the same programs) and removes it from jax's config at the
+end of the module.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    roc_auc_score,
+)
+
+from configs import tiny
+from m2u_jax import evaluate, metrics, report, uncertainty
+
+NUM_OVERLAYS = 2
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_top_k_keeps_largest_keys_and_builds_only_kept_items():
+    keeper = evaluate.TopK(2)
+    built = []
+
+    def item(name):
+        def make():
+            built.append(name)
+            return {"name": name}
+
+        return make
+
+    for key, name in [(0.1, "a"), (0.5, "b"), (0.3, "c"), (0.05, "d"), (0.5, "e"), (math.nan, "f")]:
+        keeper.offer(key, item(name))
+    # 'e' ties with 'b' at 0.5 and came later: the earlier item wins the tie.
+    assert [entry["name"] for entry in keeper.items()] == ["b", "e"]
+    assert "d" not in built and "f" not in built  # never among the top two: never built
+    assert evaluate.TopK(0).items() == []
+
+
+def test_to_json_value_writes_nan_as_null(tmp_path):
+    value = {"a": math.nan, "b": np.float32(0.25), "c": [np.int64(3), math.inf], "d": np.bool_(1)}
+    assert evaluate.to_json_value(value) == {"a": None, "b": 0.25, "c": [3, None], "d": True}
+    path = evaluate.write_json(str(tmp_path / "x.json"), value)
+    assert json.load(open(path)) == {"a": None, "b": 0.25, "c": [3, None], "d": True}
+
+
+def test_image_metrics_threshold_comes_from_validation():
+    validation = {"labels": np.array([0, 0, 1, 1]), "image_score": np.array([0.1, 0.3, 0.6, 0.8])}
+    test = {
+        "labels": np.array([0, 1, 1, 0, 1]),
+        "image_score": np.array([0.2, 0.5, 0.9, 0.55, 0.4]),
+    }
+    result = evaluate.image_metrics(validation, test)
+    # Validation F1-max cut is 0.6; moved halfway down to the next validation score 0.3.
+    assert result["threshold"] == pytest.approx(0.45)
+    # Test decisions at 0.45: [0, 1, 1, 1, 0] vs labels [0, 1, 1, 0, 1] -> 3/5.
+    assert result["accuracy"] == pytest.approx(0.6)
+    assert result["auroc"] == pytest.approx(roc_auc_score(test["labels"], test["image_score"]))
+    assert result["ap"] == pytest.approx(
+        average_precision_score(test["labels"], test["image_score"])
+    )
+    # Best test F1: threshold 0.4 calls [0,1,1,1,1] -> precision 3/4, recall 1 -> 6/7.
+    assert result["f1_max"] == pytest.approx(6 / 7)
+
+
+def test_image_metrics_without_validation_defects_falls_back():
+    validation = {"labels": np.array([0, 0]), "image_score": np.array([0.1, 0.2])}
+    test = {"labels": np.array([0, 1]), "image_score": np.array([0.4, 0.6])}
+    result = evaluate.image_metrics(validation, test)
+    assert result["threshold"] == evaluate.FALLBACK_THRESHOLD
+    assert result["accuracy"] == 1.0
+
+
+def _box_split(pred_boxes, pred_scores, pred_classes, gt_boxes, gt_classes):
+    max_pred = max(len(p) for p in pred_boxes)
+    max_gt = max(len(g) for g in gt_boxes)
+    count = len(pred_boxes)
+    split = {
+        "labels": np.zeros(count, np.int32),
+        "boxes_xyxy": np.zeros((count, max_pred, 4), np.float32),
+        "box_scores": np.zeros((count, max_pred), np.float32),
+        "box_classes": np.zeros((count, max_pred), np.int32),
+        "box_valid": np.zeros((count, max_pred), np.float32),
+        "gt_boxes": np.zeros((count, max_gt, 4), np.float32),
+        "gt_box_classes": np.zeros((count, max_gt), np.int32),
+        "gt_box_valid": np.zeros((count, max_gt), np.float32),
+    }
+    for i in range(count):
+        n, g = len(pred_boxes[i]), len(gt_boxes[i])
+        if n:
+            split["boxes_xyxy"][i, :n] = pred_boxes[i]
+            split["box_scores"][i, :n] = pred_scores[i]
+            split["box_classes"][i, :n] = pred_classes[i]
+            split["box_valid"][i, :n] = 1
+        if g:
+            split["gt_boxes"][i, :g] = gt_boxes[i]
+            split["gt_box_classes"][i, :g] = gt_classes[i]
+            split["gt_box_valid"][i, :g] = 1
+    return split
+
+
+def test_detection_metrics_per_class_and_agnostic():
+    box_a = [0, 0, 10, 10]
+    box_b = [20, 20, 30, 30]
+    split = _box_split(
+        pred_boxes=[[box_a, [40, 40, 50, 50]], [box_b]],
+        pred_scores=[[0.9, 0.8], [0.7]],
+        # Image 1's box has the right place but the wrong class.
+        pred_classes=[[0, 1], [0]],
+        gt_boxes=[[box_a], [box_b]],
+        gt_classes=[[0], [1]],
+    )
+    per_class = evaluate.detection_metrics(split, ("crack", "hole", "stain"), class_agnostic=False)
+    # crack: one GT found first -> AP 1; hole: one GT, its only prediction misses -> AP 0;
+    # stain: no GT -> undefined (COCO -1 -> NaN), left out of the mean.
+    assert per_class["per_class_ap50"]["crack"] == pytest.approx(1.0)
+    assert per_class["per_class_ap50"]["hole"] == pytest.approx(0.0)
+    assert math.isnan(per_class["per_class_ap50"]["stain"])
+    assert per_class["map50"] == pytest.approx(0.5)
+    assert set(per_class) == {"map50", "map", "per_class_ap50"}
+    agnostic = evaluate.detection_metrics(split, ("defect",), class_agnostic=True)
+    # Class-agnostic: both GT boxes found; the false positive (0.8) ranks between the hits:
+    # precision 1 up to recall 0.5, 2/3 at recall 1 -> 101-point AP = (51 + 50 * 2/3) / 101.
+    assert agnostic["per_class_ap50"] == {"all": pytest.approx((51 + 50 * 2 / 3) / 101)}
+    assert agnostic["map50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+
+
+def test_uncertainty_metrics_worked_case():
+    validation = {
+        "labels": np.array([0, 1, 0, 1]),
+        "score_mean": np.array([0.2, 0.7, 0.3, 0.9]),
+        "score_var": np.zeros(4),
+    }
+    labels = np.array([0, 0, 1, 1, 1, 0, 0, 1, 0, 1] * 2)
+    scores = np.array([0.1, 0.6, 0.4, 0.8, 0.9, 0.2, 0.45, 0.55, 0.3, 0.7] * 2)
+    variances = np.linspace(0.0, 0.019, 20)
+    test = {"labels": labels, "score_mean": scores, "score_var": variances}
+    result, threshold = evaluate.uncertainty_metrics(validation, test)
+    assert threshold == pytest.approx(0.5)  # midway between 0.7 and 0.3
+    correct = (scores >= 0.5) == labels
+    assert result["error_auroc"] == pytest.approx(roc_auc_score(~correct, variances))
+    assert result["ece"] == pytest.approx(metrics.expected_calibration_error(scores, labels, 15))
+    assert list(result["review"]) == ["0.5%", "1%", "2%", "5%", "10%"]
+    # 10 % of 20 = the 2 most uncertain (the last two: 0.3 good -> right, 0.7 defect -> right).
+    row = result["review"]["10%"]
+    assert row["num_reviewed"] == 2
+    assert row["automatic_accuracy"] == pytest.approx(correct[:18].mean())
+    assert result["review"]["0.5%"]["num_reviewed"] == 0
+
+
+def test_review_reason():
+    assert evaluate.review_reason(0.52, 0.01, 0.5) == "near threshold"  # std 0.1 > 0.02
+    assert evaluate.review_reason(0.9, 0.01, 0.5) == "uncertain"
+
+
+# ----------------------------------------------------------------------------- real run
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.reset_cache()
+
+
+def tiny_run_config(root):
+    """The tiny config as tests/test_studies.py trains it (same programs: shared cache)."""
+    config = tiny.get_config()
+    config.data.root = str(root)
+    config.train.pretrain_steps = 0
+    config.train.finetune_steps = 2
+    config.train.checkpoint_every = 2
+    # Every post-NMS box is kept, so the untrained detector still yields boxes to score.
+    config.model.det_score_threshold = 0.0
+    config.eval.after_training = False  # evaluated explicitly below
+    return config
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, compilation_cache):
+    from m2u_jax import trainer
+    from m2u_jax.data import synthetic
+
+    del compilation_cache
+    root = tmp_path_factory.mktemp("eval_data")
+    # 4 good + 2 per defect kind in test: validation gets 1 good + 1 of each kind.
+    synthetic.generate(
+        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2
+    )
+    workdir = str(tmp_path_factory.mktemp("eval_run"))
+    config = tiny_run_config(root)
+    config.eval.num_overlays = NUM_OVERLAYS
+    trainer.train_and_evaluate(config, workdir)
+    result = evaluate.evaluate(config, workdir)
+    out_dir = os.path.join(workdir, "eval")
+    with np.load(os.path.join(out_dir, "predictions.npz")) as archive:
+        saved = {key: archive[key] for key in archive.files}
+    with np.load(os.path.join(out_dir, "pixel_maps.npz")) as archive:
+        pixel = {key: archive[key] for key in archive.files}
+    validation = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("validation/")}
+    test = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("test/")}
+    return {
+        "config": config,
+        "workdir": workdir,
+        "out_dir": out_dir,
+        "metrics": result,
+        "json": json.load(open(os.path.join(out_dir, "metrics.json"))),
+        "validation": validation,
+        "test": test,
+        "pixel": pixel,
+    }
+
+
+def test_writes_every_output(evaluated_run):
+    out_dir = evaluated_run["out_dir"]
+    for name in ("metrics.json", "report.md", "review_queue.jsonl", "thresholds.json"):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+    plots = ["roc", "pr", "pro", "reliability", "review_budget", "per_category"]
+    kinds = ["roc", "pr", "pro", "reliability", "review", "per_category"]
+    for name, kind in zip(plots, kinds):
+        with Image.open(os.path.join(out_dir, "plots", f"{name}.png")) as image:
+            width, height = report.FIGURE_SIZES[kind]
+            assert image.size == (round(width * report.DPI), round(height * report.DPI))
+    overlays = sorted(os.listdir(os.path.join(out_dir, "overlays")))
+    worst = [name for name in overlays if name.startswith("worst_")]
+    assert worst == [f"worst_{i:02d}.png" for i in range(NUM_OVERLAYS)]
+    queue = open(os.path.join(out_dir, "review_queue.jsonl")).read().splitlines()
+    review = [name for name in overlays if name.startswith("review_")]
+    assert len(review) == min(NUM_OVERLAYS, len(queue))
+    markdown = open(os.path.join(out_dir, "report.md")).read()
+    for name in plots:
+        assert f"(plots/{name}.png)" in markdown
+    for name in overlays:
+        assert f"(overlays/{name})" in markdown
+    assert (
+        f"| accuracy | {report.format_value(evaluated_run['metrics']['image']['accuracy'])} |"
+        in (markdown)
+    )
+
+
+def test_metrics_json_has_the_documented_layout(evaluated_run):
+    saved = evaluated_run["json"]
+    assert list(saved) == ["image", "pixel", "detection", "uncertainty", "speed", "per_category"]
+    assert set(saved["image"]) == {"accuracy", "auroc", "ap", "f1_max", "threshold"}
+    assert set(saved["pixel"]) == {"auroc", "aupro"}
+    assert set(saved["detection"]) == {"map50", "map", "per_class_ap50"}
+    # Unsupervised protocol: class-agnostic boxes, one 'all' class.
+    assert list(saved["detection"]["per_class_ap50"]) == ["all"]
+    assert set(saved["uncertainty"]) == {"ece", "error_auroc", "review"}
+    assert list(saved["uncertainty"]["review"]) == ["0.5%", "1%", "2%", "5%", "10%"]
+    speed = saved["speed"]
+    assert set(speed) == {
+        "images_per_sec",
+        "latency_ms",
+        "device",
+        "mc_images_per_sec",
+        "mc_latency_ms",
+    }
+    assert speed["images_per_sec"] > 0 and speed["latency_ms"] > 0
+    assert speed["mc_images_per_sec"] > 0 and speed["mc_latency_ms"] > 0
+    assert speed["device"].startswith(jax.devices()[0].device_kind)
+    assert list(saved["per_category"]) == ["fabric"]
+
+
+def _reference_threshold(labels, scores):
+    """F1-max over every candidate cut (lowest cut among ties), moved halfway down."""
+    candidates = np.unique(scores)
+    f1 = [f1_score(labels, scores >= t, zero_division=0) for t in candidates]
+    best = candidates[int(np.argmax(f1))]
+    lower = scores[scores < best]
+    return (best + lower.max()) / 2 if lower.size else best
+
+
+def _reference_aupro(masks, maps, fpr_limit=0.3):
+    """Slow PRO curve: every distinct score as a threshold, 8-connected regions."""
+    regions = []
+    for index, mask in enumerate(masks):
+        labeled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [(index, labeled == r) for r in range(1, count + 1)]
+    normal = maps[~masks]
+    fprs, pros = [0.0], [0.0]
+    for threshold in np.unique(maps)[::-1]:
+        fprs.append(np.mean(normal >= threshold))
+        pros.append(np.mean([np.mean(maps[i][region] >= threshold) for i, region in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    after = int(np.argmax(fprs > fpr_limit))
+    pro_at_limit = np.interp(fpr_limit, fprs[after - 1 : after + 1], pros[after - 1 : after + 1])
+    keep = fprs <= fpr_limit
+    fprs = np.append(fprs[keep], fpr_limit)
+    pros = np.append(pros[keep], pro_at_limit)
+    return np.trapezoid(pros, fprs) / fpr_limit
+
+
+def test_metrics_equal_reference_computations(evaluated_run):
+    saved, validation, test = (
+        evaluated_run["json"],
+        evaluated_run["validation"],
+        evaluated_run["test"],
+    )
+    pixel = evaluated_run["pixel"]
+    labels, scores = test["labels"], test["image_score"]
+    assert len(labels) == 7 and labels.sum() == 4  # 3 good + one per defect kind
+    assert len(validation["labels"]) == 5
+
+    threshold = _reference_threshold(validation["labels"], validation["image_score"])
+    image = saved["image"]
+    assert image["threshold"] == pytest.approx(threshold)
+    assert image["accuracy"] == pytest.approx(accuracy_score(labels, scores >= threshold))
+    assert image["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert image["ap"] == pytest.approx(average_precision_score(labels, scores))
+    assert image["f1_max"] == pytest.approx(max(f1_score(labels, scores >= t) for t in scores))
+
+    np.testing.assert_array_equal(pixel["paths"], test["paths"])
+    masks, maps = pixel["masks"], pixel["anomaly_map"]
+    assert maps.shape == masks.shape == (7, 32, 32)
+    assert saved["pixel"]["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    assert saved["pixel"]["aupro"] == pytest.approx(_reference_aupro(masks, maps), abs=1e-6)
+
+    predictions, ground_truth = evaluate.box_lists(test)
+    assert sum(int(p["valid"].sum()) for p in predictions) > 0  # the boxes were really scored
+    assert sum(int(g["valid"].sum()) for g in ground_truth) >= 4  # one region per defect at least
+    coco = metrics.box_map(predictions, ground_truth, class_agnostic=True)
+    assert saved["detection"]["map50"] == pytest.approx(coco["map50"])
+    assert saved["detection"]["map"] == pytest.approx(coco["map"])
+
+    mc_threshold = _reference_threshold(validation["labels"], validation["score_mean"])
+    probs, variances = test["score_mean"], test["score_var"]
+    correct = (probs >= mc_threshold) == labels
+    confidence = np.where(probs >= 0.5, probs, 1 - probs)
+    right = (probs >= 0.5) == labels
+    bins = np.clip(np.ceil(confidence * 15).astype(int) - 1, 0, 14)
+    ece = sum(
+        np.sum(bins == b) / len(probs) * abs(right[bins == b].mean() - confidence[bins == b].mean())
+        for b in range(15)
+        if np.any(bins == b)
+    )
+    assert saved["uncertainty"]["ece"] == pytest.approx(ece)
+    if correct.all() or not correct.any():
+        assert saved["uncertainty"]["error_auroc"] is None
+    else:
+        assert saved["uncertainty"]["error_auroc"] == pytest.approx(
+            roc_auc_score(~correct, variances)
+        )
+    for row in saved["uncertainty"]["review"].values():
+        assert row["num_reviewed"] == 0  # 10 % of 7 images is less than one
+        assert row["automatic_accuracy"] == pytest.approx(correct.mean())
+
+    category = saved["per_category"]["fabric"]  # one category: the global numbers
+    assert category["image_auroc"] == pytest.approx(image["auroc"])
+    assert category["pixel_auroc"] == pytest.approx(saved["pixel"]["auroc"])
+    assert category["aupro"] == pytest.approx(saved["pixel"]["aupro"])
+    assert category["accuracy"] == pytest.approx(image["accuracy"])
+
+
+def test_saved_predictions_match_a_fresh_forward_pass(evaluated_run):
+    from m2u_jax import model as model_lib
+    from m2u_jax.data import pipeline
+
+    config, test = evaluated_run["config"], evaluated_run["test"]
+    params, step = evaluate.restore_params(config, evaluated_run["workdir"])
+    assert step == 2
+    model = model_lib.build_model(config.model)
+    batch = next(pipeline.iterate_eval(config, "test"))
+    valid = batch["valid"]
+    np.testing.assert_array_equal(batch["paths"][valid], test["paths"])
+    # Same layout as in `evaluate` (batch split over the devices): the compiled program is reused.
+    images = jax.device_put(batch["images"], evaluate.eval_batch_sharding(config))
+    fresh = model_lib.predict(model, {"params": params}, images)
+    np.testing.assert_allclose(np.asarray(fresh["image_score"])[valid], test["image_score"], 1e-5)
+    np.testing.assert_allclose(
+        np.asarray(fresh["anomaly_map"])[valid], evaluated_run["pixel"]["anomaly_map"], atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(fresh["box_scores"])[valid], test["box_scores"], 1e-5)
+    assert test["score_var"].min() >= 0 and test["score_var"].max() > 0  # dropout really sampled
+    assert test["mutual_info"].min() >= 0
+    np.testing.assert_allclose(
+        test["entropy"], np.asarray(uncertainty.binary_entropy(test["score_mean"])), atol=1e-5
+    )
+    # eval.num_mc_samples = 1: no sampling, the deterministic score with zero variance.
+    deterministic = config.copy_and_resolve_references()
+    deterministic.eval.num_mc_samples = 1
+    sharding = evaluate.eval_batch_sharding(config)
+    predict = evaluate.make_model_predict_fn(deterministic, model, {"params": params}, sharding)
+    single = predict(batch["images"], 0)
+    np.testing.assert_array_equal(single["score_mean"], single["image_score"])
+    np.testing.assert_array_equal(single["score_var"], 0.0)
+    np.testing.assert_array_equal(single["mutual_info"], 0.0)
+
+
+def test_review_queue_follows_the_validation_policy(evaluated_run):
+    out_dir, validation, test = (
+        evaluated_run["out_dir"],
+        evaluated_run["validation"],
+        evaluated_run["test"],
+    )
+    config = evaluated_run["config"]
+    thresholds = json.load(open(os.path.join(out_dir, "thresholds.json")))
+    policy = uncertainty.calibrate_review_thresholds(
+        validation["score_mean"],
+        validation["score_var"],
+        validation["labels"],
+        config.eval.review_budget,
+    )
+    assert thresholds["score_threshold"] == pytest.approx(policy["score_threshold"])
+    assert thresholds["uncertainty_threshold"] == pytest.approx(policy["uncertainty_threshold"])
+    assert thresholds["uncertainty_measure"] == "score_var"
+    assert thresholds["budget"] == config.eval.review_budget
+    assert thresholds["checkpoint_step"] == 2
+
+    lines = [json.loads(line) for line in open(os.path.join(out_dir, "review_queue.jsonl"))]
+    queued = test["score_var"] > policy["uncertainty_threshold"]
+    assert [line["path"] for line in lines] == test["paths"][queued].tolist()
+    for line, index in zip(lines, np.flatnonzero(queued)):
+        assert line["score"] == pytest.approx(test["score_mean"][index])
+        assert line["uncertainty"]["variance"] == pytest.approx(test["score_var"][index])
+        assert line["uncertainty"]["entropy"] == pytest.approx(test["entropy"][index])
+        assert line["uncertainty"]["mutual_information"] == pytest.approx(
+            test["mutual_info"][index]
+        )
+        assert line["reason"] == evaluate.review_reason(
+            line["score"], line["uncertainty"]["variance"], policy["score_threshold"]
+        )
+        valid = test["box_valid"][index] > 0
+        assert len(line["boxes"]) == int(valid.sum())
+        for box, xyxy, score in zip(
+            line["boxes"], test["boxes_xyxy"][index][valid], test["box_scores"][index][valid]
+        ):
+            assert box["class"] == "defect"
+            assert box["score"] == pytest.approx(score)
+            np.testing.assert_allclose(box["xyxy"], xyxy, atol=0.01)
+
+
+def test_bad_step_and_missing_run_are_named(evaluated_run, tmp_path):
+    config = evaluated_run["config"]
+    with pytest.raises(ValueError, match=r"--step=7: .* has checkpoints \[2\]"):
+        evaluate.evaluate(config, evaluated_run["workdir"], step=7)
+    with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
+        evaluate.evaluate(config, str(tmp_path / "nothing"))

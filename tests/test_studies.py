@@ -1,0 +1,272 @@
+"""Tests of tools/limited_data_study.py and tools/baseline_table.py.
+
+Helpers on hand-made numbers, then both tools for real on a tiny synthetic dataset with the
+tiny config (a couple of steps per run): the limited-data study at two fractions and the whole
+baseline table (full model, autoencoder, detection head, frozen encoder + linear SVM).
+
+Runs share the persistent XLA compilation cache of the session's temp folder with
+tests/test_evaluate.py (same tiny programs), which is removed from jax's config afterwards.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from tools import baseline_table, limited_data_study
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_parse_fractions():
+    assert limited_data_study.parse_fractions("1.0, 0.5,0.05") == (1.0, 0.5, 0.05)
+    with pytest.raises(ValueError, match="not in"):
+        limited_data_study.parse_fractions("1.0,1.5")
+    with pytest.raises(ValueError, match="comma-separated numbers"):
+        limited_data_study.parse_fractions("1.0,half")
+    with pytest.raises(ValueError, match="empty"):
+        limited_data_study.parse_fractions(" , ")
+
+
+def test_parse_methods():
+    assert baseline_table.parse_methods("svm, full") == ("svm", "full")
+    with pytest.raises(ValueError, match="subset of"):
+        baseline_table.parse_methods("full,yolo")
+
+
+def test_method_configs_keep_only_their_losses():
+    config = tiny.get_config()
+    autoencoder = baseline_table.method_config(config, "autoencoder")
+    weights = dict(autoencoder.train.loss_weights)
+    assert weights["recon"] == config.train.loss_weights.recon
+    assert all(value == 0.0 for name, value in weights.items() if name != "recon")
+    assert autoencoder.train.pretrain_steps == 0
+    detection = baseline_table.method_config(config, "detection")
+    weights = dict(detection.train.loss_weights)
+    assert {name for name, value in weights.items() if value > 0} == {
+        "det_obj",
+        "det_cls",
+        "det_box",
+    }
+    assert detection.train.loss_weights.det_box == config.train.loss_weights.det_box
+    assert detection.train.pretrain_steps == 0
+    svm = baseline_table.method_config(config, "svm")
+    assert svm.train.finetune_steps == 0 and svm.train.pretrain_steps == 4
+    full = baseline_table.method_config(config, "full")
+    assert not full.eval.after_training  # the table evaluates every method itself
+    full.eval.after_training = config.eval.after_training
+    assert full.to_dict() == config.to_dict()
+    assert config.train.loss_weights.seg_dice == 1.0  # the input config is left alone
+    config.train.pretrain_steps = 0
+    with pytest.raises(ValueError, match="pretrain_steps must be > 0"):
+        baseline_table.method_config(config, "svm")
+
+
+def test_best_pixel_threshold_and_component_boxes():
+    maps = np.zeros((2, 8, 8), np.float32)
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 1:4] = True
+    maps[0, 1:3, 1:4] = 0.9
+    maps[0, 6, 6] = 0.5  # a weaker speck outside the mask
+    maps[1] = 0.1
+    threshold = baseline_table.best_pixel_threshold(masks, maps)
+    # Only cuts in (0.5, 0.9] separate the defect from everything else (pixel F1 = 1).
+    assert 0.5 < threshold <= 0.9
+    boxes = baseline_table.component_boxes(maps, 0.3, max_boxes=3)
+    # Image 0: the defect (peak 0.9) first, then the speck (0.5); image 1 has no component.
+    np.testing.assert_array_equal(boxes["box_valid"], [[1, 1, 0], [0, 0, 0]])
+    np.testing.assert_allclose(boxes["boxes_xyxy"][0, :2], [[1, 1, 4, 3], [6, 6, 7, 7]])
+    np.testing.assert_allclose(boxes["box_scores"][0, :2], [0.9, 0.5])
+    assert boxes["box_classes"].shape == (2, 3) and not boxes["box_classes"].any()
+
+
+def test_tables_format_undefined_values_and_label_the_paper():
+    rows = [
+        {
+            "fraction": 0.5,
+            "train_defects": 8,
+            "train_images": 16,
+            **{column: 0.25 for column, *_ in limited_data_study.STUDY_METRICS},
+        }
+    ]
+    rows[0]["map"] = math.nan
+    table = limited_data_study.markdown_table(rows).splitlines()
+    assert table[2] == "| 0.5 | 8 | 0.2500 | 0.2500 | 0.2500 | 0.2500 | 0.2500 | 0.2500 | n/a |"
+    paper_rows = [
+        {
+            "method": "svm",
+            "name": baseline_table.METHOD_NAMES["svm"],
+            "accuracy": 0.875,
+            "auroc": math.nan,
+            "map50": math.nan,
+            "images_per_sec": 1234.56,
+            "notes": "",
+            "paper_method": "ResNet-50 + SVM",
+            "paper_accuracy_percent": 88.3,
+            "paper_map50_percent": 70.2,
+            "paper_fps_jetson_xavier_nx": 32,
+        }
+    ]
+    lines = baseline_table.markdown_table(paper_rows).splitlines()
+    assert lines[2] == (
+        "| Frozen self-supervised encoder + linear SVM | 87.5 | n/a | 1234.6 | n/a | "
+        "ResNet-50 + SVM | 88.3 | 70.2 | 32 |"
+    )
+    assert "paper: FPS (Jetson Xavier NX)" in lines[0]
+    assert "not measured by this harness" in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "tool, flag, message",
+    [
+        ("limited_data_study.py", "--fractions=1.0,1.5", "--fractions entry 1.5 is not in (0, 1]"),
+        ("baseline_table.py", "--methods=full,yolo", "use a comma-separated subset of"),
+    ],
+)
+def test_command_line_rejects_bad_flags_before_any_work(tool, flag, message, tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    # Run from elsewhere: the tool finds the package on its own.
+    result = subprocess.run(
+        [sys.executable, str(repo / "tools" / tool), "--config", str(repo / "configs" / "tiny.py"),
+         "--workdir", str(tmp_path / "run"), flag],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_svm_is_skipped_without_defect_free_training_images(tmp_path):
+    # A Pascal-VOC set in which every image has a box (like NEU-DET): nothing is trained.
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for name in ("crack", "stain"):
+        for index in range(3):
+            image = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "data" / f"{name}_{index}.png")
+            (tmp_path / "data" / f"{name}_{index}.xml").write_text(
+                "<annotation><size><width>32</width><height>32</height><depth>3</depth></size>"
+                f"<object><name>{name}</name><bndbox><xmin>8</xmin><ymin>8</ymin><xmax>16</xmax>"
+                "<ymax>16</ymax></bndbox></object></annotation>"
+            )
+    config = tiny.get_config()
+    config.data.format = "voc"
+    config.data.root = str(tmp_path / "data")
+    workdir = tmp_path / "table"
+    (row,) = baseline_table.run_table(config, str(workdir), methods=("svm",))
+    assert math.isnan(row["accuracy"]) and math.isnan(row["images_per_sec"])
+    assert "no defect-free image" in row["notes"]
+    assert not (workdir / "svm").exists()
+    note = baseline_table.table_note(baseline_table.supervised_config(config))
+    table = baseline_table.markdown_table([row], note)
+    assert "| Frozen self-supervised encoder + linear SVM | n/a | n/a | n/a | n/a |" in table
+    assert "the test split has 0 defect-free and 2 defective images" in table
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    """5 test images per defect kind: supervised split 3 train / 1 validation / 1 test."""
+    from m2u_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("study_data")
+    synthetic.generate(
+        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=5
+    )
+    return str(root)
+
+
+def study_config(root, pretrain_steps=0):
+    """The tiny config as tests/test_evaluate.py trains it (same compiled programs)."""
+    config = tiny.get_config()
+    config.data.root = root
+    config.train.pretrain_steps = pretrain_steps
+    config.train.finetune_steps = 2
+    config.train.checkpoint_every = 2
+    config.model.det_score_threshold = 0.0
+    return config
+
+
+def test_limited_data_study_on_tiny(study_data, compilation_cache, tmp_path):
+    del compilation_cache
+    workdir = str(tmp_path / "study")
+    rows = limited_data_study.run_study(study_config(study_data), workdir, (1.0, 0.5))
+    # 4 defect kinds x 3 labelled training defects; half of 3 rounds to 2 per kind.
+    assert [row["train_defects"] for row in rows] == [12, 8]
+    assert [row["train_images"] for row in rows] == [20, 16]
+    for row, fraction in zip(rows, (1.0, 0.5)):
+        run_dir = limited_data_study.fraction_dir(workdir, fraction)
+        run_config = json.load(open(os.path.join(run_dir, "config.json")))
+        assert run_config["data"]["labeled_fraction"] == fraction
+        assert run_config["data"]["protocol"] == "supervised"
+        assert run_config["model"]["num_defect_classes"] == 4
+        saved = json.load(open(os.path.join(run_dir, "eval", "metrics.json")))
+        for column, section, key, _ in limited_data_study.STUDY_METRICS:
+            expected = saved[section][key]
+            if expected is None:  # NaN in the table is null in metrics.json
+                assert math.isnan(row[column])
+            else:
+                assert row[column] == pytest.approx(expected)
+        # Supervised: per-class AP over the four defect kinds.
+        assert sorted(saved["detection"]["per_class_ap50"]) == ["crack", "hole", "scratch", "stain"]
+    paths = limited_data_study.write_outputs(workdir, rows, "tiny")
+    table = open(paths["markdown"]).read()
+    assert "| 1 | 12 |" in table and "| 0.5 | 8 |" in table
+    saved_rows = json.load(open(paths["json"]))["rows"]
+    assert [row["fraction"] for row in saved_rows] == [1.0, 0.5]
+    with Image.open(paths["plot"]) as image:
+        assert image.size == (1600, 640)
+        assert np.asarray(image.convert("L")).std() > 10
+
+
+def test_baseline_table_on_tiny(study_data, compilation_cache, tmp_path):
+    del compilation_cache
+    workdir = str(tmp_path / "baselines")
+    rows = baseline_table.run_table(study_config(study_data, pretrain_steps=2), workdir)
+    assert [row["method"] for row in rows] == list(baseline_table.METHODS)
+    by_method = {row["method"]: row for row in rows}
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["images_per_sec"] > 0
+        paper = baseline_table.PAPER_TABLE[row["method"]]
+        assert (row["paper_accuracy_percent"], row["paper_map50_percent"]) == paper[1:3]
+    assert math.isnan(by_method["svm"]["map50"])  # the SVM gives no boxes
+    for method in ("full", "autoencoder", "detection"):
+        assert 0.0 <= by_method[method]["map50"] <= 1.0
+    full = json.load(open(os.path.join(workdir, "full", "eval", "metrics.json")))
+    assert by_method["full"]["accuracy"] == pytest.approx(full["image"]["accuracy"])
+    assert by_method["full"]["map50"] == pytest.approx(full["detection"]["map50"])
+    assert by_method["full"]["images_per_sec"] == pytest.approx(full["speed"]["images_per_sec"])
+    trained = {
+        method: json.load(open(os.path.join(workdir, method, "config.json")))
+        for method in baseline_table.METHODS
+    }
+    assert trained["autoencoder"]["train"]["loss_weights"]["seg_dice"] == 0.0
+    assert trained["detection"]["train"]["loss_weights"]["recon"] == 0.0
+    assert trained["svm"]["train"]["finetune_steps"] == 0
+    steps = [name for name in os.listdir(os.path.join(workdir, "svm", "checkpoints"))]
+    assert [name for name in steps if name.isdigit()] == ["2"]  # pretraining only
+    paths = baseline_table.write_outputs(workdir, rows, "tiny run")
+    table = open(paths["markdown"]).read()
+    assert "| M2U-InspectNet (full model, ours) |" in table and "| 94.8 | 91.7 | 52 |" in table
+    assert json.load(open(paths["json"]))["rows"][3]["map50"] is None

@@ -1,0 +1,1045 @@
+"""Throughput benchmark of every hot path: train step, inference, MC dropout, input pipeline,
+ONNX Runtime vs JAX, a PyTorch reference backbone, and train-step compile time.
+
+    python tools/benchmark.py --config configs/demo.py --modes train,infer,mc --out bench.json
+    python tools/benchmark.py --config configs/benchmark.py:S256_bf16 --modes train,infer,mc
+    python tools/benchmark.py --config configs/benchmark.py:B256_bf16 --modes compile
+    python tools/benchmark.py --config configs/tiny.py --config.model.scan_blocks=True ...
+
+Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
+
+- `train`: the jitted fine-tuning step of `m2u_jax.trainer.build_finetune_stage` (sharded over
+  every device, state donated) on an in-memory batch of `train.batch_size` images:
+  `images_per_sec_per_device`, `step_ms`, `mfu`, `compile_s`.
+- `infer`: `model.predict` (forward + image score + NMS) on `eval.batch_size` images on one
+  device: `images_per_sec`, `latency_ms_batch1`, `mfu`; also the bare forward pass.
+- `mc`: `uncertainty.mc_dropout_predict` with T = `eval.num_mc_samples` against one
+  deterministic pass producing the same statistics on the same batch: `cost_ratio`.
+- `pipeline`: `m2u_jax.data.pipeline.benchmark_pipeline` (tf.data; the only mode that imports
+  TensorFlow): `images_per_sec`, and its ratio to the train step's images/s on this host. Uses
+  `data.root`, or a synthetic set written to a temporary folder when that does not exist.
+- `onnx`: the exported inference graph (tools/convert_to_onnx) in ONNX Runtime against the
+  same function jitted in JAX on the same batch.
+- `torch`: a PyTorch reference of the same backbone (tools/torch_reference.py) against the JAX
+  backbone; skipped (with the reason in the JSON) when torch is not importable.
+- `compile`: lowering and XLA compile time of the train step with `model.scan_blocks` False and
+  True (from abstract shapes: nothing is allocated, so B at 256 compiles on a laptop).
+
+Experiments: `--mc-chunk N` also times MC dropout with the samples run N at a time
+(`jax.lax.map`) instead of all vmapped; `--unrolled-threefry` installs `m2u_jax.cpu_prng` (a
+loop-free CPU lowering of dropout's RNG, same bits); `--profile` adds a jax.profiler breakdown.
+
+Method: every program is lowered and compiled once (`compile_s`), then called through its
+`jax.jit` function, which reuses that executable (`jit_cache_entries` = 1 shows no retrace);
+`--warmup` calls are discarded, then `--repeats` timed repeats, each ended by
+`jax.block_until_ready`; reported times are medians, ratios are timed alternately. MFU uses
+the FLOPs of the compiled program (XLA cost analysis) and the peak of
+`m2u_jax.flops.peak_flops` (the device table, or on CPU the fastest float32 matmul measured at
+the start and the end of the same run). The train/infer/mc/torch/compile modes never
+import TensorFlow (`tensorflow_imported` in the JSON says so), so they run on accelerator
+machines that have only jax/flax/optax/orbax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:  # `configs` and `m2u_jax` import from the repository root
+    sys.path.insert(0, _REPO_ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m2u_jax import config as config_lib  # noqa: E402
+from m2u_jax import flops as flops_lib  # noqa: E402
+
+MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile")
+DEFAULT_MODES = ("train", "infer", "mc")
+
+
+class Settings:
+    """Measurement settings (command-line flags of the same names)."""
+
+    def __init__(
+        self,
+        *,
+        warmup: int = 2,
+        repeats: int = 5,
+        steps_per_repeat: int = 3,
+        pipeline_batches: int = 20,
+        matmul_sizes: tuple[int, ...] = flops_lib.MATMUL_PEAK_SIZES,
+        profile: bool = False,
+        onnx_path: str | None = None,
+        unrolled_threefry: bool = False,
+        mc_chunk: int = 0,
+    ):
+        if warmup < 1 or repeats < 1 or steps_per_repeat < 1 or pipeline_batches < 1:
+            raise ValueError(
+                "--warmup, --repeats, --steps-per-repeat and --pipeline-batches must be >= 1"
+            )
+        self.warmup = warmup
+        self.repeats = repeats
+        self.steps_per_repeat = steps_per_repeat
+        self.pipeline_batches = pipeline_batches
+        self.matmul_sizes = tuple(matmul_sizes)
+        self.profile = profile
+        self.onnx_path = onnx_path
+        self.unrolled_threefry = unrolled_threefry
+        self.mc_chunk = mc_chunk
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` (+ `--config.a.b=value` overrides) → a ConfigDict.
+
+    `arg`, when given, goes to `get_config(arg)` (configs/benchmark.py uses it to pick a
+    setting). Override values are parsed like the current value's type: bools take
+    true/false, tuples a Python literal or a comma-separated list. Raises ValueError naming
+    the file or the key.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
+        path = os.path.join(_REPO_ROOT, path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {spec}: no config file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {spec}: {path} has no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def _parse_like(current, text: str, key: str):
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key}={text!r}: expected true or false")
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, (tuple, list)):
+            stripped = text.strip()
+            if stripped.startswith(("(", "[")):
+                values = ast.literal_eval(stripped)
+            else:
+                values = [part.strip() for part in stripped.split(",") if part.strip()]
+            kind = type(current[0]) if current else str
+            return tuple(kind(value) for value in values)
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(
+            f"--config.{key}={text!r}: cannot parse as {type(current).__name__}"
+        ) from (error)
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Applies one `--config.a.b=value` (or `config.a.b=value`) to `config` in place."""
+    text = override[2:] if override.startswith("--") else override
+    if not text.startswith("config.") or "=" not in text:
+        raise ValueError(f"override {override!r}: use --config.<section>.<key>=<value>")
+    dotted, value = text[len("config.") :].split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ValueError(f"--config.{dotted}: no section {part!r} in the config")
+        node = node[part]
+    if leaf not in node:
+        raise ValueError(f"--config.{dotted}: unknown key (not in configs/default.py)")
+    node[leaf] = _parse_like(node[leaf], value, dotted)
+
+
+def describe_config(config: ml_collections.ConfigDict) -> dict:
+    """The settings that decide the cost of the programs, for the JSON."""
+    model = config.model
+    return dict(
+        variant=model.variant,
+        image_size=int(config.data.image_size),
+        modalities=str(config.data.modalities),
+        scales=list(model.scales),
+        patch_size=int(model.patch_size),
+        patch_stride=int(model.patch_stride),
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        attention=model.attention,
+        scan_blocks=bool(model.scan_blocks),
+        remat=bool(model.remat),
+        mc_dropout_blocks=int(model.mc_dropout_blocks),
+        train_batch_size=int(config.train.batch_size),
+        eval_batch_size=int(config.eval.batch_size),
+        num_mc_samples=int(config.eval.num_mc_samples),
+    )
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+    """An in-memory fine-tuning batch with the keys, shapes and dtypes of docs/interfaces.md
+    (numpy): random images; every other image is "defective" with one square defect, its
+    mask, box and class. Content does not change the cost of any program."""
+    rng = np.random.default_rng(seed)
+    side = int(config.data.image_size)
+    channels = config_lib.num_channels(config.data.modalities)
+    max_boxes = int(config.data.max_boxes)
+    num_classes = int(config.model.num_defect_classes)
+    images = rng.random((batch_size, side, side, channels), dtype=np.float32)
+    labels = (np.arange(batch_size) % 2).astype(np.int32)
+    defect_types = np.where(labels == 1, np.arange(batch_size) % num_classes + 1, 0)
+    masks = np.zeros((batch_size, side, side), np.float32)
+    boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
+    box_classes = np.zeros((batch_size, max_boxes), np.int32)
+    box_valid = np.zeros((batch_size, max_boxes), np.float32)
+    low, high = side // 4, side // 2
+    for index in np.flatnonzero(labels):
+        masks[index, low:high, low:high] = 1.0
+        boxes[index, 0] = (low, low, high, high)
+        box_classes[index, 0] = defect_types[index] - 1
+        box_valid[index, 0] = 1.0
+    return dict(
+        images=images,
+        clean_images=rng.random((batch_size, side, side, channels), dtype=np.float32),
+        recon_valid=(1 - labels).astype(np.float32),
+        masks=masks,
+        labels=labels,
+        defect_types=defect_types.astype(np.int32),
+        boxes=boxes,
+        box_classes=box_classes,
+        box_valid=box_valid,
+    )
+
+
+def _images(config: ml_collections.ConfigDict, batch_size: int, seed: int = 1) -> jax.Array:
+    side = int(config.data.image_size)
+    channels = config_lib.num_channels(config.data.modalities)
+    rng = np.random.default_rng(seed)
+    return jax.device_put(rng.random((batch_size, side, side, channels), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_calls(call: Callable[[], object], settings: Settings, calls_per_repeat: int = 1) -> dict:
+    """Warm-up, then `settings.repeats` timed repeats of `calls_per_repeat` calls each (the
+    last result blocked on). Returns `{'median_s', 'min_s', 'repeats_s'}`, all per call."""
+    for _ in range(settings.warmup):
+        jax.block_until_ready(call())
+    per_call = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        result = None
+        for _ in range(calls_per_repeat):
+            result = call()
+        jax.block_until_ready(result)
+        per_call.append((time.perf_counter() - start) / calls_per_repeat)
+    return dict(median_s=statistics.median(per_call), min_s=min(per_call), repeats_s=per_call)
+
+
+def time_pair(
+    numerator: Callable[[], object], denominator: Callable[[], object], settings: Settings
+) -> dict:
+    """Cost ratio of two programs timed alternately (a, b, a, b, ...), so that load changes on
+    a shared machine hit both alike. Returns the median of the per-repeat ratios and each
+    program's median and min seconds."""
+    for _ in range(settings.warmup):
+        jax.block_until_ready(numerator())
+        jax.block_until_ready(denominator())
+    times: tuple[list, list] = ([], [])
+    for _ in range(settings.repeats):
+        for call, bucket in ((numerator, times[0]), (denominator, times[1])):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            bucket.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(*times)]
+    return dict(
+        ratio=statistics.median(ratios),
+        numerator_median_s=statistics.median(times[0]),
+        numerator_min_s=min(times[0]),
+        denominator_median_s=statistics.median(times[1]),
+        denominator_min_s=min(times[1]),
+    )
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted function compiled for one set of argument shapes.
+
+    Calls go through `jitted` (the user's path, C++ dispatch) and reuse the executable that
+    `compile` built; `compiled` serves the cost and memory analyses.
+    """
+
+    jitted: Callable
+    compiled: object
+    lower_s: float
+    compile_s: float
+    compile_cpu_s: float  # process CPU seconds of the compile (steadier under load)
+
+    def __call__(self, *args):
+        return self.jitted(*args)
+
+    def cache_entries(self) -> int | None:
+        """Entries in the jit cache: 1 after any number of calls = never retraced."""
+        size = getattr(self.jitted, "_cache_size", None)
+        return None if size is None else int(size())
+
+
+def compile_program(fn: Callable, *args) -> Program:
+    """`jax.jit(fn)` (or `fn` if already jitted) lowered and compiled for `args`, timed."""
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at, cpu_start = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    return Program(
+        jitted,
+        compiled,
+        lowered_at - start,
+        time.perf_counter() - lowered_at,
+        time.process_time() - cpu_start,
+    )
+
+
+def _memory_of(compiled) -> dict:
+    bytes_, source = flops_lib.peak_memory(compiled)
+    return dict(peak_memory_bytes=bytes_, peak_memory_source=source)
+
+
+def _profile(call: Callable[[], object], compiled, settings: Settings) -> dict | None:
+    if not settings.profile:
+        return None
+    return flops_lib.profile_ops(call, compiled.as_text(), calls=settings.repeats)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build(config: ml_collections.ConfigDict):
+    """(model, float32-initialised variables on the default device) of `config.model`."""
+    from m2u_jax import model as model_lib
+
+    model = model_lib.build_model(config.model)
+    side = int(config.data.image_size)
+    channels = config_lib.num_channels(config.data.modalities)
+    variables = jax.jit(
+        lambda key: model.init(key, jnp.zeros((1, side, side, channels)), train=False)
+    )(jax.random.PRNGKey(config.seed))
+    return model, variables
+
+
+def predict_fn(model) -> Callable:
+    """`(variables, images) -> predictions` of `model.predict` (the infer mode's program)."""
+    from m2u_jax import model as model_lib
+
+    return lambda variables, images: model.apply(variables, images, method=model_lib.M2UNet.predict)
+
+
+def forward_fn(model) -> Callable:
+    """`(variables, images) -> outputs` of the bare deterministic forward (no post-processing)."""
+    return lambda variables, images: model.apply(variables, images, train=False)[0]
+
+
+def deterministic_statistics_fn(model) -> Callable:
+    """One deterministic pass giving the statistics MC dropout gives (score, anomaly map, type
+    probabilities; variances are 0): the reference of the MC cost ratio."""
+    from m2u_jax import uncertainty
+
+    def statistics_of_one_pass(variables, images):
+        outputs, _ = model.apply(variables, images, train=False)
+        used = {key: outputs[key][None] for key in ("pixel_logits", "image_logits", "type_logits")}
+        return uncertainty.sample_statistics(used, model.image_score_topk)
+
+    return statistics_of_one_pass
+
+
+def mc_fn(model, num_samples: int) -> Callable:
+    """`(variables, images, rng) -> statistics` of `uncertainty.mc_dropout_predict`."""
+    from m2u_jax import uncertainty
+
+    return lambda variables, images, rng: uncertainty.mc_dropout_predict(
+        model, variables, images, rng, num_samples
+    )
+
+
+def chunked_mc_fn(model, num_samples: int, chunk: int) -> Callable:
+    """The MC-dropout statistics of `mc_fn` with the samples run `chunk` at a time
+    (`jax.lax.map(..., batch_size=chunk)`: a loop over groups of vmapped samples) instead of all
+    T vmapped at once. Same dropout keys (`split(rng, T)[t]`), so the same samples up to float
+    rounding. An experiment (`--mc-chunk`) for `m2u_jax.uncertainty`: on a CPU the T x B
+    activations of the full vmap overflow the caches (docs/performance.md)."""
+    from m2u_jax import model as model_lib
+    from m2u_jax import uncertainty
+
+    used = ("pixel_logits", "image_logits", "type_logits")
+
+    def statistics_of_samples(variables, images, rng):
+        tokens, _ = model.apply(variables, images, train=False, method=model_lib.M2UNet.trunk)
+
+        def one_sample(key):
+            outputs, _ = model.apply(
+                variables,
+                tokens,
+                image_hw=images.shape[1:3],
+                train=True,
+                rngs={"dropout": key},
+                method=model_lib.M2UNet.stochastic_tail,
+            )
+            return {name: outputs[name] for name in used}
+
+        keys = jax.random.split(rng, num_samples)
+        samples = jax.lax.map(one_sample, keys, batch_size=chunk)
+        return uncertainty.sample_statistics(samples, model.image_score_topk)
+
+    return statistics_of_samples
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def bench_train(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """The fine-tuning train step (trainer.build_finetune_stage) on an in-memory batch."""
+    from m2u_jax import model as model_lib
+    from m2u_jax import sharding, trainer
+
+    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    model = model_lib.build_model(config.model)
+    stage = trainer.build_finetune_stage(config, model, mesh, jax.random.PRNGKey(config.seed))
+    batch_size = int(config.train.batch_size)
+    batch = jax.device_put(synthetic_batch(config, batch_size), sharding.batch_sharding(mesh))
+    state = stage.init_state()
+    program = compile_program(stage.train_step, state, batch)
+    holder = [state]
+
+    def one_step():
+        holder[0] = program(holder[0], batch)  # the state is donated: thread it through
+        return holder[0]
+
+    timing = time_calls(one_step, settings, settings.steps_per_repeat)
+    step_s = timing["median_s"]
+    num_devices = jax.device_count()
+    flops = flops_lib.compiled_flops(program.compiled)
+    loss = float(jax.device_get(holder[0].metric_sums["loss"]))
+    result = dict(
+        batch_size=batch_size,
+        num_devices=num_devices,
+        step_ms=1e3 * step_s,
+        step_ms_min=1e3 * timing["min_s"],
+        step_ms_repeats=[1e3 * t for t in timing["repeats_s"]],
+        images_per_sec=batch_size / step_s,
+        images_per_sec_per_device=batch_size / step_s / num_devices,
+        flops_per_step_per_device=flops,
+        flops_note=(
+            "XLA cost analysis; a while-loop body counts once"
+            if flops_lib.has_loops(program.compiled)
+            else "XLA cost analysis"
+        ),
+        lower_s=program.lower_s,
+        compile_s=program.compile_s,
+        compile_cpu_s=program.compile_cpu_s,
+        jit_cache_entries=program.cache_entries(),
+        loss_is_finite=math.isfinite(loss),
+        **_memory_of(program.compiled),
+    )
+    profile = _profile(one_step, program.compiled, settings)
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def bench_infer(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """`model.predict` at the eval batch and at batch 1 (latency), plus the bare forward."""
+    model, variables = build(config)
+    batch_size = int(config.eval.batch_size)
+    images = _images(config, batch_size)
+    program = compile_program(predict_fn(model), variables, images)
+    timing = time_calls(lambda: program(variables, images), settings)
+    flops = flops_lib.compiled_flops(program.compiled)
+    single = _images(config, 1)
+    single_program = compile_program(predict_fn(model), variables, single)
+    latency = time_calls(lambda: single_program(variables, single), settings)
+    forward = compile_program(forward_fn(model), variables, images)
+    forward_timing = time_calls(lambda: forward(variables, images), settings)
+    forward_flops = flops_lib.compiled_flops(forward.compiled)
+    result = dict(
+        batch_size=batch_size,
+        images_per_sec=batch_size / timing["median_s"],
+        batch_ms=1e3 * timing["median_s"],
+        batch_ms_min=1e3 * timing["min_s"],
+        batch_ms_repeats=[1e3 * t for t in timing["repeats_s"]],
+        latency_ms_batch1=1e3 * latency["median_s"],
+        latency_ms_batch1_min=1e3 * latency["min_s"],
+        flops_per_batch=flops,
+        forward_images_per_sec=batch_size / forward_timing["median_s"],
+        forward_flops_per_batch=forward_flops,
+        lower_s=program.lower_s,
+        compile_s=program.compile_s,
+        jit_cache_entries=program.cache_entries(),
+        **_memory_of(program.compiled),
+    )
+    profile = _profile(lambda: program(variables, images), program.compiled, settings)
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """MC dropout (T samples, trunk once) against one deterministic pass, same batch."""
+    from m2u_jax import model as model_lib
+
+    model, variables = build(config)
+    num_samples = int(config.eval.num_mc_samples)
+    batch_size = int(config.eval.batch_size)
+    images = _images(config, batch_size)
+    rng = jax.random.PRNGKey(1)
+    mc = compile_program(mc_fn(model, num_samples), variables, images, rng)
+    single = compile_program(deterministic_statistics_fn(model), variables, images)
+    pair = time_pair(
+        lambda: mc(variables, images, rng), lambda: single(variables, images), settings
+    )
+    # Every extra sample costs one tail, so 1 + (T - 1) x tail / pass is the ratio a
+    # compute-bound device would reach; tail FLOPs = one pass - the trunk's.
+    trunk = compile_program(
+        lambda v, x: model.apply(v, x, train=False, method=model_lib.M2UNet.trunk)[0],
+        variables,
+        images,
+    )
+    mc_flops = flops_lib.compiled_flops(mc.compiled)
+    single_flops = flops_lib.compiled_flops(single.compiled)
+    trunk_flops = flops_lib.compiled_flops(trunk.compiled)
+    tail_fraction = 1.0 - trunk_flops / single_flops if trunk_flops and single_flops else None
+    result = dict(
+        num_samples=num_samples,
+        batch_size=batch_size,
+        mc_dropout_blocks=int(config.model.mc_dropout_blocks),
+        cost_ratio=pair["ratio"],
+        cost_ratio_is="median over repeats of (MC time / deterministic time), timed alternately",
+        # On a shared machine the fastest repeat of each is the least disturbed one.
+        cost_ratio_of_minimums=pair["numerator_min_s"] / pair["denominator_min_s"],
+        mc_ms=1e3 * pair["numerator_median_s"],
+        mc_ms_min=1e3 * pair["numerator_min_s"],
+        deterministic_ms=1e3 * pair["denominator_median_s"],
+        deterministic_ms_min=1e3 * pair["denominator_min_s"],
+        images_per_sec=batch_size / pair["numerator_median_s"],
+        mc_flops=mc_flops,
+        deterministic_flops=single_flops,
+        flops_ratio=mc_flops / single_flops if mc_flops and single_flops else None,
+        tail_flops_fraction=tail_fraction,
+        flops_bound_ratio=None if tail_fraction is None else 1 + (num_samples - 1) * tail_fraction,
+        compile_s=mc.compile_s,
+        jit_cache_entries=mc.cache_entries(),
+        **_memory_of(mc.compiled),
+    )
+    if settings.mc_chunk:
+        chunked = compile_program(
+            chunked_mc_fn(model, num_samples, settings.mc_chunk), variables, images, rng
+        )
+        reference, candidate = mc(variables, images, rng), chunked(variables, images, rng)
+        chunked_pair = time_pair(
+            lambda: chunked(variables, images, rng), lambda: single(variables, images), settings
+        )
+        result["chunked"] = dict(
+            chunk=settings.mc_chunk,
+            cost_ratio=chunked_pair["ratio"],
+            cost_ratio_of_minimums=chunked_pair["numerator_min_s"]
+            / chunked_pair["denominator_min_s"],
+            mc_ms=1e3 * chunked_pair["numerator_median_s"],
+            mc_ms_min=1e3 * chunked_pair["numerator_min_s"],
+            deterministic_ms=1e3 * chunked_pair["denominator_median_s"],
+            max_abs_difference=max(
+                float(jnp.max(jnp.abs(reference[name] - candidate[name]))) for name in reference
+            ),
+            compile_s=chunked.compile_s,
+        )
+    profile = _profile(lambda: mc(variables, images, rng), mc.compiled, settings)
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def _pipeline_root(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+    """(data root, where it comes from): `data.root` when it exists, else a synthetic set."""
+    if os.path.isdir(config.data.root):
+        return config.data.root, "data.root"
+    from m2u_jax.data import synthetic
+
+    batch_size = int(config.train.batch_size)
+    root = os.path.join(workdir, "synthetic")
+    synthetic.generate(
+        root,
+        categories="fabric",
+        image_size=int(config.data.image_size),
+        num_train=max(4 * batch_size, 32),
+        num_test_good=2,
+        num_test_defect=1,
+    )
+    return root, f"synthetic (fabric, written to a temporary folder; {config.data.root} is absent)"
+
+
+def bench_pipeline(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """Host input pipeline images/s (`pipeline.benchmark_pipeline`; imports TensorFlow)."""
+    from m2u_jax.data import pipeline
+
+    with tempfile.TemporaryDirectory() as workdir:
+        root, source = _pipeline_root(config, workdir)
+        pipeline_config = copy.deepcopy(config)
+        pipeline_config.data.root = root
+        runs = [
+            pipeline.benchmark_pipeline(pipeline_config, settings.pipeline_batches)
+            for _ in range(min(settings.repeats, 3))
+        ]
+    return dict(
+        images_per_sec=statistics.median(runs),
+        images_per_sec_runs=runs,
+        batch_size=int(config.train.batch_size),
+        num_batches=settings.pipeline_batches,
+        data=source,
+        cache=bool(config.data.cache),
+    )
+
+
+def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """ONNX Runtime (CPU provider) on the exported inference graph (tools/convert_to_onnx,
+    jax2onnx backend, T = 1, fixed batch) against the same function jitted in JAX, on the same
+    images, timed alternately (`time_pair`)."""
+    try:
+        import onnxruntime
+
+        from tools.convert_to_onnx import convert, export_graph, parity
+    except ImportError as error:
+        return dict(skipped=True, reason=f"ONNX export/runtime not importable: {error}")
+    _, variables = build(config)
+    batch_size = int(config.eval.batch_size)
+    export_model, export_params = export_graph.build_export_model(config.model, variables["params"])
+    images = _images(config, batch_size)
+    jax_program = compile_program(
+        export_graph.make_inference_fn(export_model, export_params), images
+    )
+    host_images = np.asarray(images)
+    with tempfile.TemporaryDirectory() as workdir:
+        onnx_path = settings.onnx_path or os.path.join(workdir, "model.onnx")
+        report = convert.convert(config, variables, onnx_path, batch=batch_size, parity_count=2)
+        session = parity.onnx_session(onnx_path)
+        pair = time_pair(
+            lambda: parity.run_onnxruntime(session, host_images),
+            lambda: jax_program(images),
+            settings,
+        )
+    onnx_rate = batch_size / pair["numerator_median_s"]
+    jax_rate = batch_size / pair["denominator_median_s"]
+    slower_over_faster = max(pair["ratio"], 1.0 / pair["ratio"])
+    return dict(
+        batch_size=batch_size,
+        images_per_sec=onnx_rate,
+        jax_images_per_sec=jax_rate,
+        onnx_time_over_jax_time=pair["ratio"],
+        faster="jax" if pair["ratio"] > 1 else "onnxruntime",
+        slower_over_faster=slower_over_faster,
+        within_1_5x=slower_over_faster <= 1.5,
+        onnxruntime_version=onnxruntime.__version__,
+        providers=session.get_providers(),
+        export_passed_checks=bool(report.get("passed")),
+        onnx_nodes=report.get("num_nodes"),
+    )
+
+
+def bench_torch(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """PyTorch reference backbone (tools/torch_reference.py) vs the JAX backbone
+    (`M2UNet.embed`), same batch and shapes, timed alternately. Skipped (with the reason) when
+    torch is not importable."""
+    try:
+        from tools import torch_reference
+    except ImportError as error:  # torch itself missing lands here too
+        return dict(skipped=True, reason=f"torch is not importable: {error}")
+    from m2u_jax import model as model_lib
+
+    model, variables = build(config)
+    batch_size = int(config.eval.batch_size)
+    images = _images(config, batch_size)
+    embed = compile_program(
+        lambda v, x: model.apply(v, x, train=False, method=model_lib.M2UNet.embed),
+        variables,
+        images,
+    )
+    torch_forward, info = torch_reference.make_forward(config, batch_size=batch_size)
+    pair = time_pair(torch_forward, lambda: embed(variables, images), settings)
+    jax_parameters = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]["backbone"]))
+    return dict(
+        batch_size=batch_size,
+        images_per_sec=batch_size / pair["numerator_median_s"],
+        jax_images_per_sec=batch_size / pair["denominator_median_s"],
+        ratio=pair["ratio"],
+        ratio_is="torch time / JAX time, timed alternately (> 1: JAX faster)",
+        jax_parameter_count=int(jax_parameters),
+        same_parameter_count=int(jax_parameters) == info["parameter_count"],
+        **info,
+    )
+
+
+def bench_compile(config: ml_collections.ConfigDict) -> dict:
+    """Lower + compile seconds of the fine-tuning train step, `model.scan_blocks` False and
+    True, from abstract (shape-only) state and batch: nothing is allocated or run."""
+    from m2u_jax import model as model_lib
+    from m2u_jax import sharding, trainer
+
+    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    batch = synthetic_batch(config, 1)
+    batch_size = int(config.train.batch_size)
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(
+            (batch_size, *value.shape[1:]), value.dtype, sharding=sharding.batch_sharding(mesh)
+        )
+        for key, value in batch.items()
+    }
+    result = {}
+    for scan in (False, True):
+        variant = copy.deepcopy(config)
+        variant.model.scan_blocks = scan
+        model = model_lib.build_model(variant.model)
+        stage = trainer.build_finetune_stage(variant, model, mesh, jax.random.PRNGKey(0))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        lowered = stage.train_step.lower(stage.abstract_state, abstract_batch)
+        lowered_at, cpu_lowered_at = time.perf_counter(), time.process_time()
+        compiled = lowered.compile()
+        done, cpu_done = time.perf_counter(), time.process_time()
+        result[f"scan_blocks_{str(scan).lower()}"] = dict(
+            lower_s=lowered_at - start,
+            compile_s=done - lowered_at,
+            total_s=done - start,
+            # CPU seconds of this process (all threads): steadier than wall time on a shared
+            # machine; XLA's compiler is mostly single-threaded, so it is close to unloaded wall.
+            lower_cpu_s=cpu_lowered_at - cpu_start,
+            compile_cpu_s=cpu_done - cpu_lowered_at,
+            flops_per_step_per_device=flops_lib.compiled_flops(compiled),
+            **_memory_of(compiled),
+        )
+    result["batch_size"] = batch_size
+    result["note"] = (
+        "lowering + XLA compile of the train step on this machine's backend (on CPU: a proxy "
+        "for the GPU compile time)"
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def environment() -> dict:
+    """Device, versions and host load, for the JSON header."""
+    import flax
+
+    devices = jax.devices()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return dict(
+        device=f"{devices[0].platform}:{devices[0].device_kind} x{len(devices)}",
+        device_kind=devices[0].device_kind,
+        platform=devices[0].platform,
+        num_devices=len(devices),
+        jax_version=jax.__version__,
+        flax_version=flax.__version__,
+        python=sys.version.split()[0],
+        host_cpus=os.cpu_count(),
+        load_average_at_start=list(load) if load else None,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def run_benchmark(
+    config: ml_collections.ConfigDict,
+    modes: Sequence[str] = DEFAULT_MODES,
+    *,
+    batch_size: int | None = None,
+    settings: Settings | None = None,
+    config_name: str = "",
+) -> dict:
+    """Runs `modes` (see the module docstring) and returns the results dict (the JSON).
+
+    `batch_size` overrides `train.batch_size` and `eval.batch_size`. Raises ValueError for an
+    unknown mode and `m2u_jax.config.ConfigError` for a bad config.
+    """
+    settings = settings or Settings()
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ValueError(f"--modes: unknown mode(s) {unknown}; choose from {MODES}")
+    config = copy.deepcopy(config)
+    if batch_size is not None:
+        config.train.batch_size = int(batch_size)
+        config.eval.batch_size = int(batch_size)
+    config_lib.validate(config, num_devices=jax.device_count())
+    results = dict(config=config_name, settings=describe_config(config), **environment())
+    if settings.unrolled_threefry:
+        from m2u_jax import cpu_prng
+
+        results["unrolled_threefry_on_cpu"] = cpu_prng.install()
+    needs_peak = any(mode in modes for mode in ("train", "infer", "mc"))
+    peak, peak_source = (
+        flops_lib.peak_flops(override=config.train.peak_flops, matmul_sizes=settings.matmul_sizes)
+        if needs_peak
+        else (None, "not needed")
+    )
+    results["method"] = dict(
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        steps_per_repeat=settings.steps_per_repeat,
+        statistic="median over repeats; block_until_ready after each repeat",
+    )
+    for mode in modes:
+        start = time.perf_counter()
+        if mode == "train":
+            results["train"] = bench_train(config, settings)
+        elif mode == "infer":
+            results["infer"] = bench_infer(config, settings)
+        elif mode == "mc":
+            results["mc"] = bench_mc(config, settings)
+        elif mode == "pipeline":
+            results["pipeline"] = bench_pipeline(config, settings)
+        elif mode == "onnx":
+            results["onnx"] = bench_onnx(config, settings)
+        elif mode == "torch":
+            results["torch"] = bench_torch(config, settings)
+        elif mode == "compile":
+            results["compile"] = bench_compile(config)
+        results[mode]["mode_wall_s"] = time.perf_counter() - start
+    if needs_peak and peak_source.startswith("measured"):
+        # A peak measured on a busy machine can come out low; the best of a measurement before
+        # and one after the modes is closer to what the programs could have had.
+        peak = max(peak, flops_lib.measure_matmul_peak(settings.matmul_sizes)[0])
+        peak_source += ", best of the start and the end of the run"
+    results.update(peak_flops=peak, peak_flops_source=peak_source)
+    fill_mfu(results, peak)
+    if "pipeline" in results and "train" in results:
+        host_rate = (
+            results["train"]["images_per_sec"] * jax.local_device_count() / jax.device_count()
+        )
+        results["pipeline"]["train_images_per_sec_this_host"] = host_rate
+        results["pipeline"]["ratio_to_train"] = results["pipeline"]["images_per_sec"] / host_rate
+    compile_times = [results[m]["compile_s"] for m in ("train", "infer", "mc") if m in results]
+    results["compile_s"] = compile_times[0] if compile_times else None
+    results["compile_s_is"] = (
+        f"XLA compile of the {[m for m in ('train', 'infer', 'mc') if m in results][0]} program"
+        if compile_times
+        else None
+    )
+    memories = [
+        (results[m]["peak_memory_bytes"], results[m]["peak_memory_source"])
+        for m in ("train", "infer", "mc")
+        if m in results
+    ]
+    device_bytes, device_source = flops_lib.peak_memory(None)
+    if device_source.startswith("device") or not memories:
+        results["peak_memory_bytes"], results["peak_memory_source"] = device_bytes, device_source
+    else:
+        results["peak_memory_bytes"] = max(bytes_ for bytes_, _ in memories)
+        results["peak_memory_source"] = memories[0][1] + " (largest program of the run)"
+    results["process_max_rss_bytes"] = _max_rss_bytes()
+    results["tensorflow_imported"] = "tensorflow" in sys.modules
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["load_average_at_end"] = list(load) if load else None
+    return results
+
+
+def fill_mfu(results: dict, peak: float | None) -> None:
+    """Adds the MFU of every timed program (FLOPs per call x calls per second / peak)."""
+    if "train" in results:
+        train = results["train"]
+        train["mfu"] = flops_lib.mfu(
+            train["flops_per_step_per_device"], 1e3 / train["step_ms"], peak
+        )
+    if "infer" in results:
+        infer = results["infer"]
+        infer["mfu"] = flops_lib.mfu(infer["flops_per_batch"], 1e3 / infer["batch_ms"], peak)
+        forward_batches_per_sec = infer["forward_images_per_sec"] / infer["batch_size"]
+        infer["forward_mfu"] = flops_lib.mfu(
+            infer["forward_flops_per_batch"], forward_batches_per_sec, peak
+        )
+    if "mc" in results:
+        mc = results["mc"]
+        mc["mfu"] = flops_lib.mfu(mc["mc_flops"], 1e3 / mc["mc_ms"], peak)
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fmt(value, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * scale:,.{digits}f}{unit}"
+
+
+def format_table(results: dict) -> str:
+    """The human-readable summary printed by `main`."""
+    rows = [("device", results["device"]), ("jax", results["jax_version"])]
+    rows.append(
+        (
+            "peak FLOP/s",
+            f"{_fmt(results['peak_flops'], ' G', 1e-9)} ({results['peak_flops_source']})",
+        )
+    )
+    if "train" in results:
+        train = results["train"]
+        rows += [
+            ("train images/s/device", _fmt(train["images_per_sec_per_device"])),
+            ("train step", _fmt(train["step_ms"], " ms", digits=2)),
+            ("train MFU", _fmt(train["mfu"], " %", 100)),
+            ("train compile", _fmt(train["compile_s"], " s", digits=2)),
+        ]
+    if "infer" in results:
+        infer = results["infer"]
+        rows += [
+            (f"infer images/s (batch {infer['batch_size']})", _fmt(infer["images_per_sec"])),
+            ("infer latency batch 1", _fmt(infer["latency_ms_batch1"], " ms", digits=2)),
+            ("infer MFU", _fmt(infer["mfu"], " %", 100)),
+            ("forward images/s (no NMS)", _fmt(infer["forward_images_per_sec"])),
+            ("forward MFU", _fmt(infer["forward_mfu"], " %", 100)),
+        ]
+    if "mc" in results:
+        mc = results["mc"]
+        rows += [
+            (f"MC T={mc['num_samples']} cost ratio", _fmt(mc["cost_ratio"], "x", digits=2)),
+            ("MC FLOPs ratio", _fmt(mc["flops_ratio"], "x", digits=2)),
+        ]
+        if "chunked" in mc:
+            rows.append(
+                (
+                    f"MC cost ratio, {mc['chunked']['chunk']} at a time",
+                    _fmt(mc["chunked"]["cost_ratio"], "x", digits=2),
+                )
+            )
+    if "pipeline" in results:
+        pipe = results["pipeline"]
+        rows.append(("pipeline images/s", _fmt(pipe["images_per_sec"])))
+        if "ratio_to_train" in pipe:
+            rows.append(("pipeline / train images/s", _fmt(pipe["ratio_to_train"], "x", digits=2)))
+    for name in ("onnx", "torch"):
+        if name in results:
+            part = results[name]
+            if part.get("skipped"):
+                rows.append((name, f"skipped: {part['reason']}"))
+            elif name == "onnx":
+                rows.append(("onnxruntime images/s", _fmt(part["images_per_sec"])))
+                rows.append(("jax (same graph) images/s", _fmt(part["jax_images_per_sec"])))
+            else:
+                rows.append(("torch images/s", _fmt(part["images_per_sec"])))
+                rows.append(("jax / torch", _fmt(part["ratio"], "x", digits=2)))
+    if "compile" in results:
+        for key in ("scan_blocks_false", "scan_blocks_true"):
+            rows.append(
+                (f"compile {key}", _fmt(results["compile"][key]["total_s"], " s", digits=1))
+            )
+    rows.append(
+        (
+            "peak memory",
+            f"{_fmt(results['peak_memory_bytes'], ' MB', 1e-6)} ({results['peak_memory_source']})",
+        )
+    )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring); returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="configs/X.py[:setting]")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {MODES}")
+    parser.add_argument("--batch-size", type=int, default=None, help="train and eval batch size")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps-per-repeat", type=int, default=3)
+    parser.add_argument("--pipeline-batches", type=int, default=20)
+    parser.add_argument(
+        "--matmul-sizes",
+        default=",".join(str(size) for size in flops_lib.MATMUL_PEAK_SIZES),
+        help="sides of the square matmuls timed for the CPU peak (the fastest counts)",
+    )
+    parser.add_argument("--profile", action="store_true", help="top HLO ops by time (jax.profiler)")
+    parser.add_argument("--onnx-path", default=None, help="keep the exported ONNX file here")
+    parser.add_argument(
+        "--mc-chunk",
+        type=int,
+        default=0,
+        help="also time MC dropout with samples run N at a time (lax.map), vs the library",
+    )
+    parser.add_argument(
+        "--unrolled-threefry",
+        action="store_true",
+        help="m2u_jax.cpu_prng.install(): loop-free dropout RNG on CPU (same bits)",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    bad = [item for item in overrides if not item.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        config = load_config(args.config, overrides)
+        settings = Settings(
+            warmup=args.warmup,
+            repeats=args.repeats,
+            steps_per_repeat=args.steps_per_repeat,
+            pipeline_batches=args.pipeline_batches,
+            matmul_sizes=tuple(int(size) for size in args.matmul_sizes.split(",")),
+            profile=args.profile,
+            onnx_path=args.onnx_path,
+            unrolled_threefry=args.unrolled_threefry,
+            mc_chunk=args.mc_chunk,
+        )
+        modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+        results = run_benchmark(
+            config,
+            modes,
+            batch_size=args.batch_size,
+            settings=settings,
+            config_name=" ".join([args.config, *overrides]),
+        )
+    except (ValueError, config_lib.ConfigError) as error:
+        print(f"benchmark.py: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(_json_safe(results), file, indent=2)
+            file.write("\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
