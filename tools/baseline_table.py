@@ -45,6 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tools.study_setup import enable_compilation_cache, supervised_config  # noqa: E402
+
 METHODS = ("full", "autoencoder", "detection", "svm")
 METHOD_NAMES = {
     "full": "M2U-InspectNet (full model, ours)",
@@ -66,15 +68,6 @@ LOSS_TERMS_OF = {
 }
 # Candidate pixel thresholds (quantiles of the validation map) for the autoencoder's boxes.
 _PIXEL_THRESHOLD_QUANTILES = np.linspace(0.5, 0.9999, 200)
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Persistent XLA compilation cache in `path` (shared by the table's runs); '' = off."""
-    if path:
-        from jax.experimental.compilation_cache import compilation_cache
-
-        os.makedirs(path, exist_ok=True)
-        compilation_cache.set_cache_dir(path)
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -336,19 +329,6 @@ def evaluate_full(config, workdir: str) -> dict:
         "images_per_sec": metrics["speed"]["images_per_sec"],
         "notes": f"full report in {os.path.join(workdir, 'eval', 'report.md')}",
     }
-
-
-def supervised_config(config):
-    """`config` on the supervised protocol with the dataset's number of defect classes."""
-    from m2u_jax.data import pipeline
-
-    table = config.copy_and_resolve_references()
-    table.data.protocol = "supervised"
-    info = pipeline.load_dataset_info(table)
-    if not info.class_names:
-        raise ValueError(f"{config.data.root} has no defective image: no table to build")
-    table.model.num_defect_classes = info.num_classes
-    return table
 
 
 def run_table(config, workdir: str, methods=METHODS) -> list[dict]:

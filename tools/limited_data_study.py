@@ -30,6 +30,8 @@ if __package__ in (None, ""):  # `python tools/limited_data_study.py` from anywh
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tools.study_setup import enable_compilation_cache, supervised_config  # noqa: E402
+
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05)
 # (column name, metrics.json section, key, label)
 STUDY_METRICS = (
@@ -55,30 +57,6 @@ def parse_fractions(text: str) -> tuple[float, ...]:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"--fractions entry {fraction} is not in (0, 1]")
     return fractions
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Persistent XLA compilation cache in `path` (shared by the study's runs); '' = off."""
-    if not path:
-        return
-    os.makedirs(path, exist_ok=True)
-    from jax.experimental.compilation_cache import compilation_cache
-
-    compilation_cache.set_cache_dir(path)
-
-
-def supervised_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with `data.protocol='supervised'` and `model.num_defect_classes` set
-    to the dataset's number of defect types."""
-    from m2u_jax.data import pipeline
-
-    study = config.copy_and_resolve_references()
-    study.data.protocol = "supervised"
-    info = pipeline.load_dataset_info(study)
-    if not info.class_names:
-        raise ValueError(f"{config.data.root} has no defective image: nothing to study")
-    study.model.num_defect_classes = info.num_classes
-    return study
 
 
 def fraction_config(config: ml_collections.ConfigDict, fraction: float):
