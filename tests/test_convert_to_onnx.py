@@ -7,6 +7,7 @@ the jax2tf backend runs once, for a static T = 1 and a dynamic T = 4 graph in on
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -198,10 +199,16 @@ def test_flatten_params_roundtrip():
 # ----------------------------------------------------------------------------- jax2onnx
 
 
-def test_cli_exports_checkpoint_static_batch_with_parity(config, params, workdir, images, tmp_path):
+def test_cli_exports_checkpoint_static_batch_with_parity(
+    config, params, workdir, images, tmp_path, monkeypatch
+):
     output = str(tmp_path / "static.onnx")
+    # Run from an empty folder so the config's relative data.root (data/synthetic) is absent even
+    # after a `make demo` in the checkout, and parity must fall back to generated images.
+    tiny_config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    monkeypatch.chdir(tmp_path)
     code = convert.main(
-        ["--config", "configs/tiny.py", "--workdir", workdir, "--output", output, "--batch", "1"]
+        ["--config", tiny_config, "--workdir", workdir, "--output", output, "--batch", "1"]
     )
     assert code == 0
     report = json.load(open(output + ".parity.json"))
