@@ -40,15 +40,18 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The demo's embedded data: 3 categories at 64 px (see configs/demo.py); written once.
-data/synthetic/.done: | setup
-	$(PY) -m m2u_jax.data.synthetic --out data/synthetic --image-size 64 --num-train 60 \
-		--num-test-good 30 --num-test-defect 30
+# The demo's embedded data: 3 categories at 64 px (see configs/demo.py), ~10 s to write. The
+# stamp names the generator arguments, so changing them regenerates the data on the next run.
+DEMO_DATA_ARGS := --image-size 64 --num-train 200 --num-test-good 60 --num-test-defect 80
+DEMO_DATA_STAMP := data/synthetic/.done-64px-200-60-80
+$(DEMO_DATA_STAMP): | setup
+	rm -f data/synthetic/.done*
+	$(PY) -m m2u_jax.data.synthetic --out data/synthetic $(DEMO_DATA_ARGS)
 	touch $@
 
 # Train (pretrain + fine-tune, then eval into runs/demo/eval), export ONNX with its parity check,
 # print the summary table. A re-run resumes from the last checkpoint and re-exports.
-demo: setup data/synthetic/.done
+demo: setup $(DEMO_DATA_STAMP)
 	$(PY) train.py --config configs/demo.py --workdir runs/demo
 	$(PY) tools/convert_to_onnx/convert.py --config configs/demo.py --workdir runs/demo \
 		--output runs/demo/model.onnx --dynamic-batch

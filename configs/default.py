@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.good_class = "good"  # Folder/class name that marks defect-free images (mask_folder, voc).
     data.skip_bad_files = False  # Skip unreadable/inconsistent files with a counted warning.
     data.synthetic_anomaly_prob = 0.5  # Probability that a training image gets a synthetic anomaly.
+    data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
     data.shuffle_buffer = 1024  # tf.data shuffle buffer (examples).
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.
@@ -54,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
     model.param_dtype = "float32"  # Parameter dtype.
     model.decoder_channels = 64  # Channels of the upsampling decoder of the anomaly branch.
+    model.detail_channels = 0  # Full-res conv stem for pixel logits and boxes (skips); 0 = off.
     model.det_channels = 128  # Channels of the YOLO-style detection CNN (neck and shared head).
     model.num_defect_classes = 4  # Defect classes for the detection / defect-type heads.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.

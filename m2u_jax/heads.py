@@ -66,6 +66,41 @@ def decoder_start_stride(patch_stride: int, token_scale: float, height: int, wid
     return stride
 
 
+class DetailStem(nn.Module):
+    """Full-resolution convolutional features for the heads (U-Net / FPN-style skips).
+
+    The token grid is coarse (one token per `patch_stride` pixels), so on its own it cannot place
+    a 1-2 pixel crack to the pixel. This stem keeps what the patchify step throws away: 3×3
+    stride-2 convs + SiLU on the input (normalised to [-1, 1] like the backbone's input) give
+    `channels`-wide maps at strides 2, 4, …, `max_stride`. The anomaly decoder's pixel-logit path
+    and the detection head's first level concatenate the map of their stride; the
+    reconstruction path never sees them, so it still cannot copy a defect from the input.
+    It is deterministic and runs in the trunk (once per image under MC dropout).
+
+    Returns {stride: `[B, H/stride, W/stride, channels]`} for strides 2, 4, …, `max_stride`.
+    """
+
+    channels: int = 16
+    max_stride: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> dict[int, jax.Array]:
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        features = (images.astype(jnp.float32) * 2.0 - 1.0).astype(self.dtype)
+        maps, stride = {}, 1
+        while stride < self.max_stride:
+            stride *= 2
+            features = nn.silu(
+                nn.Conv(self.channels, (3, 3), strides=(2, 2), name=f"conv_s{stride}", **conv)(
+                    features
+                )
+            )
+            maps[stride] = features
+        return maps
+
+
 class AnomalyDecoder(TokenGeometry):
     """Light upsampling decoder → (recon `[B, H, W, C]` in [0, 1], pixel_logits `[B, H, W]`).
 
@@ -83,8 +118,14 @@ class AnomalyDecoder(TokenGeometry):
 
     @nn.compact
     def __call__(
-        self, grid: jax.Array, image_hw: tuple[int, int], *, train: bool
+        self,
+        grid: jax.Array,
+        image_hw: tuple[int, int],
+        *,
+        train: bool,
+        detail: dict[int, jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
+        """`detail` ({stride: map} from `DetailStem`) adds the pixel-logit path below."""
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         height, width = image_hw
         stride = decoder_start_stride(self.patch_stride, self.token_scale, height, width)
@@ -93,12 +134,34 @@ class AnomalyDecoder(TokenGeometry):
         features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
         channels, stage = self.channels, 0
         floor = min(16, self.channels)
+        # With detail maps, the pixel logits get their own path: at every stage whose stride the
+        # stem has, [decoder features, pixel path so far (upsampled), detail] → 3×3 conv + SiLU.
+        pixel_path = None
+
+        def merge_detail(pixel_path, features, stride, stage_name):
+            if not detail or stride not in detail:
+                return pixel_path
+            parts = [features, detail[stride].astype(features.dtype)]
+            if pixel_path is not None:
+                parts.append(upsample2x_bilinear(pixel_path))
+            merged = nn.Conv(features.shape[-1], (3, 3), name=f"pixel_{stage_name}", **conv)(
+                jnp.concatenate(parts, axis=-1)
+            )
+            return nn.silu(merged)
+
+        pixel_path = merge_detail(pixel_path, features, stride, "start")
         while stride > 2:
             channels = max(channels // 2, floor)
             features = upsample2x_bilinear(features)
             features = nn.silu(nn.Conv(channels, (3, 3), name=f"up_{stage}", **conv)(features))
             stride, stage = stride // 2, stage + 1
-        maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
+            pixel_path = merge_detail(pixel_path, features, stride, str(stage - 1))
+        if pixel_path is None:
+            maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
+        else:
+            recon_maps = nn.Conv(self.image_channels, (1, 1), name="out", **conv)(features)
+            logit_map = nn.Conv(1, (1, 1), name="pixel_out", **conv)(pixel_path)
+            maps = jnp.concatenate([recon_maps, logit_map], axis=-1)
         while stride > 1:
             maps = upsample2x_bilinear(maps)
             stride //= 2
@@ -129,8 +192,15 @@ class DetectionHead(TokenGeometry):
 
     @nn.compact
     def __call__(
-        self, grid: jax.Array, image_hw: tuple[int, int], *, train: bool
+        self,
+        grid: jax.Array,
+        image_hw: tuple[int, int],
+        *,
+        train: bool,
+        detail: dict[int, jax.Array] | None = None,
     ) -> dict[str, jax.Array]:
+        """`detail` ({stride: map} from `DetailStem`): the first level concatenates the map of
+        its stride before its neck conv (later levels inherit it through `down_l`)."""
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         height, width = image_hw
         for stride in self.strides:
@@ -162,6 +232,10 @@ class DetectionHead(TokenGeometry):
                 features = nn.silu(features)
             else:
                 features = self.align(projected, image_hw, stride)
+                if detail and stride in detail:
+                    features = jnp.concatenate(
+                        [features, detail[stride].astype(features.dtype)], axis=-1
+                    )
             previous, previous_stride = features, stride
             features = nn.silu(
                 nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)

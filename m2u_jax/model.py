@@ -4,10 +4,14 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
 
 - `model.apply(variables, images, train=...)` → `(outputs, aux)` per docs/interfaces.md;
   dropout needs `rngs={'dropout': key}` when `train=True`.
-- `method=M2UNet.trunk`: images → `(tokens [B, N, D], aux)`, everything before the last
-  `mc_dropout_blocks` backbone blocks, deterministic (run once for MC dropout).
-- `method=M2UNet.stochastic_tail`: `(tokens, image_hw=(H, W), train=True)` → `(outputs, aux)`,
-  the last blocks, final norm and every head. `__call__` is exactly `stochastic_tail ∘ trunk`.
+- `method=M2UNet.trunk`: images → `(trunk_state, aux)`, everything before the last
+  `mc_dropout_blocks` backbone blocks, deterministic (run once for MC dropout). `trunk_state`
+  is the tokens `[B, N, D]`, or, with `detail_channels > 0`, `{'tokens': [B, N, D],
+  'detail': {stride: [B, H/stride, W/stride, detail_channels]}}` (the `DetailStem` maps, which
+  are deterministic too). Treat it as an opaque pytree.
+- `method=M2UNet.stochastic_tail`: `(trunk_state, image_hw=(H, W), train=True)` →
+  `(outputs, aux)`, the last blocks, final norm and every head. `__call__` is exactly
+  `stochastic_tail ∘ trunk`.
 - `method=M2UNet.embed`: images → pooled backbone embedding `[B, D]` only (contrastive
   pretraining; skips the heads).
 - `method=M2UNet.predict` or `predict(model, variables, images)`: deterministic inference →
@@ -30,7 +34,13 @@ import ml_collections
 
 from m2u_jax import boxes
 from m2u_jax.config import MODALITY_CHANNELS, split_list
-from m2u_jax.heads import AnomalyDecoder, DetectionHead, ImageHead
+from m2u_jax.heads import (
+    AnomalyDecoder,
+    DetailStem,
+    DetectionHead,
+    ImageHead,
+    decoder_start_stride,
+)
 from m2u_jax.layers import ATTENTION_IMPLEMENTATIONS, Dtype, mean
 from m2u_jax.vit import VARIANTS, Backbone, stream_grids
 
@@ -75,6 +85,7 @@ class M2UNet(nn.Module):
     scan_blocks: bool = False
     remat: bool = False
     decoder_channels: int = 64
+    detail_channels: int = 0
     det_channels: int = 128
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
@@ -126,6 +137,10 @@ class M2UNet(nn.Module):
             **geometry,
             **common,
         )
+        if self.detail_channels > 0:
+            self.detail_stem = DetailStem(
+                channels=self.detail_channels, max_stride=self._detail_max_stride(), **common
+            )
         self.image_head = ImageHead(
             num_defect_classes=self.num_defect_classes,
             dropout_rate=self.dropout_rate,
@@ -139,21 +154,41 @@ class M2UNet(nn.Module):
     def _grids(self, image_hw: tuple[int, int]):
         return stream_grids(*image_hw, self.patch_size, self.patch_stride, self.scales)
 
-    def trunk(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
-        """images `[B, H, W, C]` in [0, 1] → (tokens `[B, N, D]`, aux). Deterministic unless
-        `train` (the training forward passes through here too)."""
-        return self.backbone.trunk(images, train=train)
+    def _detail_max_stride(self) -> int:
+        """Coarsest detail map the heads use: the decoder's start stride or the first detection
+        level, whichever is coarser (the stem doubles its stride per conv up to there)."""
+        fine_scale = max(self.scales)
+        start = decoder_start_stride(
+            self.patch_stride, fine_scale, self.image_size, self.image_size
+        )
+        stride = 2
+        while stride < max(start, self.det_strides[0]):
+            stride *= 2
+        return stride
+
+    def trunk(self, images: jax.Array, *, train: bool = False):
+        """images `[B, H, W, C]` in [0, 1] → (trunk_state, aux): the tokens `[B, N, D]`, or
+        with `detail_channels` the dict of tokens and detail maps (module docstring).
+        Deterministic unless `train` (the training forward passes through here too)."""
+        tokens, aux = self.backbone.trunk(images, train=train)
+        if self.detail_channels <= 0:
+            return tokens, aux
+        return {"tokens": tokens, "detail": self.detail_stem(images)}, aux
 
     def stochastic_tail(
         self,
-        tokens: jax.Array,
+        trunk_state,
         *,
         image_hw: tuple[int, int] | None = None,
         train: bool,
     ) -> tuple[dict, dict]:
-        """Trunk tokens `[B, N, D]` → (outputs, aux): the last `mc_dropout_blocks` blocks, the
-        final norm and all heads. `image_hw` (static) is the input size, default
-        `(image_size, image_size)`."""
+        """Trunk state (tokens `[B, N, D]` or the dict of `trunk`) → (outputs, aux): the last
+        `mc_dropout_blocks` blocks, the final norm and all heads. `image_hw` (static) is the
+        input size, default `(image_size, image_size)`."""
+        if isinstance(trunk_state, dict):
+            tokens, detail = trunk_state["tokens"], trunk_state["detail"]
+        else:
+            tokens, detail = trunk_state, None
         image_hw = tuple(image_hw or (self.image_size, self.image_size))
         grids = self._grids(image_hw)
         lengths = tuple(rows * cols for rows, cols in grids)
@@ -163,8 +198,8 @@ class M2UNet(nn.Module):
         start = sum(lengths[:fine])
         rows, cols = grids[fine]
         fine_grid = tokens[:, start : start + rows * cols].reshape(-1, rows, cols, self.width)
-        recon, pixel_logits = self.anomaly_decoder(fine_grid, image_hw, train=train)
-        det = self.detection_head(fine_grid, image_hw, train=train)
+        recon, pixel_logits = self.anomaly_decoder(fine_grid, image_hw, train=train, detail=detail)
+        det = self.detection_head(fine_grid, image_hw, train=train, detail=detail)
         image_logits, type_logits = self.image_head(embedding, train=train)
         outputs = dict(
             recon=recon,
@@ -194,8 +229,10 @@ class M2UNet(nn.Module):
         `dropout_tail_only=True` keeps the trunk deterministic while the tail uses dropout (with
         `train=True`): exactly one MC-dropout sample, as `uncertainty.mc_dropout_predict` draws
         them."""
-        tokens, trunk_aux = self.trunk(images, train=train and not dropout_tail_only)
-        outputs, tail_aux = self.stochastic_tail(tokens, image_hw=images.shape[1:3], train=train)
+        trunk_state, trunk_aux = self.trunk(images, train=train and not dropout_tail_only)
+        outputs, tail_aux = self.stochastic_tail(
+            trunk_state, image_hw=images.shape[1:3], train=train
+        )
         return outputs, {**trunk_aux, **tail_aux}
 
     def embed(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -299,6 +336,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         scan_blocks=bool(model_config.scan_blocks),
         remat=bool(model_config.remat),
         decoder_channels=int(model_config.decoder_channels),
+        detail_channels=int(model_config.detail_channels),
         det_channels=int(model_config.det_channels),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),

@@ -193,3 +193,44 @@ def test_blur_keeps_constant_images():
     taps = np.exp(-0.5 * np.arange(-3, 4) ** 2)
     taps /= taps.sum()
     np.testing.assert_allclose(blurred[0, 13:20, 13:20, 0], np.outer(taps, taps), atol=1e-6)
+
+
+def test_flip_example_moves_mask_and_boxes_together():
+    # A 1-pixel-tall bar at rows 1, columns 2..4 of a 6x8 image; its box is [2, 1, 5, 2).
+    image = np.zeros((6, 8, 3), np.float32)
+    mask = np.zeros((6, 8), np.float32)
+    image[1, 2:5] = 1.0
+    mask[1, 2:5] = 1.0
+    example = {
+        "images": tf.constant(image),
+        "masks": tf.constant(mask),
+        "boxes": tf.constant([[2.0, 1.0, 5.0, 2.0], [0.0, 0.0, 0.0, 0.0]]),
+        "box_valid": tf.constant([1.0, 0.0]),
+        "labels": tf.constant(1),
+    }
+    both = augment.flip_example(example, tf.constant(True), tf.constant(True))
+    # Mirrored left-right: columns 8-5=3 .. 8-2=6; top-bottom: row 6-2=4.
+    np.testing.assert_array_equal(both["boxes"].numpy(), [[3.0, 4.0, 6.0, 5.0], [0.0] * 4])
+    expected_mask = np.zeros((6, 8), np.float32)
+    expected_mask[4, 3:6] = 1.0
+    np.testing.assert_array_equal(both["masks"].numpy(), expected_mask)
+    np.testing.assert_array_equal(both["images"].numpy()[..., 0], expected_mask)
+    # The box still bounds the mirrored mask exactly (the same rule as the anomalies' boxes).
+    recomputed, _ = augment.mask_bounding_boxes(tf.constant(expected_mask[None] > 0))
+    np.testing.assert_array_equal(recomputed.numpy()[0], both["boxes"].numpy()[0])
+    assert int(both["labels"]) == 1
+    horizontal = augment.flip_example(example, tf.constant(True), tf.constant(False))
+    np.testing.assert_array_equal(horizontal["boxes"].numpy()[0], [3.0, 1.0, 6.0, 2.0])
+    unchanged = augment.flip_example(example, tf.constant(False), tf.constant(False))
+    np.testing.assert_array_equal(unchanged["images"].numpy(), image)
+    np.testing.assert_array_equal(unchanged["boxes"].numpy(), example["boxes"].numpy())
+
+
+def test_sample_flips_is_stateless_and_balanced():
+    keys = [augment.fold_key(tf.constant([0, 1], tf.int64), index) for index in range(400)]
+    draws = np.array([[bool(flag) for flag in augment.sample_flips(key)] for key in keys])
+    again = np.array([[bool(flag) for flag in augment.sample_flips(key)] for key in keys[:20]])
+    np.testing.assert_array_equal(draws[:20], again)
+    # 400 fair coins per axis: the mean is within 0.5 +- 0.1 with overwhelming probability.
+    assert np.all(np.abs(draws.mean(0) - 0.5) < 0.1)
+    assert 0.1 < np.mean(draws[:, 0] & draws[:, 1]) < 0.4

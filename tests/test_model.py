@@ -289,3 +289,58 @@ def test_parameter_count(variant):
     assert (
         sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) == MODEL_PARAMETERS[variant]
     )
+
+
+def test_detail_stem_feeds_pixel_logits_and_boxes_but_not_the_reconstruction(images):
+    # tiny at 32 px: patch 8 → the decoder starts at stride 8, detection levels (8, 16).
+    model = model_lib.build_model(tiny_model_config(detail_channels=8))
+    variables = {"params": random_params(model, images, seed=4)}
+    stem = variables["params"]["detail_stem"]
+    # Stride-2 convs up to stride 8 = max(decoder start 8, first detection level 8).
+    assert sorted(stem) == ["conv_s2", "conv_s4", "conv_s8"]
+    assert stem["conv_s2"]["kernel"].shape == (3, 3, 3, 8)
+    assert stem["conv_s8"]["kernel"].shape == (3, 3, 8, 8)
+    decoder = variables["params"]["anomaly_decoder"]
+    # The pixel path merges the stem at strides 8 (start), 4 and 2.
+    assert {"pixel_start", "pixel_0", "pixel_1", "pixel_out"} <= set(decoder)
+    assert decoder["out"]["kernel"].shape[-1] == 3  # the reconstruction's own 1x1 conv
+
+    @jax.jit
+    def run(variables, images):
+        full, _ = model.apply(variables, images, train=False)
+        state, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
+        split, _ = model.apply(
+            variables,
+            state,
+            image_hw=(32, 32),
+            train=False,
+            method=model_lib.M2UNet.stochastic_tail,
+        )
+        return full, state, split
+
+    full, state, split = run(variables, images)
+    assert state["tokens"].shape == (BATCH, 20, 64)
+    assert {stride: value.shape for stride, value in state["detail"].items()} == {
+        2: (BATCH, 16, 16, 8),
+        4: (BATCH, 8, 8, 8),
+        8: (BATCH, 4, 4, 8),
+    }
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), split, full)
+
+    # Zeroing the stem's last-layer kernels and biases changes what the pixel logits and the
+    # boxes see, but the reconstruction has no path from the stem: it stays bit-identical.
+    silenced = jax.tree.map(jnp.zeros_like, stem)
+    other = {"params": {**variables["params"], "detail_stem": silenced}}
+    changed, _, _ = run(other, images)
+    np.testing.assert_array_equal(changed["recon"], full["recon"])
+    assert np.max(np.abs(changed["pixel_logits"] - full["pixel_logits"])) > 1e-3
+    assert np.max(np.abs(changed["det"]["obj_logits"] - full["det"]["obj_logits"])) > 1e-3
+
+    # The off switch keeps the pinned layout: no stem, one 1x1 'out' conv with C + 1 maps.
+    plain = jax.eval_shape(
+        lambda: model_lib.build_model(tiny_model_config()).init(
+            jax.random.key(0), images, train=False
+        )
+    )["params"]
+    assert "detail_stem" not in plain
+    assert plain["anomaly_decoder"]["out"]["kernel"].shape[-1] == 4

@@ -122,6 +122,43 @@ def _warp(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     )
 
 
+def flip_example(
+    example: dict[str, tf.Tensor], horizontal: tf.Tensor, vertical: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Mirrors one fine-tuning example, keeping image, mask and boxes consistent.
+
+    Args:
+      example: `images [S, S, C]`, `masks [S, S]`, `boxes [G, 4]` xyxy pixels (x2 / y2 one past
+        the last column / row, as `mask_bounding_boxes` writes them), `box_valid [G]`, and any
+        other keys (passed through).
+      horizontal, vertical: scalar bools, mirror left-right / top-bottom.
+
+    A box [x1, x2) becomes [W - x2, W - x1): the same pixels as the mirrored mask. Padding boxes
+    (`box_valid` 0) stay all-zero. Labels and types do not change: a mirrored defect is the same
+    defect, and inspection surfaces have no canonical orientation (see the contrastive views).
+    """
+    out = dict(example)
+    images, masks, boxes = example["images"], example["masks"], example["boxes"]
+    height = tf.cast(tf.shape(images)[0], boxes.dtype)
+    width = tf.cast(tf.shape(images)[1], boxes.dtype)
+    x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+    x1, x2 = tf.where(horizontal, width - x2, x1), tf.where(horizontal, width - x1, x2)
+    y1, y2 = tf.where(vertical, height - y2, y1), tf.where(vertical, height - y1, y2)
+    valid = tf.cast(example["box_valid"] > 0, boxes.dtype)[:, None]
+    out["boxes"] = tf.stack([x1, y1, x2, y2], axis=-1) * valid
+    out["images"] = tf.where(horizontal, tf.reverse(images, [1]), images)
+    out["images"] = tf.where(vertical, tf.reverse(out["images"], [0]), out["images"])
+    out["masks"] = tf.where(horizontal, tf.reverse(masks, [1]), masks)
+    out["masks"] = tf.where(vertical, tf.reverse(out["masks"], [0]), out["masks"])
+    return out
+
+
+def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
+    uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))
+    return uniforms[0] < 0.5, uniforms[1] < 0.5
+
+
 def mask_bounding_boxes(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Bounding box of all set pixels of each mask.
 

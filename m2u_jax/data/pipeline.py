@@ -288,6 +288,7 @@ def make_train_dataset(
         return example, tf.ensure_shape(ok, []), key
 
     prob = float(config.data.synthetic_anomaly_prob)
+    flips = bool(config.data.random_flips)
     rgb_offset = _rgb_offset(modalities)
     # Class-agnostic (unsupervised): an anomaly is a 'defect' (type 1); else its type is unknown.
     synthetic_type = 1 if info.protocol == "unsupervised" else -1
@@ -304,6 +305,8 @@ def make_train_dataset(
                 ]
             )
             return {"images": example["images"]}, {"views": views}
+        if flips:
+            example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(key, example["labels"], prob, channels)
         return example, params

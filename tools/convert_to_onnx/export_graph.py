@@ -212,7 +212,11 @@ def inference_with_params(
                 copies = num_mc_samples + 1
                 outputs, _ = model.apply(
                     variables,
-                    jnp.tile(tokens, (copies, 1, 1)),
+                    # The trunk state is the tokens or a dict with the detail maps too.
+                    jax.tree.map(
+                        lambda value: jnp.tile(value, (copies,) + (1,) * (value.ndim - 1)),
+                        tokens,
+                    ),
                     image_hw=image_hw,
                     train=True,
                     method=model_lib.M2UNet.stochastic_tail,
