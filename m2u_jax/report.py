@@ -47,9 +47,20 @@ METRIC_LABELS = {
     "per_class_ap50": "AP@0.5",
     "per_class_ap": "AP@[.5:.95]",
     "ece": "ECE",
-    "error_detection_auroc": "error-detection AUROC of the uncertainty",
-    "images_per_second": "images/s",
+    # The keys evaluate.py writes (metrics.json); a key missing here is shown as it is.
+    "error_auroc": "error-detection AUROC of the uncertainty",
+    "images_per_sec": "images/s (deterministic)",
     "latency_ms": "batch-1 latency (ms)",
+    "mc_images_per_sec": "images/s (MC dropout)",
+    "mc_latency_ms": "batch-1 latency, MC dropout (ms)",
+    "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "pixel_auroc": "pixel AUROC",
+    "num_reviewed": "images reviewed",
+    "fraction_reviewed": "fraction reviewed",
+    "automatic_accuracy": "accuracy of the automatic decisions",
+    "defect_recall": "defect recall",
+    "missed_defects": "missed defects",
 }
 
 # Sections of the metrics dict, in report order, with their headings; other top-level keys
@@ -478,7 +489,8 @@ def _section_lines(section, detection: bool) -> list[str]:
         columns = []
         for row in section:
             columns += [c for c in row if c not in columns]
-        return _table(columns, [[text(row.get(c, math.nan)) for c in columns] for row in section])
+        rows = [[text(row.get(c, math.nan)) for c in columns] for row in section]
+        return _table([_label(c) for c in columns], rows)
     if not isinstance(section, Mapping):
         return _table(["value"], [[text(section)]])
     if section and all(_is_flat_mapping(v) for v in section.values()):

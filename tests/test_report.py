@@ -134,8 +134,8 @@ def test_write_report(tmp_path, image_data):
             "per_class_ap50": {"crack": 1.0, "hole": -1.0},
             "per_class_ap": {"crack": 0.5, "hole": -1.0},
         },
-        "uncertainty": {"ece": 0.0412, "review": rows},
-        "speed": {"images_per_second": 1234.567},
+        "uncertainty": {"ece": 0.0412, "error_auroc": 0.75, "review": rows},
+        "speed": {"images_per_sec": 1234.567, "mc_images_per_sec": 321.0},
         "per_category": {"bottle": {"auroc": 0.99}, "cable": {"auroc": 0.8, "aupro": 0.7}},
         "extra": {"note": "hello"},
     }
@@ -156,7 +156,9 @@ def test_write_report(tmp_path, image_data):
     assert "| hole | n/a (no GT) | n/a (no GT) |" in text
     assert "| ECE | 0.0412 |" in text
     assert f"| 0.1000 | {rows[0]['num_reviewed']} | " in text
-    assert "| images/s | 1234.6 |" in text
+    assert "| images/s (deterministic) | 1234.6 |" in text
+    assert "| images/s (MC dropout) | 321.0 |" in text
+    assert "| error-detection AUROC of the uncertainty | 0.7500 |" in text
     assert "| bottle | 0.9900 | n/a |" in text
     assert "| cable | 0.8000 | 0.7000 |" in text
     assert "## extra" in text and "| note | hello |" in text
