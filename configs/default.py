@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.batch_size = 32  # Evaluation batch size.
     evaluation.num_mc_samples = 16  # MC-dropout samples for uncertainty (1 = deterministic).
+    evaluation.mc_chunk_size = 2  # MC samples run at a time (CPU: caches); 0 = all T (GPU/TPU).
     evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.

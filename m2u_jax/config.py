@@ -106,6 +106,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"data.image_size={data.image_size} is not divisible by model.det_strides "
                 f"entry {stride}"
             )
+    if config.eval.mc_chunk_size < 0:
+        raise ConfigError(
+            f"eval.mc_chunk_size={config.eval.mc_chunk_size} must be >= 0 (0 = all samples at once)"
+        )
     if train.batch_size <= 0 or train.batch_size % train.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={train.batch_size} must be positive and divisible by "

@@ -192,7 +192,12 @@ def make_model_predict_fn(
         result = to_host({key: predictions[key] for key in wanted})
         if num_samples > 1:
             statistics = uncertainty_lib.mc_dropout_predict(
-                model, variables, images, jax.random.fold_in(base_rng, batch_index), num_samples
+                model,
+                variables,
+                images,
+                jax.random.fold_in(base_rng, batch_index),
+                num_samples,
+                chunk_size=int(config.eval.mc_chunk_size),
             )
             result.update(to_host({key: statistics[key] for key in _PER_IMAGE_KEYS[1:]}))
         else:
@@ -503,14 +508,21 @@ def measure_speed(
     if num_samples > 1:
         key = jax.random.PRNGKey(0)
         seconds = time_call(
-            lambda: uncertainty_lib.mc_dropout_predict(model, variables, batch, key, num_samples),
+            lambda: uncertainty_lib.mc_dropout_predict(
+                model, variables, batch, key, num_samples, chunk_size=int(config.eval.mc_chunk_size)
+            ),
             repeats,
         )
         result["mc_images_per_sec"] = batch_size / seconds
         single_key = jax.device_put(key, first_device)
         seconds = time_call(
             lambda: uncertainty_lib.mc_dropout_predict(
-                model, single_variables, single, single_key, num_samples
+                model,
+                single_variables,
+                single,
+                single_key,
+                num_samples,
+                chunk_size=int(config.eval.mc_chunk_size),
             ),
             repeats,
         )

@@ -1,12 +1,18 @@
 """Predictive uncertainty: MC dropout, deep ensembles, and the accept / reject / review policy.
 
 MC dropout runs the deterministic trunk (`M2UNet.trunk`) once and samples only the stochastic
-tail (`M2UNet.stochastic_tail`: the last `mc_dropout_blocks` backbone blocks and every head) with
-`jax.vmap` over dropout keys, all under one `jit`: T samples cost one trunk + T tails instead of
-T full passes. Sample t uses `jax.random.split(rng, T)[t]` as its dropout key, so it equals
+tail (`M2UNet.stochastic_tail`: the last `mc_dropout_blocks` backbone blocks and every head)
+over T dropout keys, all under one `jit`: T samples cost one trunk + T tails instead of T full
+passes. The tails run `chunk_size` samples at a time (`eval.mc_chunk_size`): `jax.lax.map(...,
+batch_size=chunk_size)`, a loop over groups of `jax.vmap`-ed samples, or all T in one `vmap`
+with `chunk_size=0`. Chunks keep the T x B activations of the tail out of a CPU's caches
+(chunks of 1-2 cut the MC time by a third on the demo and S128 configs); on GPU/TPU, 0 (one
+vmap over all T, the most parallel work) is expected to be best (not yet measured). The
+chunking changes the schedule, not the samples: sample t uses `jax.random.split(rng, T)[t]` as
+its dropout key whatever the chunk size, so it equals
 `model.apply(variables, images, train=True, dropout_tail_only=True, rngs={'dropout': key_t})`
 for threefry keys (JAX's default); 'rbg' / 'unsafe_rbg' keys draw different (equally valid) bits
-under vmap than in a loop.
+under vmap than in a loop, so with them the samples depend on the chunk size.
 
 Per image, the statistics treat the image score `p_t` of every sample (see
 `model.image_score`) as the probability that the image is defective:
@@ -32,6 +38,10 @@ from m2u_jax.model import M2UNet, image_score
 ACCEPT, REJECT, REVIEW = 0, 1, 2
 DECISION_NAMES = ("accept", "reject", "review")
 _EPS = 1e-6
+# The outputs `sample_statistics` reads: the loop of a chunked run carries only these.
+_STATISTICS_INPUTS = ("pixel_logits", "image_logits", "type_logits")
+# Samples per chunk when the caller does not say (configs/default.py `eval.mc_chunk_size`).
+DEFAULT_MC_CHUNK_SIZE = 2
 
 
 def binary_entropy(probs: jax.Array) -> jax.Array:
@@ -62,7 +72,13 @@ def sample_statistics(outputs: dict, topk_fraction: float) -> dict[str, jax.Arra
 
 
 def mc_dropout_predict(
-    model: M2UNet, variables, images: jax.Array, rng: jax.Array, num_samples: int
+    model: M2UNet,
+    variables,
+    images: jax.Array,
+    rng: jax.Array,
+    num_samples: int,
+    *,
+    chunk_size: int = DEFAULT_MC_CHUNK_SIZE,
 ) -> dict[str, jax.Array]:
     """MC-dropout prediction (module docstring).
 
@@ -73,23 +89,59 @@ def mc_dropout_predict(
       images: `[B, H, W, C]` float32 in [0, 1].
       rng: a PRNG key; split into `num_samples` dropout keys.
       num_samples: T (static).
+      chunk_size: tail samples run at a time (static; `eval.mc_chunk_size`); 0, or ≥ T, runs
+        all T in one vmap. Same samples for every value, up to float rounding.
 
     Returns:
       dict of `[B]` / `[B, H, W]` arrays (see `sample_statistics`).
     """
-    return _mc_dropout_statistics(model, num_samples, variables, images, rng)
+    return _mc_dropout_statistics(
+        model, num_samples, _effective_chunk_size(chunk_size, num_samples), variables, images, rng
+    )
 
 
 def mc_dropout_samples(
-    model: M2UNet, variables, images: jax.Array, rng: jax.Array, num_samples: int
+    model: M2UNet,
+    variables,
+    images: jax.Array,
+    rng: jax.Array,
+    num_samples: int,
+    *,
+    chunk_size: int = DEFAULT_MC_CHUNK_SIZE,
 ) -> dict:
     """The raw outputs of the T tail samples, every array with a leading `[T]` axis — what
     `mc_dropout_predict` reduces (for analysis, and for tests of the trunk/tail split)."""
-    return _mc_dropout_samples(model, num_samples, variables, images, rng)
+    return _mc_dropout_samples(
+        model,
+        num_samples,
+        _effective_chunk_size(chunk_size, num_samples),
+        None,
+        variables,
+        images,
+        rng,
+    )
 
 
-def _tail_samples(model: M2UNet, num_samples: int, variables, images, rng) -> dict:
-    """Trunk once (deterministic), then the stochastic tail vmapped over T dropout keys."""
+def _effective_chunk_size(chunk_size: int, num_samples: int) -> int:
+    """0 for every chunk size that runs all samples at once, so that they share one compile."""
+    if chunk_size < 0:
+        raise ValueError(f"eval.mc_chunk_size={chunk_size} must be >= 0 (0 = all samples at once)")
+    return 0 if chunk_size >= num_samples else chunk_size
+
+
+def _tail_samples(
+    model: M2UNet,
+    num_samples: int,
+    chunk_size: int,
+    output_keys: tuple[str, ...] | None,
+    variables,
+    images,
+    rng,
+) -> dict:
+    """Trunk once (deterministic), then the stochastic tail over T dropout keys, `chunk_size`
+    at a time (0 = all in one vmap). `output_keys` limits the sample outputs to those keys
+    (None = all): a loop carries every output it returns, where a vmap's unused outputs are
+    dropped by XLA."""
     tokens, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
 
     def one_sample(key):
@@ -101,17 +153,24 @@ def _tail_samples(model: M2UNet, num_samples: int, variables, images, rng) -> di
             rngs={"dropout": key},
             method=M2UNet.stochastic_tail,
         )
-        return outputs
+        return outputs if output_keys is None else {name: outputs[name] for name in output_keys}
 
-    return jax.vmap(one_sample)(jax.random.split(rng, num_samples))
+    keys = jax.random.split(rng, num_samples)
+    if chunk_size == 0:
+        return jax.vmap(one_sample)(keys)
+    return jax.lax.map(one_sample, keys, batch_size=chunk_size)
 
 
-_mc_dropout_samples = jax.jit(_tail_samples, static_argnums=(0, 1))
+_mc_dropout_samples = jax.jit(_tail_samples, static_argnums=(0, 1, 2, 3))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _mc_dropout_statistics(model: M2UNet, num_samples: int, variables, images, rng):
-    samples = _tail_samples(model, num_samples, variables, images, rng)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _mc_dropout_statistics(
+    model: M2UNet, num_samples: int, chunk_size: int, variables, images, rng
+):
+    samples = _tail_samples(
+        model, num_samples, chunk_size, _STATISTICS_INPUTS, variables, images, rng
+    )
     return sample_statistics(samples, model.image_score_topk)
 
 

@@ -53,7 +53,7 @@ def cli_results(tmp_path_factory):
         "--config.eval.num_mc_samples=3",
         "--unrolled-threefry",  # loop-free dropout RNG: a third of the compile time on CPU
         "--mc-chunk",
-        "1",
+        "0",
         "--out",
         str(out),
     ]
@@ -110,8 +110,10 @@ def test_cli_numbers_are_consistent(cli_results):
     assert train["jit_cache_entries"] == 1
     assert infer["jit_cache_entries"] == 1
     assert mc["jit_cache_entries"] == 1
-    # Samples one at a time (lax.map) are the library's vmapped samples: same dropout keys.
-    assert mc["chunked"]["chunk"] == 1 and _finite_positive(mc["chunked"]["cost_ratio"])
+    # The configured chunks (eval.mc_chunk_size = 2 of T = 3: lax.map) draw the same samples
+    # as all T in one vmap (--mc-chunk 0): same dropout keys.
+    assert mc["chunk_size"] == 2 and results["settings"]["mc_chunk_size"] == 2
+    assert mc["chunked"]["chunk"] == 0 and _finite_positive(mc["chunked"]["cost_ratio"])
     assert mc["chunked"]["max_abs_difference"] < 1e-5
     assert results["unrolled_threefry_on_cpu"] is True
     # The in-memory modes never import TensorFlow (GPU machines have none).

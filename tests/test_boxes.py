@@ -1,5 +1,6 @@
 """Tests of m2u_jax.boxes: overlap measures, ltrb coding, target assignment, NMS."""
 
+import fractions
 import functools
 import math
 
@@ -244,6 +245,128 @@ def test_batched_nms_matches_numpy_reference(num_boxes, max_detections):
     assert batch_size < total_kept < total_passing - 20
 
 
+def _exact_greedy_nms(boxes, scores, classes, *, num_candidates, iou_threshold, score_threshold):
+    """Greedy NMS over the `num_candidates` best boxes (stable score order, as `lax.top_k`) of
+    one image, with IoU as an exact fraction: integer-corner boxes make every comparison with
+    the threshold exact, ties at the threshold included. Returns the kept indices in order."""
+    threshold = fractions.Fraction(str(iou_threshold))
+
+    def iou(a, b):
+        inter_w = max(min(a[2], b[2]) - max(a[0], b[0]), 0)
+        inter_h = max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+        inter = int(inter_w * inter_h)
+        union = int((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+        return fractions.Fraction(inter, union) if union else fractions.Fraction(0)
+
+    kept = []
+    for i in np.argsort(-scores, kind="stable")[:num_candidates]:
+        if scores[i] < score_threshold:
+            break
+        if all(classes[j] != classes[i] or iou(boxes[i], boxes[j]) <= threshold for j in kept):
+            kept.append(int(i))
+    return kept
+
+
+@pytest.mark.parametrize(
+    "num_boxes,max_detections",
+    [(90, 4), (40, 32), (7, 8)],  # more passing boxes than k = 8 M; k = A; A < M (padding)
+)
+def test_batched_nms_equals_exact_greedy_nms_on_many_random_cases(num_boxes, max_detections):
+    # Seeded batches of 16 images: integer boxes crowded enough for chains of suppression,
+    # ties in score (scores on a 1/8 grid) and in IoU (exactly at the threshold), 1-3 classes,
+    # zero-area boxes, and several thresholds (traced, so each shape compiles once).
+    nms = jax.jit(functools.partial(box_ops.batched_nms, max_detections=max_detections))
+    num_candidates = min(max(num_boxes, max_detections), 8 * max_detections)
+    kept_total = passing_total = 0
+    for case, (iou_threshold, score_threshold) in enumerate(
+        [(0.5, 0.0), (0.3, 0.25), (0.7, 0.5), (0.5, 0.25)]
+    ):
+        rng = np.random.default_rng([num_boxes, case])
+        batch = 16
+        spread = rng.integers(4, 24, size=(batch, 1, 1))  # crowding differs per image
+        corners = np.floor(rng.random((batch, num_boxes, 2)) * spread)
+        sizes = rng.integers(2, 16, size=(batch, num_boxes, 2))
+        sizes = sizes * (rng.random((batch, num_boxes, 1)) > 0.05)  # a few zero-area boxes
+        boxes = np.concatenate([corners, corners + sizes], -1).astype(np.float32)
+        scores = (rng.integers(0, 9, size=(batch, num_boxes)) / 8).astype(np.float32)
+        num_classes = rng.integers(1, 4, size=(batch, 1))
+        classes = np.floor(rng.random((batch, num_boxes)) * num_classes).astype(np.int32)
+        result = nms(
+            boxes,
+            scores,
+            classes,
+            iou_threshold=np.float32(iou_threshold),
+            score_threshold=np.float32(score_threshold),
+        )
+        for image in range(batch):
+            kept = _exact_greedy_nms(
+                boxes[image],
+                scores[image],
+                classes[image],
+                num_candidates=num_candidates,
+                iou_threshold=iou_threshold,
+                score_threshold=score_threshold,
+            )
+            kept_total += len(kept)
+            passing_total += int(np.sum(scores[image] >= score_threshold))
+            kept = kept[:max_detections]
+            count = len(kept)
+            message = f"case {case}, image {image}"
+            np.testing.assert_array_equal(
+                result["valid"][image], np.arange(max_detections) < count, err_msg=message
+            )
+            for key, values in (("boxes_xyxy", boxes), ("scores", scores), ("classes", classes)):
+                np.testing.assert_array_equal(
+                    result[key][image, :count], values[image, kept], err_msg=message
+                )
+                np.testing.assert_array_equal(result[key][image, count:], 0, err_msg=message)
+    # Suppression really happens: kept 1717 of 4439 passing (A = 90), 1602 of 1976, 335 of 353.
+    assert kept_total <= 0.95 * passing_total
+
+
+def _chain_of_boxes(length):
+    # Box i is [3i, 0, 3i + 10, 10]: IoU 7/13 with its neighbours, at most 4/16 with the rest,
+    # so greedy NMS at 0.5 keeps every other box, and each decision depends on the one before.
+    starts = 3.0 * np.arange(length)
+    zeros = np.zeros(length)
+    return np.stack([starts, zeros, starts + 10, zeros + 10], -1).astype(np.float32)
+
+
+def test_batched_nms_resolves_a_long_chain_of_suppressions():
+    # The worst case of the fixed-point iteration: one chain over all 40 candidates needs 40
+    # updates, where a fixed number of updates would keep boxes that greedy NMS suppresses.
+    length = 40
+    boxes = _chain_of_boxes(length)[None]
+    scores = np.linspace(1.0, 0.5, length, dtype=np.float32)[None]
+    result = box_ops.batched_nms(
+        boxes,
+        scores,
+        np.zeros((1, length), np.int32),
+        max_detections=length,
+        iou_threshold=0.5,
+        score_threshold=0.0,
+    )
+    np.testing.assert_array_equal(result["valid"][0], np.arange(length) < length // 2)
+    np.testing.assert_array_equal(result["boxes_xyxy"][0, : length // 2], boxes[0, ::2])
+
+
+def test_greedy_nms_keep_matches_sequential_rule_on_random_graphs():
+    # Any strictly upper-triangular suppression graph, from sparse to dense.
+    rng = np.random.default_rng(3)
+    size = 24
+    for density in (0.05, 0.2, 0.5, 0.9):
+        suppresses = np.triu(rng.random((16, size, size)) < density, k=1)
+        valid = rng.random((16, size)) > 0.2
+        keep = np.asarray(jax.jit(box_ops.greedy_nms_keep)(suppresses, valid))
+        for image in range(16):
+            expected = np.zeros(size, bool)
+            for j in range(size):
+                expected[j] = valid[image, j] and not np.any(
+                    expected[:j] & suppresses[image, :j, j]
+                )
+            np.testing.assert_array_equal(keep[image], expected)
+
+
 def test_batched_nms_hand_built_cases():
     boxes = jnp.array(
         [
@@ -312,9 +435,11 @@ def test_batched_nms_exports_to_onnx_with_exact_parity():
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     rng = np.random.default_rng(7)
-    boxes = _random_boxes(rng, (2, 40)).astype(np.float32)
-    scores = rng.uniform(0, 1, (2, 40)).astype(np.float32)
-    classes = rng.integers(0, 3, (2, 40)).astype(np.int32)
+    boxes = _random_boxes(rng, (3, 40)).astype(np.float32)
+    scores = rng.uniform(0, 1, (3, 40)).astype(np.float32)
+    classes = rng.integers(0, 3, (3, 40)).astype(np.int32)
+    # Image 2 is one chain of suppressions: ONNX's Loop must also run until nothing changes.
+    boxes[2], scores[2], classes[2] = _chain_of_boxes(40), np.linspace(1, 0.5, 40), 0
 
     def nms(boxes_xyxy, box_scores, box_classes):
         result = box_ops.batched_nms(
@@ -337,4 +462,5 @@ def test_batched_nms_exports_to_onnx_with_exact_parity():
     exported = session.run(None, dict(zip(input_names, (boxes, scores, classes))))
     for onnx_value, jax_value in zip(exported, nms(boxes, scores, classes)):
         np.testing.assert_array_equal(onnx_value, np.asarray(jax_value))
-    assert exported[3].sum() > 0
+    assert exported[3][:2].sum() > 0
+    np.testing.assert_array_equal(exported[0][2], boxes[2, :16:2])  # every other chain box

@@ -95,6 +95,13 @@ def test_unknown_modality():
         config_lib.validate(config)
 
 
+def test_negative_mc_chunk_size():
+    config = default.get_config()
+    config.eval.mc_chunk_size = -1
+    with pytest.raises(config_lib.ConfigError, match="eval.mc_chunk_size=-1"):
+        config_lib.validate(config)
+
+
 def test_split_list_and_channels():
     assert config_lib.split_list(" bottle, cable,,") == ("bottle", "cable")
     assert config_lib.split_list("") == ()

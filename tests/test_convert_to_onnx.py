@@ -209,6 +209,7 @@ def test_cli_exports_checkpoint_static_batch_with_parity(
     monkeypatch.chdir(tmp_path)
     code = convert.main(
         ["--config", tiny_config, "--workdir", workdir, "--output", output, "--batch", "1"]
+        + ["--attention", "einsum"]
     )
     assert code == 0
     report = json.load(open(output + ".parity.json"))
@@ -231,7 +232,9 @@ def test_cli_exports_checkpoint_static_batch_with_parity(
     assert not any(node.op_type in ("Dropout", "Resize") for node in model.graph.node)
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     assert metadata["m2u.mc_samples"] == "1" and metadata["m2u.modalities"] == "rgb"
-    # Our own comparison, on the pipeline images: ONNX Runtime equals JAX to ~1e-6.
+    assert metadata["m2u.attention"] == "einsum"
+    # Our own comparison, on the pipeline images, against JAX with the default (matmul)
+    # attention: the einsum graph in ONNX Runtime equals it to ~1e-6.
     expected = _reference(config, params, 1)(images[:1])
     actual = _run(output, images[:1])
     np.testing.assert_allclose(actual["anomaly_map"], expected["anomaly_map"], atol=1e-5)
@@ -252,6 +255,20 @@ def test_dynamic_batch_t4_export_passes_parity(dynamic_t4, config, params, image
         assert batch["boxes"]["matched"] == sum(batch["jax_num_boxes"]) > 0
     model = onnx.load(output)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # Default attention form: batched MatMuls, no attention Einsum left in the graph.
+    equations = [
+        helper.get_attribute_value(node.attribute[0]).decode()
+        for node in model.graph.node
+        if node.op_type == "Einsum"
+    ]
+    assert "bqhd,bkhd->bhqk" not in equations and "bhqk,bkhd->bqhd" not in equations
+    assert sum(node.op_type == "MatMul" for node in model.graph.node) >= 4
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    assert metadata["m2u.attention"] == "matmul"
+    # The NMS is one Loop of fixed-point updates (a MatMul each), stopped by its condition.
+    (loop,) = [node for node in model.graph.node if node.op_type == "Loop"]
+    body = helper.get_attribute_value(loop.attribute[0])
+    assert loop.input[1] and any(node.op_type == "MatMul" for node in body.node)
     actual = _run(output, images[:3])  # a batch size parity did not use
     expected = _reference(config, params, 4)(images[:3])
     np.testing.assert_allclose(actual["uncertainty"], expected["uncertainty"], atol=1e-6)

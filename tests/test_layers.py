@@ -28,7 +28,7 @@ def _reference_attention(query, key, value, mask=None):
 def test_attention_forms_agree_with_numpy_reference():
     query, key, value = _qkv()
     expected = _reference_attention(query, key, value)
-    for form in ("dot_product", "einsum"):
+    for form in ("dot_product", "einsum", "matmul"):
         result = layers.attention(query, key, value, implementation=form)
         assert result.shape == (2, 5, 3, 4)
         np.testing.assert_allclose(result, expected, atol=1e-5, rtol=1e-5)
@@ -39,17 +39,17 @@ def test_attention_forms_agree_with_mask_and_bf16():
     mask = np.random.default_rng(2).random((2, 1, 5, 7)) > 0.3
     mask[..., 0] = True  # every query sees at least one key
     expected = _reference_attention(query, key, value, mask)
-    dot = layers.attention(query, key, value, implementation="dot_product", mask=mask)
-    ein = layers.attention(query, key, value, implementation="einsum", mask=mask)
-    np.testing.assert_allclose(dot, expected, atol=1e-5)
-    np.testing.assert_allclose(ein, expected, atol=1e-5)
+    for form in ("dot_product", "einsum", "matmul"):
+        masked = layers.attention(query, key, value, implementation=form, mask=mask)
+        np.testing.assert_allclose(masked, expected, atol=1e-5, err_msg=form)
     as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (query, key, value)]
     dot16 = layers.attention(*as_bf16, implementation="dot_product")
-    ein16 = layers.attention(*as_bf16, implementation="einsum")
-    assert dot16.dtype == ein16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-        np.asarray(dot16, np.float32), np.asarray(ein16, np.float32), atol=2e-2
-    )
+    for form in ("einsum", "matmul"):
+        other16 = layers.attention(*as_bf16, implementation=form)
+        assert dot16.dtype == other16.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(dot16, np.float32), np.asarray(other16, np.float32), atol=2e-2
+        )
 
 
 def test_einsum_attention_lowers_without_ellipsis():
@@ -59,6 +59,21 @@ def test_einsum_attention_lowers_without_ellipsis():
     )
     dot_generals = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
     assert len(dot_generals) == 2
+
+
+def test_matmul_attention_uses_batched_matmuls_without_einsum_letters():
+    # Heads next to the batch: both products are dot_generals batched over (B, heads) that
+    # contract one axis, which jax2onnx exports as MatMul (no Einsum node).
+    query, key, value = _qkv()
+    jaxpr = jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, implementation="matmul"))(
+        query, key, value
+    )
+    dot_generals = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    assert len(dot_generals) == 2
+    for eqn in dot_generals:
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+        assert lhs_batch == rhs_batch == (0, 1)
+        assert lhs_contract == (3,) and rhs_contract == (2,)
 
 
 def test_unknown_attention_form_is_rejected():
@@ -168,7 +183,7 @@ def _block_mask(lengths, mode):
 
 
 @pytest.mark.parametrize("mode", ["self", "cross"])
-@pytest.mark.parametrize("form", ["dot_product", "einsum"])
+@pytest.mark.parametrize("form", ["dot_product", "einsum", "matmul"])
 def test_multistream_attention_equals_masked_joint_attention(mode, form):
     lengths = (6, 3, 2)
     tokens = jax.random.normal(jax.random.key(0), (2, sum(lengths), 16))

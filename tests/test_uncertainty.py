@@ -92,6 +92,27 @@ def test_mc_split_is_exact_per_key(images):
     assert np.all(np.asarray(statistics["mutual_info"]) >= 0)
 
 
+def test_chunked_mc_statistics_equal_one_vmap(images):
+    # threefry keys (the default) draw the same bits per key whether vmapped or looped over, so
+    # the chunk size changes the schedule, not the samples. (test_mc_split_is_exact_per_key
+    # checks each sample of the default chunked run against a full forward with its key.)
+    model = build(dropout_rate=0.3, scales=(1.0,), det_strides=(8,))
+    variables = {"params": random_params(model, images, seed=3)}
+    rng, num_samples = jax.random.key(11), 3
+    all_at_once = uncertainty.mc_dropout_predict(
+        model, variables, images, rng, num_samples, chunk_size=0
+    )
+    assert np.all(np.asarray(all_at_once["score_var"]) > 0)  # dropout really samples
+    # Chunks of 2 of 3 samples: one loop step plus a remainder of one.
+    chunked = uncertainty.mc_dropout_predict(
+        model, variables, images, rng, num_samples, chunk_size=2
+    )
+    for name, value in all_at_once.items():
+        np.testing.assert_allclose(chunked[name], value, atol=1e-6, rtol=0, err_msg=name)
+    with pytest.raises(ValueError, match="mc_chunk_size=-1"):
+        uncertainty.mc_dropout_predict(model, variables, images, rng, num_samples, chunk_size=-1)
+
+
 @pytest.fixture(scope="module")
 def deterministic():
     """A dropout-free model and its jitted plain forward (shared: one compile)."""

@@ -13,8 +13,9 @@ Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
   `images_per_sec_per_device`, `step_ms`, `mfu`, `compile_s`.
 - `infer`: `model.predict` (forward + image score + NMS) on `eval.batch_size` images on one
   device: `images_per_sec`, `latency_ms_batch1`, `mfu`; also the bare forward pass.
-- `mc`: `uncertainty.mc_dropout_predict` with T = `eval.num_mc_samples` against one
-  deterministic pass producing the same statistics on the same batch: `cost_ratio`.
+- `mc`: `uncertainty.mc_dropout_predict` with T = `eval.num_mc_samples` samples run
+  `eval.mc_chunk_size` at a time, against one deterministic pass producing the same statistics
+  on the same batch: `cost_ratio`.
 - `pipeline`: `m2u_jax.data.pipeline.benchmark_pipeline` (tf.data; the only mode that imports
   TensorFlow): `images_per_sec`, and its ratio to the train step's images/s on this host. Uses
   `data.root`, or a synthetic set written to a temporary folder when that does not exist.
@@ -25,9 +26,10 @@ Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
 - `compile`: lowering and XLA compile time of the train step with `model.scan_blocks` False and
   True (from abstract shapes: nothing is allocated, so B at 256 compiles on a laptop).
 
-Experiments: `--mc-chunk N` also times MC dropout with the samples run N at a time
-(`jax.lax.map`) instead of all vmapped; `--unrolled-threefry` installs `m2u_jax.cpu_prng` (a
-loop-free CPU lowering of dropout's RNG, same bits); `--profile` adds a jax.profiler breakdown.
+Experiments: `--mc-chunk N` also times MC dropout with another chunk size, the samples run N
+at a time (N = 0: all T in one vmap), against the configured `eval.mc_chunk_size`;
+`--unrolled-threefry` installs `m2u_jax.cpu_prng` (a loop-free CPU lowering of dropout's RNG,
+same bits); `--profile` adds a jax.profiler breakdown.
 
 Method: every program is lowered and compiled once (`compile_s`), then called through its
 `jax.jit` function, which reuses that executable (`jit_cache_entries` = 1 shows no retrace);
@@ -86,12 +88,14 @@ class Settings:
         profile: bool = False,
         onnx_path: str | None = None,
         unrolled_threefry: bool = False,
-        mc_chunk: int = 0,
+        mc_chunk: int | None = None,
     ):
         if warmup < 1 or repeats < 1 or steps_per_repeat < 1 or pipeline_batches < 1:
             raise ValueError(
                 "--warmup, --repeats, --steps-per-repeat and --pipeline-batches must be >= 1"
             )
+        if mc_chunk is not None and mc_chunk < 0:
+            raise ValueError(f"--mc-chunk {mc_chunk} must be >= 0 (0 = all samples at once)")
         self.warmup = warmup
         self.repeats = repeats
         self.steps_per_repeat = steps_per_repeat
@@ -194,6 +198,7 @@ def describe_config(config: ml_collections.ConfigDict) -> dict:
         train_batch_size=int(config.train.batch_size),
         eval_batch_size=int(config.eval.batch_size),
         num_mc_samples=int(config.eval.num_mc_samples),
+        mc_chunk_size=int(config.eval.mc_chunk_size),
     )
 
 
@@ -377,45 +382,14 @@ def deterministic_statistics_fn(model) -> Callable:
     return statistics_of_one_pass
 
 
-def mc_fn(model, num_samples: int) -> Callable:
-    """`(variables, images, rng) -> statistics` of `uncertainty.mc_dropout_predict`."""
+def mc_fn(model, num_samples: int, chunk_size: int) -> Callable:
+    """`(variables, images, rng) -> statistics` of `uncertainty.mc_dropout_predict` with the
+    samples run `chunk_size` at a time (0 = all T in one vmap)."""
     from m2u_jax import uncertainty
 
     return lambda variables, images, rng: uncertainty.mc_dropout_predict(
-        model, variables, images, rng, num_samples
+        model, variables, images, rng, num_samples, chunk_size=chunk_size
     )
-
-
-def chunked_mc_fn(model, num_samples: int, chunk: int) -> Callable:
-    """The MC-dropout statistics of `mc_fn` with the samples run `chunk` at a time
-    (`jax.lax.map(..., batch_size=chunk)`: a loop over groups of vmapped samples) instead of all
-    T vmapped at once. Same dropout keys (`split(rng, T)[t]`), so the same samples up to float
-    rounding. An experiment (`--mc-chunk`) for `m2u_jax.uncertainty`: on a CPU the T x B
-    activations of the full vmap overflow the caches (docs/performance.md)."""
-    from m2u_jax import model as model_lib
-    from m2u_jax import uncertainty
-
-    used = ("pixel_logits", "image_logits", "type_logits")
-
-    def statistics_of_samples(variables, images, rng):
-        tokens, _ = model.apply(variables, images, train=False, method=model_lib.M2UNet.trunk)
-
-        def one_sample(key):
-            outputs, _ = model.apply(
-                variables,
-                tokens,
-                image_hw=images.shape[1:3],
-                train=True,
-                rngs={"dropout": key},
-                method=model_lib.M2UNet.stochastic_tail,
-            )
-            return {name: outputs[name] for name in used}
-
-        keys = jax.random.split(rng, num_samples)
-        samples = jax.lax.map(one_sample, keys, batch_size=chunk)
-        return uncertainty.sample_statistics(samples, model.image_score_topk)
-
-    return statistics_of_samples
 
 
 # ----------------------------------------------------------------------------- modes
@@ -513,10 +487,11 @@ def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 
     model, variables = build(config)
     num_samples = int(config.eval.num_mc_samples)
+    chunk_size = int(config.eval.mc_chunk_size)
     batch_size = int(config.eval.batch_size)
     images = _images(config, batch_size)
     rng = jax.random.PRNGKey(1)
-    mc = compile_program(mc_fn(model, num_samples), variables, images, rng)
+    mc = compile_program(mc_fn(model, num_samples, chunk_size), variables, images, rng)
     single = compile_program(deterministic_statistics_fn(model), variables, images)
     pair = time_pair(
         lambda: mc(variables, images, rng), lambda: single(variables, images), settings
@@ -528,12 +503,20 @@ def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         variables,
         images,
     )
-    mc_flops = flops_lib.compiled_flops(mc.compiled)
+    # XLA's cost analysis counts a loop body once, so the FLOPs of chunked sampling (a loop
+    # over chunks) are taken from the same statistics with all T samples in one vmap.
+    all_at_once = (
+        mc
+        if chunk_size == 0
+        else compile_program(mc_fn(model, num_samples, 0), variables, images, rng)
+    )
+    mc_flops = flops_lib.compiled_flops(all_at_once.compiled)
     single_flops = flops_lib.compiled_flops(single.compiled)
     trunk_flops = flops_lib.compiled_flops(trunk.compiled)
     tail_fraction = 1.0 - trunk_flops / single_flops if trunk_flops and single_flops else None
     result = dict(
         num_samples=num_samples,
+        chunk_size=chunk_size,
         batch_size=batch_size,
         mc_dropout_blocks=int(config.model.mc_dropout_blocks),
         cost_ratio=pair["ratio"],
@@ -546,6 +529,9 @@ def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         deterministic_ms_min=1e3 * pair["denominator_min_s"],
         images_per_sec=batch_size / pair["numerator_median_s"],
         mc_flops=mc_flops,
+        mc_flops_from="the program itself"
+        if chunk_size == 0
+        else "the same statistics with all T samples in one vmap (chunk_size=0)",
         deterministic_flops=single_flops,
         flops_ratio=mc_flops / single_flops if mc_flops and single_flops else None,
         tail_flops_fraction=tail_fraction,
@@ -554,9 +540,9 @@ def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         jit_cache_entries=mc.cache_entries(),
         **_memory_of(mc.compiled),
     )
-    if settings.mc_chunk:
+    if settings.mc_chunk is not None:
         chunked = compile_program(
-            chunked_mc_fn(model, num_samples, settings.mc_chunk), variables, images, rng
+            mc_fn(model, num_samples, settings.mc_chunk), variables, images, rng
         )
         reference, candidate = mc(variables, images, rng), chunked(variables, images, rng)
         chunked_pair = time_pair(
@@ -624,8 +610,15 @@ def bench_pipeline(config: ml_collections.ConfigDict, settings: Settings) -> dic
 
 def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """ONNX Runtime (CPU provider) on the exported inference graph (tools/convert_to_onnx,
-    jax2onnx backend, T = 1, fixed batch) against the same function jitted in JAX, on the same
-    images, timed alternately (`time_pair`)."""
+    jax2onnx backend, default export options, T = 1, fixed batch) against the same function
+    jitted in JAX, on the same images, timed alternately (`time_pair`).
+
+    The main numbers use ONNX Runtime's default session, whose idle worker threads spin
+    waiting for the next operator; `without_spinning` repeats the pair with
+    `session.intra_op.allow_spinning=0`. Which is faster depends on the machine's load:
+    spinning threads take cores from everything else, the next JAX call included (demo, batch
+    32, 2 cores: at load ~1.7 spinning made ORT 1.2x faster and JAX 1.4x slower; at load ~4 it
+    made ORT 1.8x slower)."""
     try:
         import onnxruntime
 
@@ -643,12 +636,19 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         onnx_path = settings.onnx_path or os.path.join(workdir, "model.onnx")
         report = convert.convert(config, variables, onnx_path, batch=batch_size, parity_count=2)
-        session = parity.onnx_session(onnx_path)
-        pair = time_pair(
-            lambda: parity.run_onnxruntime(session, host_images),
-            lambda: jax_program(images),
-            settings,
-        )
+
+        def onnxruntime_against_jax(allow_spinning: bool) -> tuple[dict, list[str]]:
+            # One session at a time: it is freed (threads and all) when this returns.
+            session = parity.onnx_session(onnx_path, allow_spinning=allow_spinning)
+            pair = time_pair(
+                lambda: parity.run_onnxruntime(session, host_images),
+                lambda: jax_program(images),
+                settings,
+            )
+            return pair, session.get_providers()
+
+        pair, providers = onnxruntime_against_jax(allow_spinning=True)
+        sleeping_pair, _ = onnxruntime_against_jax(allow_spinning=False)
     onnx_rate = batch_size / pair["numerator_median_s"]
     jax_rate = batch_size / pair["denominator_median_s"]
     slower_over_faster = max(pair["ratio"], 1.0 / pair["ratio"])
@@ -661,7 +661,13 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         slower_over_faster=slower_over_faster,
         within_1_5x=slower_over_faster <= 1.5,
         onnxruntime_version=onnxruntime.__version__,
-        providers=session.get_providers(),
+        providers=providers,
+        without_spinning=dict(
+            images_per_sec=batch_size / sleeping_pair["numerator_median_s"],
+            jax_images_per_sec=batch_size / sleeping_pair["denominator_median_s"],
+            onnx_time_over_jax_time=sleeping_pair["ratio"],
+        ),
+        attention=export_graph.export_model_config(config.model).attention,
         export_passed_checks=bool(report.get("passed")),
         onnx_nodes=report.get("num_nodes"),
     )
@@ -945,6 +951,14 @@ def format_table(results: dict) -> str:
             elif name == "onnx":
                 rows.append(("onnxruntime images/s", _fmt(part["images_per_sec"])))
                 rows.append(("jax (same graph) images/s", _fmt(part["jax_images_per_sec"])))
+                sleeping = part["without_spinning"]
+                rows.append(
+                    (
+                        "  ORT threads not spinning",
+                        f"{_fmt(sleeping['images_per_sec'])} vs jax "
+                        f"{_fmt(sleeping['jax_images_per_sec'])}",
+                    )
+                )
             else:
                 rows.append(("torch images/s", _fmt(part["images_per_sec"])))
                 rows.append(("jax / torch", _fmt(part["ratio"], "x", digits=2)))
@@ -996,8 +1010,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mc-chunk",
         type=int,
-        default=0,
-        help="also time MC dropout with samples run N at a time (lax.map), vs the library",
+        default=None,
+        help="also time MC dropout with samples run N at a time (0 = all in one vmap), "
+        "against the configured eval.mc_chunk_size",
     )
     parser.add_argument(
         "--unrolled-threefry",

@@ -39,10 +39,11 @@ function is traced (`fixed_dropout`): flax offers no other hook that survives ja
 itself patches that method during export. The patch is process-global while active; do not
 trace other flax models on other threads at the same time.
 
-The model is rebuilt for export by `export_model_config`: explicit-letter einsum attention
-(TensorRT's parser rejects `...` in Einsum), no `nn.scan` (scanned params are unrolled by
-`prepare_params`) and no remat, float32 compute, or float16 compute with float32 parameters
-for `--fp16` (see README.md).
+The model is rebuilt for export by `export_model_config`: attention as batched `MatMul`s
+(`model.attention='matmul'`, default) or as explicit-letter `Einsum`s ('einsum'); not
+`jax.nn.dot_product_attention`, whose jax2onnx lowering computes the logits in float16 under
+`--fp16`. No `nn.scan` (scanned params are unrolled by `prepare_params`) and no remat, float32
+compute, or float16 compute with float32 parameters for `--fp16` (see README.md).
 
 This module must also run under the jax2tf environment (jax 0.7.1, flax 0.12.0).
 """
@@ -64,6 +65,10 @@ from m2u_jax import model as model_lib
 from m2u_jax.vit import unroll_scanned_params
 
 INPUT_NAME = "images"
+# Attention forms of the exported graph (`model.attention`): 'matmul' exports as MatMul +
+# Transpose, faster in ONNX Runtime's CPU provider; 'einsum' as two explicit-letter Einsums,
+# the form of earlier exports. Both parse in TensorRT 8.5+ (no `...` in Einsum).
+EXPORT_ATTENTION_FORMS = ("matmul", "einsum")
 OUTPUT_NAMES = (
     "anomaly_map",
     "image_score",
@@ -76,13 +81,16 @@ OUTPUT_NAMES = (
 
 
 def export_model_config(
-    model_config: ml_collections.ConfigDict, *, fp16: bool = False
+    model_config: ml_collections.ConfigDict, *, fp16: bool = False, attention: str = "matmul"
 ) -> ml_collections.ConfigDict:
-    """A copy of `config.model` set up for export: `attention='einsum'`, `scan_blocks=False`,
-    `remat=False`, `param_dtype='float32'` and `dtype` float32 (or float16 with `fp16`).
-    The references to `config.data` (modalities, image size) are resolved to plain values."""
+    """A copy of `config.model` set up for export: `attention` (one of
+    `EXPORT_ATTENTION_FORMS`), `scan_blocks=False`, `remat=False`, `param_dtype='float32'` and
+    `dtype` float32 (or float16 with `fp16`). The references to `config.data` (modalities,
+    image size) are resolved to plain values."""
+    if attention not in EXPORT_ATTENTION_FORMS:
+        raise ValueError(f"--attention {attention!r} is not one of {EXPORT_ATTENTION_FORMS}")
     exported = ml_collections.ConfigDict(model_config.to_dict())
-    exported.attention = "einsum"
+    exported.attention = attention
     exported.scan_blocks = False
     exported.remat = False
     exported.dtype = "float16" if fp16 else "float32"
@@ -258,9 +266,12 @@ def inference_with_params(
 
 
 def build_export_model(
-    model_config: ml_collections.ConfigDict, params: dict, *, fp16: bool = False
+    model_config: ml_collections.ConfigDict,
+    params: dict,
+    *,
+    fp16: bool = False,
+    attention: str = "matmul",
 ) -> tuple[model_lib.M2UNet, dict]:
     """(export model, export params) from the trained `config.model` and its params tree."""
-    return model_lib.build_model(export_model_config(model_config, fp16=fp16)), prepare_params(
-        params
-    )
+    exported = export_model_config(model_config, fp16=fp16, attention=attention)
+    return model_lib.build_model(exported), prepare_params(params)

@@ -10,6 +10,7 @@ SPEC.json:
     {"params": "params.npz",          # flattened params tree, '/'-joined keys (float32)
      "model_config": {...},            # config.model as plain JSON (to_dict)
      "mc_seed": 0,
+     "attention": "matmul",            # export attention form (export_graph.EXPORT_ATTENTION_FORMS)
      "check_images": "images.npy",    # optional: the SavedModel's outputs on them are saved
      "jobs": [{"onnx": "out.onnx",     # raw tf2onnx output; convert.py finalises it
                "saved_model": "out.savedmodel",
@@ -213,7 +214,10 @@ def run(spec: dict) -> dict:
     jobs = []
     for job in spec["jobs"]:
         model, export_params = export_graph.build_export_model(
-            model_config, params, fp16=bool(job["fp16"])
+            model_config,
+            params,
+            fp16=bool(job["fp16"]),
+            attention=spec["attention"],
         )
         # jax2tf traces `serve` when it is saved and again when tf2onnx converts it.
         with _gather_free_take_along_axis():

@@ -75,13 +75,17 @@ def parity_images(config, count: int) -> tuple[np.ndarray, str]:
     return images, f"synthetic generator (dataset unavailable: {reason})"
 
 
-def onnx_session(model, providers=None):
+def onnx_session(model, providers=None, *, allow_spinning: bool = True):
     """An onnxruntime InferenceSession of `model` (path or bytes), quiet, on `providers`
-    (default: CPU)."""
+    (default: CPU). `allow_spinning=False` stops the CPU provider's idle worker threads from
+    busy-waiting for the next operator: on a machine shared with other work they otherwise
+    take the cores that work (and the next call) needs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # unused-initializer warnings are noise here
+    if not allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         model, options, providers=list(providers or ["CPUExecutionProvider"])
     )
