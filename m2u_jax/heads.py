@@ -104,12 +104,17 @@ class DetailStem(nn.Module):
 class AnomalyDecoder(TokenGeometry):
     """Light upsampling decoder → (recon `[B, H, W, C]` in [0, 1], pixel_logits `[B, H, W]`).
 
-    1×1 projection to `channels` at the start stride (`decoder_start_stride`), dropout, then per
-    ×2 stage: bilinear ×2 upsampling and a 3×3 conv + SiLU, channels halving down to 16, until
-    stride 2. A 1×1 conv gives C + 1 maps (image channels + anomaly logit) at stride 2 and a
-    last bilinear ×2 brings them to full size: the 1×1 conv and the bilinear upsampling are both
-    linear with weights summing to one, so this equals convolving at full size at a quarter of
-    the cost. No skip connection from the input, so the reconstruction cannot copy defects.
+    1×1 projection to `channels` at the start stride (`decoder_start_stride`), then per ×2
+    stage: bilinear ×2 upsampling and a 3×3 conv + SiLU, channels halving down to 16, until
+    stride 2. Dropout, then a 1×1 conv gives C + 1 maps (image channels + anomaly logit) at
+    stride 2 and a last bilinear ×2 brings them to full size: the 1×1 conv and the bilinear
+    upsampling are both linear with weights summing to one, so this equals convolving at full
+    size at a quarter of the cost. No skip connection from the input, so the reconstruction
+    cannot copy defects.
+
+    Dropout sits only before the output convs (last-layer dropout): under MC dropout
+    (`jax.vmap` over dropout keys) everything before it does not depend on the key, so vmap
+    computes it once and T samples repeat only the 1×1 convs and the upsampling.
     """
 
     channels: int = 64
@@ -131,7 +136,6 @@ class AnomalyDecoder(TokenGeometry):
         stride = decoder_start_stride(self.patch_stride, self.token_scale, height, width)
         features = nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid)
         features = nn.silu(self.align(features, image_hw, stride))
-        features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
         channels, stage = self.channels, 0
         floor = min(16, self.channels)
         # With detail maps, the pixel logits get their own path: at every stage whose stride the
@@ -156,9 +160,12 @@ class AnomalyDecoder(TokenGeometry):
             features = nn.silu(nn.Conv(channels, (3, 3), name=f"up_{stage}", **conv)(features))
             stride, stage = stride // 2, stage + 1
             pixel_path = merge_detail(pixel_path, features, stride, str(stage - 1))
+        dropout = nn.Dropout(self.dropout_rate)  # one module, an independent mask per call
+        features = dropout(features, deterministic=not train)
         if pixel_path is None:
             maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
         else:
+            pixel_path = dropout(pixel_path, deterministic=not train)
             recon_maps = nn.Conv(self.image_channels, (1, 1), name="out", **conv)(features)
             logit_map = nn.Conv(1, (1, 1), name="pixel_out", **conv)(pixel_path)
             maps = jnp.concatenate([recon_maps, logit_map], axis=-1)
@@ -240,8 +247,10 @@ class DetectionHead(TokenGeometry):
             features = nn.silu(
                 nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)
             )
+            # Dropout before the last 1x1 conv only, as in the decoder (cheap MC samples).
+            features = nn.silu(head_conv(features))
             features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
-            level_predictions = _flatten_cells(predict(nn.silu(head_conv(features))))
+            level_predictions = _flatten_cells(predict(features))
             box_logits = level_predictions[..., num_logits:]
             predictions.append(
                 jnp.concatenate(
