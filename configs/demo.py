@@ -22,8 +22,8 @@ experiments are in docs/demo_tuning.md):
 - With plenty of real labelled defects, synthetic anomalies are off: their class-unknown boxes
   span every blob of a noise anomaly, which is a poor box target at 64 px.
 - MC dropout samples only the heads' last layers (`mc_dropout_blocks=0`; the heads put their
-  dropout right before the output convs): T = 16 samples cost ~3.4x one pass instead of ~12.6x
-  with a backbone block in the tail, at the same quality (run e6).
+  dropout right before the output convs): T = 16 samples cost 3.7x one pass instead of 12.6x
+  with a backbone block in the tail, at the same quality (run e6; docs/performance.md).
 """
 
 from configs import default
