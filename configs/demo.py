@@ -11,7 +11,7 @@ stays held back; the good test images are split into validation and test the sam
 
 Why these settings (each measured with the demo's own eval on the held-back test split; the
 experiments are in docs/demo_tuning.md):
-- The tiny variant at 64 px with 8-px patches trains at ~10 steps/s on 2 cores, so 1,500
+- The tiny variant at 64 px with 8-px patches trains at ~7 steps/s on 2 cores, so 1,500
   fine-tuning steps fit in the 15-minute budget with the install.
 - The first 700-step runs on a 5x smaller set fitted the training images (image loss near
   zero) and stayed at test image AUROC 0.78-0.87: more labelled data and random flips

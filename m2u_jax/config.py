@@ -6,6 +6,8 @@ can print it and exit non-zero before any heavy work.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import sys
 
@@ -19,6 +21,23 @@ DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+def config_from_file(path: str, setting: str = "") -> ml_collections.ConfigDict:
+    """Runs the `get_config(setting)` (or `get_config()`) of a config file outside `configs/`'s
+    package import, as the tools do for `--config PATH[:SETTING]`. Not validated here.
+
+    Raises FileNotFoundError naming a missing file, ValueError naming a file without
+    `get_config`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_m2u_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config()")
+    return module.get_config(setting) if setting else module.get_config()
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:

@@ -48,7 +48,6 @@ import argparse
 import ast
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -123,12 +122,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         path = os.path.join(_REPO_ROOT, path)
     if not os.path.isfile(path):
         raise ValueError(f"--config {spec}: no config file {path!r}")
-    module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {spec}: {path} has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    config = config_lib.config_from_file(path, arg)
     for override in overrides:
         apply_override(config, override)
     return config

@@ -47,7 +47,6 @@ islands, so the precision policy is the model's own mixed-precision one.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -98,14 +97,7 @@ def load_config(path: str):
     """Loads a config file (`get_config()`, as train.py does) and validates it."""
     from m2u_jax import config as config_lib
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location("_m2u_export_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config()")
-    config = module.get_config()
+    config = config_lib.config_from_file(path)
     config_lib.validate(config)
     return config
 
