@@ -34,10 +34,19 @@ def _params(labels, prob=1.0, channels=3, seed=0):
     return tf.nest.map_structure(lambda *xs: tf.stack(xs), *per_example)
 
 
-def _batch(labels, max_boxes=3, seed=0):
+def _with_kinds(params, kinds):
+    """The parameters with the given kinds forced (beta re-derived as the sampler does)."""
+    out = dict(params)
+    out["kind"] = tf.constant(kinds, tf.int32)
+    u16 = params["uniforms"][:, 16]
+    out["beta"] = tf.where(out["kind"] == augment.KIND_CUTPASTE, 0.0, augment._MAX_BETA * u16)
+    return out
+
+
+def _batch(labels, max_boxes=3, seed=0, size=SIZE, images=None):
     rng = np.random.default_rng(seed)
     batch_size = len(labels)
-    masks = np.zeros((batch_size, SIZE, SIZE), np.float32)
+    masks = np.zeros((batch_size, size, size), np.float32)
     boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
     box_valid = np.zeros((batch_size, max_boxes), np.float32)
     for i, label in enumerate(labels):
@@ -45,8 +54,10 @@ def _batch(labels, max_boxes=3, seed=0):
             masks[i, 2:5, 3:9] = 1
             boxes[i, 0] = [3, 2, 9, 5]
             box_valid[i, 0] = 1
+    if images is None:
+        images = rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
     return {
-        "images": tf.constant(rng.uniform(size=(batch_size, SIZE, SIZE, 3)).astype(np.float32)),
+        "images": tf.constant(images, tf.float32),
         "masks": tf.constant(masks),
         "labels": tf.constant(labels, tf.int32),
         "defect_types": tf.constant(labels, tf.int32) * 2,
@@ -59,35 +70,56 @@ def _batch(labels, max_boxes=3, seed=0):
     }
 
 
-def test_apply_anomalies_contract():
-    labels = [0, 0, 0, 0, 0, 0, 1, 0]
-    batch = _batch(labels)
-    params = _params(labels)
-    out = {k: v.numpy() for k, v in augment.apply_anomalies(batch, params, -1).items()}
-    images = batch["images"].numpy()
+def _numpy(outputs):
+    return {key: value.numpy() for key, value in outputs.items()}
+
+
+def _check_contract(batch, params, out):
+    """Every image: real defects untouched; an anomaly changes pixels only inside its mask and
+    gets label 1, type -1 and the mask's bounding box; an empty mask leaves the image good."""
+    images, labels = batch["images"].numpy(), batch["labels"].numpy()
     np.testing.assert_array_equal(out["clean_images"], images)
-    kinds = params["use_noise"].numpy()
-    assert 0 < kinds[:6].sum() < 6  # both kinds occur in this batch
+    assert out["images"].dtype == np.float32
+    assert out["images"].min() >= 0 and out["images"].max() <= 1
+    applied = params["apply"].numpy()
+    num_anomalies = 0
     for i, label in enumerate(labels):
         mask = out["masks"][i] > 0
-        if label:  # Real defects are left alone.
+        if label or not applied[i]:  # Real defects and skipped images are left alone.
             np.testing.assert_array_equal(out["images"][i], images[i])
             np.testing.assert_array_equal(out["masks"][i], batch["masks"].numpy()[i])
-            assert out["labels"][i] == 1 and out["defect_types"][i] == 2
-            np.testing.assert_array_equal(out["box_classes"][i], [1, 1, 1])
+            assert out["labels"][i] == label
             continue
-        assert mask.any(), i
-        assert 0.002 < mask.mean() < 0.5
-        # Pixels change only inside the mask, and do change there.
         np.testing.assert_array_equal(out["images"][i][~mask], images[i][~mask])
-        assert np.abs(out["images"][i][mask] - images[i][mask]).mean() > 0.02
+        if not mask.any():  # The noise threshold left no pixel: the image stays good.
+            assert params["kind"].numpy()[i] != augment.KIND_CUTPASTE
+            np.testing.assert_array_equal(out["images"][i], images[i])
+            assert out["labels"][i] == 0 and not out["box_valid"][i].any()
+            continue
+        num_anomalies += 1
         assert out["labels"][i] == 1 and out["defect_types"][i] == -1
         np.testing.assert_array_equal(out["boxes"][i, 0], _numpy_bbox(mask))
         np.testing.assert_array_equal(out["boxes"][i, 1:], 0)
         np.testing.assert_array_equal(out["box_classes"][i], [-1, 0, 0])
         np.testing.assert_array_equal(out["box_valid"][i], [1, 0, 0])
-    assert out["images"].min() >= 0 and out["images"].max() <= 1
-    np.testing.assert_array_equal(out["recon_valid"], 1 - np.array(labels))
+    np.testing.assert_array_equal(out["recon_valid"], 1 - labels)
+    return num_anomalies
+
+
+def test_apply_anomalies_contract():
+    labels = [0] * 13 + [1, 0, 0]
+    batch = _batch(labels)
+    params = _params(labels)
+    out = _numpy(augment.apply_anomalies(batch, params, -1))
+    kinds = params["kind"].numpy()
+    assert set(kinds[np.array(labels) == 0]) == set(range(5))  # every kind occurs in this batch
+    assert _check_contract(batch, params, out) >= 13
+    images = batch["images"].numpy()
+    for i in np.flatnonzero(out["labels"] * (1 - np.array(labels))):
+        mask = out["masks"][i] > 0
+        assert mask.mean() < 0.6
+        # Pixels change inside the mask (the texture differs from the random image).
+        assert np.abs(out["images"][i][mask] - images[i][mask]).mean() > 0.02, i
 
 
 def test_probability_zero_and_determinism():
@@ -108,21 +140,61 @@ def test_probability_zero_and_determinism():
     assert not np.array_equal(first["masks"].numpy(), other["masks"].numpy())
 
 
+def test_same_key_same_bytes_other_key_other_anomaly():
+    labels = [0] * 8
+    batch = _batch(labels, size=64, seed=3)
+    first = _numpy(augment.apply_anomalies(batch, _params(labels, seed=11)))
+    again = _numpy(augment.apply_anomalies(batch, _params(labels, seed=11)))
+    for key in first:
+        assert first[key].tobytes() == again[key].tobytes(), key
+    other = _numpy(augment.apply_anomalies(batch, _params(labels, seed=12)))
+    for key in ("images", "masks", "boxes"):
+        assert first[key].tobytes() != other[key].tobytes(), key
+    # Per example, not per batch: an example's anomaly does not depend on the others' keys
+    # (the 'other image' texture reads a neighbour's pixels, not its parameters).
+    mixed = _params(labels, seed=11)
+    replaced = _params(labels, seed=12)
+    mixed = tf.nest.map_structure(lambda a, b: tf.concat([a[:4], b[4:]], axis=0), mixed, replaced)
+    half = _numpy(augment.apply_anomalies(batch, mixed))
+    assert half["images"][:4].tobytes() == first["images"][:4].tobytes()
+    assert half["masks"][4:].tobytes() == other["masks"][4:].tobytes()
+
+
+def test_outputs_stay_in_range_on_extreme_images():
+    # Saturated pixels (exact 0 and 1) with every kind and op: outputs stay in [0, 1].
+    rng = np.random.default_rng(4)
+    labels = [0] * 24
+    images = (rng.uniform(size=(24, 64, 64, 3)) < 0.5).astype(np.float32)
+    images[:8] = rng.uniform(size=(8, 64, 64, 3)) ** 4  # mostly dark
+    batch = _batch(labels, size=64, images=images)
+    params = _params(labels, seed=8)
+    out = _numpy(augment.apply_anomalies(batch, params))
+    assert np.isfinite(out["images"]).all()
+    assert _check_contract(batch, params, out) >= 20
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_other_channel_counts(channels):
+    labels = [0] * 10
+    images = np.random.default_rng(channels).uniform(size=(10, 32, 32, channels))
+    batch = _batch(labels, images=images.astype(np.float32))
+    params = _params(labels, channels=channels, seed=2)
+    assert params["gains"].shape == (10, channels) and params["colours"].shape == (10, 2, channels)
+    out = _numpy(augment.apply_anomalies(batch, params))
+    assert out["images"].shape == images.shape
+    assert _check_contract(batch, params, out) >= 8
+
+
 def test_cutpaste_geometry_is_exact():
     # Image value = row / 64: bilinear sampling of a linear ramp is exact, so the pasted patch
     # must equal the ramp shifted from the source rectangle to the target one.
     rows = np.arange(SIZE, dtype=np.float32)[:, None, None] / 64
     images = tf.constant(np.broadcast_to(rows, (SIZE, SIZE, 3))[None])
-    uniforms = np.full((1, 20), 0.5, np.float32)  # angle 0, brightness +0, contrast x1
-    uniforms[0, 4:8] = [0.2, 0.1, 0.8, 0.9]  # source x, y; target x, y
-    params = {
-        "uniforms": tf.constant(uniforms),
-        "use_noise": tf.constant([False]),
-        "gains": tf.ones([1, 3]),
-        "noise_4": tf.zeros([1, 4, 4, 1]),
-        "noise_8": tf.zeros([1, 8, 8, 1]),
-    }
-    out, masks = augment._synthesize(images, params)
+    uniforms = np.full((1, augment._NUM_ANOMALY_UNIFORMS), 0.5, np.float32)
+    uniforms[0, 4:8] = [0.2, 0.1, 0.8, 0.9]  # source x, y; target x, y (angle 0, colour kept)
+    params = _with_kinds(_params([0]), [augment.KIND_CUTPASTE])
+    params["uniforms"] = tf.constant(uniforms)
+    out, masks = augment._synthesize(images, images, params)
     area = 0.085 * SIZE * SIZE
     aspect = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * 0.5)
     width, height = np.sqrt(area / aspect), np.sqrt(area * aspect)
@@ -139,6 +211,158 @@ def test_cutpaste_geometry_is_exact():
         out.numpy()[0, ..., 0][expected_mask], expected[expected_mask], atol=1e-5
     )
     np.testing.assert_array_equal(out.numpy()[0][~expected_mask], images.numpy()[0][~expected_mask])
+
+
+@pytest.fixture(scope="module")
+def many_params():
+    """Parameters of 400 examples (defect-free, probability 1)."""
+    return _params([0] * 400, seed=5)
+
+
+def test_noise_cells_cover_the_scales_with_cells_of_at_least_4_pixels():
+    draws = (np.arange(1000, dtype=np.float32) + 0.5) / 1000
+    uniforms = np.zeros((1000, augment._NUM_ANOMALY_UNIFORMS), np.float32)
+    uniforms[:, 17], uniforms[:, 18] = draws, draws[::-1]
+    for size, most in [(16, 4), (32, 8), (64, 16), (128, 32), (256, 32), (512, 32)]:
+        cells = augment._noise_cells(tf.constant(uniforms), size).numpy()
+        scales = [2**k for k in range(1, int(np.log2(most)) + 1)]
+        assert sorted(np.unique(cells)) == scales, size
+        assert size / cells.max() >= 4
+        # 2^k with k uniform: every scale equally often, per axis.
+        counts = np.array([(cells[:, 0] == scale).sum() for scale in scales])
+        assert np.all(np.abs(counts - 1000 / len(scales)) <= 1), (size, counts)
+
+
+def test_noise_mask_areas_and_scales(many_params):
+    size = 64
+    masks = augment._noise_masks(many_params, size).numpy()
+    area = masks.mean(axis=(1, 2))
+    # DRAEM-like coverage: about a tenth of the image on average, from specks to a third.
+    assert 0.08 < area.mean() < 0.18, area.mean()
+    assert np.percentile(area, 10) < 0.02 and np.percentile(area, 90) > 0.2
+    assert area.max() < 0.6
+    # Empty masks (the image then stays good) are rare but possible.
+    assert 0 < np.mean(area == 0) <= 0.08
+    # Finer grids make smaller blobs: more boundary per mask pixel.
+    exponents = np.log2(augment._noise_cells(many_params["uniforms"], size).numpy()).sum(axis=1)
+    boundary = (masks[:, 1:] != masks[:, :-1]).sum(axis=(1, 2)) + (
+        masks[:, :, 1:] != masks[:, :, :-1]
+    ).sum(axis=(1, 2))
+    ratio = boundary / np.maximum(masks.sum(axis=(1, 2)), 1)
+    coarse = ratio[(exponents <= 3) & (area > 0)]
+    fine = ratio[(exponents >= 7) & (area > 0)]
+    assert len(coarse) >= 20 and len(fine) >= 20
+    assert np.median(coarse) < 0.5 * np.median(fine), (np.median(coarse), np.median(fine))
+
+
+def test_kind_mix_ops_and_opacity_distribution(many_params):
+    kinds = many_params["kind"].numpy()
+    frequencies = np.bincount(kinds, minlength=5) / len(kinds)
+    # 400 draws: a standard error of 0.02 per kind.
+    np.testing.assert_allclose(frequencies, augment._KIND_PROBS, atol=0.07)
+    ops = many_params["ops"].numpy()
+    np.testing.assert_array_equal(ops.sum(axis=1), 3)  # 3 of the 8 ops per texture
+    np.testing.assert_allclose(ops.mean(axis=0), 3 / 8, atol=0.08)
+    beta = many_params["beta"].numpy()
+    np.testing.assert_array_equal(beta[kinds == augment.KIND_CUTPASTE], 0)  # opaque
+    noise = beta[kinds != augment.KIND_CUTPASTE]
+    assert noise.min() >= 0 and noise.max() <= 0.8
+    assert abs(noise.mean() - 0.4) < 0.05
+    assert np.mean(noise < 0.1) > 0.05 and np.mean(noise > 0.7) > 0.05
+    # Half of the defect-free images stay clean, defective ones always do.
+    half = _params([0] * 200 + [1] * 20, prob=0.5, seed=2)["apply"].numpy()
+    assert 0.4 < half[:200].mean() < 0.6 and not half[200:].any()
+
+
+def test_flat_colour_opacity_blend(many_params):
+    # On constant images a flat-colour texture T gives a constant change (1 - beta) (T - v)
+    # inside the mask; two images v = 0.2 and 0.7 with the same parameters recover beta and T.
+    flat = np.flatnonzero(many_params["kind"].numpy() == augment.KIND_FLAT)[:24]
+    params = tf.nest.map_structure(lambda value: tf.gather(value, flat), many_params)
+    labels = [0] * len(flat)
+    outs, changes = [], []
+    for value in (0.2, 0.7):
+        images = np.full((len(flat), 48, 48, 3), value, np.float32)
+        out = _numpy(augment.apply_anomalies(_batch(labels, size=48, images=images), params))
+        outs.append(out)
+        changes.append(out["images"] - value)
+    np.testing.assert_array_equal(outs[0]["masks"], outs[1]["masks"])
+    beta = params["beta"].numpy()
+    checked = 0
+    for i in range(len(flat)):
+        mask = outs[0]["masks"][i] > 0
+        if not mask.any():
+            continue
+        checked += 1
+        for change in changes:
+            np.testing.assert_array_equal(change[i][~mask], 0)
+            inside = change[i][mask]  # [pixels, C]
+            np.testing.assert_allclose(inside, inside[:1].repeat(len(inside), 0), atol=1e-6)
+        one_minus_beta = (changes[0][i][mask][0] - changes[1][i][mask][0]) / 0.5
+        np.testing.assert_allclose(one_minus_beta, 1 - beta[i], atol=1e-4)
+        texture_a = 0.2 + changes[0][i][mask][0] / (1 - beta[i])
+        texture_b = 0.7 + changes[1][i][mask][0] / (1 - beta[i])
+        np.testing.assert_allclose(texture_a, texture_b, atol=1e-4)
+        assert texture_a.min() >= -1e-4 and texture_a.max() <= 1 + 1e-4
+    assert checked >= 20
+
+
+def test_every_texture_source_pastes_what_it_says():
+    # Constant images (a different colour each) and no photometric ops, so each source has a
+    # known texture. Image 2 is defective: image 1's 'other image' is image 3, the next good one.
+    size = 48
+    labels = [0, 0, 1, 0, 0, 0, 0, 0]
+    colours = np.stack([[0.1 + 0.1 * i, 0.5, 0.9 - 0.1 * i] for i in range(len(labels))]).astype(
+        np.float32
+    )
+    images = np.broadcast_to(colours[:, None, None, :], (len(labels), size, size, 3)).copy()
+    kinds = [augment.KIND_SELF, augment.KIND_OTHER, 0, augment.KIND_PATTERN, augment.KIND_FLAT]
+    kinds += [augment.KIND_CUTPASTE, augment.KIND_OTHER, augment.KIND_PATTERN]
+    params = _with_kinds(_params(labels, seed=3), kinds)
+    params["ops"] = tf.zeros_like(params["ops"])
+    uniforms = params["uniforms"].numpy()
+    uniforms[:, 11] = 0.0  # the lowest threshold: no empty masks
+    params["uniforms"] = tf.constant(uniforms)
+    batch = _batch(labels, size=size, images=images)
+    out = _numpy(augment.apply_anomalies(batch, params))
+    assert _check_contract(batch, params, out) == 7
+    beta = params["beta"].numpy()
+    np.testing.assert_array_equal(
+        augment._other_good_images(batch["labels"]).numpy()[[1, 6]], [3, 7]
+    )
+
+    def texture(i):
+        mask = out["masks"][i] > 0
+        return colours[i] + (out["images"][i][mask] - colours[i]) / (1 - beta[i])
+
+    np.testing.assert_allclose(out["images"][0], images[0], atol=1e-5)  # itself: no change
+    np.testing.assert_allclose(texture(1), np.broadcast_to(colours[3], texture(1).shape), atol=1e-4)
+    np.testing.assert_allclose(texture(6), np.broadcast_to(colours[7], texture(6).shape), atol=1e-4)
+    flat_colour = params["colours"].numpy()[4, 0]
+    np.testing.assert_allclose(
+        texture(4), np.broadcast_to(flat_colour, texture(4).shape), atol=1e-4
+    )
+    for i in (3, 7):  # a pattern: varies, between its two colours
+        pattern, (first, second) = texture(i), params["colours"].numpy()[i]
+        assert np.all(pattern >= np.minimum(first, second) - 1e-4)
+        assert np.all(pattern <= np.maximum(first, second) + 1e-4)
+        assert pattern[:, np.argmax(np.abs(second - first))].std() > 0.02
+    # CutPaste of a constant image: c v + (1 - c) mean(v) + b, opaque.
+    contrast, brightness = 0.6 + 0.8 * uniforms[5, 10], (uniforms[5, 9] - 0.5) * 0.4
+    patch = contrast * colours[5] + (1 - contrast) * colours[5].mean() + brightness
+    inside = out["images"][5][out["masks"][5] > 0]
+    np.testing.assert_allclose(
+        inside, np.broadcast_to(np.clip(patch, 0, 1), inside.shape), atol=1e-5
+    )
+
+
+def test_other_good_images_skips_defects_and_itself():
+    def partners(labels):
+        return augment._other_good_images(tf.constant(labels, tf.int32)).numpy().tolist()
+
+    assert partners([0, 1, 0, 0, 1]) == [2, 2, 3, 0, 0]
+    assert partners([0]) == [0]
+    assert partners([0, 1, 1]) == [0, 0, 0]
 
 
 def _identity_view_uniforms(batch_size):

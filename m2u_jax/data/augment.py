@@ -4,22 +4,36 @@ Randomness is split in two so the pipeline is deterministic and fast:
 
 - `sample_anomaly_params` / `sample_view_params` run per example (inside a tf.data map) and draw
   every random number with stateless ops from a per-example key, itself folded from
-  (config.seed, stage, epoch, example index). The result does not depend on thread scheduling,
-  batch composition or the number of hosts.
+  (config.seed, stage, epoch, example index). The parameters do not depend on thread
+  scheduling, batch composition or the number of hosts (an anomaly's one input from outside its
+  example is the other image a texture may come from, fixed by the deterministic batch order).
 - `apply_anomalies` / `make_views` run on whole batches (a tf.data map after `batch`, with
   `num_parallel_calls`): all pixel work is vectorised over the batch, and the costly parts
   (the warp of an anomaly, the blur of a view) run only on the images that drew them.
 
-Synthetic anomalies (applied only to defect-free images, each with probability
-`data.synthetic_anomaly_prob`), half of them of each kind:
+Synthetic anomalies (DRAEM-class, applied only to defect-free images, each with probability
+`data.synthetic_anomaly_prob`; the rest stay clean). Images are f32 in [0, 1] before and after:
+synthesis, the model's own normalisation and the reconstruction target share one value range.
+One kind per anomaly:
 
-- CutPaste: a rectangle (2-15 % of the image, aspect 0.3-3.3) is cut from one place of the
-  image, rotated by up to +-45 degrees, given a new brightness and contrast, and pasted at another
-  place. Its mask is the rotated rectangle, exactly.
-- Noise-shaped foreign texture (DRAEM-like): a smooth two-octave noise field (bicubic upsampling
-  of 4x4 and 8x8 random grids, a cheap Perlin stand-in) is thresholded into blobs; inside them
-  the image is blended (opacity 0.4-1) with a foreign texture, the image itself under a random
-  rotation, scale and shift with new per-channel gains (sometimes inverted).
+- CutPaste (25 %): a rectangle (2-15 % of the image, aspect 0.3-3.3) is cut from one place of
+  the image, rotated by up to +-45 degrees, given a new brightness and contrast, and pasted,
+  opaque, at another place. Its mask is the rotated rectangle, exactly.
+- Noise-shaped foreign texture (75 %). The mask: smooth value noise (Perlin's quintic fade
+  between random lattice values) with 2^k cells per axis, k drawn per axis from 1..5 and capped
+  so that cells are at least 4 pixels, plus an octave at twice the frequency and half the
+  weight; rotated by a random angle, standardised per image and thresholded at a random level
+  (0.4-2.4 standard deviations), so blobs of many sizes and counts occur. Inside it the image
+  is blended with a texture, `beta * image + (1 - beta) * texture` with beta ~ U(0, 0.8).
+  The texture source, per anomaly:
+  - the image itself, rotated, scaled (0.5-1.5) and shifted (20 % of all anomalies);
+  - another good image of the batch, the next one in batch order (cyclic), warped the same
+    way; the image itself when the batch has no other good image (20 %);
+  - a procedural pattern: stripes, a checkerboard or smooth noise, with a period of 4 px to
+    half the image, a random angle and two random colours (20 %);
+  - a flat random colour (15 %).
+  Each texture gets 3 of 8 photometric ops: per-channel gain, inversion, contrast, brightness,
+  desaturation, gamma, posterize, solarize.
 
 The result: `masks` = the anomaly's mask, `labels` = 1 and one box with `box_classes` = -1 (the
 type is unknown: objectness and box losses only). `defect_types` is 1 (the class-agnostic
@@ -27,8 +41,8 @@ type is unknown: objectness and box losses only). `defect_types` is 1 (the class
 supervised one, where no defect type is right. The box is the
 bounding box of the whole mask, computed with reductions (any over rows and columns), so the
 blobs of one noise anomaly share one box. `clean_images` keeps the image before the anomaly
-(the reconstruction target). A noise threshold that leaves no pixel set leaves the image
-unchanged and good.
+(the reconstruction target). A noise threshold that leaves no pixel set (a few % of the noise
+masks) leaves the image unchanged and good.
 
 Contrastive views (SimCLR / MoCo v3 recipe, per view): random resized crop (scale 0.2-1, aspect
 3/4-4/3), horizontal and vertical flips (inspection images have no canonical orientation),
@@ -43,9 +57,26 @@ import math
 
 import tensorflow as tf
 
-_NOISE_GRIDS = (4, 8)
-_NOISE_WEIGHTS = (0.67, 0.33)
-_NUM_ANOMALY_UNIFORMS = 20
+# Anomaly kinds and their probabilities (CutPaste, then the noise-shaped textures by source).
+KIND_CUTPASTE, KIND_SELF, KIND_OTHER, KIND_PATTERN, KIND_FLAT = range(5)
+_KIND_PROBS = (0.25, 0.2, 0.2, 0.2, 0.15)
+# Mask noise: 2^k cells per axis, k in 1.._MAX_NOISE_EXPONENT, cells of >= _MIN_CELL_PIXELS.
+_MAX_NOISE_EXPONENT = 5
+_MIN_CELL_PIXELS = 4
+_FINE_OCTAVE_WEIGHT = 0.5
+_THRESHOLD_RANGE = (0.4, 2.4)  # standard deviations of the mask noise
+_MAX_BETA = 0.8
+_PATTERN_LATTICE = 17  # smooth-noise patterns: up to 16 cells
+# Photometric ops of a texture (3 of them per texture); the linear ones (gain, invert, contrast,
+# brightness, desaturate) apply first, as one affine map, then gamma, posterize, solarize.
+_OPS = ("gain", "invert", "contrast", "brightness", "gamma", "posterize", "solarize", "desaturate")
+_NUM_TEXTURE_OPS = 3
+# Layout of `uniforms`: 0 apply, 1 kind, 2-8 CutPaste rectangle (area, aspect, source x/y, target
+# x/y, angle), 9-10 CutPaste brightness/contrast, 11 mask threshold, 12-15 texture warp (shift
+# x/y, angle, scale), 16 beta, 17-18 mask cells (y, x), 19 mask angle, 20-24 pattern (type,
+# period, angle, phase 1/2), 25-30 op strengths (contrast, brightness, gamma, posterize levels,
+# solarize threshold, desaturation).
+_NUM_ANOMALY_UNIFORMS = 31
 _NUM_VIEW_UNIFORMS = 16
 
 
@@ -54,6 +85,12 @@ def fold_key(key: tf.Tensor, *values) -> tf.Tensor:
     for value in values:
         key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
     return key
+
+
+def _lattice_sizes() -> tuple[int, int]:
+    """Lattice points per axis of the coarse and the fine mask octave at the largest scale."""
+    cells = 2**_MAX_NOISE_EXPONENT
+    return cells + 1, 2 * cells + 1
 
 
 def sample_anomaly_params(
@@ -68,20 +105,37 @@ def sample_anomaly_params(
       num_channels: C of the image.
 
     Returns:
-      dict of scalars / small tensors; batched, they feed `apply_anomalies`.
+      dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
+      `kind` (int32, `KIND_*`), `beta` (the image's weight inside the mask; 0 for CutPaste),
+      `ops` (`[8]` bool, the texture's photometric ops), `uniforms` (`[31]`, see the layout
+      above), `gains` `[C]`, `colours` `[2, C]`, and the noise lattices `noise_coarse`,
+      `noise_fine`, `noise_pattern` (square, values in [0, 1)).
     """
     uniforms = tf.random.stateless_uniform([_NUM_ANOMALY_UNIFORMS], fold_key(key, 0))
-    noise_grids = {
-        f"noise_{size}": tf.random.stateless_uniform([size, size, 1], fold_key(key, 1, size))
-        for size in _NOISE_GRIDS
+    coarse, fine = _lattice_sizes()
+    lattices = {
+        name: tf.random.stateless_uniform([points, points], fold_key(key, 1, index))
+        for index, (name, points) in enumerate(
+            [("noise_coarse", coarse), ("noise_fine", fine), ("noise_pattern", _PATTERN_LATTICE)]
+        )
     }
     gains = tf.random.stateless_uniform([num_channels], fold_key(key, 2), 0.5, 1.5)
+    # Fold 3 is `sample_flips`' stream.
+    colours = tf.random.stateless_uniform([2, num_channels], fold_key(key, 4))
+    op_draws = tf.random.stateless_uniform([len(_OPS)], fold_key(key, 5))
+    ops = op_draws <= tf.sort(op_draws)[_NUM_TEXTURE_OPS - 1]  # the 3 smallest draws
+    boundaries = tf.constant([sum(_KIND_PROBS[: i + 1]) for i in range(len(_KIND_PROBS) - 1)])
+    kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
+    beta = tf.where(tf.equal(kind, KIND_CUTPASTE), 0.0, _MAX_BETA * uniforms[16])
     return {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
-        "use_noise": uniforms[1] < 0.5,
+        "kind": kind,
+        "beta": beta,
+        "ops": ops,
         "uniforms": uniforms,
         "gains": gains,
-        **noise_grids,
+        "colours": colours,
+        **lattices,
     }
 
 
@@ -110,14 +164,14 @@ def _similarity_transform(center_x, center_y, source_x, source_y, angle, scale):
     )
 
 
-def _warp(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+def _warp(images: tf.Tensor, transforms: tf.Tensor, interpolation: str = "BILINEAR") -> tf.Tensor:
     size = tf.shape(images)[1:3]
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
         transforms=transforms,
         output_shape=size,
         fill_value=0.0,
-        interpolation="BILINEAR",
+        interpolation=interpolation,
         fill_mode="REFLECT",
     )
 
@@ -180,17 +234,185 @@ def mask_bounding_boxes(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return boxes * tf.cast(valid, tf.float32)[:, None], valid
 
 
-def _synthesize(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Both anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
+def _interpolation_matrix(cells: tf.Tensor, size: int, points: int) -> tf.Tensor:
+    """`[n, size, points]`: the weights of `points` lattice values at `size` pixel centres that
+    span `cells [n]` lattice cells, with Perlin's quintic fade (smooth at the lattice points)."""
+    position = (tf.range(size, dtype=tf.float32)[None, :] + 0.5) * (cells[:, None] / size)
+    below = tf.floor(position)
+    t = position - below
+    fade = (t * t * t * (t * (6.0 * t - 15.0) + 10.0))[..., None]
+    below = tf.cast(below, tf.int32)
+    return tf.one_hot(below, points) * (1.0 - fade) + tf.one_hot(below + 1, points) * fade
 
-    One projective warp per image serves both kinds (the CutPaste source patch, or the texture),
-    and one affine colour change per image and channel (CutPaste contrast/brightness, texture
-    gains/inversion), so the cost is one warp and a few elementwise passes.
+
+def _smooth_noise(lattice: tf.Tensor, cells_y: tf.Tensor, cells_x: tf.Tensor, size: int):
+    """Value noise `[n, size, size]` from `lattice [n, L, L]` over `cells_y x cells_x` cells
+    (`[n]` f32, at most L - 1): separable, so two small batched matrix products."""
+    points = lattice.shape[1]
+    rows = _interpolation_matrix(cells_y, size, points)
+    cols = _interpolation_matrix(cells_x, size, points)
+    return tf.matmul(tf.matmul(rows, lattice), cols, transpose_b=True)
+
+
+def _noise_exponent_limit(size: int) -> int:
+    """Largest k with 2^k mask-noise cells of at least `_MIN_CELL_PIXELS` pixels (1..5)."""
+    limit = int(math.floor(math.log2(max(size / _MIN_CELL_PIXELS, 2.0))))
+    return min(_MAX_NOISE_EXPONENT, limit)
+
+
+def _noise_cells(uniforms: tf.Tensor, size: int) -> tf.Tensor:
+    """Mask-noise cells per axis, `[n, 2]` (y, x): 2^k, k uniform in 1.._noise_exponent_limit."""
+    max_exponent = _noise_exponent_limit(size)
+    exponents = 1.0 + tf.floor(tf.minimum(uniforms[:, 17:19], 0.999999) * max_exponent)
+    return tf.pow(2.0, exponents)
+
+
+def _noise_masks(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
+    """Thresholded, rotated two-octave smooth noise: `[n, size, size]` bool."""
+    uniforms = params["uniforms"]
+    cells = _noise_cells(uniforms, size)
+    max_exponent = _noise_exponent_limit(size)
+    coarse_points, fine_points = 2**max_exponent + 1, 2 ** (max_exponent + 1) + 1
+    coarse = params["noise_coarse"][:, :coarse_points, :coarse_points]
+    fine = params["noise_fine"][:, :fine_points, :fine_points]
+    field = _smooth_noise(coarse, cells[:, 0], cells[:, 1], size)
+    field += _FINE_OCTAVE_WEIGHT * _smooth_noise(fine, 2 * cells[:, 0], 2 * cells[:, 1], size)
+    center = tf.fill(tf.shape(uniforms)[:1], (size - 1) / 2)
+    angle = (uniforms[:, 19] - 0.5) * math.pi
+    rotation = _similarity_transform(center, center, center, center, angle, 1.0)
+    # Nearest sampling: the field is smooth, and it is about twice as fast as bilinear.
+    field = _warp(field[..., None], rotation, "NEAREST")[..., 0]
+    mean, variance = tf.nn.moments(field, axes=[1, 2])
+    low, high = _THRESHOLD_RANGE
+    threshold = mean + (low + (high - low) * uniforms[:, 11]) * tf.sqrt(variance)
+    return field > threshold[:, None, None]
+
+
+def _waves(frequency, angle, phase, size: int) -> tf.Tensor:
+    """`sin(frequency * (x cos(angle) + y sin(angle)) + phase)` `[n, size, size]` (args `[n]`),
+    as sin(a + b) = sin a cos b + cos a sin b of per-row and per-column vectors: the image-sized
+    work is two products and a sum."""
+    x, y = _pixel_grid(size)  # [1, 1, S], [1, S, 1]
+    along_x = (frequency * tf.cos(angle))[:, None, None] * x + phase[:, None, None]
+    along_y = (frequency * tf.sin(angle))[:, None, None] * y
+    return tf.sin(along_x) * tf.cos(along_y) + tf.cos(along_x) * tf.sin(along_y)
+
+
+def _patterns(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
+    """Procedural patterns `[n, size, size]` in [0, 1]: stripes, a checkerboard or smooth noise
+    (one third each) with a period of 4 px to half the image, at a random angle."""
+    uniforms = params["uniforms"]
+    period = 4.0 * tf.exp(uniforms[:, 21] * math.log(max(size / 8.0, 1.0)))
+    frequency = 2 * math.pi / period
+    angle = uniforms[:, 22] * math.pi
+    wave = _waves(frequency, angle, 2 * math.pi * uniforms[:, 23], size)
+    across = _waves(frequency, angle + math.pi / 2, 2 * math.pi * uniforms[:, 24], size)
+    stripes = 0.5 + 0.5 * wave
+    checker = tf.cast(wave * across > 0, tf.float32)
+    cells = tf.clip_by_value(size / period, 1.0, _PATTERN_LATTICE - 1.0)
+    noise = _smooth_noise(params["noise_pattern"], cells, cells, size)
+    low = tf.reduce_min(noise, axis=[1, 2], keepdims=True)
+    high = tf.reduce_max(noise, axis=[1, 2], keepdims=True)
+    noise = (noise - low) / tf.maximum(high - low, 1e-6)
+    # One-hot weights instead of a broadcast select: elementwise products are cheaper on CPU.
+    choice = tf.one_hot(tf.cast(tf.minimum(uniforms[:, 20], 0.999999) * 3, tf.int32), 3)
+    choice = choice[:, :, None, None]
+    return choice[:, 0] * stripes + choice[:, 1] * checker + choice[:, 2] * noise
+
+
+def _pasted_content(
+    warped: tf.Tensor, patterns: tf.Tensor, params: dict[str, tf.Tensor]
+) -> tf.Tensor:
+    """What is pasted, `[n, S, S, C]` in [0, 1]: the CutPaste patch or the coloured texture.
+
+    Args:
+      warped: `[n, S, S, C]`, the CutPaste source patch or the warped image texture.
+      patterns: `[n, S, S]` in [0, 1] (`_patterns`), coloured for `KIND_PATTERN` with two
+        colours, and unused by the other kinds (`KIND_FLAT` is a pattern in one colour).
+      params: the batched anomaly parameters.
+
+    CutPaste patches get a new contrast and brightness (one for all channels). Textures get the
+    ops flagged in `params['ops']`. The kind's choice of base (warped or drawn), the colouring of
+    the pattern and the linear ops (gain per channel, inversion, contrast about the channel
+    mean, brightness, desaturation) make one affine map per image,
+    `warped @ A + pattern * p + bias` (`A [C, C]`, `p`, `bias [C]`): two small matrix products
+    and one add per pixel (broadcasts along the channel axis are slow on CPU). Then gamma,
+    posterize and solarize, with identity parameters for an image whose op is off.
+    """
+    uniforms = params["uniforms"]
+    kind = params["kind"]
+    n = tf.shape(kind)[0]
+    channels = warped.shape[3]
+    cutpaste = tf.equal(kind, KIND_CUTPASTE)
+    flat = tf.equal(kind, KIND_FLAT)
+    drawn = tf.logical_or(flat, tf.equal(kind, KIND_PATTERN))
+    ops = tf.logical_and(params["ops"], tf.logical_not(cutpaste)[:, None])
+    on = dict(zip(_OPS, tf.unstack(tf.cast(ops, tf.float32), axis=1)))  # [n] each, 0 or 1
+
+    # The base v = keep * warped + first + step * pattern, per channel.
+    keep = 1.0 - tf.cast(drawn, tf.float32)[:, None]  # [n, 1]
+    first = params["colours"][:, 0] * (1.0 - keep)  # [n, C]
+    second = tf.where(flat[:, None], params["colours"][:, 0], params["colours"][:, 1])
+    step = (second - params["colours"][:, 0]) * (1.0 - keep)
+    warped_mean = tf.reduce_mean(warped, axis=[1, 2])
+    mean = keep * warped_mean + first + step * tf.reduce_mean(patterns, axis=[1, 2])[:, None]
+    # Textures: v -> c (s g v + o - m) + m + b per channel, m = s g mean + o the mean after
+    # gain g and inversion (s = -1, o = 1); i.e. v -> scale v + offset.
+    gain = 1.0 + on["gain"][:, None] * (params["gains"] - 1.0)
+    sign = (1.0 - 2.0 * on["invert"])[:, None]
+    contrast = (1.0 + on["contrast"] * (uniforms[:, 25] - 0.5))[:, None]  # 0.5-1.5
+    brightness = (on["brightness"] * (uniforms[:, 26] - 0.5) * 0.6)[:, None]  # +-0.3
+    scale = contrast * sign * gain
+    offset = on["invert"][:, None] + (1.0 - contrast) * sign * gain * mean + brightness
+    # CutPaste: v -> c (v - mean) + mean + b, the mean over all pixels and channels.
+    cut_contrast = (0.6 + 0.8 * uniforms[:, 10])[:, None]
+    cut_offset = (1.0 - cut_contrast) * tf.reduce_mean(warped_mean, axis=1, keepdims=True)
+    cut_offset += ((uniforms[:, 9] - 0.5) * 0.4)[:, None]
+    scale = tf.where(cutpaste[:, None], cut_contrast * tf.ones_like(scale), scale)
+    offset = tf.where(cutpaste[:, None], cut_offset * tf.ones_like(offset), offset)
+    # Desaturation, last of the linear ops: u -> u @ D, D = (1 - a) I + a / C (all ones).
+    amount = (on["desaturate"] * (0.5 + 0.5 * uniforms[:, 30]))[:, None, None]
+    desaturate = (1.0 - amount) * tf.eye(channels) + amount / channels
+    # (v * scale + offset) @ D with v = keep * warped + first + step * pattern.
+    matrix = (keep * scale)[:, :, None] * desaturate  # diag(keep * scale) @ D
+    pattern_row = tf.linalg.matvec(desaturate, step * scale, transpose_a=True)
+    bias = tf.linalg.matvec(desaturate, first * scale + offset, transpose_a=True)
+    out = tf.matmul(tf.reshape(warped, [n, -1, channels]), matrix)
+    out += tf.matmul(tf.reshape(patterns, [n, -1, 1]), pattern_row[:, None, :])
+    out = tf.reshape(out + bias[:, None, :], tf.shape(warped))
+    out = tf.clip_by_value(out, 0.0, 1.0)
+
+    def per_image(values):
+        return values[:, None, None, None]
+
+    # Gamma 0.5-2 as exp(gamma log v) (pow is several times slower on CPU); log 0 = -inf -> 0.
+    gamma = tf.exp(on["gamma"] * (uniforms[:, 27] - 0.5) * 2 * math.log(2.0))
+    out = tf.exp(per_image(gamma) * tf.math.log(out))
+    levels = 2.0 + tf.floor(uniforms[:, 28] * 7.0)  # 2-8 levels: v -> floor(v L) / (L - 1)
+    posterized = tf.floor(out * per_image(levels - 1e-3)) * per_image(1.0 / (levels - 1.0))
+    out += per_image(on["posterize"]) * (posterized - out)
+    solarize = ops[:, _OPS.index("solarize")]
+    threshold = per_image(tf.where(solarize, 0.5 + 0.5 * uniforms[:, 29], 2.0))
+    out += tf.cast(out >= threshold, tf.float32) * (1.0 - 2.0 * out)  # solarize: v -> 1 - v
+    return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def _synthesize(
+    images: tf.Tensor, sources: tf.Tensor, params: dict[str, tf.Tensor]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """All anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
+
+    `sources [n,S,S,C]`: what the warp samples, the image itself or (`KIND_OTHER`) another
+    image. One projective warp per image serves the CutPaste source patch and the warped
+    textures, one affine map per image their colour, and the rest are elementwise passes and
+    small matrix products, so the cost stays a small multiple of one warp. Per-image choices
+    are 0/1 weights rather than broadcast selects, which are slow on CPU.
     """
     size = images.shape[1]
     side = float(size)
     uniforms = params["uniforms"]
-    use_noise = params["use_noise"]
+    kind = params["kind"]
+    cutpaste = tf.equal(kind, KIND_CUTPASTE)
     # CutPaste geometry: a rectangle from `source` rotated about `target`.
     area = (0.02 + 0.13 * uniforms[:, 2]) * side * side
     log_low, log_high = math.log(0.3), math.log(3.3)
@@ -203,7 +425,7 @@ def _synthesize(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tuple[tf.Ten
     target_y = patch_h / 2 + uniforms[:, 7] * (side - patch_h)
     angle = (uniforms[:, 8] - 0.5) * (math.pi / 2)
     cut_transform = _similarity_transform(target_x, target_y, source_x, source_y, angle, 1.0)
-    # Texture geometry: the whole image rotated, scaled and shifted.
+    # Texture geometry: the whole image (this one or another) rotated, scaled and shifted.
     center = tf.fill(tf.shape(angle), (side - 1) / 2)
     texture_transform = _similarity_transform(
         center,
@@ -213,7 +435,7 @@ def _synthesize(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tuple[tf.Ten
         uniforms[:, 14] * 2 * math.pi,
         0.5 + uniforms[:, 15],
     )
-    warped = _warp(images, tf.where(use_noise[:, None], texture_transform, cut_transform))
+    warped = _warp(sources, tf.where(cutpaste[:, None], cut_transform, texture_transform))
 
     # Masks: the rotated rectangle (offset from the target centre, rotated into the patch frame)
     # or the thresholded smooth noise.
@@ -223,32 +445,25 @@ def _synthesize(images: tf.Tensor, params: dict[str, tf.Tensor]) -> tuple[tf.Ten
     rectangles = (tf.abs(cos * dx - sin * dy) <= patch_w[:, None, None] / 2) & (
         tf.abs(sin * dx + cos * dy) <= patch_h[:, None, None] / 2
     )
-    field = 0.0
-    for grid, weight in zip(_NOISE_GRIDS, _NOISE_WEIGHTS):
-        field += weight * tf.image.resize(params[f"noise_{grid}"], [size, size], method="bicubic")
-    field = field[..., 0]
-    low = tf.reduce_min(field, axis=[1, 2], keepdims=True)
-    high = tf.reduce_max(field, axis=[1, 2], keepdims=True)
-    field = (field - low) / tf.maximum(high - low, 1e-6)
-    blobs = field > (0.6 + 0.25 * uniforms[:, 11])[:, None, None]
-    masks = tf.where(use_noise[:, None, None], blobs, rectangles)
+    is_cut = cutpaste[:, None, None]
+    masks = (is_cut & rectangles) | (~is_cut & _noise_masks(params, size))
 
-    # Colour, as scale * warped + offset per image and channel.
-    channels = images.shape[3]
-    contrast = 0.6 + 0.8 * uniforms[:, 10]
-    brightness = (uniforms[:, 9] - 0.5) * 0.4
-    mean = tf.reduce_mean(warped, axis=[1, 2, 3])
-    cut_scale = tf.tile(contrast[:, None], [1, channels])
-    cut_offset = tf.tile(((1.0 - contrast) * mean + brightness)[:, None], [1, channels])
-    invert = (uniforms[:, 16] < 0.3)[:, None]
-    texture_scale = tf.where(invert, -params["gains"], params["gains"])
-    texture_offset = tf.where(invert, tf.ones_like(texture_scale), tf.zeros_like(texture_scale))
-    scale = tf.where(use_noise[:, None], texture_scale, cut_scale)[:, None, None, :]
-    offset = tf.where(use_noise[:, None], texture_offset, cut_offset)[:, None, None, :]
-    patch = tf.clip_by_value(warped * scale + offset, 0.0, 1.0)
-    opacity = tf.where(use_noise, 0.4 + 0.6 * uniforms[:, 17], tf.ones_like(uniforms[:, 17]))
-    weight = tf.cast(masks, tf.float32)[..., None] * opacity[:, None, None, None]
-    return images + (patch - images) * weight, masks
+    patch = _pasted_content(warped, _patterns(params, size), params)
+    # beta * image + (1 - beta) * patch inside the mask (beta = 0 for CutPaste: opaque).
+    weight = tf.cast(masks, tf.float32)[..., None] * (1.0 - params["beta"])[:, None, None, None]
+    return tf.clip_by_value(images + (patch - images) * weight, 0.0, 1.0), masks
+
+
+def _other_good_images(labels: tf.Tensor) -> tf.Tensor:
+    """`[B]` int: for each image, the next defect-free image in batch order (cyclic), other
+    than itself; itself when there is none."""
+    batch_size = tf.shape(labels)[0]
+    index = tf.range(batch_size)
+    candidates = (index[:, None] + index[None, :] + 1) % batch_size  # [B, B]; last = itself
+    good = tf.gather(tf.equal(labels, 0), candidates)
+    good = tf.concat([good[:, :-1], tf.ones_like(good[:, -1:])], axis=1)
+    first = tf.argmax(tf.cast(good, tf.int32), axis=1, output_type=tf.int32)
+    return tf.gather(candidates, first, batch_dims=1)
 
 
 def apply_anomalies(
@@ -261,7 +476,8 @@ def apply_anomalies(
 
     Args:
       batch: `images [B,S,S,C]` f32 in [0, 1] and the other contract keys (`masks`, `labels`,
-        `defect_types`, `boxes [B,G,4]`, `box_classes`, `box_valid`, ...).
+        `defect_types`, `boxes [B,G,4]`, `box_classes`, `box_valid`, ...). `labels` also picks
+        the 'other image' textures: the next defect-free image of the batch.
       params: batched `sample_anomaly_params` output.
       synthetic_type: `defect_types` of an anomaly: -1 (unknown type) or, when the class map
         is the single class-agnostic 'defect' (unsupervised protocol), its id 1.
@@ -273,7 +489,12 @@ def apply_anomalies(
     images = batch["images"]
     selected = tf.where(params["apply"])[:, 0]
     chosen = tf.nest.map_structure(lambda value: tf.gather(value, selected), params)
-    new_images, new_masks = _synthesize(tf.gather(images, selected), chosen)
+    # The warp's input: the image itself, or another good image of the batch.
+    others = tf.gather(tf.cast(_other_good_images(batch["labels"]), selected.dtype), selected)
+    sources = tf.where(tf.equal(chosen["kind"], KIND_OTHER), others, selected)
+    new_images, new_masks = _synthesize(
+        tf.gather(images, selected), tf.gather(images, sources), chosen
+    )
     boxes, nonempty = mask_bounding_boxes(new_masks)
     # A noise threshold above the whole field leaves an image unchanged: it stays good.
     keep = tf.boolean_mask(selected, nonempty)[:, None]
