@@ -164,6 +164,44 @@ def f1_optimal_threshold(labels, scores) -> float:
     return float((threshold + lower.max()) / 2)
 
 
+def fpr_threshold(labels, scores, target_fpr: float) -> float:
+    """Decision threshold for a false-positive-rate target on the *good* validation images.
+
+    With n good images (`labels` 0), at most k = floor(target_fpr * n) of them may score at or
+    above the threshold (k is computed with a 1e-9 tolerance, so 0.2 * 10 gives 2). The
+    threshold is the smallest good score s with #{good scores >= s} <= k, i.e. the k-th largest
+    good score when it is strictly above the (k+1)-th. Ties: good images with equal scores fall
+    on the same side of any threshold, so when a tied group would push the count past k the
+    threshold moves up to the next larger distinct good score (the achieved FPR is then below
+    the target); when no good score qualifies (k = 0, or ties at the top) it is the next float
+    above the largest good score (no good image is called defective). Defective images
+    (`labels` 1) are ignored.
+
+    Example: good scores 0.1, 0.2, ..., 1.0 and target_fpr 0.2 -> k = 2 -> threshold 0.9
+    (0.9 and 1.0 are the two false positives).
+
+    Args:
+      labels: `[N]` 0/1 validation labels.
+      scores: `[N]` validation scores.
+      target_fpr: in (0, 1).
+    Returns:
+      threshold (`score >= threshold` = defective); nan without any good image.
+    """
+    labels, scores = _labels_and_scores(labels, scores)
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr={target_fpr} must be in (0, 1)")
+    good = np.sort(scores[~labels])
+    if good.size == 0:
+        return math.nan
+    allowed = int(math.floor(target_fpr * good.size + 1e-9))
+    candidates = np.unique(good)  # ascending
+    at_or_above = good.size - np.searchsorted(good, candidates, side="left")
+    fitting = np.flatnonzero(at_or_above <= allowed)
+    if fitting.size == 0:
+        return float(np.nextafter(good[-1], np.inf))
+    return float(candidates[fitting[0]])
+
+
 def accuracy(labels, scores, threshold: float) -> float:
     """Fraction of images whose decision `score >= threshold` equals the label.
 

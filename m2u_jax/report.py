@@ -41,6 +41,7 @@ METRIC_LABELS = {
     "f1_max_threshold": "F1-max threshold",
     "accuracy": "accuracy",
     "threshold": "decision threshold (from validation)",
+    "threshold_rule": "decision threshold rule (f1 / fpr / fallback)",
     "aupro": "AUPRO (FPR ≤ 0.3)",
     "map50": "mAP@0.5",
     "map": "mAP@[.5:.95]",

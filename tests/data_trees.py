@@ -135,3 +135,14 @@ def write_voc(root: pathlib.Path, size: int = 32) -> None:
         xml_dir = root / ("Validation_Annotations" if validation else "ANNOTATIONS")
         save_jpeg(image_dir / f"{name}.jpg", rgb_image(size, 20 * index + 10))
         write_voc_xml(xml_dir / f"{name}.xml", name, size, objects)
+
+
+def write_defect_classes(root: pathlib.Path, names, per_class: int = 2, size: int = 16) -> None:
+    """mask_folder layout with a 'good' folder and one folder per name in `names`, each holding
+    `per_class` PNG images with a `<stem>_mask.png` (a 4x4 block for defects) beside them."""
+    for index, name in enumerate(("good", *names)):
+        for number in range(per_class + (2 if name == "good" else 0)):
+            stem = f"{name}_{number}"
+            save_png(root / name / f"{stem}.png", rgb_image(size, 20 * index + 5 * number))
+            blocks = [] if name == "good" else [(4, 8, 4, 8)]
+            save_png(root / name / f"{stem}_mask.png", block_mask(size, blocks))

@@ -102,6 +102,54 @@ def test_negative_mc_chunk_size():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "threshold_rule",
+            "youden",
+            "eval.threshold_rule='youden' is not one of ('f1', 'fpr', 'auto')",
+        ),
+        ("target_fpr", 0.0, "eval.target_fpr=0.0 must be in (0, 1)"),
+        ("target_fpr", 1.0, "eval.target_fpr=1.0 must be in (0, 1)"),
+    ],
+)
+def test_bad_threshold_settings_are_named(key, value, message):
+    config = default.get_config()
+    config.eval[key] = value
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value) == message
+
+
+def test_threshold_defaults_and_allowed_rules_validate():
+    config = default.get_config()
+    assert (config.eval.threshold_rule, config.eval.target_fpr) == ("auto", 0.05)
+    for rule in ("f1", "fpr", "auto"):
+        config.eval.threshold_rule = rule
+        config_lib.validate(config)
+
+
+def test_negative_num_defect_classes():
+    config = default.get_config()
+    config.model.num_defect_classes = -1
+    with pytest.raises(config_lib.ConfigError, match=r"model.num_defect_classes=-1 must be >= 0"):
+        config_lib.validate(config)
+    config.model.num_defect_classes = 0  # 0 = from the data
+    config_lib.validate(config)
+
+
+def test_zero_defect_classes_come_from_the_run_config(tmp_path):
+    config = default.get_config()
+    assert config_lib.with_run_num_defect_classes(config, str(tmp_path)) is config  # 4: as is
+    config.model.num_defect_classes = 0
+    with pytest.raises(config_lib.ConfigError, match="config.json holds no resolved class count"):
+        config_lib.with_run_num_defect_classes(config, str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model": {"num_defect_classes": 5}}')
+    resolved = config_lib.with_run_num_defect_classes(config, str(tmp_path))
+    assert resolved.model.num_defect_classes == 5 and config.model.num_defect_classes == 0
+
+
 def test_split_list_and_channels():
     assert config_lib.split_list(" bottle, cable,,") == ("bottle", "cable")
     assert config_lib.split_list("") == ()

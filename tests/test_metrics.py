@@ -47,6 +47,75 @@ def test_f1_optimal_threshold_keeps_validation_decisions():
     assert 2 * precision * recall / (precision + recall) == pytest.approx(f1)
 
 
+GOOD_TENTHS = np.round(np.arange(1, 11) / 10, 1)  # good scores 0.1, 0.2, ..., 1.0
+
+
+@pytest.mark.parametrize(
+    "target_fpr, expected",
+    [
+        # k = floor(target * 10) good images may score >= the threshold; the threshold is the
+        # smallest good score with at most k goods at or above it: the k-th largest.
+        (0.2, 0.9),  # k = 2: 0.9 and 1.0 are the false positives (FPR exactly 0.2)
+        (0.25, 0.9),  # k = floor(2.5) = 2
+        (0.3, 0.8),  # k = 3
+        (0.5, 0.6),  # k = 5
+        (0.95, 0.2),  # k = floor(9.5) = 9: only 0.1 is below
+    ],
+)
+def test_fpr_threshold_hand_cases(target_fpr, expected):
+    labels = np.zeros(10, int)
+    assert metrics.fpr_threshold(labels, GOOD_TENTHS, target_fpr) == pytest.approx(expected)
+    # Defective images do not count: adding some anywhere changes nothing.
+    with_defects = np.concatenate([GOOD_TENTHS, [0.05, 0.95, 2.0]])
+    labels = np.concatenate([labels, [1, 1, 1]])
+    assert metrics.fpr_threshold(labels, with_defects, target_fpr) == pytest.approx(expected)
+
+
+def test_fpr_threshold_no_false_positive_allowed_is_just_above_the_largest_good_score():
+    # 0.05 * 10 = 0.5 -> k = 0: no good image may be called defective.
+    threshold = metrics.fpr_threshold(np.zeros(10, int), GOOD_TENTHS, 0.05)
+    assert threshold > 1.0 and threshold == np.nextafter(1.0, 2.0)
+    assert metrics.accuracy(np.zeros(10, int), GOOD_TENTHS, threshold) == 1.0
+
+
+def test_fpr_threshold_ties_stay_on_one_side():
+    # k = floor(0.4 * 5) = 2, but three goods tie at 0.4: a threshold of 0.4 would make 4 false
+    # positives, so it moves up to the next distinct good score 0.8 (achieved FPR 1/5 < 0.4).
+    labels = np.zeros(5, int)
+    assert metrics.fpr_threshold(labels, [0.1, 0.4, 0.4, 0.4, 0.8], 0.4) == pytest.approx(0.8)
+    # Ties at the top beyond k: no good score qualifies -> just above the largest.
+    top_tie = metrics.fpr_threshold(labels, [0.1, 0.2, 0.3, 0.3, 0.3], 0.4)
+    assert top_tie == np.nextafter(0.3, 1.0)
+    # A tie group that fits the budget is taken whole: k = 3, 0.4 has 3 goods at or above.
+    assert metrics.fpr_threshold(labels, [0.1, 0.2, 0.4, 0.4, 0.4], 0.6) == pytest.approx(0.4)
+
+
+def test_fpr_threshold_count_is_robust_to_float_products():
+    # 0.57 * 100 = 56.99999999999999 in floats: still k = 57, threshold = the 57th largest.
+    scores = np.arange(100) / 100
+    assert metrics.fpr_threshold(np.zeros(100, int), scores, 0.57) == pytest.approx(0.43)
+
+
+def test_fpr_threshold_is_the_smallest_within_the_target():
+    rng = np.random.default_rng(5)
+    labels = rng.random(300) < 0.2
+    scores = np.round(rng.random(300), 2)  # many ties
+    good = scores[~labels]
+    for target in (0.01, 0.05, 0.1, 0.33):
+        threshold = metrics.fpr_threshold(labels, scores, target)
+        assert np.mean(good >= threshold) <= target
+        lower = good[good < threshold]
+        if lower.size:  # the next lower good score would exceed the target
+            assert np.mean(good >= lower.max()) > target
+
+
+def test_fpr_threshold_without_good_images_or_bad_target():
+    assert math.isnan(metrics.fpr_threshold([1, 1], [0.1, 0.2], 0.05))
+    for target in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="target_fpr"):
+            metrics.fpr_threshold([0, 1], [0.1, 0.2], target)
+
+
 def test_image_metrics_one_class_is_nan():
     assert math.isnan(metrics.image_auroc([1, 1, 1], [0.1, 0.2, 0.3]))
     assert math.isnan(metrics.average_precision([0, 0], [0.1, 0.2]))

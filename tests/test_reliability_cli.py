@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.data_trees import write_defect_classes
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _TINY = str(_REPO / "configs" / "tiny.py")
 
@@ -101,3 +103,30 @@ def test_export_without_checkpoints_exits_2(tmp_path):
     assert code == 2, stderr
     assert last.startswith("convert.py: ") and str(tmp_path) in last, last
     assert "checkpoint" in last and not (tmp_path / "model.onnx").exists()
+
+
+def test_train_rejects_fewer_model_classes_than_the_data_in_one_line(tmp_path):
+    # The real-data failure: 5 defect kinds under model.num_defect_classes=4 used to train and
+    # stop at fine-tune step 1 with "non-finite value in cls"; now it stops before training.
+    root = tmp_path / "plates"
+    write_defect_classes(root, ("crack", "hole", "pit", "scratch", "stain"))
+    workdir = tmp_path / "run"
+    code, last, stderr = _run(
+        "train.py",
+        "--config",
+        _TINY,
+        "--workdir",
+        str(workdir),
+        "--config.data.format=mask_folder",
+        f"--config.data.root={root}",
+        "--config.data.protocol=supervised",
+        "--config.model.num_defect_classes=4",
+    )
+    assert code == 2, stderr
+    assert last == (
+        f"train.py: bad config: model.num_defect_classes=4 but the data in {root} has 5 defect "
+        "classes (crack, hole, pit, scratch, stain) under the supervised protocol: set "
+        "--config.model.num_defect_classes=5 or 0 (from the data)"
+    ), stderr
+    assert "Traceback" not in stderr, stderr
+    assert not workdir.exists()

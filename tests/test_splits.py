@@ -4,9 +4,11 @@ import collections
 
 import pytest
 
-from configs import default
+from configs import default, tiny
+from m2u_jax.config import ConfigError
 from m2u_jax.data import splits
 from m2u_jax.data.sources import SampleRecord
+from tests.data_trees import write_defect_classes
 
 
 def _records(layout):
@@ -139,3 +141,73 @@ def test_dataset_info_and_class_maps(protocol):
         assert box_class_of == {"crack": 0, "hole": 0}
     assert info.counts["test"]["images"] == sum(info.counts["test"]["per_defect_type"].values())
     assert info.num_channels == 3 and info.categories == ("bottle",)
+
+
+# ------------------------------------------------------------ model.num_defect_classes vs data
+
+FIVE_KINDS = ("crack", "hole", "pit", "scratch", "stain")
+
+
+def _five_kind_config(tmp_path, protocol, num_defect_classes):
+    """tiny config on a generated mask_folder tree: 'good' + five defect kinds (2 images each)."""
+    root = tmp_path / "plates"
+    write_defect_classes(root, FIVE_KINDS)
+    config = tiny.get_config()
+    config.data.format = "mask_folder"
+    config.data.root = str(root)
+    config.data.protocol = protocol
+    config.model.num_defect_classes = num_defect_classes
+    return config
+
+
+def test_fewer_model_classes_than_the_data_stop_with_both_numbers_and_the_names(tmp_path):
+    config = _five_kind_config(tmp_path, "supervised", 4)
+    info = splits.load_dataset_info(config)
+    assert info.class_names == FIVE_KINDS
+    with pytest.raises(ConfigError) as raised:
+        splits.resolve_num_defect_classes(4, info)
+    assert str(raised.value) == (
+        f"model.num_defect_classes=4 but the data in {tmp_path / 'plates'} has 5 defect classes "
+        "(crack, hole, pit, scratch, stain) under the supervised protocol: set "
+        "--config.model.num_defect_classes=5 or 0 (from the data)"
+    )
+    assert "\n" not in str(raised.value)
+    # More classes than the data under `supervised`: no image has class 6, evaluation cannot
+    # score it: the same error.
+    with pytest.raises(ConfigError, match=r"num_defect_classes=6 but .* has 5 defect classes"):
+        splits.with_data_num_defect_classes(_five_kind_config(tmp_path, "supervised", 6))
+
+
+def test_zero_takes_the_class_count_from_the_data(tmp_path):
+    config = _five_kind_config(tmp_path, "supervised", 0)
+    resolved = splits.with_data_num_defect_classes(config)
+    assert resolved.model.num_defect_classes == 5
+    assert config.model.num_defect_classes == 0  # a copy: the caller's config is unchanged
+    # Unsupervised: the class map is the single class-agnostic 'defect'.
+    unsupervised = _five_kind_config(tmp_path, "unsupervised", 0)
+    info = splits.load_dataset_info(unsupervised)
+    assert info.class_names == ("defect",) and info.defect_type_names == FIVE_KINDS
+    assert splits.with_data_num_defect_classes(unsupervised, info).model.num_defect_classes == 1
+
+
+def test_a_matching_explicit_value_passes(tmp_path):
+    config = _five_kind_config(tmp_path, "supervised", 5)
+    assert splits.with_data_num_defect_classes(config) is config  # nothing to change
+    # Unsupervised boxes are all class 0: any count >= 1 fits (the tiny config's default 4).
+    unsupervised = _five_kind_config(tmp_path, "unsupervised", 4)
+    info = splits.load_dataset_info(unsupervised)
+    assert splits.resolve_num_defect_classes(4, info) == 4
+    assert splits.resolve_num_defect_classes(1, info) == 1
+
+
+def test_supervised_data_without_defects_is_named(tmp_path):
+    write_defect_classes(tmp_path / "clean", ())  # only 'good' images
+    config = tiny.get_config()
+    config.data.format = "mask_folder"
+    config.data.root = str(tmp_path / "clean")
+    config.data.protocol = "supervised"
+    info = splits.load_dataset_info(config)
+    assert info.num_classes == 0
+    for requested in (0, 4):
+        with pytest.raises(ConfigError, match="no defective image .*--config.data.protocol="):
+            splits.resolve_num_defect_classes(requested, info)

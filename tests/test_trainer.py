@@ -24,6 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
+from m2u_jax import config as config_lib
 from m2u_jax import run_checkpoint, sharding, trainer
 from m2u_jax.train_state import TrainState
 
@@ -466,6 +467,63 @@ def _train_env(cache_dir):
         TF_CPP_MIN_LOG_LEVEL="2",
     )
     return env
+
+
+# ------------------------------------------------------- model.num_defect_classes from the data
+
+_FIVE_KINDS = ("crack", "hole", "pit", "scratch", "stain")
+
+
+def _five_kind_run_config(root, protocol, num_defect_classes):
+    """tiny on a generated mask_folder tree with five defect kinds; no step runs (0 + 0 steps),
+    so train_and_evaluate only checks the classes, writes config.json and builds the model."""
+    from tests.data_trees import write_defect_classes
+
+    if not root.exists():
+        write_defect_classes(root, _FIVE_KINDS)
+    config = tiny.get_config()
+    config.data.format = "mask_folder"
+    config.data.root = str(root)
+    config.data.protocol = protocol
+    config.model.num_defect_classes = num_defect_classes
+    config.train.pretrain_steps = 0
+    config.train.finetune_steps = 0
+    return config
+
+
+def _written_num_classes(workdir):
+    return json.loads((workdir / "config.json").read_text())["model"]["num_defect_classes"]
+
+
+def test_zero_defect_classes_resolve_from_the_data_into_config_json(tmp_path):
+    root = tmp_path / "plates"
+    config = _five_kind_run_config(root, "supervised", 0)
+    trainer.train_and_evaluate(config, str(tmp_path / "supervised"))
+    assert _written_num_classes(tmp_path / "supervised") == 5
+    assert config.model.num_defect_classes == 0  # the caller's config is left as it was
+    # Unsupervised: the single class-agnostic 'defect'.
+    config = _five_kind_run_config(root, "unsupervised", 0)
+    trainer.train_and_evaluate(config, str(tmp_path / "unsupervised"))
+    assert _written_num_classes(tmp_path / "unsupervised") == 1
+
+
+def test_too_few_defect_classes_stop_before_training(tmp_path):
+    config = _five_kind_run_config(tmp_path / "plates", "supervised", 4)
+    workdir = tmp_path / "run"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^model\.num_defect_classes=4 but the data in .* has 5 defect classes \(crack, "
+        r"hole, pit, scratch, stain\) under the supervised protocol: set "
+        r"--config\.model\.num_defect_classes=5 or 0 \(from the data\)$",
+    ):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()  # stopped before anything was written
+
+
+def test_matching_defect_classes_pass(tmp_path):
+    config = _five_kind_run_config(tmp_path / "plates", "supervised", 5)
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert _written_num_classes(tmp_path / "run") == 5
 
 
 def _train(workdir, data_root, cache_dir, *overrides):

@@ -73,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         repeats=10,
     )
     rate, budget = review_rate(args.workdir, metrics)
+    # The rule eval.py used for the validation threshold (eval.threshold_rule after 'auto').
+    rule = metrics["image"].get("threshold_rule", "f1")
     rows = [
-        ("image accuracy (threshold from validation)", _format(metrics["image"]["accuracy"])),
+        (
+            f"image accuracy (threshold from validation, {rule})",
+            _format(metrics["image"]["accuracy"]),
+        ),
         ("image AUROC", _format(metrics["image"]["auroc"])),
         ("pixel AUROC", _format(metrics["pixel"]["auroc"])),
         ("AUPRO (FPR <= 0.3)", _format(metrics["pixel"]["aupro"])),

@@ -18,10 +18,12 @@ on discovery order or on which other categories are loaded.
   only its defect types are carved.
 
 Class map: `defect_type_names` lists every defect type of the dataset, sorted (good = 0, type
-i = 1 + index). The model's classes are `DatasetInfo.class_names` (K = `num_classes`, which
-`config.model.num_defect_classes` must equal): the defect types under `supervised`, and the
-single class 'defect' under `unsupervised`, where detection is class-agnostic (all real boxes are
-class 0, every defective image has `defect_types` 1).
+i = 1 + index). The model's classes are `DatasetInfo.class_names` (K = `num_classes`): the
+defect types under `supervised`, and the single class 'defect' under `unsupervised`, where
+detection is class-agnostic (all real boxes are class 0, every defective image has
+`defect_types` 1). `config.model.num_defect_classes` = 0 takes K from the data; a set value must
+equal K under `supervised` and be at least K (= 1) under `unsupervised`
+(`resolve_num_defect_classes`, checked before any model is built).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m2u_jax.config import num_channels, split_list
+from m2u_jax.config import ConfigError, num_channels, split_list
 from m2u_jax.data.sources import GOOD, SampleRecord, defect_type_names, discover
 
 SPLITS = ("train", "validation", "test")
@@ -214,3 +216,51 @@ def class_index_maps(info: DatasetInfo) -> tuple[dict[str, int], dict[str, int]]
     type_of[GOOD] = 0
     box_class_of = {name: type_id - 1 for name, type_id in type_of.items() if name != GOOD}
     return type_of, box_class_of
+
+
+def resolve_num_defect_classes(requested: int, info: DatasetInfo) -> int:
+    """The class count of the model's defect-type and detection heads for the data of `info`.
+
+    `requested` is `config.model.num_defect_classes`: 0 = from the data (`info.num_classes`:
+    the defect types under `supervised`, 1 = the class-agnostic 'defect' under `unsupervised`).
+    A set value is checked against the data: under `supervised` it must equal the number of
+    defect types (fewer classes put a class index outside the heads, the NaN of an
+    out-of-range one-hot; more leave classes no image has, which evaluation cannot score);
+    under `unsupervised` every real box is class 0, so any value >= 1 fits. Raises ConfigError
+    with one line naming both numbers and the class names.
+    """
+    requested = int(requested)
+    available = info.num_classes
+    if info.protocol == "supervised" and available == 0:
+        raise ConfigError(
+            f"data.protocol='supervised' but {info.root} has no defective image (no defect class "
+            "to learn); use --config.data.protocol=unsupervised"
+        )
+    if requested == 0:
+        return available
+    if requested < available or (info.protocol == "supervised" and requested != available):
+        names = list(info.class_names)
+        shown = ", ".join(names[:10]) + (
+            f", ... ({len(names) - 10} more)" if len(names) > 10 else ""
+        )
+        raise ConfigError(
+            f"model.num_defect_classes={requested} but the data in {info.root} has {available} "
+            f"defect classes ({shown}) under the {info.protocol} protocol: set "
+            f"--config.model.num_defect_classes={available} or 0 (from the data)"
+        )
+    return requested
+
+
+def with_data_num_defect_classes(config, info: DatasetInfo | None = None):
+    """`config` with `model.num_defect_classes` checked against its data and, when 0, set to
+    the data's class count (a copy; `config` is returned as it is when nothing changes).
+    `info` defaults to `load_dataset_info(config)` (discovers the files; no decoding).
+    Raises ConfigError (`resolve_num_defect_classes`)."""
+    if info is None:
+        info = load_dataset_info(config)
+    resolved = resolve_num_defect_classes(config.model.num_defect_classes, info)
+    if resolved == int(config.model.num_defect_classes):
+        return config
+    copy = config.copy_and_resolve_references()
+    copy.model.num_defect_classes = resolved
+    return copy

@@ -852,8 +852,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.random_init:
+            if int(config.model.num_defect_classes) == 0:  # 0 = from the data
+                from m2u_jax.data import splits
+
+                config = splits.with_data_num_defect_classes(config)
             variables, source = random_inference_variables(config, int(config.seed)), "random init"
         else:
+            from m2u_jax.config import with_run_num_defect_classes
+
+            # 0 = from the data: the number the run resolved (WORKDIR/config.json).
+            config = with_run_num_defect_classes(config, args.workdir)
             variables = load_inference_variables(config, args.workdir, args.step)
             source = f"{args.workdir} step {args.step or 'latest'}"
     except (FileNotFoundError, ValueError) as error:
