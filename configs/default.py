@@ -56,13 +56,16 @@ def get_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"  # Parameter dtype.
     model.decoder_channels = 64  # Channels of the upsampling decoder of the anomaly branch.
     model.detail_channels = 0  # Full-res conv stem for pixel logits and boxes (skips); 0 = off.
+    model.pixel_head_recon = False  # Pixel head also sees [input, recon] (DRAEM); needs detail.
     model.det_channels = 128  # Channels of the YOLO-style detection CNN (neck and shared head).
-    model.num_defect_classes = 4  # Defect classes for the detection / defect-type heads.
+    model.num_defect_classes = 4  # Defect classes of the detection / type heads; 0 = from data.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.
     model.det_max_detections = 32  # Boxes kept after NMS (static output size).
     model.det_score_threshold = 0.25  # Minimum box score kept by post-processing.
     model.det_iou_threshold = 0.5  # IoU above which NMS suppresses a same-class box.
     model.image_score_topk = 0.01  # Fraction of pixels averaged (top-k) for the map-based score.
+    model.image_score_smoothing = 1  # Mean-filter width (px) on the map before top-k; 1 = off.
+    model.image_score_classifier = 0.5  # Weight of the image head in the score (rest: the map).
     model.projection_dim = 128  # Output size of the contrastive projection/predictor MLPs.
 
     # ---------------------------------------------------------------- train
@@ -103,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_mc_samples = 16  # MC-dropout samples for uncertainty (1 = deterministic).
     evaluation.mc_chunk_size = 2  # MC samples run at a time (CPU: caches); 0 = all T (GPU/TPU).
     evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
+    evaluation.threshold_rule = "auto"  # 'f1' | 'fpr' | 'auto' (f1 if validation has 5+ defects).
+    evaluation.target_fpr = 0.05  # 'fpr' rule: max fraction of good validation images rejected.
+    evaluation.feature_memory_size = 0  # >0: also score with a kNN memory of this many patches.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
     return config

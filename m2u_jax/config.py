@@ -17,6 +17,8 @@ from configs import default as default_config
 
 MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
+# `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
+THRESHOLD_RULES = ("f1", "fpr", "auto")
 
 
 class ConfigError(ValueError):
@@ -125,6 +127,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"data.image_size={data.image_size} is not divisible by model.det_strides "
                 f"entry {stride}"
             )
+    if model.num_defect_classes < 0:
+        raise ConfigError(
+            f"model.num_defect_classes={model.num_defect_classes} must be >= 0 (0 = from the data)"
+        )
+    if config.eval.threshold_rule not in THRESHOLD_RULES:
+        raise ConfigError(
+            f"eval.threshold_rule={config.eval.threshold_rule!r} is not one of {THRESHOLD_RULES}"
+        )
+    if not 0.0 < config.eval.target_fpr < 1.0:
+        raise ConfigError(f"eval.target_fpr={config.eval.target_fpr} must be in (0, 1)")
+    if model.pixel_head_recon and model.detail_channels <= 0:
+        raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")
+    if not 0.0 <= model.image_score_topk <= 1.0:
+        raise ConfigError(f"model.image_score_topk={model.image_score_topk} must be in [0, 1]")
+    if model.image_score_smoothing < 1 or model.image_score_smoothing % 2 == 0:
+        raise ConfigError(
+            f"model.image_score_smoothing={model.image_score_smoothing} must be an odd width >= 1"
+        )
+    if not 0.0 <= model.image_score_classifier <= 1.0:
+        raise ConfigError(
+            f"model.image_score_classifier={model.image_score_classifier} must be in [0, 1]"
+        )
+    if config.eval.feature_memory_size < 0:
+        raise ConfigError(
+            f"eval.feature_memory_size={config.eval.feature_memory_size} must be >= 0 (0 = off)"
+        )
     if config.eval.mc_chunk_size < 0:
         raise ConfigError(
             f"eval.mc_chunk_size={config.eval.mc_chunk_size} must be >= 0 (0 = all samples at once)"
@@ -142,6 +170,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                     f"{key}={batch} is not divisible by the {num_devices} devices; "
                     f"pick a multiple of {num_devices}"
                 )
+
+
+def with_run_num_defect_classes(
+    config: ml_collections.ConfigDict, workdir: str
+) -> ml_collections.ConfigDict:
+    """`config` itself when `model.num_defect_classes` is set; when it is 0 (from the data), a
+    copy holding the number the run in WORKDIR resolved and wrote to WORKDIR/config.json (as
+    train.py does), so a tool rebuilds the trained model without reading the data. Raises
+    ConfigError naming the file when it is missing or holds no such number."""
+    if int(config.model.num_defect_classes) != 0:
+        return config
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            resolved = json.load(file)["model"]["num_defect_classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        resolved = None
+    if not isinstance(resolved, int) or resolved <= 0:
+        raise ConfigError(
+            f"model.num_defect_classes=0 (from the data) but {path} holds no resolved class "
+            "count; set model.num_defect_classes to the trained model's class count"
+        )
+    copy = config.copy_and_resolve_references()
+    copy.model.num_defect_classes = resolved
+    return copy
 
 
 def flags_parser_for(program: str):

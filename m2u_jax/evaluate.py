@@ -4,17 +4,23 @@
 (default: the newest) from DIR/checkpoints, runs the validation and test splits and writes
 DIR/eval/:
 
-- `metrics.json` — `image` (accuracy at the F1-optimal threshold chosen on *validation*,
-  AUROC, AP, F1-max, that threshold), `pixel` (AUROC, AUPRO up to FPR 0.3), `detection` (COCO
-  mAP@0.5, mAP@[.5:.95], AP@0.5 per class; class-agnostic under the unsupervised protocol or a
-  single class), `uncertainty` (ECE with 15 bins, AUROC of the uncertainty for catching wrong
-  decisions, review budgets 0.5/1/2/5/10 %), `speed` (images/s and batch-1 latency of the jitted
-  inference, deterministic and MC dropout) and `per_category`. NaN is written as null.
+- `metrics.json` — `image` (accuracy at the decision threshold chosen on *validation* by
+  `eval.threshold_rule`, AUROC, AP, F1-max, that threshold and `threshold_rule`, the rule
+  used: 'f1' = F1-optimal, 'fpr' = at most `eval.target_fpr` of the good validation images
+  rejected; 'auto' takes 'f1' when validation holds a good image and at least
+  `AUTO_F1_MIN_DEFECTIVE` = 5 defective ones, else 'fpr'), `pixel` (AUROC, AUPRO up to FPR
+  0.3), `detection` (COCO mAP@0.5, mAP@[.5:.95], AP@0.5 per class; class-agnostic under the
+  unsupervised protocol or a single class), `uncertainty` (ECE with 15 bins, AUROC of the
+  uncertainty for catching wrong decisions, review budgets 0.5/1/2/5/10 %, decisions at the
+  same rule's threshold of the MC mean score), `speed` (images/s and batch-1 latency of the
+  jitted inference, deterministic and MC dropout) and `per_category` (accuracy at the image
+  threshold). NaN is written as null.
 - `report.md` with the tables, `plots/*.png` (ROC, PR, PRO, reliability, review budget,
   per-category bars) and `overlays/*.png` (worst test images and the review queue).
 - `review_queue.jsonl` — one line per test image the review policy sends to a person.
-- `thresholds.json` — the review policy calibrated on validation for `eval.review_budget`, for
-  the ONNX runner to apply the same decisions.
+- `thresholds.json` — the review policy calibrated on validation for `eval.review_budget`
+  (its score threshold by the same threshold rule), for the ONNX runner to apply the same
+  decisions.
 - `predictions.npz` (per image: scores, uncertainties, labels, boxes) and `pixel_maps.npz`
   (test anomaly maps and masks) so that every number can be recomputed.
 
@@ -51,6 +57,7 @@ import numpy as np
 from absl import logging
 
 from m2u_jax import config as config_lib
+from m2u_jax import feature_memory, scoring
 from m2u_jax import metrics as metrics_lib
 from m2u_jax import report as report_lib
 from m2u_jax import uncertainty as uncertainty_lib
@@ -63,8 +70,14 @@ AUPRO_FPR_LIMIT = 0.3
 UNCERTAINTY_MEASURE = "score_var"
 # Timed calls per speed measurement (after two warm-up calls); the median is reported.
 SPEED_REPEATS = 5
-# Fallback decision threshold when validation has no defective image (F1 undefined).
+# Fallback decision threshold when the threshold rule cannot be applied on validation (F1
+# without a defective image, FPR without a good image).
 FALLBACK_THRESHOLD = 0.5
+# `eval.threshold_rule = 'auto'` takes the F1-optimal threshold only when validation holds at
+# least this many defective images (and a good one); else the FPR threshold on the good images.
+AUTO_F1_MIN_DEFECTIVE = 5
+# `eval.target_fpr` of configs/default.py, the default of the functions below.
+DEFAULT_TARGET_FPR = 0.05
 
 _PER_IMAGE_KEYS = ("image_score", "score_mean", "score_var", "entropy", "mutual_info")
 _BOX_KEYS = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
@@ -188,7 +201,7 @@ def make_model_predict_fn(
     def predict_batch(images: np.ndarray, batch_index: int) -> dict:
         images = jax.device_put(images, batch_sharding)
         predictions = model_lib.predict(model, variables, images)
-        wanted = ("image_score", "anomaly_map", *_BOX_KEYS)
+        wanted = ("image_score", "image_prob", "anomaly_map", *_BOX_KEYS)
         result = to_host({key: predictions[key] for key in wanted})
         if num_samples > 1:
             statistics = uncertainty_lib.mc_dropout_predict(
@@ -311,25 +324,70 @@ def collect_split(
 # ----------------------------------------------------------------------------- metrics
 
 
-def decision_threshold(labels, scores) -> float:
-    """F1-optimal threshold on validation (`metrics.f1_optimal_threshold`), or
-    `FALLBACK_THRESHOLD` when validation has no defective image."""
-    if len(labels) == 0:
-        return FALLBACK_THRESHOLD
-    threshold = metrics_lib.f1_optimal_threshold(labels, scores)
+def threshold_rule(labels, rule: str) -> str:
+    """The rule `decision_threshold` applies for `rule` ('f1' | 'fpr' | 'auto') on validation
+    `labels`: 'auto' is 'f1' when validation holds at least one good image and at least
+    `AUTO_F1_MIN_DEFECTIVE` defective ones, else 'fpr' (good-only or nearly good-only
+    validation, e.g. the unsupervised protocol); 'f1' and 'fpr' are returned as they are."""
+    if rule not in config_lib.THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {rule!r} is not one of {config_lib.THRESHOLD_RULES}")
+    if rule != "auto":
+        return rule
+    labels = np.asarray(labels).astype(bool)
+    num_defective = int(labels.sum())
+    num_good = int(labels.size - num_defective)
+    if num_good == 0:
+        return "f1"  # No good image: an FPR is undefined.
+    return "f1" if num_defective >= AUTO_F1_MIN_DEFECTIVE else "fpr"
+
+
+def decision_threshold(
+    labels, scores, rule: str = "f1", target_fpr: float = DEFAULT_TARGET_FPR
+) -> tuple[float, str]:
+    """(threshold, rule used) of the image decision `score >= threshold`, from validation.
+
+    `rule` (`eval.threshold_rule`, resolved by `threshold_rule`): 'f1' = the F1-optimal
+    threshold (`metrics.f1_optimal_threshold`), 'fpr' = the false-positive-rate threshold on
+    the good images (`metrics.fpr_threshold` with `target_fpr`). When the rule cannot be
+    applied (F1 without a defective image, FPR without a good image, empty validation) the
+    threshold is `FALLBACK_THRESHOLD` and the rule used is 'fallback'."""
+    used = threshold_rule(labels, rule)
+    threshold = math.nan
+    if len(labels):
+        if used == "f1":
+            threshold = metrics_lib.f1_optimal_threshold(labels, scores)
+        else:
+            threshold = metrics_lib.fpr_threshold(labels, scores, target_fpr)
     if math.isnan(threshold):
         logging.warning(
-            "validation has no defective image: decision threshold falls back to %s",
+            "validation has no %s image: decision threshold falls back to %s",
+            "defective" if used == "f1" else "good",
             FALLBACK_THRESHOLD,
         )
-        return FALLBACK_THRESHOLD
-    return threshold
+        return FALLBACK_THRESHOLD, "fallback"
+    return threshold, used
 
 
-def image_metrics(validation: Mapping, test: Mapping, score_key: str = "image_score") -> dict:
-    """`{accuracy, auroc, ap, f1_max, threshold}` of `test[score_key]`; the accuracy uses the
-    F1-optimal threshold of the *validation* scores (`decision_threshold`)."""
-    threshold = decision_threshold(validation["labels"], validation[score_key])
+def threshold_settings(config: ml_collections.ConfigDict) -> dict:
+    """`{rule, target_fpr}` of `config.eval` (`eval.threshold_rule`, `eval.target_fpr`), the
+    keyword arguments of `image_metrics` and `uncertainty_metrics`."""
+    return {"rule": str(config.eval.threshold_rule), "target_fpr": float(config.eval.target_fpr)}
+
+
+def image_metrics(
+    validation: Mapping,
+    test: Mapping,
+    score_key: str = "image_score",
+    *,
+    rule: str = "f1",
+    target_fpr: float = DEFAULT_TARGET_FPR,
+) -> dict:
+    """`{accuracy, auroc, ap, f1_max, threshold, threshold_rule}` of `test[score_key]`; the
+    accuracy uses the threshold that `rule` chooses on the *validation* scores
+    (`decision_threshold`); `threshold_rule` is the rule used ('f1' | 'fpr' | 'fallback')."""
+    threshold, used = decision_threshold(
+        validation["labels"], validation[score_key], rule, target_fpr
+    )
     labels, scores = test["labels"], test[score_key]
     f1, _ = metrics_lib.f1_max(labels, scores)
     return {
@@ -338,6 +396,7 @@ def image_metrics(validation: Mapping, test: Mapping, score_key: str = "image_sc
         "ap": metrics_lib.average_precision(labels, scores),
         "f1_max": f1,
         "threshold": threshold,
+        "threshold_rule": used,
     }
 
 
@@ -346,6 +405,51 @@ def pixel_metrics(test: Mapping) -> dict:
     return {
         "auroc": metrics_lib.pixel_auroc(test["masks"], test["anomaly_map"]),
         "aupro": metrics_lib.aupro(test["masks"], test["anomaly_map"], AUPRO_FPR_LIMIT),
+    }
+
+
+def score_variant_aurocs(test: Mapping) -> dict[str, float]:
+    """Image AUROC of each map-to-score reduction of `scoring.score_variants` on the test
+    split (the comparison behind `model.image_score_*`; docs/quality.md)."""
+    variants = scoring.score_variants(test["anomaly_map"], test["image_prob"])
+    return {
+        name: metrics_lib.image_auroc(test["labels"], values) for name, values in variants.items()
+    }
+
+
+def feature_knn_metrics(config, model, variables, batch_sharding, test: Mapping) -> dict:
+    """The feature-space scorer (`m2u_jax.feature_memory`) on the test split: a bank of
+    `eval.feature_memory_size` patch features of the defect-free training images, then image
+    AUROC / AP (per-image score = maximum of the 3×3-smoothed distance map) and pixel AUROC /
+    AUPRO of the distance maps upsampled to the image size."""
+
+    def features_of(images, batch_index):
+        del batch_index
+        images = jax.device_put(images, batch_sharding)
+        return {"features": to_host(feature_memory.patch_features(model, variables, images))}
+
+    train = collect_split(config, "train", features_of, keep_maps=False)
+    bank = feature_memory.build_bank(
+        [train["features"][train["labels"] == 0]],
+        int(config.eval.feature_memory_size),
+        int(config.seed),
+    )
+
+    def distances_of(images, batch_index):
+        features = features_of(images, batch_index)["features"]
+        grid_maps = np.asarray(feature_memory.nearest_distances(bank, features))
+        return {"anomaly_map": feature_memory.upsample_maps(grid_maps, images.shape[1:3])}
+
+    scored = collect_split(config, "test", distances_of, keep_maps=True)
+    maps = scored["anomaly_map"]
+    side = max(3, (maps.shape[1] // 16) | 1)  # about one token neighbourhood
+    scores = scoring.topk_mean(scoring.smooth_maps(maps, side), 0.0)
+    return {
+        "image_auroc": metrics_lib.image_auroc(scored["labels"], scores),
+        "image_ap": metrics_lib.average_precision(scored["labels"], scores),
+        "pixel_auroc": metrics_lib.pixel_auroc(scored["masks"], maps),
+        "aupro": metrics_lib.aupro(scored["masks"], maps, AUPRO_FPR_LIMIT),
+        "bank_size": int(len(bank)),
     }
 
 
@@ -400,16 +504,25 @@ def budget_name(budget: float) -> str:
     return f"{budget * 100:g}%"
 
 
-def uncertainty_metrics(validation: Mapping, test: Mapping) -> tuple[dict, float]:
+def uncertainty_metrics(
+    validation: Mapping,
+    test: Mapping,
+    *,
+    rule: str = "f1",
+    target_fpr: float = DEFAULT_TARGET_FPR,
+) -> tuple[dict, float]:
     """MC-dropout quality on the test split: `{ece, error_auroc, review}` and the decision
-    threshold of the MC mean score (F1-optimal on validation) that they use.
+    threshold of the MC mean score that they use (chosen on validation by `rule`, as in
+    `image_metrics`; 'auto' depends only on the validation labels, so it resolves the same).
 
     - `ece`: `metrics.expected_calibration_error(score_mean, labels, 15)`;
     - `error_auroc`: AUROC of `score_var` for catching wrong decisions
       (`score_mean >= threshold`);
     - `review`: budget name -> the `metrics.review_budget_curve` row (without `budget`).
     """
-    threshold = decision_threshold(validation["labels"], validation["score_mean"])
+    threshold, _ = decision_threshold(
+        validation["labels"], validation["score_mean"], rule, target_fpr
+    )
     labels, scores = test["labels"], test["score_mean"]
     uncertainty = test[UNCERTAINTY_MEASURE]
     correct = (scores >= threshold) == labels.astype(bool)
@@ -630,24 +743,43 @@ class EvalContext:
     class_names: tuple[str, ...]
     class_agnostic: bool
     info: object
+    num_defect_classes: int = 0  # the model's class count (model.num_defect_classes resolved)
 
 
 def eval_context(config: ml_collections.ConfigDict) -> EvalContext:
-    """Dataset class map and the box protocol; raises ValueError when the model's class count
-    cannot be evaluated against the dataset's (supervised, mismatched)."""
-    from m2u_jax.data import pipeline
+    """Dataset class map and the box protocol; resolves `model.num_defect_classes` (0 = from
+    the data) and raises ConfigError (a ValueError) naming both numbers when the model's class
+    count does not fit the data (`splits.resolve_num_defect_classes`, as the trainer checks)."""
+    from m2u_jax.data import splits
 
-    info = pipeline.load_dataset_info(config)
-    num_model_classes = int(config.model.num_defect_classes)
+    info = splits.load_dataset_info(config)
+    num_model_classes = splits.resolve_num_defect_classes(config.model.num_defect_classes, info)
     class_agnostic = info.protocol == "unsupervised" or info.num_classes == 1
-    if not class_agnostic and num_model_classes != info.num_classes:
-        raise ValueError(
-            f"model.num_defect_classes={num_model_classes} but {config.data.root} has "
-            f"{info.num_classes} defect classes {list(info.class_names)} under the "
-            f"{info.protocol} protocol; set --config.model.num_defect_classes={info.num_classes}"
-        )
     class_names = ("defect",) if class_agnostic else tuple(info.class_names)
-    return EvalContext(class_names=class_names, class_agnostic=class_agnostic, info=info)
+    return EvalContext(
+        class_names=class_names,
+        class_agnostic=class_agnostic,
+        info=info,
+        num_defect_classes=num_model_classes,
+    )
+
+
+def _check_run_classes(workdir: str, num_defect_classes: int) -> None:
+    """ConfigError when WORKDIR/config.json (written by the trainer) says the run's model has
+    another class count than the one resolved for this evaluation (the restore would fail on
+    mismatched head shapes); nothing when the file or the number is missing."""
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            trained = json.load(file)["model"]["num_defect_classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(trained, int) and trained > 0 and trained != num_defect_classes:
+        raise config_lib.ConfigError(
+            f"model.num_defect_classes resolves to {num_defect_classes} for this evaluation but "
+            f"the run in {workdir} was trained with {trained} ({path}); set "
+            f"--config.model.num_defect_classes={trained} and the run's data"
+        )
 
 
 def save_predictions(out_dir: str, splits: Mapping[str, Mapping[str, np.ndarray]]) -> None:
@@ -683,6 +815,10 @@ def evaluate(
 
     config_lib.validate(config, num_devices=jax.device_count())
     context = eval_context(config)
+    if context.num_defect_classes != int(config.model.num_defect_classes):  # 0: from the data
+        config = config.copy_and_resolve_references()
+        config.model.num_defect_classes = context.num_defect_classes
+    _check_run_classes(workdir, context.num_defect_classes)
     params, step = restore_params(config, workdir, step)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
@@ -698,11 +834,16 @@ def evaluate(
 
     logging.info("evaluating checkpoint %d of %s on the validation split", step, workdir)
     validation = collect_split(config, "validation", predict_batch, keep_maps=False)
+    settings = threshold_settings(config)
+    # 'auto' depends only on the validation labels: one rule for every threshold below.
+    rule = threshold_rule(validation["labels"], settings["rule"])
     policy = uncertainty_lib.calibrate_review_thresholds(
         validation["score_mean"],
         validation[UNCERTAINTY_MEASURE],
         validation["labels"],
         float(config.eval.review_budget),
+        rule=rule,
+        target_fpr=settings["target_fpr"],
     )
     num_overlays = int(config.eval.num_overlays)
     worst = TopK(num_overlays)
@@ -752,12 +893,13 @@ def evaluate(
     logging.info("evaluating on the test split")
     test = collect_split(config, "test", predict_batch, keep_maps=True, on_rows=on_rows)
 
-    image = image_metrics(validation, test)
-    uncertainty, mc_threshold = uncertainty_metrics(validation, test)
+    image = image_metrics(validation, test, **settings)
+    uncertainty, mc_threshold = uncertainty_metrics(validation, test, **settings)
     speed = {}
     if with_speed:
         logging.info("measuring inference speed")
         speed = measure_speed(config, model, variables, batch_sharding)
+    image["score_variants"] = score_variant_aurocs(test)
     metrics = {
         "image": image,
         "pixel": pixel_metrics(test),
@@ -767,6 +909,9 @@ def evaluate(
         "per_category": per_category_metrics(test, image["threshold"]),
     }
 
+    if int(config.eval.feature_memory_size) > 0:
+        logging.info("feature-space scorer: memory of normal patch features")
+        metrics["feature_knn"] = feature_knn_metrics(config, model, variables, batch_sharding, test)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     thresholds = {
         "score_threshold": policy["score_threshold"],
@@ -776,6 +921,8 @@ def evaluate(
         "num_mc_samples": int(config.eval.num_mc_samples),
         "image_decision_threshold": image["threshold"],
         "mc_decision_threshold": mc_threshold,
+        "threshold_rule": image["threshold_rule"],
+        "target_fpr": settings["target_fpr"],
         "checkpoint_step": step,
         "policy": (
             "review if uncertainty > uncertainty_threshold, else reject (defective) if "
@@ -825,6 +972,10 @@ def evaluate(
         f"review uncertainty threshold ({UNCERTAINTY_MEASURE})": policy["uncertainty_threshold"],
         "test images sent to review": len(queue_lines),
         "MC decision threshold (uncertainty section)": mc_threshold,
+        "threshold rule (eval.threshold_rule)": (
+            f"{settings['rule']} -> {image['threshold_rule']}"
+            + (f" (eval.target_fpr={settings['target_fpr']:g})" if rule == "fpr" else "")
+        ),
     }
     report_lib.write_report(out_dir, {"run": run, **metrics}, plots, overlays)
     logging.info(

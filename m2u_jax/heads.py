@@ -120,6 +120,7 @@ class AnomalyDecoder(TokenGeometry):
     channels: int = 64
     image_channels: int = 3
     dropout_rate: float = 0.0
+    compare_recon: bool = False
 
     @nn.compact
     def __call__(
@@ -129,8 +130,14 @@ class AnomalyDecoder(TokenGeometry):
         *,
         train: bool,
         detail: dict[int, jax.Array] | None = None,
+        images: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """`detail` ({stride: map} from `DetailStem`) adds the pixel-logit path below."""
+        """`detail` ({stride: map} from `DetailStem`) adds the pixel-logit path below.
+
+        With `compare_recon` (needs `detail` and the input `images` [B, H, W, C] in [0, 1]) the
+        pixel path also sees the input next to its own reconstruction, DRAEM-style: a stride-2
+        conv over [input, recon, |input - recon|] joins the last stage of the pixel path, so
+        the logits can flag where the image departs from what the decoder expects there."""
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         height, width = image_hw
         stride = decoder_start_stride(self.patch_stride, self.token_scale, height, width)
@@ -165,8 +172,10 @@ class AnomalyDecoder(TokenGeometry):
         if pixel_path is None:
             maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
         else:
-            pixel_path = dropout(pixel_path, deterministic=not train)
             recon_maps = nn.Conv(self.image_channels, (1, 1), name="out", **conv)(features)
+            if self.compare_recon:
+                pixel_path = self._compare(pixel_path, recon_maps, images, stride)
+            pixel_path = dropout(pixel_path, deterministic=not train)
             logit_map = nn.Conv(1, (1, 1), name="pixel_out", **conv)(pixel_path)
             maps = jnp.concatenate([recon_maps, logit_map], axis=-1)
         while stride > 1:
@@ -175,6 +184,29 @@ class AnomalyDecoder(TokenGeometry):
         maps = maps.astype(jnp.float32)
         recon = jax.nn.sigmoid(maps[..., : self.image_channels])
         return recon, maps[..., self.image_channels]
+
+    def _compare(
+        self, pixel_path: jax.Array, recon_maps: jax.Array, images: jax.Array, stride: int
+    ) -> jax.Array:
+        """Pixel path `[B, H/s, W/s, c]` (s = `stride`, 2) joined with a conv over the input and
+        the reconstruction (full size, upsampled from the stride-s recon logits)."""
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if images is None or stride != 2:
+            raise ValueError("compare_recon needs the input images and a stride-2 pixel path")
+        recon = recon_maps
+        for _ in range(stride // 2):
+            recon = upsample2x_bilinear(recon)
+        recon = jax.nn.sigmoid(recon.astype(jnp.float32))
+        images = images.astype(jnp.float32)
+        pair = jnp.concatenate([images, recon, jnp.abs(images - recon)], axis=-1) * 2.0 - 1.0
+        width = pixel_path.shape[-1]
+        compared = nn.silu(
+            nn.Conv(width, (3, 3), strides=(2, 2), name="compare_in", **conv)(
+                pair.astype(self.dtype)
+            )
+        )
+        merged = jnp.concatenate([pixel_path, compared.astype(pixel_path.dtype)], axis=-1)
+        return nn.silu(nn.Conv(width, (3, 3), name="compare_merge", **conv)(merged))
 
 
 class DetectionHead(TokenGeometry):

@@ -8,7 +8,8 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
   `mc_dropout_blocks` backbone blocks, deterministic (run once for MC dropout). `trunk_state`
   is the tokens `[B, N, D]`, or, with `detail_channels > 0`, `{'tokens': [B, N, D],
   'detail': {stride: [B, H/stride, W/stride, detail_channels]}}` (the `DetailStem` maps, which
-  are deterministic too). Treat it as an opaque pytree.
+  are deterministic too) and, with `pixel_head_recon`, `'images'` (the input, which the pixel
+  head compares with the reconstruction). Treat it as an opaque pytree.
 - `method=M2UNet.stochastic_tail`: `(trunk_state, image_hw=(H, W), train=True)` →
   `(outputs, aux)`, the last blocks, final norm and every head. `__call__` is exactly
   `stochastic_tail ∘ trunk`.
@@ -17,10 +18,11 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
 - `method=M2UNet.predict` or `predict(model, variables, images)`: deterministic inference →
   anomaly map, image score and post-processed boxes.
 
-Image score (`image_score`): `0.5 * (mean of the top-k pixel probabilities +
-sigmoid(image_logits))`, k = max(1, round(image_score_topk × H × W)). The top-k mean is robust
-to a few noisy pixels yet reacts to small defects that a global mean would wash out; averaging
-with the classifier probability lets either evidence raise the score.
+Image score (`image_score`): `(1 - w) * map score + w * sigmoid(image_logits)` with
+w = `image_score_classifier`; the map score is the mean of the top-k pixel probabilities,
+k = max(1, round(image_score_topk × H × W)), of the anomaly map after a
+`image_score_smoothing`-pixel mean filter (`m2u_jax.scoring`). The defaults (w = ½, no filter,
+top 1 %) are the demo's rule; docs/quality.md compares the reductions on real data.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from m2u_jax import boxes
+from m2u_jax import boxes, scoring
 from m2u_jax.config import MODALITY_CHANNELS, split_list
 from m2u_jax.heads import (
     AnomalyDecoder,
@@ -47,17 +49,30 @@ from m2u_jax.vit import VARIANTS, Backbone, stream_grids
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def image_score(outputs: dict, topk_fraction: float) -> jax.Array:
+def image_score(
+    outputs: dict,
+    topk_fraction: float,
+    smoothing: int = 1,
+    classifier_weight: float = 0.5,
+) -> jax.Array:
     """Image anomaly score `[B]` in [0, 1] (see module docstring) from `pixel_logits [B, H, W]`
     and `image_logits [B]`."""
     pixel_logits = outputs["pixel_logits"].astype(jnp.float32)
-    batch = pixel_logits.shape[0]
-    flat = pixel_logits.reshape(batch, -1)
-    k = max(1, int(round(topk_fraction * flat.shape[1])))
-    # Top-k on logits then sigmoid: sigmoid is monotonic, so this is the top-k of probabilities.
-    top_logits, _ = jax.lax.top_k(flat, k)
-    map_score = mean(jax.nn.sigmoid(top_logits), -1)
-    return 0.5 * (map_score + jax.nn.sigmoid(outputs["image_logits"].astype(jnp.float32)))
+    if smoothing > 1:
+        maps = scoring.smooth_maps(jax.nn.sigmoid(pixel_logits), smoothing)
+        map_score = scoring.topk_mean(maps, topk_fraction)
+    else:
+        # Top-k on logits then sigmoid: sigmoid is monotonic, so this is the top-k of the
+        # probabilities, and the sigmoid runs on k values only.
+        batch = pixel_logits.shape[0]
+        flat = pixel_logits.reshape(batch, -1)
+        k = max(1, int(round(topk_fraction * flat.shape[1])))
+        top_logits, _ = jax.lax.top_k(flat, k)
+        map_score = mean(jax.nn.sigmoid(top_logits), -1)
+    if classifier_weight <= 0.0:
+        return map_score
+    classifier = jax.nn.sigmoid(outputs["image_logits"].astype(jnp.float32))
+    return (1.0 - classifier_weight) * map_score + classifier_weight * classifier
 
 
 class M2UNet(nn.Module):
@@ -86,6 +101,7 @@ class M2UNet(nn.Module):
     remat: bool = False
     decoder_channels: int = 64
     detail_channels: int = 0
+    pixel_head_recon: bool = False
     det_channels: int = 128
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
@@ -93,6 +109,8 @@ class M2UNet(nn.Module):
     det_score_threshold: float = 0.25
     det_iou_threshold: float = 0.5
     image_score_topk: float = 0.01
+    image_score_smoothing: int = 1
+    image_score_classifier: float = 0.5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -126,6 +144,7 @@ class M2UNet(nn.Module):
             channels=self.decoder_channels,
             image_channels=self.num_channels,
             dropout_rate=self.dropout_rate,
+            compare_recon=self.pixel_head_recon,
             **geometry,
             **common,
         )
@@ -145,6 +164,15 @@ class M2UNet(nn.Module):
             num_defect_classes=self.num_defect_classes,
             dropout_rate=self.dropout_rate,
             **common,
+        )
+
+    @property
+    def score_kwargs(self) -> dict:
+        """The image-score rule of this model, as keyword arguments of `image_score`."""
+        return dict(
+            topk_fraction=self.image_score_topk,
+            smoothing=self.image_score_smoothing,
+            classifier_weight=self.image_score_classifier,
         )
 
     @property
@@ -173,7 +201,10 @@ class M2UNet(nn.Module):
         tokens, aux = self.backbone.trunk(images, train=train)
         if self.detail_channels <= 0:
             return tokens, aux
-        return {"tokens": tokens, "detail": self.detail_stem(images)}, aux
+        state = {"tokens": tokens, "detail": self.detail_stem(images)}
+        if self.pixel_head_recon:
+            state["images"] = images
+        return state, aux
 
     def stochastic_tail(
         self,
@@ -187,8 +218,9 @@ class M2UNet(nn.Module):
         input size, default `(image_size, image_size)`."""
         if isinstance(trunk_state, dict):
             tokens, detail = trunk_state["tokens"], trunk_state["detail"]
+            images = trunk_state.get("images")
         else:
-            tokens, detail = trunk_state, None
+            tokens, detail, images = trunk_state, None, None
         image_hw = tuple(image_hw or (self.image_size, self.image_size))
         grids = self._grids(image_hw)
         lengths = tuple(rows * cols for rows, cols in grids)
@@ -198,7 +230,9 @@ class M2UNet(nn.Module):
         start = sum(lengths[:fine])
         rows, cols = grids[fine]
         fine_grid = tokens[:, start : start + rows * cols].reshape(-1, rows, cols, self.width)
-        recon, pixel_logits = self.anomaly_decoder(fine_grid, image_hw, train=train, detail=detail)
+        recon, pixel_logits = self.anomaly_decoder(
+            fine_grid, image_hw, train=train, detail=detail, images=images
+        )
         det = self.detection_head(fine_grid, image_hw, train=train, detail=detail)
         image_logits, type_logits = self.image_head(embedding, train=train)
         outputs = dict(
@@ -249,7 +283,7 @@ class M2UNet(nn.Module):
         outputs, _ = self(images, train=False)
         return predictions_from_outputs(
             outputs,
-            image_score_topk=self.image_score_topk,
+            score_kwargs=self.score_kwargs,
             max_detections=self.det_max_detections,
             iou_threshold=self.det_iou_threshold,
             score_threshold=self.det_score_threshold,
@@ -259,7 +293,7 @@ class M2UNet(nn.Module):
 def predictions_from_outputs(
     outputs: dict,
     *,
-    image_score_topk: float,
+    score_kwargs: dict,
     max_detections: int,
     iou_threshold: float,
     score_threshold: float,
@@ -273,7 +307,7 @@ def predictions_from_outputs(
     )
     return dict(
         anomaly_map=jax.nn.sigmoid(outputs["pixel_logits"]),
-        image_score=image_score(outputs, image_score_topk),
+        image_score=image_score(outputs, **score_kwargs),
         image_prob=jax.nn.sigmoid(outputs["image_logits"]),
         type_probs=jax.nn.softmax(outputs["type_logits"], axis=-1),
         boxes_xyxy=detections["boxes_xyxy"],
@@ -315,6 +349,12 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
                 f"model.modalities has unknown modality {name!r}; "
                 f"known: {sorted(MODALITY_CHANNELS)}"
             )
+    if int(model_config.num_defect_classes) < 1:
+        raise ValueError(
+            f"model.num_defect_classes={model_config.num_defect_classes}: 0 ('from the data') "
+            "must be resolved before the model is built (train.py does; eval and export read "
+            "the run's config.json)"
+        )
     variant = VARIANTS[model_config.variant]
     if not 0 <= model_config.mc_dropout_blocks <= variant["depth"]:
         raise ValueError(
@@ -337,6 +377,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         remat=bool(model_config.remat),
         decoder_channels=int(model_config.decoder_channels),
         detail_channels=int(model_config.detail_channels),
+        pixel_head_recon=bool(model_config.pixel_head_recon),
         det_channels=int(model_config.det_channels),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),
@@ -344,6 +385,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         det_score_threshold=float(model_config.det_score_threshold),
         det_iou_threshold=float(model_config.det_iou_threshold),
         image_score_topk=float(model_config.image_score_topk),
+        image_score_smoothing=int(model_config.image_score_smoothing),
+        image_score_classifier=float(model_config.image_score_classifier),
         dtype=DTYPES[model_config.dtype],
         param_dtype=DTYPES[model_config.param_dtype],
     )

@@ -6,8 +6,9 @@ continue after them, so the numbering is monotonic across stages) holds two item
 - `state`: the `TrainState` pytree (params, opt state, EMA params, rng, metric accumulators),
   saved and restored sharded (every process writes/reads its own shards);
 - `meta`: JSON `{'stage': 'pretrain'|'finetune', 'stage_step', 'global_step',
-  'pretrain_method'}`, read first so the caller can build the right abstract state (the two
-  stages have different trees) before restoring `state`.
+  'pretrain_method', 'train_seconds'}` (training wall time up to this checkpoint), read
+  first so the caller can build the right abstract state (the two stages have different trees)
+  before restoring `state`.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the write
 to disk proceeds in the background (so the donated state can be reused at once).
@@ -56,6 +57,15 @@ def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
     meta = dict(restored[_META])
     meta["global_step"] = step
     return meta
+
+
+def all_metas(manager: ocp.CheckpointManager) -> list[dict]:
+    """`meta` of every kept checkpoint (with `global_step`), oldest first."""
+    metas = []
+    for step in sorted(manager.all_steps()):
+        restored = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        metas.append({**dict(restored[_META]), "global_step": step})
+    return metas
 
 
 def abstract_like(state, shardings):

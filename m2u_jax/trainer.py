@@ -553,6 +553,13 @@ class _Run:
     total_steps: int  # global steps of the whole schedule
     last_checkpoint: int | None = None
     profiling: bool = False
+    # Wall-clock training time: seconds of earlier (resumed) segments, start of this one.
+    seconds_before: float = 0.0
+    segment_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def train_seconds(self) -> float:
+        """Training wall time of the run so far (all segments, compiles included)."""
+        return self.seconds_before + time.perf_counter() - self.segment_start
 
 
 def _check_finite(run: _Run, stage: Stage, state: TrainState, offset: int) -> None:
@@ -670,6 +677,8 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
                 "stage": stage.name,
                 "stage_step": step,
                 "pretrain_method": train.pretrain_method,
+                # The quality-vs-time curves of tools/quality_study.py read this.
+                "train_seconds": round(run.train_seconds(), 3),
             }
             run_checkpoint.save(run.manager, global_step, state, meta)
             run.last_checkpoint = global_step
@@ -717,6 +726,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluates the final checkpoint into WORKDIR/eval (the same as eval.py); its metrics are in
     the summary under 'eval'.
 
+    `model.num_defect_classes` is checked against the data first
+    (`m2u_jax.data.splits.resolve_num_defect_classes`; 0 = from the data, resolved into
+    WORKDIR/config.json); a value that does not fit raises ConfigError before training.
+
     Resuming: the newest checkpoint in WORKDIR/checkpoints decides the stage and step; the data
     iterator skips the batches already consumed (`start_step`), and dropout keys depend only on
     the step, so the resumed run reproduces the losses of an uninterrupted one.
@@ -731,6 +744,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"train.batch_size={train.batch_size} must split into train.grad_accum_steps="
             f"{train.grad_accum_steps} micro-batches that each divide over the "
             f"{jax.device_count()} devices"
+        )
+    # The model follows the data: model.num_defect_classes = 0 becomes the data's class count
+    # (written to config.json, so eval and export rebuild this model); a set value that does not
+    # fit the data stops here, before anything is built or written.
+    from m2u_jax.data import splits as splits_lib  # lazy: file discovery, no TF
+
+    requested = int(config.model.num_defect_classes)
+    config = splits_lib.with_data_num_defect_classes(config)
+    if requested == 0:
+        logging.info(
+            "model.num_defect_classes=0: %d class(es) from the data",
+            config.model.num_defect_classes,
         )
     _quiet_orbax()
     os.makedirs(workdir, exist_ok=True)
@@ -763,6 +788,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         meta = run_checkpoint.latest_meta(manager)
         if meta is not None:
             run.last_checkpoint = meta["global_step"]
+            run.seconds_before = float(meta.get("train_seconds", 0.0))
             if meta["stage"] == "pretrain" and meta["pretrain_method"] != train.pretrain_method:
                 raise ValueError(
                     f"{workdir}/checkpoints holds a {meta['pretrain_method']} pretraining run but "

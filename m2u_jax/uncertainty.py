@@ -50,11 +50,11 @@ def binary_entropy(probs: jax.Array) -> jax.Array:
     return -(probs * jnp.log(probs) + (1.0 - probs) * jnp.log1p(-probs))
 
 
-def sample_statistics(outputs: dict, topk_fraction: float) -> dict[str, jax.Array]:
+def sample_statistics(outputs: dict, score_kwargs: dict) -> dict[str, jax.Array]:
     """Stacked per-sample outputs (leading sample axis T on every array) → the statistics in
     the module docstring: `score_mean, score_var, entropy, mutual_info [B]`,
     `map_mean, map_var [B, H, W]`, `type_probs_mean [B, K+1]`."""
-    scores = jax.vmap(lambda sample: image_score(sample, topk_fraction))(outputs)  # [T, B]
+    scores = jax.vmap(lambda sample: image_score(sample, **score_kwargs))(outputs)  # [T, B]
     maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))  # [T, B, H, W]
     score_mean = mean(scores, 0)
     entropy = binary_entropy(score_mean)
@@ -84,7 +84,7 @@ def mc_dropout_predict(
 
     Args:
       model: an M2UNet (its `dropout_rate` is the MC rate, `mc_dropout_blocks` the sampled
-        depth, `image_score_topk` the score reduction).
+        depth, `score_kwargs` the score reduction).
       variables: `{'params': ...}`.
       images: `[B, H, W, C]` float32 in [0, 1].
       rng: a PRNG key; split into `num_samples` dropout keys.
@@ -171,7 +171,7 @@ def _mc_dropout_statistics(
     samples = _tail_samples(
         model, num_samples, chunk_size, _STATISTICS_INPUTS, variables, images, rng
     )
-    return sample_statistics(samples, model.image_score_topk)
+    return sample_statistics(samples, model.score_kwargs)
 
 
 def ensemble_predict(model: M2UNet, stacked_variables, images: jax.Array) -> dict[str, jax.Array]:
@@ -187,7 +187,7 @@ def _ensemble(model: M2UNet, stacked_variables, images):
     members = jax.vmap(lambda variables: model.apply(variables, images, train=False)[0])(
         stacked_variables
     )
-    return sample_statistics(members, model.image_score_topk)
+    return sample_statistics(members, model.score_kwargs)
 
 
 def review_policy(
@@ -205,7 +205,9 @@ def review_policy(
     return jnp.where(review, REVIEW, jnp.where(reject, REJECT, ACCEPT)).astype(jnp.int32)
 
 
-def calibrate_review_thresholds(scores, uncertainty, labels, budget: float) -> dict[str, float]:
+def calibrate_review_thresholds(
+    scores, uncertainty, labels, budget: float, rule: str = "f1", target_fpr: float = 0.05
+) -> dict[str, float]:
     """Chooses review thresholds on validation data (host-side numpy).
 
     - `uncertainty_threshold`: the (1 - budget) quantile of `uncertainty` (numpy 'higher'
@@ -216,9 +218,16 @@ def calibrate_review_thresholds(scores, uncertainty, labels, budget: float) -> d
       their distinct scores (predict defective where score >= threshold). Ties in F1 keep the
       highest threshold (fewer false rejects). With no positive label among them, the
       threshold is just above the largest score (accept everything).
+    - With `rule='fpr'` (`eval.threshold_rule` resolved to 'fpr', e.g. good-only validation),
+      `score_threshold` is instead `metrics.fpr_threshold` of the automatic images' scores:
+      at most `target_fpr` of the automatically decided good images are rejected (the F1
+      rule above when none of them is good).
 
-    Args: scores, uncertainty `[N]` float; labels `[N]` in {0, 1}; budget in [0, 1].
+    Args: scores, uncertainty `[N]` float; labels `[N]` in {0, 1}; budget in [0, 1];
+      rule 'f1' | 'fpr'; target_fpr in (0, 1).
     """
+    if rule not in ("f1", "fpr"):
+        raise ValueError(f"rule={rule!r} must be 'f1' or 'fpr' (resolve 'auto' first)")
     scores = np.asarray(scores, np.float64)
     uncertainty = np.asarray(uncertainty, np.float64)
     labels = np.asarray(labels).astype(bool)
@@ -239,6 +248,13 @@ def calibrate_review_thresholds(scores, uncertainty, labels, budget: float) -> d
             uncertainty_threshold = float(np.min(uncertainty)) - 1.0
     automatic = uncertainty <= uncertainty_threshold
     auto_scores, auto_labels = scores[automatic], labels[automatic]
+    if rule == "fpr" and not auto_labels.all():
+        from m2u_jax import metrics  # lazy: sklearn / scipy only for the calibration
+
+        return dict(
+            score_threshold=metrics.fpr_threshold(auto_labels, auto_scores, target_fpr),
+            uncertainty_threshold=uncertainty_threshold,
+        )
     if auto_scores.size == 0 or not auto_labels.any():
         top = float(np.max(auto_scores)) if auto_scores.size else float(np.max(scores))
         return dict(

@@ -153,7 +153,7 @@ def test_inference_fn_mc_statistics_match_uncertainty_module(config, params, ima
         key: tails[key].reshape(5, 4, *tails[key].shape[1:])[1:]
         for key in ("pixel_logits", "image_logits", "type_logits")
     }
-    stats = uncertainty.sample_statistics(samples, model.image_score_topk)
+    stats = uncertainty.sample_statistics(samples, model.score_kwargs)
     np.testing.assert_allclose(outputs["image_score"], stats["score_mean"], atol=1e-6)
     np.testing.assert_allclose(outputs["uncertainty"], stats["score_var"], atol=1e-7)
     np.testing.assert_allclose(outputs["anomaly_map"], stats["map_mean"], atol=1e-6)

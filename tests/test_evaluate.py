@@ -79,14 +79,82 @@ def test_image_metrics_threshold_comes_from_validation():
     )
     # Best test F1: threshold 0.4 calls [0,1,1,1,1] -> precision 3/4, recall 1 -> 6/7.
     assert result["f1_max"] == pytest.approx(6 / 7)
+    assert result["threshold_rule"] == "f1"
+    # The F1 path is the same with the rule named: every number unchanged.
+    assert evaluate.image_metrics(validation, test, rule="f1", target_fpr=0.3) == result
 
 
 def test_image_metrics_without_validation_defects_falls_back():
     validation = {"labels": np.array([0, 0]), "image_score": np.array([0.1, 0.2])}
     test = {"labels": np.array([0, 1]), "image_score": np.array([0.4, 0.6])}
-    result = evaluate.image_metrics(validation, test)
+    result = evaluate.image_metrics(validation, test)  # rule 'f1' asked, F1 undefined
     assert result["threshold"] == evaluate.FALLBACK_THRESHOLD
+    assert result["threshold_rule"] == "fallback"
     assert result["accuracy"] == 1.0
+    empty = {"labels": np.zeros(0, int), "image_score": np.zeros(0)}
+    result = evaluate.image_metrics(empty, test, rule="auto")
+    assert (result["threshold"], result["threshold_rule"]) == (0.5, "fallback")
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        ([0] * 10, "fpr"),  # good-only validation (the unsupervised protocol)
+        ([0] * 10 + [1] * 4, "fpr"),  # 4 defective < AUTO_F1_MIN_DEFECTIVE = 5
+        ([0] * 10 + [1] * 5, "f1"),  # both classes, 5 defective
+        ([0] + [1] * 40, "f1"),
+        ([1] * 3, "f1"),  # no good image: an FPR is undefined
+    ],
+)
+def test_auto_threshold_rule(labels, expected):
+    assert evaluate.AUTO_F1_MIN_DEFECTIVE == 5
+    assert evaluate.threshold_rule(np.array(labels), "auto") == expected
+    assert evaluate.threshold_rule(np.array(labels), "f1") == "f1"
+    assert evaluate.threshold_rule(np.array(labels), "fpr") == "fpr"
+
+
+def test_unknown_threshold_rule_raises():
+    with pytest.raises(ValueError, match="threshold rule 'youden'"):
+        evaluate.threshold_rule(np.array([0, 1]), "youden")
+
+
+def test_image_metrics_good_only_validation_uses_the_fpr_rule():
+    # Good-only validation scores 0.1 ... 1.0, target FPR 0.2: at most 2 of the 10 good images
+    # may score >= the threshold -> threshold 0.9 (metrics.fpr_threshold).
+    validation = {"labels": np.zeros(10, int), "image_score": np.arange(1, 11) / 10}
+    test = {
+        "labels": np.array([0, 0, 0, 0, 1, 1]),
+        "image_score": np.array([0.3, 0.6, 0.7, 0.95, 0.92, 0.99]),
+    }
+    result = evaluate.image_metrics(validation, test, rule="auto", target_fpr=0.2)
+    assert result["threshold_rule"] == "fpr"
+    assert result["threshold"] == pytest.approx(0.9)
+    # Decisions at 0.9: [0, 0, 0, 1, 1, 1] vs labels [0, 0, 0, 0, 1, 1] -> 5/6.
+    assert result["accuracy"] == pytest.approx(5 / 6)
+    # The F1 rule on the same validation: no defective image, so the fallback 0.5:
+    # decisions [0, 1, 1, 1, 1, 1] -> 3/6.
+    old = evaluate.image_metrics(validation, test, rule="f1")
+    assert (old["threshold"], old["threshold_rule"]) == (0.5, "fallback")
+    assert old["accuracy"] == pytest.approx(3 / 6)
+
+
+def test_image_metrics_auto_takes_f1_with_enough_validation_defects():
+    validation = {
+        "labels": np.array([0, 0, 0, 1, 1, 1, 1, 1]),
+        "image_score": np.array([0.1, 0.2, 0.6, 0.5, 0.7, 0.8, 0.9, 0.95]),
+    }
+    test = {"labels": np.array([0, 1, 0, 1]), "image_score": np.array([0.3, 0.66, 0.62, 0.4])}
+    auto = evaluate.image_metrics(validation, test, rule="auto", target_fpr=0.2)
+    f1 = evaluate.image_metrics(validation, test, rule="f1")
+    assert auto == f1 and auto["threshold_rule"] == "f1"
+    # F1 per cut: 0.7 -> TP 4, FP 0, FN 1: 8/9; 0.6 -> 8/10; 0.5 -> TP 5, FP 1, FN 0: 10/11
+    # (the best); 0.2 -> 10/12. The 0.5 cut moved halfway down to 0.2 -> 0.35.
+    assert auto["threshold"] == pytest.approx(0.35)
+    # With the FPR rule instead: 3 goods, k = floor(0.6) = 0 -> just above 0.6.
+    fpr = evaluate.image_metrics(validation, test, rule="fpr", target_fpr=0.2)
+    assert fpr["threshold_rule"] == "fpr" and fpr["threshold"] == np.nextafter(0.6, 1.0)
+    # Test decisions at 0.35: [0, 1, 1, 1] -> 3/4; just above 0.6: [0, 1, 1, 0] -> 2/4.
+    assert auto["accuracy"] == pytest.approx(0.75) and fpr["accuracy"] == pytest.approx(0.5)
 
 
 def _box_split(pred_boxes, pred_scores, pred_classes, gt_boxes, gt_classes):
@@ -164,6 +232,49 @@ def test_uncertainty_metrics_worked_case():
     assert row["num_reviewed"] == 2
     assert row["automatic_accuracy"] == pytest.approx(correct[:18].mean())
     assert result["review"]["0.5%"]["num_reviewed"] == 0
+
+
+def test_uncertainty_metrics_and_review_policy_follow_the_fpr_rule():
+    # Good-only validation (MC mean scores 0.1 ... 1.0), target FPR 0.2 -> threshold 0.9.
+    validation = {
+        "labels": np.zeros(10, int),
+        "score_mean": np.arange(1, 11) / 10,
+        "score_var": np.zeros(10),
+    }
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.5, 0.95, 0.92, 0.3])
+    test = {"labels": labels, "score_mean": scores, "score_var": np.array([0.1, 0.2, 0.3, 0.4])}
+    result, threshold = evaluate.uncertainty_metrics(validation, test, rule="auto", target_fpr=0.2)
+    assert threshold == pytest.approx(0.9)
+    # Decisions at 0.9: [0, 1, 1, 0]: wrong on images 1 and 3 (the two most uncertain but one).
+    correct = np.array([True, False, True, False])
+    assert result["error_auroc"] == pytest.approx(roc_auc_score(~correct, test["score_var"]))
+    # The review policy's score threshold follows the same rule on the automatic images: the
+    # most uncertain validation image (score 1.0) goes to review (budget 0.2), so 9 good ones
+    # remain, k = floor(0.25 * 9) = 2 -> 0.8 (0.8 and 0.9 rejected).
+    uncertainty_values = np.array([0.0] * 9 + [1.0])
+    policy = uncertainty.calibrate_review_thresholds(
+        validation["score_mean"], uncertainty_values, validation["labels"], 0.2, "fpr", 0.25
+    )
+    assert policy["uncertainty_threshold"] == 0.0
+    assert policy["score_threshold"] == pytest.approx(0.8)
+    # The F1 rule (as before): no defective image -> just above the largest automatic score.
+    f1_policy = uncertainty.calibrate_review_thresholds(
+        validation["score_mean"], uncertainty_values, validation["labels"], 0.2
+    )
+    assert f1_policy["score_threshold"] == np.nextafter(0.9, 1.0)
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        uncertainty.calibrate_review_thresholds([0.1], [0.0], [0], 0.1, "auto")
+
+
+def test_evaluation_classes_must_match_the_trained_run(tmp_path):
+    from m2u_jax.config import ConfigError
+
+    evaluate._check_run_classes(str(tmp_path), 5)  # no config.json: nothing to compare
+    (tmp_path / "config.json").write_text('{"model": {"num_defect_classes": 4}}')
+    evaluate._check_run_classes(str(tmp_path), 4)
+    with pytest.raises(ConfigError, match="resolves to 5 .* was trained with 4"):
+        evaluate._check_run_classes(str(tmp_path), 5)
 
 
 def test_review_reason():
@@ -262,7 +373,20 @@ def test_writes_every_output(evaluated_run):
 def test_metrics_json_has_the_documented_layout(evaluated_run):
     saved = evaluated_run["json"]
     assert list(saved) == ["image", "pixel", "detection", "uncertainty", "speed", "per_category"]
-    assert set(saved["image"]) == {"accuracy", "auroc", "ap", "f1_max", "threshold"}
+    assert set(saved["image"]) == {
+        "accuracy",
+        "auroc",
+        "ap",
+        "f1_max",
+        "threshold",
+        "threshold_rule",
+        "score_variants",
+    }
+    variants = saved["image"]["score_variants"]
+    assert {"classifier", "mix", "max_s1", "max_s9", "top1pct_s17"} <= set(variants)
+    # 'mix' recomputes the model's own rule (½ top-1 % of the map + ½ classifier) from the
+    # kept maps and probabilities: the same AUROC as the deterministic image score.
+    assert variants["mix"] == pytest.approx(saved["image"]["auroc"], abs=1e-6)
     assert set(saved["pixel"]) == {"auroc", "aupro"}
     assert set(saved["detection"]) == {"map50", "map", "per_class_ap50"}
     # Unsupervised protocol: class-agnostic boxes, one 'all' class.
@@ -290,6 +414,13 @@ def _reference_threshold(labels, scores):
     best = candidates[int(np.argmax(f1))]
     lower = scores[scores < best]
     return (best + lower.max()) / 2 if lower.size else best
+
+
+def _reference_fpr_threshold(labels, scores):
+    """eval.target_fpr = 0.05 of a validation with one good image: no good image may score at
+    or above the threshold -> the next float above the good image's score."""
+    (good,) = scores[labels == 0]
+    return np.nextafter(good, np.inf)
 
 
 def _reference_aupro(masks, maps, fpr_limit=0.3):
@@ -323,13 +454,24 @@ def test_metrics_equal_reference_computations(evaluated_run):
     assert len(labels) == 7 and labels.sum() == 4  # 3 good + one per defect kind
     assert len(validation["labels"]) == 5
 
-    threshold = _reference_threshold(validation["labels"], validation["image_score"])
+    # Validation holds 1 good and 4 defective images: fewer than AUTO_F1_MIN_DEFECTIVE = 5, so
+    # eval.threshold_rule='auto' takes the FPR rule; with one good image, k = floor(0.05) = 0:
+    # the threshold lies just above that image's score.
+    assert validation["labels"].tolist().count(0) == 1
+    threshold = _reference_fpr_threshold(validation["labels"], validation["image_score"])
     image = saved["image"]
+    assert image["threshold_rule"] == "fpr"
     assert image["threshold"] == pytest.approx(threshold)
     assert image["accuracy"] == pytest.approx(accuracy_score(labels, scores >= threshold))
     assert image["auroc"] == pytest.approx(roc_auc_score(labels, scores))
     assert image["ap"] == pytest.approx(average_precision_score(labels, scores))
     assert image["f1_max"] == pytest.approx(max(f1_score(labels, scores >= t) for t in scores))
+    # eval.threshold_rule='f1' on the same predictions: the F1-optimal reference.
+    f1_rule = evaluate.image_metrics(validation, test, rule="f1")
+    f1_threshold = _reference_threshold(validation["labels"], validation["image_score"])
+    assert f1_rule["threshold_rule"] == "f1"
+    assert f1_rule["threshold"] == pytest.approx(f1_threshold)
+    assert f1_rule["accuracy"] == pytest.approx(accuracy_score(labels, scores >= f1_threshold))
 
     np.testing.assert_array_equal(pixel["paths"], test["paths"])
     masks, maps = pixel["masks"], pixel["anomaly_map"]
@@ -344,7 +486,7 @@ def test_metrics_equal_reference_computations(evaluated_run):
     assert saved["detection"]["map50"] == pytest.approx(coco["map50"])
     assert saved["detection"]["map"] == pytest.approx(coco["map"])
 
-    mc_threshold = _reference_threshold(validation["labels"], validation["score_mean"])
+    mc_threshold = _reference_fpr_threshold(validation["labels"], validation["score_mean"])
     probs, variances = test["score_mean"], test["score_var"]
     correct = (probs >= mc_threshold) == labels
     confidence = np.where(probs >= 0.5, probs, 1 - probs)
@@ -421,7 +563,11 @@ def test_review_queue_follows_the_validation_policy(evaluated_run):
         validation["score_var"],
         validation["labels"],
         config.eval.review_budget,
+        rule="fpr",  # 'auto' on 1 good + 4 defective validation images
+        target_fpr=config.eval.target_fpr,
     )
+    assert thresholds["threshold_rule"] == "fpr"
+    assert thresholds["target_fpr"] == config.eval.target_fpr
     assert thresholds["score_threshold"] == pytest.approx(policy["score_threshold"])
     assert thresholds["uncertainty_threshold"] == pytest.approx(policy["uncertainty_threshold"])
     assert thresholds["uncertainty_measure"] == "score_var"

@@ -344,3 +344,39 @@ def test_detail_stem_feeds_pixel_logits_and_boxes_but_not_the_reconstruction(ima
     )["params"]
     assert "detail_stem" not in plain
     assert plain["anomaly_decoder"]["out"]["kernel"].shape[-1] == 4
+
+
+def test_pixel_head_recon_compares_the_input_with_the_reconstruction(images):
+    """`pixel_head_recon`: the pixel logits depend on the reconstruction (its 'out' conv) and
+    on the input through the comparison; the trunk/tail split still equals the full call."""
+    model = model_lib.build_model(tiny_model_config(detail_channels=8, pixel_head_recon=True))
+    variables = {"params": random_params(model, images, seed=5)}
+    decoder = variables["params"]["anomaly_decoder"]
+    # [input 3, recon 3, |input - recon| 3] → the stride-2 pixel path's width (8: the tiny
+    # config's decoder_channels).
+    assert decoder["compare_in"]["kernel"].shape == (3, 3, 9, 8)
+    assert decoder["compare_merge"]["kernel"].shape == (3, 3, 16, 8)
+
+    @jax.jit
+    def run(variables, images):
+        full, _ = model.apply(variables, images, train=False)
+        state, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
+        split, _ = model.apply(
+            variables,
+            state,
+            image_hw=(32, 32),
+            train=False,
+            method=model_lib.M2UNet.stochastic_tail,
+        )
+        return full, state, split
+
+    full, state, split = run(variables, images)
+    np.testing.assert_array_equal(state["images"], images)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), split, full)
+    # A different reconstruction (zeroed 'out' conv: recon = sigmoid(0) = 0.5 everywhere)
+    # changes the pixel logits: the head reads the reconstruction.
+    out = jax.tree.map(jnp.zeros_like, decoder["out"])
+    other = {"params": {**variables["params"], "anomaly_decoder": {**decoder, "out": out}}}
+    changed, _, _ = run(other, images)
+    np.testing.assert_allclose(changed["recon"], 0.5)
+    assert np.max(np.abs(changed["pixel_logits"] - full["pixel_logits"])) > 1e-3

@@ -78,7 +78,7 @@ def test_mc_split_is_exact_per_key(images):
     # Dropout really samples: the tail outputs differ between keys ...
     assert not np.allclose(samples["pixel_logits"][0], samples["pixel_logits"][1])
     # The statistics of mc_dropout_predict, from the same samples.
-    statistics = uncertainty.sample_statistics(samples, model.image_score_topk)
+    statistics = uncertainty.sample_statistics(samples, model.score_kwargs)
     probs = jax.nn.sigmoid(samples["pixel_logits"])
     np.testing.assert_allclose(statistics["map_mean"], probs.mean(0), atol=1e-6)
     np.testing.assert_allclose(statistics["map_var"], probs.var(0), atol=1e-6)
@@ -164,7 +164,7 @@ def test_sample_statistics_hand_case():
     outputs = dict(
         image_logits=image_logits, pixel_logits=pixel_logits, type_logits=jnp.zeros((2, 2, 3))
     )
-    stats = uncertainty.sample_statistics(outputs, topk_fraction=1.0)
+    stats = uncertainty.sample_statistics(outputs, dict(topk_fraction=1.0))
     # Score = 0.5 * (pixel prob + image prob) = the same probability here.
     np.testing.assert_allclose(stats["score_mean"], [0.5, 0.5], atol=1e-6)
     np.testing.assert_allclose(stats["score_var"], [0.0, 0.16], atol=1e-6)

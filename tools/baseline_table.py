@@ -124,7 +124,7 @@ def _detection_forward(model, variables, images):
     )
     predictions = model_lib.predictions_from_outputs(
         outputs,
-        image_score_topk=model.image_score_topk,
+        score_kwargs=model.score_kwargs,
         max_detections=model.det_max_detections,
         iou_threshold=model.det_iou_threshold,
         score_threshold=model.det_score_threshold,
@@ -203,10 +203,11 @@ def _throughput(config, function, *args) -> float:
     return batch_size / evaluate.time_call(lambda: function(*args, images))
 
 
-def _image_row(validation, test) -> dict:
+def _image_row(config, validation, test) -> dict:
     from m2u_jax import evaluate
 
-    return evaluate.image_metrics(validation, test)
+    # The threshold rule of eval.py (eval.threshold_rule / eval.target_fpr).
+    return evaluate.image_metrics(validation, test, **evaluate.threshold_settings(config))
 
 
 def evaluate_autoencoder(config, workdir: str) -> dict:
@@ -233,7 +234,7 @@ def evaluate_autoencoder(config, workdir: str) -> dict:
     )
     detection = evaluate.detection_metrics(test, ("defect",), class_agnostic=True)
     return {
-        "image": _image_row(validation, test),
+        "image": _image_row(config, validation, test),
         "pixel": evaluate.pixel_metrics(test),
         "detection": detection,
         "images_per_sec": _throughput(
@@ -261,7 +262,7 @@ def evaluate_detection(config, workdir: str, context) -> dict:
     validation = evaluate.collect_split(config, "validation", predict, keep_maps=False)
     test = evaluate.collect_split(config, "test", predict, keep_maps=False)
     return {
-        "image": _image_row(validation, test),
+        "image": _image_row(config, validation, test),
         "detection": evaluate.detection_metrics(test, context.class_names, context.class_agnostic),
         "images_per_sec": _throughput(
             config, lambda v, x: _detection_forward(model, v, x), variables
@@ -305,7 +306,7 @@ def evaluate_svm(config, workdir: str) -> dict:
     for split in ("validation", "test"):
         splits[split]["image_score"] = splits[split]["embedding"] @ weights + bias
     return {
-        "image": _image_row(splits["validation"], splits["test"]),
+        "image": _image_row(config, splits["validation"], splits["test"]),
         "detection": {"map50": math.nan, "map": math.nan},
         "images_per_sec": _throughput(
             config,

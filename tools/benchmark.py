@@ -371,7 +371,7 @@ def deterministic_statistics_fn(model) -> Callable:
     def statistics_of_one_pass(variables, images):
         outputs, _ = model.apply(variables, images, train=False)
         used = {key: outputs[key][None] for key in ("pixel_logits", "image_logits", "type_logits")}
-        return uncertainty.sample_statistics(used, model.image_score_topk)
+        return uncertainty.sample_statistics(used, model.score_kwargs)
 
     return statistics_of_one_pass
 

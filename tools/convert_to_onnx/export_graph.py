@@ -208,7 +208,7 @@ def inference_with_params(
                 )
                 predictions = model_lib.predictions_from_outputs(
                     outputs,
-                    image_score_topk=model.image_score_topk,
+                    score_kwargs=model.score_kwargs,
                     max_detections=model.det_max_detections,
                     iou_threshold=model.det_iou_threshold,
                     score_threshold=model.det_score_threshold,
@@ -229,7 +229,7 @@ def inference_with_params(
                     train=True,
                     method=model_lib.M2UNet.stochastic_tail,
                 )
-                scores = model_lib.image_score(outputs, model.image_score_topk)
+                scores = model_lib.image_score(outputs, **model.score_kwargs)
                 scores = _first_axis_copies(scores, copies)[1:]  # [T, N]
                 maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))
                 anomaly_map = jnp.mean(_first_axis_copies(maps, copies)[1:], axis=0)
