@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from tools import baseline_table, limited_data_study
+from tools import baseline_table, limited_data_study, quality_study
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -270,3 +270,61 @@ def test_baseline_table_on_tiny(study_data, compilation_cache, tmp_path):
     table = open(paths["markdown"]).read()
     assert "| M2U-InspectNet (full model, ours) |" in table and "| 94.8 | 91.7 | 52 |" in table
     assert json.load(open(paths["json"]))["rows"][3]["map50"] is None
+
+
+def test_quality_study_run_specs():
+    run = quality_study.parse_run("mt_sup@0.1", "/data")
+    assert run == dict(
+        name="mt_sup@0.1",
+        format="mask_folder",
+        root="/data/magnetic_tile",
+        protocol="supervised",
+        good_class="MT_Free",
+        fraction=0.1,
+    )
+    run = quality_study.parse_run("parts=voc:/x/parts:supervised:ok", "/data")
+    assert (run["name"], run["format"], run["root"], run["good_class"]) == (
+        "parts",
+        "voc",
+        "/x/parts",
+        "ok",
+    )
+    for spec, message in (
+        ("mt_unsup@0.5", "needs the supervised protocol"),
+        ("mt_sup@1.5", r"not in \(0, 1\]"),
+        ("nope", "unknown"),
+        ("x=voc:/r", "expected name=FORMAT"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            quality_study.parse_run(spec, "/data")
+    config = quality_study.run_config(tiny.get_config(), run, curve_points=3)
+    # 8 fine-tuning steps in 3 curve points: a checkpoint every 3 steps (3, 6, 8), all kept.
+    assert config.train.checkpoint_every == 3
+    assert config.train.keep_checkpoints >= 5
+    assert config.data.root == "/x/parts" and config.eval.after_training is False
+
+
+def test_quality_study_curve_on_tiny(study_data, compilation_cache, tmp_path):
+    del compilation_cache
+    config = study_config(study_data)
+    config.train.finetune_steps = 4
+    config.eval.feature_memory_size = 64
+    spec = f"tiny=mvtec_ad:{study_data}:unsupervised"
+    runs = [quality_study.parse_run(spec, "")]
+    workdir = str(tmp_path / "quality")
+    results = quality_study.run_matrix(config, workdir, runs, curve_points=2)
+    curve = results[0]["curve"]
+    assert [row["finetune_step"] for row in curve] == [2, 4]
+    # Training time grows along the run; each checkpoint's numbers are its own metrics.json.
+    assert 0 < curve[0]["train_minutes"] < curve[1]["train_minutes"]
+    for row in curve:
+        saved = json.load(open(os.path.join(workdir, "tiny", "curve", f"step_{row['step']}.json")))
+        assert row["image_auroc"] == pytest.approx(saved["metrics"]["image"]["auroc"])
+        assert saved["metrics"]["feature_knn"]["bank_size"] == 64
+        assert set(row["score_variants"]) >= {"mix", "max_s9", "classifier"}
+    text = quality_study.markdown(results, "note")
+    assert "### tiny: quality against CPU minutes" in text
+    assert text.count("\n| 2 |") == 1 and text.count("\n| 4 |") == 1
+    # A second call only re-reads the cached evaluations.
+    again = quality_study.run_matrix(config, workdir, runs, curve_points=2)
+    assert again[0]["curve"] == curve
