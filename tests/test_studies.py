@@ -328,3 +328,17 @@ def test_quality_study_curve_on_tiny(study_data, compilation_cache, tmp_path):
     # A second call only re-reads the cached evaluations.
     again = quality_study.run_matrix(config, workdir, runs, curve_points=2)
     assert again[0]["curve"] == curve
+
+
+def test_quality_report_replaces_only_the_generated_block(tmp_path):
+    path = tmp_path / "quality.md"
+    quality_study.write_report(str(path), "table one\n")
+    assert path.read_text() == (
+        f"{quality_study.BEGIN_MARK}\ntable one\n{quality_study.END_MARK}\n"
+    )
+    path.write_text("# Analysis\n\n" + path.read_text() + "\nWhat limits it.\n")
+    quality_study.write_report(str(path), "table two\n")
+    assert path.read_text() == (
+        f"# Analysis\n\n{quality_study.BEGIN_MARK}\ntable two\n{quality_study.END_MARK}\n"
+        "What limits it.\n"
+    )
