@@ -32,6 +32,11 @@ def get_config():
     config.model.mc_dropout_blocks = 0
     config.model.det_score_threshold = 0.05
     config.model.projection_dim = 64
+    # Image score = maximum of the 5x5-smoothed anomaly map, no classifier term (DRAEM's rule;
+    # measured against top-k and the classifier mix in docs/quality.md).
+    config.model.image_score_topk = 0.0
+    config.model.image_score_smoothing = 5
+    config.model.image_score_classifier = 0.0
     config.model.num_defect_classes = 0  # from the data
     config.train.pretrain_steps = 200
     config.train.finetune_steps = 1600

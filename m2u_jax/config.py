@@ -65,6 +65,69 @@ def num_channels(modalities: str) -> int:
     return sum(MODALITY_CHANNELS[m] for m in split_list(modalities))
 
 
+# Allowed range of every numeric key: (low, high, low included, high included); None = open.
+# A value outside is one line naming the key (e.g. keep_checkpoints=0 would let orbax delete
+# every checkpoint; a negative step count would name a checkpoint -1).
+_AT_LEAST_1 = (1, None, True, False)
+_AT_LEAST_0 = (0, None, True, False)
+_POSITIVE = (0, None, False, False)
+_UNIT = (0, 1, True, True)
+_UNIT_OPEN_TOP = (0, 1, True, False)
+NUMERIC_RANGES = {
+    "seed": _AT_LEAST_0,
+    "data.image_size": _AT_LEAST_1,
+    "data.val_fraction": _UNIT_OPEN_TOP,
+    "data.test_fraction": _UNIT_OPEN_TOP,
+    "data.max_boxes": _AT_LEAST_1,
+    "data.synthetic_anomaly_prob": _UNIT,
+    "data.shuffle_buffer": _AT_LEAST_1,
+    "data.num_parallel_calls": (-1, None, True, False),
+    "data.prefetch": _AT_LEAST_1,
+    "model.patch_size": _AT_LEAST_1,
+    "model.fusion_every": _AT_LEAST_1,
+    "model.dropout_rate": _UNIT_OPEN_TOP,
+    "model.mc_dropout_blocks": _AT_LEAST_0,
+    "model.decoder_channels": _AT_LEAST_1,
+    "model.detail_channels": _AT_LEAST_0,
+    "model.det_channels": _AT_LEAST_1,
+    "model.det_max_detections": _AT_LEAST_1,
+    "model.det_score_threshold": _UNIT,
+    "model.det_iou_threshold": (0, 1, False, True),
+    "model.projection_dim": _AT_LEAST_1,
+    "train.pretrain_steps": _AT_LEAST_0,
+    "train.finetune_steps": _AT_LEAST_0,
+    "train.learning_rate": _POSITIVE,
+    "train.warmup_steps": _AT_LEAST_0,
+    "train.weight_decay": _AT_LEAST_0,
+    "train.grad_clip_norm": _AT_LEAST_0,
+    "train.grad_accum_steps": _AT_LEAST_1,
+    "train.temperature": _POSITIVE,
+    "train.moco_momentum": _UNIT,
+    "train.mesh_fsdp": _AT_LEAST_1,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.peak_flops": _AT_LEAST_0,
+    "eval.batch_size": _AT_LEAST_1,
+    "eval.num_mc_samples": _AT_LEAST_1,
+    "eval.review_budget": (0, 1, False, False),
+    "eval.num_overlays": _AT_LEAST_0,
+}
+
+
+def _check_range(key: str, value, bounds) -> None:
+    low, high, low_in, high_in = bounds
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if too_low or too_high or value != value:  # value != value: NaN
+        left = "[" if low_in else "("
+        right = "]" if high_in else ")"
+        interval = (
+            f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        )
+        raise ConfigError(f"config key '{key}'={value!r} is outside its range {interval}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError when `config` differs from configs/default.py in keys or types,
     or asks for sizes that cannot work (image not divisible by the patch stride, batch not
@@ -89,6 +152,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"config key '{key}' is {type(value).__name__} {value!r}, "
                 f"expected {ref_type.__name__} like {ref_value!r}"
             )
+    for key, bounds in NUMERIC_RANGES.items():
+        _check_range(key, actual[key], bounds)
+    for key, value in actual.items():
+        if key.startswith("train.loss_weights."):
+            _check_range(key, value, _AT_LEAST_0)
     data, model, train = config.data, config.model, config.train
     if data.format not in DATA_FORMATS:
         raise ConfigError(f"data.format={data.format!r} is not one of {DATA_FORMATS}")

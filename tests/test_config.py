@@ -154,3 +154,34 @@ def test_split_list_and_channels():
     assert config_lib.split_list(" bottle, cable,,") == ("bottle", "cable")
     assert config_lib.split_list("") == ()
     assert config_lib.num_channels("rgb,depth,thermal") == 5
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.keep_checkpoints", 0, "'train.keep_checkpoints'=0 is outside its range [1, inf)"),
+        ("train.finetune_steps", -1, "'train.finetune_steps'=-1 is outside its range [0, inf)"),
+        ("data.val_fraction", 1.5, "'data.val_fraction'=1.5 is outside its range [0, 1)"),
+        ("eval.batch_size", -2, "'eval.batch_size'=-2 is outside its range [1, inf)"),
+        ("model.dropout_rate", 1.0, "'model.dropout_rate'=1.0 is outside its range [0, 1)"),
+        ("train.learning_rate", 0.0, "'train.learning_rate'=0.0 is outside its range (0, inf)"),
+        ("eval.review_budget", float("nan"), "'eval.review_budget'=nan is outside"),
+        ("train.loss_weights.recon", -1.0, "'train.loss_weights.recon'=-1.0 is outside"),
+    ],
+)
+def test_numeric_keys_out_of_range_are_one_line_errors(key, value, message):
+    config = default.get_config()
+    section, *rest = key.split(".")
+    node = config[section]
+    for part in rest[:-1]:
+        node = node[part]
+    node[rest[-1]] = value
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.validate(config)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_every_numeric_range_key_exists_in_the_default():
+    flat = config_lib._flatten(default.get_config())
+    assert set(config_lib.NUMERIC_RANGES) <= set(flat)
