@@ -128,6 +128,27 @@ def _check_range(key: str, value, bounds) -> None:
         raise ConfigError(f"config key '{key}'={value!r} is outside its range {interval}")
 
 
+def _check_image_side(size_key: str, size: int, model) -> None:
+    """The patches tile `size` exactly at every scale and the detection strides divide it."""
+    for scale in model.scales:
+        side = size * scale
+        if side != int(side) or int(side) < model.patch_size:
+            raise ConfigError(
+                f"{size_key}={size} at model.scales entry {scale} gives a "
+                f"{side}px side, too small or fractional for model.patch_size={model.patch_size}"
+            )
+        if (int(side) - model.patch_size) % model.patch_stride:
+            raise ConfigError(
+                f"{size_key}={size} at scale {scale} is not covered exactly by "
+                f"patches of {model.patch_size}px at stride {model.patch_stride}"
+            )
+    for stride in model.det_strides:
+        if size % stride:
+            raise ConfigError(
+                f"{size_key}={size} is not divisible by model.det_strides entry {stride}"
+            )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError when `config` differs from configs/default.py in keys or types,
     or asks for sizes that cannot work (image not divisible by the patch stride, batch not
@@ -177,24 +198,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"model.patch_stride={model.patch_stride} must be in [1, model.patch_size="
             f"{model.patch_size}]"
         )
-    for scale in model.scales:
-        side = data.image_size * scale
-        if side != int(side) or int(side) < model.patch_size:
-            raise ConfigError(
-                f"data.image_size={data.image_size} at model.scales entry {scale} gives a "
-                f"{side}px side, too small or fractional for model.patch_size={model.patch_size}"
-            )
-        if (int(side) - model.patch_size) % model.patch_stride:
-            raise ConfigError(
-                f"data.image_size={data.image_size} at scale {scale} is not covered exactly by "
-                f"patches of {model.patch_size}px at stride {model.patch_stride}"
-            )
-    for stride in model.det_strides:
-        if data.image_size % stride:
-            raise ConfigError(
-                f"data.image_size={data.image_size} is not divisible by model.det_strides "
-                f"entry {stride}"
-            )
+    if data.train_crop < 0 or data.train_crop > data.image_size:
+        raise ConfigError(
+            f"data.train_crop={data.train_crop} must be 0 (off) or in [1, data.image_size="
+            f"{data.image_size}]"
+        )
+    sizes = [("data.image_size", data.image_size)]
+    if data.train_crop:
+        sizes.append(("data.train_crop", data.train_crop))
+    for size_key, size in sizes:
+        _check_image_side(size_key, size, model)
     if model.num_defect_classes < 0:
         raise ConfigError(
             f"model.num_defect_classes={model.num_defect_classes} must be >= 0 (0 = from the data)"

@@ -292,3 +292,62 @@ def test_tfds_builder_matches_files(synthetic_root, tmp_path):
 def test_benchmark_pipeline_reports_throughput(synthetic_root):
     images_per_sec = pipeline.benchmark_pipeline(_config(synthetic_root), num_batches=2)
     assert np.isfinite(images_per_sec) and images_per_sec > 0
+
+
+def test_crop_example_keeps_image_mask_boxes_and_labels_consistent():
+    from m2u_jax.data import augment
+
+    image = np.arange(8 * 8 * 1, dtype=np.float32).reshape(8, 8, 1)
+    mask = np.zeros((8, 8), np.float32)
+    mask[1:3, 1:3] = 1.0  # defect at rows/cols 1-2
+    example = {
+        "images": image,
+        "masks": mask,
+        # Box 0 covers the defect; box 1 crosses the window's right edge; box 2 is padding.
+        "boxes": np.array([[1, 1, 3, 3], [4, 2, 8, 4], [0, 0, 0, 0]], np.float32),
+        "box_classes": np.array([2, 1, 0], np.int32),
+        "box_valid": np.array([1, 1, 0], np.float32),
+        "labels": np.int32(1),
+        "defect_types": np.int32(3),
+    }
+    out = {k: np.asarray(v) for k, v in augment.crop_example(example, 2, 0, 4).items()}
+    np.testing.assert_array_equal(out["images"], image[0:4, 2:6])
+    np.testing.assert_array_equal(out["masks"], mask[0:4, 2:6])
+    # Shifted by x0 = 2 and clipped to [0, 4]: [1,1,3,3] -> [0,1,1,3]; [4,2,8,4] -> [2,2,4,4].
+    np.testing.assert_array_equal(out["boxes"], [[0, 1, 1, 3], [2, 2, 4, 4], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["box_valid"], [1, 1, 0])
+    assert out["labels"] == 1 and out["defect_types"] == 3
+    # A window away from every defect and box: a good example, boxes become padding.
+    far = {k: np.asarray(v) for k, v in augment.crop_example(example, 0, 4, 4).items()}
+    assert far["masks"].max() == 0 and far["box_valid"].sum() == 0
+    assert far["labels"] == 0 and far["defect_types"] == 0
+    np.testing.assert_array_equal(far["boxes"], np.zeros((3, 4)))
+    # Labelled defective with no mask and no box: where the defect lies is unknown, keep it.
+    unknown = {**example, "masks": np.zeros((8, 8), np.float32), "box_valid": np.zeros(3)}
+    kept = augment.crop_example(unknown, 4, 4, 4)
+    assert int(kept["labels"]) == 1 and int(kept["defect_types"]) == 3
+
+
+def test_train_crop_gives_crop_sized_batches_from_every_window(synthetic_root):
+    from m2u_jax.data import augment
+
+    config = _config(synthetic_root, train_crop=16)
+    dataset, _ = pipeline.make_train_dataset(config)
+    batch = next(dataset.as_numpy_iterator())
+    assert batch["images"].shape == (8, 16, 16, 3) and batch["masks"].shape == (8, 16, 16)
+    assert batch["clean_images"].shape == (8, 16, 16, 3)
+    # Crop corners are uniform over the 17 x 17 valid positions and deterministic per key.
+    key = np.array([0, 1], np.int64)
+    corners = {
+        tuple(int(v) for v in augment.sample_crop_origin(augment.fold_key(key, i), 32, 16))
+        for i in range(400)
+    }
+    assert all(0 <= x <= 16 and 0 <= y <= 16 for x, y in corners)
+    assert {x for x, _ in corners} == set(range(17))
+    again = augment.sample_crop_origin(augment.fold_key(key, 3), 32, 16)
+    assert tuple(map(int, again)) == tuple(
+        map(int, augment.sample_crop_origin(augment.fold_key(key, 3), 32, 16))
+    )
+    # Pretraining views are cut from the crop too.
+    views = next(pipeline.make_train_dataset(config, stage="pretrain")[0].as_numpy_iterator())
+    assert views["views1"].shape == (8, 16, 16, 3)

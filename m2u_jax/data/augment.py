@@ -207,6 +207,55 @@ def flip_example(
     return out
 
 
+def sample_crop_origin(key: tf.Tensor, size: int, crop: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(x0, y0) int32 top-left corner of a `crop`-pixel square inside a `size`-pixel image,
+    uniform over the valid positions (stateless)."""
+    uniforms = tf.random.stateless_uniform([2], fold_key(key, 17))
+    span = float(size - crop + 1)
+    origin = tf.minimum(tf.cast(tf.floor(uniforms * span), tf.int32), size - crop)
+    return origin[0], origin[1]
+
+
+def crop_example(
+    example: dict[str, tf.Tensor], x0: tf.Tensor, y0: tf.Tensor, crop: int
+) -> dict[str, tf.Tensor]:
+    """Cuts the `crop`×`crop` window at (x0, y0) out of one example, keeping image, mask, boxes
+    and labels consistent (training at the images' own scale on large inputs).
+
+    Boxes are shifted and clipped to the window; a box left without area becomes padding. A
+    defective image whose defect lies outside the window becomes a good example (label 0,
+    type 0) when its defect is localised (a mask or a box); an image labelled defective with
+    neither keeps its label, since where its defect lies is unknown. Other keys pass through.
+    """
+    out = dict(example)
+    channels = example["images"].shape[-1]
+    out["images"] = tf.ensure_shape(
+        example["images"][y0 : y0 + crop, x0 : x0 + crop], [crop, crop, channels]
+    )
+    out["masks"] = tf.ensure_shape(example["masks"][y0 : y0 + crop, x0 : x0 + crop], [crop, crop])
+    boxes = example["boxes"]
+    shift = tf.cast(tf.stack([x0, y0, x0, y0]), boxes.dtype)
+    clipped = tf.clip_by_value(boxes - shift, 0.0, float(crop))
+    kept = (
+        (example["box_valid"] > 0)
+        & (clipped[:, 2] - clipped[:, 0] >= 1.0)
+        & (clipped[:, 3] - clipped[:, 1] >= 1.0)
+    )
+    kept_float = tf.cast(kept, boxes.dtype)
+    out["boxes"] = clipped * kept_float[:, None]
+    out["box_valid"] = tf.cast(kept, example["box_valid"].dtype)
+    out["box_classes"] = example["box_classes"] * tf.cast(kept, example["box_classes"].dtype)
+    localised = tf.reduce_any(example["masks"] > 0.5) | tf.reduce_any(example["box_valid"] > 0)
+    inside = tf.reduce_any(out["masks"] > 0.5) | tf.reduce_any(kept)
+    defective = example["labels"] > 0
+    still = tf.where(localised, defective & inside, defective)
+    out["labels"] = tf.cast(still, example["labels"].dtype)
+    out["defect_types"] = tf.where(
+        still, example["defect_types"], tf.zeros_like(example["defect_types"])
+    )
+    return out
+
+
 def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
     uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))

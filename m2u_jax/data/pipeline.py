@@ -289,6 +289,7 @@ def make_train_dataset(
 
     prob = float(config.data.synthetic_anomaly_prob)
     flips = bool(config.data.random_flips)
+    crop = int(config.data.train_crop)
     rgb_offset = _rgb_offset(modalities)
     # Class-agnostic (unsupervised): an anomaly is a 'defect' (type 1); else its type is unknown.
     synthetic_type = 1 if info.protocol == "unsupervised" else -1
@@ -297,6 +298,10 @@ def make_train_dataset(
         example = dict(example)
         example["images"] = tf.cast(example["images"], tf.float32) / 65535.0
         example["masks"] = tf.cast(example["masks"], tf.float32)
+        if crop:
+            example = augment.crop_example(
+                example, *augment.sample_crop_origin(key, size, crop), crop
+            )
         if stage == "pretrain":
             views = tf.stack(
                 [
