@@ -429,6 +429,9 @@ def feature_knn_metrics(config, model, variables, batch_sharding, test: Mapping)
         return {"features": to_host(feature_memory.patch_features(model, variables, images))}
 
     train = collect_split(config, "train", features_of, keep_maps=False)
+    if not (train["labels"] == 0).any():
+        logging.info("feature-space scorer skipped: the training split has no defect-free image")
+        return {"skipped": "the training split has no defect-free image"}
     bank = feature_memory.build_bank(
         [train["features"][train["labels"] == 0]],
         int(config.eval.feature_memory_size),

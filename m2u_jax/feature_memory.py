@@ -38,9 +38,10 @@ def patch_features(model, variables, images: jax.Array) -> jax.Array:
 def build_bank(features: list[np.ndarray], max_size: int, seed: int) -> np.ndarray:
     """Patch features of good images (arrays `[..., D]`) → `[M, D]` float32 bank, M ≤
     `max_size` rows drawn without replacement with `seed` (all rows when there are fewer)."""
-    if not features:
+    rows = [np.asarray(f, np.float32).reshape(-1, np.shape(f)[-1]) for f in features]
+    rows = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    if len(rows) == 0:
         raise ValueError("feature memory: no defect-free training image to build the bank from")
-    rows = np.concatenate([np.asarray(f, np.float32).reshape(-1, f.shape[-1]) for f in features])
     if len(rows) > max_size:
         picked = np.random.default_rng(seed).choice(len(rows), size=max_size, replace=False)
         rows = rows[np.sort(picked)]

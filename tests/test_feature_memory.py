@@ -40,6 +40,9 @@ def test_build_bank_subsamples_deterministically():
     assert all(any(np.array_equal(row, other) for other in full) for row in small)
     with pytest.raises(ValueError, match="no defect-free"):
         feature_memory.build_bank([], 10, 0)
+    # A split whose images are all defective leaves an empty selection: the same error.
+    with pytest.raises(ValueError, match="no defect-free"):
+        feature_memory.build_bank([np.zeros((0, 2, 2, 4), np.float32)], 10, 0)
 
 
 def test_patch_features_are_the_neighbourhood_mean_of_the_token_grid():
