@@ -297,6 +297,8 @@ def test_quality_study_run_specs():
     ):
         with pytest.raises(ValueError, match=message):
             quality_study.parse_run(spec, "/data")
+    # An undefined metric (null in metrics.json, e.g. image AUROC on all-defective data).
+    assert quality_study._cell(None) == "n/a" and quality_study._cell(0.12345) == "0.123"
     config = quality_study.run_config(tiny.get_config(), run, curve_points=3)
     # 8 fine-tuning steps in 3 curve points: a checkpoint every 3 steps (3, 6, 8), all kept.
     assert config.train.checkpoint_every == 3

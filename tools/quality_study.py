@@ -183,6 +183,8 @@ def write_json(path: str, payload) -> None:
 
 
 def _cell(value) -> str:
+    if value is None:  # NaN is written as null in metrics.json
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)
@@ -220,7 +222,7 @@ def markdown(results: list[dict], note: str) -> str:
         variants = result["curve"][-1]["score_variants"] if result["curve"] else {}
         if variants:
             lines += ["", "Image AUROC of each score reduction (last checkpoint): "]
-            lines[-1] += ", ".join(f"{name} {_cell(float(v))}" for name, v in variants.items())
+            lines[-1] += ", ".join(f"{name} {_cell(v)}" for name, v in variants.items())
         rule = result["curve"][-1]["threshold_rule"] if result["curve"] else "?"
         lines += ["", f"Accuracy uses the `{rule}` threshold rule on validation."]
     return "\n".join(lines) + "\n"
