@@ -420,8 +420,9 @@ def score_variant_aurocs(test: Mapping) -> dict[str, float]:
 def feature_knn_metrics(config, model, variables, batch_sharding, test: Mapping) -> dict:
     """The feature-space scorer (`m2u_jax.feature_memory`) on the test split: a bank of
     `eval.feature_memory_size` patch features of the defect-free training images, then image
-    AUROC / AP (per-image score = maximum of the 3×3-smoothed distance map) and pixel AUROC /
-    AUPRO of the distance maps upsampled to the image size."""
+    AUROC / AP (per-image score = maximum of the distance map after a mean filter about one
+    token wide: the odd width nearest H/16, at least 3) and pixel AUROC / AUPRO of the distance
+    maps upsampled to the image size."""
 
     def features_of(images, batch_index):
         del batch_index
