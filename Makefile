@@ -20,6 +20,9 @@ $(JAX2TF_VENV)/.installed: tools/convert_to_onnx/requirements-jax2tf.txt
 	$(PYTHON) -m venv $(JAX2TF_VENV)
 	$(JAX2TF_VENV)/bin/pip install -q --upgrade pip
 	$(JAX2TF_VENV)/bin/pip install -q -r tools/convert_to_onnx/requirements-jax2tf.txt
+	# m2u_jax itself (editable), for `python -m m2u_jax.export.jax2tf_export`; no deps: this
+	# environment keeps its own pins (jax 0.7.1).
+	$(JAX2TF_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml

@@ -34,7 +34,7 @@ def main(argv):
     except ImportError:
         print("eval.py: evaluation is not built yet (see the Evaluation issue).", file=sys.stderr)
         return 1
-    from m2u_jax.data.decode import DataError
+    from m2u_jax.data.records import DataError
 
     try:
         evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)

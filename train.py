@@ -1,4 +1,5 @@
-"""Train M2U-InspectNet: contrastive pretraining, then multi-task fine-tuning.
+"""Train M2U-InspectNet: contrastive pretraining, then multi-task fine-tuning, then (with
+`eval.after_training`) the evaluation of the final checkpoint into WORKDIR/eval, as eval.py.
 
 python train.py --config configs/tiny.py --workdir /tmp/m2u_tiny [--config.train.batch_size=16]
 """
@@ -34,8 +35,11 @@ def main(argv):
     # Loop-free threefry on CPU: the same dropout bits, ~1.5x faster MC dropout on the demo
     # (docs/performance.md); a no-op on GPU/TPU and on JAX versions without the hook.
     cpu_prng.install()
-    from m2u_jax import trainer  # after validation: a bad config fails before jax starts
-    from m2u_jax.data.decode import DataError
+    # After validation: a bad config fails before jax starts.
+    from absl import logging
+
+    from m2u_jax import evaluate, trainer
+    from m2u_jax.data.records import DataError
 
     try:
         trainer.main(
@@ -55,6 +59,15 @@ def main(argv):
     except DataError as error:  # names the file and the problem
         print(f"train.py: bad data: {error}", file=sys.stderr)
         return 2
+    if config.eval.after_training and config.train.finetune_steps > 0:
+        metrics = evaluate.evaluate(config, _WORKDIR.value)
+        logging.info(
+            "summary eval: image AUROC %.4f, pixel AUROC %.4f, box mAP@0.5 %.4f (%s/eval)",
+            metrics["image"]["auroc"],
+            metrics["pixel"]["auroc"],
+            metrics["detection"]["map50"],
+            _WORKDIR.value,
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ can print it and exit non-zero before any heavy work.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
 THRESHOLD_RULES = ("f1", "fpr", "auto")
+STAGES = ("pretrain", "finetune")  # the training schedule, in order
 
 
 class ConfigError(ValueError):
@@ -262,8 +264,6 @@ def with_run_num_defect_classes(
     ConfigError naming the file when it is missing or holds no such number."""
     if int(config.model.num_defect_classes) != 0:
         return config
-    import json
-
     path = os.path.join(workdir, "config.json")
     try:
         with open(path, encoding="utf-8") as file:

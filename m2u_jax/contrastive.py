@@ -14,6 +14,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+PRETRAIN_METHODS = ("simclr", "mocov3")
+# MoCo v3 uses a 3-layer projector and a 2-layer predictor; SimCLR a 2-layer projector.
+_PROJECTOR_LAYERS = {"simclr": 2, "mocov3": 3}
+_PREDICTOR_LAYERS = {"simclr": 0, "mocov3": 2}
 
 
 class ProjectionHead(nn.Module):
@@ -101,3 +107,19 @@ class ContrastiveModel(nn.Module):
         if self.predictor_layers:
             return self.predictor(projections)
         return projections
+
+
+def build_network(config: ml_collections.ConfigDict, model: nn.Module) -> ContrastiveModel:
+    """The pretraining network of `config.train.pretrain_method` around `model` (an M2UNet)."""
+    method = config.train.pretrain_method
+    if method not in PRETRAIN_METHODS:
+        raise ValueError(f"train.pretrain_method={method!r}: use one of {PRETRAIN_METHODS}")
+    return ContrastiveModel(
+        encoder=model,
+        projection_dim=config.model.projection_dim,
+        hidden_dim=0,  # = the embedding width, as in SimCLR
+        projector_layers=_PROJECTOR_LAYERS[method],
+        predictor_layers=_PREDICTOR_LAYERS[method],
+        dtype=jnp.dtype(config.model.dtype),
+        param_dtype=jnp.dtype(config.model.param_dtype),
+    )

@@ -57,9 +57,10 @@ import numpy as np
 from absl import logging
 
 from m2u_jax import config as config_lib
-from m2u_jax import feature_memory, scoring
+from m2u_jax import feature_memory, run_checkpoint, scoring
 from m2u_jax import metrics as metrics_lib
 from m2u_jax import report as report_lib
+from m2u_jax import review as review_lib
 from m2u_jax import uncertainty as uncertainty_lib
 
 # Review budgets of the `uncertainty.review` table (fractions of the test images).
@@ -81,81 +82,6 @@ DEFAULT_TARGET_FPR = 0.05
 
 _PER_IMAGE_KEYS = ("image_score", "score_mean", "score_var", "entropy", "mutual_info")
 _BOX_KEYS = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def restore_params(
-    config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *, stage="finetune"
-) -> tuple[dict, int]:
-    """Parameters of a checkpoint in WORKDIR/checkpoints, sharded as the trainer saved them.
-
-    Args:
-      config: the run's config (the model and optimizer shapes must match the checkpoint).
-      workdir: run directory written by train.py.
-      step: global step of the checkpoint; None = the newest checkpoint of `stage`.
-      stage: 'finetune' → the M2UNet params; 'pretrain' → the contrastive encoder's params
-        (the backbone subtree of the M2UNet params, for linear probes).
-    Returns:
-      (params, global step). Raises FileNotFoundError / ValueError naming the folder, the step
-      and what is wrong (no checkpoint, unknown step, checkpoint of the other stage).
-    """
-    import orbax.checkpoint as ocp
-
-    from m2u_jax import model as model_lib
-    from m2u_jax import run_checkpoint, sharding, trainer
-
-    trainer._quiet_orbax()  # orbax logs a dozen INFO lines per restore
-    if stage not in trainer.STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {trainer.STAGES}")
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} does not exist: train first (train.py --workdir)")
-    manager = run_checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"{directory} holds no checkpoint: train first")
-
-        def meta_of(global_step: int) -> dict:
-            restored = manager.restore(
-                global_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )
-            return dict(restored["meta"])
-
-        if step is None:
-            candidates = [s for s in reversed(steps) if meta_of(s)["stage"] == stage]
-            if not candidates:
-                raise ValueError(
-                    f"{directory} has no {stage} checkpoint (steps {steps}); "
-                    + (
-                        "evaluation needs a fine-tuned run (train.finetune_steps > 0)"
-                        if stage == "finetune"
-                        else "the run had no pretraining (train.pretrain_steps = 0)"
-                    )
-                )
-            step = candidates[0]
-        elif step not in steps:
-            raise ValueError(f"--step={step}: {directory} has checkpoints {steps}")
-        meta = meta_of(step)
-        if meta["stage"] != stage:
-            raise ValueError(
-                f"checkpoint {step} in {directory} is from the {meta['stage']} stage, not "
-                f"{stage}; pick a {stage} step (available: {steps})"
-            )
-        mesh = sharding.make_mesh(config.train.mesh_fsdp)
-        model = model_lib.build_model(config.model)
-        rng = jax.random.PRNGKey(config.seed)
-        if stage == "finetune":
-            built = trainer.build_finetune_stage(config, model, mesh, rng)
-        else:
-            built = trainer.build_pretrain_stage(config, model, mesh, rng)
-        state = run_checkpoint.restore_state(manager, step, built.abstract_state)
-    finally:
-        manager.close()
-    params = state.params if stage == "finetune" else state.params["encoder"]
-    return params, int(step)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -823,10 +749,11 @@ def evaluate(
         config = config.copy_and_resolve_references()
         config.model.num_defect_classes = context.num_defect_classes
     _check_run_classes(workdir, context.num_defect_classes)
-    params, step = restore_params(config, workdir, step)
+    batch_sharding = eval_batch_sharding(config)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    params, step = run_checkpoint.restore_params(config, workdir, step, sharding=replicated)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
-    batch_sharding = eval_batch_sharding(config)
     out_dir = os.path.join(os.path.abspath(workdir), "eval")
     plots_dir = os.path.join(out_dir, "plots")
     overlays_dir = os.path.join(out_dir, "overlays")
@@ -841,7 +768,7 @@ def evaluate(
     settings = threshold_settings(config)
     # 'auto' depends only on the validation labels: one rule for every threshold below.
     rule = threshold_rule(validation["labels"], settings["rule"])
-    policy = uncertainty_lib.calibrate_review_thresholds(
+    policy = review_lib.calibrate_review_thresholds(
         validation["score_mean"],
         validation[UNCERTAINTY_MEASURE],
         validation["labels"],
@@ -856,12 +783,12 @@ def evaluate(
 
     def on_rows(rows: dict) -> None:
         decisions = np.asarray(
-            uncertainty_lib.review_policy(rows["score_mean"], rows[UNCERTAINTY_MEASURE], policy)
+            review_lib.review_policy(rows["score_mean"], rows[UNCERTAINTY_MEASURE], policy)
         )
         for index in range(len(rows["labels"])):
             loss = _image_loss(int(rows["labels"][index]), float(rows["image_score"][index]))
             worst.offer(loss, lambda index=index: _single_row(rows, index))
-            if decisions[index] != uncertainty_lib.REVIEW:
+            if decisions[index] != review_lib.REVIEW:
                 continue
             score = float(rows["score_mean"][index])
             variance = float(rows["score_var"][index])

@@ -12,9 +12,6 @@ Conventions shared by every function here:
   pycocotools for COCO box mAP, scipy.ndimage for connected components. Own code exists only
   for AUPRO (no library implements the MVTec AD definition) and for pixel AUROC (scikit-learn
   needs gigabytes for ~10^8 pixels); both are tested against slow or library references.
-
-scikit-learn and pycocotools are imported inside the functions that need them: the data
-pipeline imports `connected_component_boxes` from here and must not pull them in.
 """
 
 from __future__ import annotations
@@ -114,30 +111,33 @@ def average_precision(labels, scores) -> float:
     return float(average_precision_score(labels, scores))
 
 
-def f1_max(labels, scores) -> tuple[float, float]:
+def f1_max(labels, scores, ties: str = "lowest") -> tuple[float, float]:
     """Best F1 over all thresholds, and the threshold (a score value) that reaches it.
 
     Args:
       labels: `[N]` 0/1.
       scores: `[N]`.
+      ties: which of several F1-tied thresholds to return: 'lowest' (more recall) or
+        'highest' (fewer false rejects).
     Returns:
-      `(f1, threshold)`: images with `score >= threshold` are called defective. When several
-      thresholds tie, the lowest one is returned. `(nan, nan)` without any defective image.
+      `(f1, threshold)`: images with `score >= threshold` are called defective; the candidate
+      thresholds are the distinct scores. `(nan, nan)` without any defective image.
     """
-    from sklearn.metrics import precision_recall_curve
-
+    if ties not in ("lowest", "highest"):
+        raise ValueError(f"ties={ties!r} must be 'lowest' or 'highest'")
     labels, scores = _labels_and_scores(labels, scores)
     if not labels.any():
         return math.nan, math.nan
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    # The last (precision=1, recall=0) point has no threshold.
-    precision, recall = precision[:-1], recall[:-1]
-    denominator = precision + recall
-    f1 = np.divide(
-        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
-    )
-    best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    candidates = np.unique(scores)  # ascending
+    # Positives and negatives at or above each candidate, from sorted counts.
+    true_positive = labels.sum() - np.searchsorted(np.sort(scores[labels]), candidates, "left")
+    negatives = np.sort(scores[~labels])
+    false_positive = negatives.size - np.searchsorted(negatives, candidates, "left")
+    false_negative = labels.sum() - true_positive
+    f1 = 2 * true_positive / np.maximum(2 * true_positive + false_positive + false_negative, 1)
+    tied = np.flatnonzero(f1 == f1.max())
+    best = int(tied[0] if ties == "lowest" else tied[-1])
+    return float(f1[best]), float(candidates[best])
 
 
 def f1_optimal_threshold(labels, scores) -> float:
@@ -405,34 +405,6 @@ def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int | None = None
     """
     fpr, pro = aupro_curve(masks, maps, fpr_limit, num_thresholds)
     return area_under_pro_curve(fpr, pro, fpr_limit)
-
-
-def connected_component_boxes(mask, threshold: float = 0.5, min_pixels: int = 1) -> np.ndarray:
-    """Boxes around the 8-connected components of a mask, in raster order of their first pixel.
-
-    A component covering columns x0..x1 and rows y0..y1 (inclusive) gets the box
-    `(x0, y0, x1 + 1, y1 + 1)`: pixel edges, so a one-pixel component has width 1.
-
-    Args:
-      mask: `[H, W]`; pixels `> threshold` are foreground.
-      threshold: foreground cut (0.5 suits {0, 1} masks and nearest or bilinear resizes).
-      min_pixels: components with fewer pixels are dropped (specks).
-    Returns:
-      `[k, 4]` float32 xyxy boxes in pixels; `[0, 4]` for an empty mask.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
-    labeled, count = ndimage.label(mask > threshold, structure=_EIGHT_CONNECTED)
-    if count == 0:
-        return np.zeros((0, 4), dtype=np.float32)
-    sizes = np.bincount(labeled.ravel(), minlength=count + 1)
-    boxes = [
-        (cols.start, rows.start, cols.stop, rows.stop)
-        for label, (rows, cols) in enumerate(ndimage.find_objects(labeled), start=1)
-        if sizes[label] >= min_pixels
-    ]
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
 # --------------------------------------------------------------------------- boxes (COCO)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from m2u_jax import boxes, scoring
-from m2u_jax.config import MODALITY_CHANNELS, split_list
+from m2u_jax.config import MODALITY_CHANNELS, num_channels, split_list
 from m2u_jax.heads import (
     AnomalyDecoder,
     DetailStem,
@@ -390,3 +390,21 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         dtype=DTYPES[model_config.dtype],
         param_dtype=DTYPES[model_config.param_dtype],
     )
+
+
+def example_images(config: ml_collections.ConfigDict, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """The model input of `config`: `[batch, side, side, channels]` float32 (spec only)."""
+    side = int(config.data.image_size)
+    return jax.ShapeDtypeStruct(
+        (batch, side, side, num_channels(config.data.modalities)), jnp.float32
+    )
+
+
+def init_params(network: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """Fresh `params` of `network` (an M2UNet or a wrapper of one taking images) at `config`'s
+    input size; `rng` is split into the params and dropout keys. Works under jit/eval_shape."""
+    params_rng, dropout_rng = jax.random.split(rng)
+    images = jnp.zeros(example_images(config).shape, jnp.float32)
+    return network.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)[
+        "params"
+    ]

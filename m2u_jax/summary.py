@@ -19,8 +19,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from m2u_jax import flops as flops_lib
+from m2u_jax import model as model_lib
 from m2u_jax.config import num_channels
-from m2u_jax.model import build_model
 
 
 def count_parameters(tree) -> int:
@@ -28,41 +29,26 @@ def count_parameters(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def abstract_variables(model, images: jax.ShapeDtypeStruct):
-    """`jax.eval_shape` of `model.init`: the variable tree as ShapeDtypeStructs."""
-    return jax.eval_shape(
-        lambda key: model.init(
-            {"params": key, "dropout": key}, jnp.zeros(images.shape), train=False
-        ),
-        jax.random.key(0),
-    )
-
-
-def compiled_flops(model, variables, images: jax.ShapeDtypeStruct) -> float:
-    """FLOPs of one compiled inference forward over `images` (XLA cost analysis)."""
-    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
-    cost = forward.lower(variables, images).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax returns one dict per computation
-        cost = cost[0] if cost else {}
-    return float(cost.get("flops", float("nan")))
-
-
 def summarize(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict:
     """Summary dict of the model that `config.model` builds (see module docstring)."""
-    model = build_model(config.model)
+    model = model_lib.build_model(config.model)
     size = int(config.model.image_size)
     images = jax.ShapeDtypeStruct(
         (batch_size, size, size, num_channels(config.model.modalities)), jnp.float32
     )
-    variables = abstract_variables(model, images)
-    params = variables["params"]
+    params = jax.eval_shape(
+        lambda key: model_lib.init_params(model, config, key), jax.random.PRNGKey(0)
+    )
+    variables = {"params": params}
     per_module = {name: count_parameters(tree) for name, tree in params.items()}
     backbone_parts: dict[str, int] = {}
     for name, tree in params["backbone"].items():
         group = name.split("_")[0] if name.split("_")[-1].isdigit() else name
         backbone_parts[group] = backbone_parts.get(group, 0) + count_parameters(tree)
     outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)[0], variables, images)
-    flops = compiled_flops(model, variables, images)
+    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
+    flops = flops_lib.compiled_flops(forward.lower(variables, images).compile())
+    flops = math.nan if flops is None else flops
     return dict(
         variant=config.model.variant,
         image_size=size,

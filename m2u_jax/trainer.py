@@ -1,7 +1,7 @@
 """Training: contrastive pretraining (SimCLR or MoCo v3), then multi-task fine-tuning.
 
 `train.py` calls `main`, which starts `jax.distributed` when asked and runs
-`train_and_evaluate(config, workdir)`:
+`train(config, workdir)`:
 
 1. **pretrain** (`train.pretrain_steps`, 0 skips it): the model's backbone embedding feeds a
    projection MLP; SimCLR minimises NT-Xent over the global batch, MoCo v3 adds a predictor and a
@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging as python_logging
 import math
 import os
 import time
@@ -58,13 +57,8 @@ from jax.sharding import PartitionSpec as P
 from m2u_jax import config as config_lib
 from m2u_jax import contrastive, losses, optim, run_checkpoint, sharding
 from m2u_jax import flops as flops_lib
+from m2u_jax import model as model_lib
 from m2u_jax.train_state import TrainState
-
-STAGES = ("pretrain", "finetune")
-PRETRAIN_METHODS = ("simclr", "mocov3")
-# MoCo v3 uses a 3-layer projector and a 2-layer predictor; SimCLR a 2-layer projector.
-_PROJECTOR_LAYERS = {"simclr": 2, "mocov3": 3}
-_PREDICTOR_LAYERS = {"simclr": 0, "mocov3": 2}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -190,11 +184,6 @@ class Stage:
     momentum: Callable[[jax.Array], jax.Array] | None = None
 
 
-def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
-    side = config.data.image_size
-    return jnp.zeros((1, side, side, config_lib.num_channels(config.data.modalities)), jnp.float32)
-
-
 def _sharded_init(
     init_fn: Callable[..., TrainState], mesh, compiler_options, fsdp_min_size: int, *args
 ):
@@ -207,22 +196,6 @@ def _sharded_init(
         lambda: init(*args),
         run_checkpoint.abstract_like(abstract_state, state_shardings),
         state_shardings,
-    )
-
-
-def contrastive_model(config: ml_collections.ConfigDict, model) -> contrastive.ContrastiveModel:
-    """The pretraining network of `config.train.pretrain_method` around `model` (an M2UNet)."""
-    method = config.train.pretrain_method
-    if method not in PRETRAIN_METHODS:
-        raise ValueError(f"train.pretrain_method={method!r}: use one of {PRETRAIN_METHODS}")
-    return contrastive.ContrastiveModel(
-        encoder=model,
-        projection_dim=config.model.projection_dim,
-        hidden_dim=0,  # = the embedding width, as in SimCLR
-        projector_layers=_PROJECTOR_LAYERS[method],
-        predictor_layers=_PREDICTOR_LAYERS[method],
-        dtype=jnp.dtype(config.model.dtype),
-        param_dtype=jnp.dtype(config.model.param_dtype),
     )
 
 
@@ -297,16 +270,13 @@ def build_pretrain_stage(
     `fsdp_min_size` elements stay replicated on an 'fsdp' mesh axis.
     """
     train = config.train
-    network = contrastive_model(config, model)
+    network = contrastive.build_network(config, model)
     optimizer, schedule = optim.make_optimizer(train, train.pretrain_steps)
     is_moco = train.pretrain_method == "mocov3"
     metric_names = ("loss", "grad_norm")
 
     def init_params(init_rng):
-        params_rng, dropout_rng = jax.random.split(init_rng)
-        return network.init(
-            {"params": params_rng, "dropout": dropout_rng}, _dummy_images(config), train=False
-        )["params"]
+        return model_lib.init_params(network, config, init_rng)
 
     npz_encoder = None
     if train.init_npz:
@@ -410,10 +380,7 @@ def build_finetune_stage(
     metric_names = ("loss", *losses.LOSS_TERMS, "grad_norm")
 
     def init_params(init_rng):
-        params_rng, dropout_rng = jax.random.split(init_rng)
-        return model.init(
-            {"params": params_rng, "dropout": dropout_rng}, _dummy_images(config), train=False
-        )["params"]
+        return model_lib.init_params(model, config, init_rng)
 
     if pretrained_encoder is not None:
         overlay, where = pretrained_encoder, "pretrained encoder"
@@ -699,19 +666,6 @@ def _initial_state(stage: Stage, manager, meta: dict | None) -> tuple[TrainState
     return state, int(meta["stage_step"])
 
 
-class _DropOrbaxInfo:
-    """absl-logger filter: orbax logs a dozen INFO lines per checkpoint; keep its warnings."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def _quiet_orbax() -> None:
-    absl_logger = logging.get_absl_logger()
-    if not any(isinstance(existing, _DropOrbaxInfo) for existing in absl_logger.filters):
-        absl_logger.addFilter(_DropOrbaxInfo())
-
-
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as file:
@@ -719,12 +673,9 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             file.write("\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the whole schedule in `workdir`; returns a short summary dict.
-
-    With `eval.after_training` (and a fine-tuning stage), `m2u_jax.evaluate.evaluate` then
-    evaluates the final checkpoint into WORKDIR/eval (the same as eval.py); its metrics are in
-    the summary under 'eval'.
+    Evaluation is the caller's (train.py runs `m2u_jax.evaluate` after it).
 
     `model.num_defect_classes` is checked against the data first
     (`m2u_jax.data.splits.resolve_num_defect_classes`; 0 = from the data, resolved into
@@ -735,8 +686,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the step, so the resumed run reproduces the losses of an uninterrupted one.
     Raises NonFiniteLossError when a loss goes NaN/Inf (the last good checkpoint is kept).
     """
-    from m2u_jax import model as model_lib  # lazy: keeps `import m2u_jax.trainer` light
-
     config_lib.validate(config, num_devices=jax.device_count())
     train = config.train
     if train.batch_size % (train.grad_accum_steps * jax.device_count()):
@@ -757,11 +706,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "model.num_defect_classes=0: %d class(es) from the data",
             config.model.num_defect_classes,
         )
-    _quiet_orbax()
+    run_checkpoint.quiet_orbax()
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
-    if train.pretrain_method not in PRETRAIN_METHODS:
-        raise ValueError(f"train.pretrain_method={train.pretrain_method!r}: use {PRETRAIN_METHODS}")
+    if train.pretrain_method not in contrastive.PRETRAIN_METHODS:
+        raise ValueError(
+            f"train.pretrain_method={train.pretrain_method!r}: use {contrastive.PRETRAIN_METHODS}"
+        )
     mesh = sharding.make_mesh(train.mesh_fsdp)
     logging.info(
         "mesh %s over %d devices on %d processes (%s)",
@@ -827,7 +778,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     summary["seconds"] = time.perf_counter() - run_start
     summary["checkpoint"] = run.last_checkpoint
-    for stage_name in STAGES:
+    for stage_name in config_lib.STAGES:
         if stage_name in summary:
             scalars = summary[stage_name]
             logging.info(
@@ -843,19 +794,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.last_checkpoint,
         os.path.join(workdir, "checkpoints"),
     )
-    if config.eval.after_training and train.finetune_steps > 0:
-        # Lazy: the evaluation module pulls in metrics, plotting and the eval data path.
-        from m2u_jax import evaluate
-
-        metrics = evaluate.evaluate(config, workdir)
-        summary["eval"] = metrics
-        logging.info(
-            "summary eval: image AUROC %.4f, pixel AUROC %.4f, box mAP@0.5 %.4f (%s/eval)",
-            metrics["image"]["auroc"],
-            metrics["pixel"]["auroc"],
-            metrics["detection"]["map50"],
-            workdir,
-        )
     return summary
 
 
@@ -885,4 +823,4 @@ def main(
             jax.local_device_count(),
             jax.device_count(),
         )
-    return train_and_evaluate(config, workdir)
+    return train(config, workdir)

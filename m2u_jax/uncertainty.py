@@ -1,4 +1,4 @@
-"""Predictive uncertainty: MC dropout, deep ensembles, and the accept / reject / review policy.
+"""Predictive uncertainty: MC dropout and deep ensembles (the review policy: `m2u_jax.review`).
 
 MC dropout runs the deterministic trunk (`M2UNet.trunk`) once and samples only the stochastic
 tail (`M2UNet.stochastic_tail`: the last `mc_dropout_blocks` backbone blocks and every head)
@@ -30,13 +30,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m2u_jax.layers import mean, variance
 from m2u_jax.model import M2UNet, image_score
 
-ACCEPT, REJECT, REVIEW = 0, 1, 2
-DECISION_NAMES = ("accept", "reject", "review")
 _EPS = 1e-6
 # The outputs `sample_statistics` reads: the loop of a chunked run carries only these.
 _STATISTICS_INPUTS = ("pixel_logits", "image_logits", "type_logits")
@@ -188,86 +185,3 @@ def _ensemble(model: M2UNet, stacked_variables, images):
         stacked_variables
     )
     return sample_statistics(members, model.score_kwargs)
-
-
-def review_policy(
-    scores: jax.Array, uncertainty: jax.Array, thresholds: dict[str, float]
-) -> jax.Array:
-    """Per-image decision `[B]` int32: REVIEW (2) where `uncertainty > uncertainty_threshold`,
-    else REJECT (1) where `score >= score_threshold`, else ACCEPT (0).
-
-    `uncertainty` is whichever measure the caller calibrated on (e.g. `mutual_info` or
-    `score_var`); `thresholds` = dict(score_threshold=..., uncertainty_threshold=...).
-    Names: `DECISION_NAMES[decision]`.
-    """
-    review = uncertainty > thresholds["uncertainty_threshold"]
-    reject = scores >= thresholds["score_threshold"]
-    return jnp.where(review, REVIEW, jnp.where(reject, REJECT, ACCEPT)).astype(jnp.int32)
-
-
-def calibrate_review_thresholds(
-    scores, uncertainty, labels, budget: float, rule: str = "f1", target_fpr: float = 0.05
-) -> dict[str, float]:
-    """Chooses review thresholds on validation data (host-side numpy).
-
-    - `uncertainty_threshold`: the (1 - budget) quantile of `uncertainty` (numpy 'higher'
-      method), so that `uncertainty > threshold` sends at most a `budget` fraction of the
-      images to review (fewer with ties); budget 0 reviews nothing.
-    - `score_threshold`: the F1-optimal threshold for "defective" (`labels` 1) among the images
-      the policy decides automatically (not sent to review), over the candidate thresholds =
-      their distinct scores (predict defective where score >= threshold). Ties in F1 keep the
-      highest threshold (fewer false rejects). With no positive label among them, the
-      threshold is just above the largest score (accept everything).
-    - With `rule='fpr'` (`eval.threshold_rule` resolved to 'fpr', e.g. good-only validation),
-      `score_threshold` is instead `metrics.fpr_threshold` of the automatic images' scores:
-      at most `target_fpr` of the automatically decided good images are rejected (the F1
-      rule above when none of them is good).
-
-    Args: scores, uncertainty `[N]` float; labels `[N]` in {0, 1}; budget in [0, 1];
-      rule 'f1' | 'fpr'; target_fpr in (0, 1).
-    """
-    if rule not in ("f1", "fpr"):
-        raise ValueError(f"rule={rule!r} must be 'f1' or 'fpr' (resolve 'auto' first)")
-    scores = np.asarray(scores, np.float64)
-    uncertainty = np.asarray(uncertainty, np.float64)
-    labels = np.asarray(labels).astype(bool)
-    if not (scores.shape == uncertainty.shape == labels.shape) or scores.ndim != 1:
-        raise ValueError(
-            f"scores {scores.shape}, uncertainty {uncertainty.shape} and labels {labels.shape} "
-            "must be equal 1-D shapes"
-        )
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"review budget {budget} must be in [0, 1]")
-    if scores.size == 0:
-        raise ValueError("cannot calibrate review thresholds on an empty validation set")
-    if budget == 0.0:
-        uncertainty_threshold = float(np.max(uncertainty))
-    else:
-        uncertainty_threshold = float(np.quantile(uncertainty, 1.0 - budget, method="higher"))
-        if budget == 1.0:
-            uncertainty_threshold = float(np.min(uncertainty)) - 1.0
-    automatic = uncertainty <= uncertainty_threshold
-    auto_scores, auto_labels = scores[automatic], labels[automatic]
-    if rule == "fpr" and not auto_labels.all():
-        from m2u_jax import metrics  # lazy: sklearn / scipy only for the calibration
-
-        return dict(
-            score_threshold=metrics.fpr_threshold(auto_labels, auto_scores, target_fpr),
-            uncertainty_threshold=uncertainty_threshold,
-        )
-    if auto_scores.size == 0 or not auto_labels.any():
-        top = float(np.max(auto_scores)) if auto_scores.size else float(np.max(scores))
-        return dict(
-            score_threshold=float(np.nextafter(top, np.inf)),
-            uncertainty_threshold=uncertainty_threshold,
-        )
-    candidates = np.unique(auto_scores)  # ascending
-    predicted = auto_scores[None, :] >= candidates[:, None]  # [T, N]
-    true_positive = np.sum(predicted & auto_labels[None], axis=1)
-    false_positive = np.sum(predicted & ~auto_labels[None], axis=1)
-    false_negative = np.sum(~predicted & auto_labels[None], axis=1)
-    f1 = 2 * true_positive / np.maximum(2 * true_positive + false_positive + false_negative, 1)
-    best = np.flatnonzero(f1 == f1.max())[-1]
-    return dict(
-        score_threshold=float(candidates[best]), uncertainty_threshold=uncertainty_threshold
-    )

@@ -1,5 +1,5 @@
-"""Tests of tools/convert_to_onnx: the export graph, both backends, the graph passes, parity,
-the TensorRT check and the ONNX Runtime runner.
+"""Tests of m2u_jax.export and its command lines in tools/convert_to_onnx: the export graph,
+both backends, the graph passes, parity, the TensorRT check and the ONNX Runtime runner.
 
 The tiny model exports in a few seconds with jax2onnx (plus ~10 s for its plugin import, once);
 the jax2tf backend runs once, for a static T = 1 and a dynamic T = 4 graph in one subprocess.
@@ -8,6 +8,8 @@ the jax2tf backend runs once, for a static T = 1 and a dynamic T = 4 graph in on
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +21,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from configs import tiny
 from m2u_jax import model as model_lib
-from m2u_jax import run_checkpoint, uncertainty
+from m2u_jax import review, run_checkpoint, uncertainty
+from m2u_jax.export import convert, onnx_graph, onnx_runner, parity, trt_check
+from m2u_jax.export import graph as export_graph
+from m2u_jax.export.jax2tf_export import unflatten_params
 from m2u_jax.train_state import TrainState
-from tools.convert_to_onnx import convert, export_graph, infer_onnx, parity, trt_check
+from tools.convert_to_onnx import convert as convert_cli
+from tools.convert_to_onnx import infer_onnx as infer_onnx_cli
 
 SIDE, CHANNELS = 32, 3
 
@@ -183,13 +189,13 @@ def test_load_inference_variables_restores_params_and_rejects_bad_runs(
     manager = run_checkpoint.make_manager(pretrain_dir, keep=1, async_save=False)
     run_checkpoint.save(manager, 3, {"params": {"w": np.ones(2)}}, {"stage": "pretrain"})
     manager.close()
-    with pytest.raises(ValueError, match="'pretrain' stage"):
+    with pytest.raises(ValueError, match="has no finetune checkpoint"):
         convert.load_inference_variables(config, pretrain_dir)
+    with pytest.raises(ValueError, match="checkpoint 3 .* is from the pretrain stage"):
+        convert.load_inference_variables(config, pretrain_dir, step=3)
 
 
 def test_flatten_params_roundtrip():
-    from tools.convert_to_onnx.jax2tf_export import unflatten_params
-
     tree = {"a": {"b": np.ones(2), "c": {"d": np.zeros((1, 2))}}, "e": np.arange(3)}
     flat = convert.flatten_params(tree)
     assert sorted(flat) == ["a/b", "a/c/d", "e"]
@@ -207,7 +213,7 @@ def test_cli_exports_checkpoint_static_batch_with_parity(
     # after a `make demo` in the checkout, and parity must fall back to generated images.
     tiny_config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     monkeypatch.chdir(tmp_path)
-    code = convert.main(
+    code = convert_cli.main(
         ["--config", tiny_config, "--workdir", workdir, "--output", output, "--batch", "1"]
         + ["--attention", "einsum"]
     )
@@ -294,7 +300,7 @@ def test_fp16_export_within_documented_tolerance(config, params, images, tmp_pat
 
 def test_jax2tf_backend_static_and_dynamic_in_one_subprocess(config, params, tmp_path):
     if not convert.JAX2TF_PYTHON.exists():
-        pytest.skip("needs .venv-jax2tf (make jax2tf-env)")
+        pytest.skip("needs .venv-jax2tf (make setup-jax2tf)")
     jobs = [
         dict(output=str(tmp_path / "static.onnx"), batch=2, mc_samples=1, fp16=False),
         dict(output=str(tmp_path / "dynamic.onnx"), batch=None, mc_samples=4, fp16=False),
@@ -341,12 +347,12 @@ def test_finalize_fixes_reductions_castlike_constants_and_prunes():
     inits.append(numpy_helper.from_array(kernel, "kernel"))
     output = helper.make_tensor_value_info("projected", TensorProto.FLOAT, ["n", 2])
     model = _tiny_graph_model(nodes, [x], [output], inits)
-    # The passes of convert.finalize (which also renames the I/O to the export contract).
-    convert._reduce_axes_to_attributes(model.graph)
-    convert._clear_value_info(model.graph)
-    convert._cast_like_to_cast(model)
-    convert._fold_constants(model.graph)
-    convert._prune(model.graph)
+    # The passes of onnx_graph.finalize (which also renames the I/O to the export contract).
+    onnx_graph._reduce_axes_to_attributes(model.graph)
+    onnx_graph._clear_value_info(model.graph)
+    onnx_graph._cast_like_to_cast(model)
+    onnx_graph._fold_constants(model.graph)
+    onnx_graph._prune(model.graph)
     model.ir_version = 8
     onnx.checker.check_model(model)
     ops = [node.op_type for node in model.graph.node]
@@ -368,7 +374,7 @@ def test_rename_outputs_gives_constant_outputs_a_node():
     zeros = numpy_helper.from_array(np.zeros(2, np.float32), "t_1:0")
     model = _tiny_graph_model([helper.make_node("Neg", ["x"], ["t:0"])], [x], outputs, [zeros])
     model.ir_version = 8
-    convert._rename_outputs(model.graph, {"t:0": "negated", "t_1:0": "zeros"})
+    onnx_graph.rename_outputs(model.graph, {"t:0": "negated", "t_1:0": "zeros"})
     onnx.checker.check_model(model)
     result = _run(model.SerializeToString(), np.array([1.0, -2.0], np.float32))
     np.testing.assert_array_equal(result["negated"], [-1.0, 2.0])
@@ -478,7 +484,7 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
     expected = _run(
         onnx_path,
         np.stack(
-            [infer_onnx.load_image(str(p), ("rgb",), SIDE)[0] for p in sorted(folder.iterdir())]
+            [onnx_runner.load_image(str(p), ("rgb",), SIDE)[0] for p in sorted(folder.iterdir())]
         ),
     )
     # Thresholds between the observed values so that each decision occurs once: the most
@@ -492,7 +498,7 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
     eval_file = dict(thresholds, uncertainty_measure="score_var", num_mc_samples=4, budget=0.05)
     (tmp_path / "thresholds.json").write_text(json.dumps(eval_file))
     out = tmp_path / "preds.jsonl"
-    code = infer_onnx.main(
+    code = infer_onnx_cli.main(
         [
             "--model",
             onnx_path,
@@ -518,10 +524,8 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
     np.testing.assert_allclose(
         [r["image_score"] for r in records], expected["image_score"], atol=1e-6
     )
-    decisions = infer_onnx._review_decisions_numpy(
-        expected["image_score"], expected["uncertainty"], thresholds
-    )
-    assert [r["decision"] for r in records] == [infer_onnx.DECISION_NAMES[d] for d in decisions]
+    decisions = review.review_policy(expected["image_score"], expected["uncertainty"], thresholds)
+    assert [r["decision"] for r in records] == [review.DECISION_NAMES[d] for d in decisions]
     assert sorted(r["decision"] for r in records) == ["accept", "reject", "review"]
     first = records[0]
     assert first["num_boxes"] == int(expected["num_boxes"][0]) == len(first["boxes"])
@@ -529,28 +533,28 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
         first["boxes"][0]["box"], expected["boxes"][0, 0] * 48 / 32, atol=0.01
     )
     assert len(os.listdir(tmp_path / "maps")) == 3
-    # The JAX review policy and the numpy fallback agree.
-    jax_decisions = infer_onnx.review_decisions(
-        expected["image_score"], expected["uncertainty"], thresholds
-    )
-    np.testing.assert_array_equal(jax_decisions, decisions)
     with pytest.raises(ValueError, match="mutual_info"):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**thresholds, "uncertainty_measure": "mutual_info"}))
-        infer_onnx.load_thresholds(str(bad))
+        onnx_runner.load_thresholds(str(bad))
+
+
+def test_onnx_runner_imports_without_jax():
+    code = "import sys, m2u_jax.export.onnx_runner; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_onnx_images_per_sec_measures_and_validates_shapes(dynamic_t4):
-    rate = infer_onnx.onnx_images_per_sec(dynamic_t4[0], 2, SIDE, CHANNELS, repeats=2)
+    rate = onnx_runner.onnx_images_per_sec(dynamic_t4[0], 2, SIDE, CHANNELS, repeats=2)
     assert rate > 0
     with pytest.raises(ValueError, match="takes 32x32x3 images"):
-        infer_onnx.onnx_images_per_sec(dynamic_t4[0], 2, 64, CHANNELS, repeats=1)
+        onnx_runner.onnx_images_per_sec(dynamic_t4[0], 2, 64, CHANNELS, repeats=1)
 
 
 def test_cli_reports_bad_inputs(tmp_path, capsys):
-    assert convert.main(["--config", "nope.py", "--random-init", "--output", "x.onnx"]) == 2
+    assert convert_cli.main(["--config", "nope.py", "--random-init", "--output", "x.onnx"]) == 2
     assert "nope.py does not exist" in capsys.readouterr().err
-    code = convert.main(
+    code = convert_cli.main(
         ["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--output", "x.onnx"]
     )
     assert code == 2 and "train first" in capsys.readouterr().err

@@ -7,9 +7,8 @@ import pytest
 from PIL import Image
 
 from m2u_jax.data import decode
-from m2u_jax.data.decode import DataError
 from m2u_jax.data.float_tiff import write_float_tiff
-from m2u_jax.data.sources import SampleRecord
+from m2u_jax.data.records import DataError, SampleRecord
 from tests.data_trees import block_mask, rgb_image, save_png
 
 
@@ -39,6 +38,25 @@ def test_boxes_from_mask_eight_connected_largest_first():
     np.testing.assert_array_equal(boxes, [[6, 5, 11, 9], [1, 1, 4, 4], [11, 0, 12, 1]])
     assert boxes.dtype == np.float32
     assert decode.boxes_from_mask(np.zeros((4, 4))).shape == (0, 4)
+
+
+def test_boxes_from_mask_threshold_min_pixels_and_shape_check():
+    mask = np.zeros((6, 8), np.float32)
+    mask[1:3, 2:5] = 1  # rows 1-2, columns 2-4
+    mask[4, 0] = mask[5, 1] = 1  # diagonal neighbours: one component
+    mask[5, 7] = 1  # a single pixel
+    expected = [[2, 1, 5, 3], [0, 4, 2, 6], [7, 5, 8, 6]]  # 6, 2 and 1 pixels
+    boxes = decode.boxes_from_mask(mask)
+    assert boxes.dtype == np.float32 and boxes.shape == (3, 4)
+    np.testing.assert_array_equal(boxes, expected)
+    np.testing.assert_array_equal(decode.boxes_from_mask(mask, min_pixels=2), expected[:2])
+    np.testing.assert_array_equal(decode.boxes_from_mask(mask * 255), expected)
+    soft = mask * 0.3
+    soft[1:3, 2:5] = 0.9
+    np.testing.assert_array_equal(decode.boxes_from_mask(soft), expected[:1])
+    assert decode.boxes_from_mask(np.zeros((4, 4))).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"mask must be \[H, W\]"):
+        decode.boxes_from_mask(np.zeros((1, 4, 4)))
 
 
 def test_pad_boxes_keeps_largest_and_pads():

@@ -28,7 +28,7 @@ from sklearn.metrics import (
 )
 
 from configs import tiny
-from m2u_jax import evaluate, metrics, report, uncertainty
+from m2u_jax import evaluate, metrics, report, review, run_checkpoint, uncertainty
 
 NUM_OVERLAYS = 2
 
@@ -253,18 +253,18 @@ def test_uncertainty_metrics_and_review_policy_follow_the_fpr_rule():
     # most uncertain validation image (score 1.0) goes to review (budget 0.2), so 9 good ones
     # remain, k = floor(0.25 * 9) = 2 -> 0.8 (0.8 and 0.9 rejected).
     uncertainty_values = np.array([0.0] * 9 + [1.0])
-    policy = uncertainty.calibrate_review_thresholds(
+    policy = review.calibrate_review_thresholds(
         validation["score_mean"], uncertainty_values, validation["labels"], 0.2, "fpr", 0.25
     )
     assert policy["uncertainty_threshold"] == 0.0
     assert policy["score_threshold"] == pytest.approx(0.8)
     # The F1 rule (as before): no defective image -> just above the largest automatic score.
-    f1_policy = uncertainty.calibrate_review_thresholds(
+    f1_policy = review.calibrate_review_thresholds(
         validation["score_mean"], uncertainty_values, validation["labels"], 0.2
     )
     assert f1_policy["score_threshold"] == np.nextafter(0.9, 1.0)
     with pytest.raises(ValueError, match="resolve 'auto' first"):
-        uncertainty.calibrate_review_thresholds([0.1], [0.0], [0], 0.1, "auto")
+        review.calibrate_review_thresholds([0.1], [0.0], [0], 0.1, "auto")
 
 
 def test_evaluation_classes_must_match_the_trained_run(tmp_path):
@@ -322,7 +322,7 @@ def evaluated_run(tmp_path_factory, compilation_cache):
     workdir = str(tmp_path_factory.mktemp("eval_run"))
     config = tiny_run_config(root)
     config.eval.num_overlays = NUM_OVERLAYS
-    trainer.train_and_evaluate(config, workdir)
+    trainer.train(config, workdir)
     result = evaluate.evaluate(config, workdir)
     out_dir = os.path.join(workdir, "eval")
     with np.load(os.path.join(out_dir, "predictions.npz")) as archive:
@@ -520,7 +520,7 @@ def test_saved_predictions_match_a_fresh_forward_pass(evaluated_run):
     from m2u_jax.data import pipeline
 
     config, test = evaluated_run["config"], evaluated_run["test"]
-    params, step = evaluate.restore_params(config, evaluated_run["workdir"])
+    params, step = run_checkpoint.restore_params(config, evaluated_run["workdir"])
     assert step == 2
     model = model_lib.build_model(config.model)
     batch = next(pipeline.iterate_eval(config, "test"))
@@ -558,7 +558,7 @@ def test_review_queue_follows_the_validation_policy(evaluated_run):
     )
     config = evaluated_run["config"]
     thresholds = json.load(open(os.path.join(out_dir, "thresholds.json")))
-    policy = uncertainty.calibrate_review_thresholds(
+    policy = review.calibrate_review_thresholds(
         validation["score_mean"],
         validation["score_var"],
         validation["labels"],
@@ -599,7 +599,7 @@ def test_review_queue_follows_the_validation_policy(evaluated_run):
 
 def test_bad_step_and_missing_run_are_named(evaluated_run, tmp_path):
     config = evaluated_run["config"]
-    with pytest.raises(ValueError, match=r"--step=7: .* has checkpoints \[2\]"):
+    with pytest.raises(ValueError, match=r"checkpoint step 7 is not in .* \(have \[2\]\)"):
         evaluate.evaluate(config, evaluated_run["workdir"], step=7)
     with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
         evaluate.evaluate(config, str(tmp_path / "nothing"))

@@ -302,30 +302,6 @@ def test_aupro_uses_eight_connectivity():
     assert metrics.aupro(masks, maps, 0.3) == pytest.approx(0.7875, abs=1e-12)
 
 
-# --------------------------------------------------------------------------- component boxes
-
-
-def test_connected_component_boxes():
-    mask = np.zeros((6, 8), np.float32)
-    mask[1:3, 2:5] = 1  # rows 1-2, columns 2-4
-    mask[4, 0] = mask[5, 1] = 1  # diagonal neighbours: one component
-    mask[5, 7] = 1  # a single pixel
-    expected = [[2, 1, 5, 3], [0, 4, 2, 6], [7, 5, 8, 6]]
-    boxes = metrics.connected_component_boxes(mask)
-    assert boxes.dtype == np.float32 and boxes.shape == (3, 4)
-    np.testing.assert_array_equal(boxes, expected)
-    np.testing.assert_array_equal(
-        metrics.connected_component_boxes(mask, min_pixels=2), expected[:2]
-    )
-    np.testing.assert_array_equal(metrics.connected_component_boxes(mask * 255), expected)
-    soft = mask * 0.3
-    soft[1:3, 2:5] = 0.9
-    np.testing.assert_array_equal(metrics.connected_component_boxes(soft), expected[:1])
-    assert metrics.connected_component_boxes(np.zeros((4, 4))).shape == (0, 4)
-    with pytest.raises(ValueError, match=r"mask must be \[H, W\]"):
-        metrics.connected_component_boxes(np.zeros((1, 4, 4)))
-
-
 def test_metrics_import_does_not_pull_sklearn_or_pycocotools():
     code = (
         "import sys, m2u_jax.metrics; "

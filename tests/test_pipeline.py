@@ -15,7 +15,7 @@ pytest.importorskip("tensorflow")
 
 from configs import tiny  # noqa: E402
 from m2u_jax.data import decode, pipeline, synthetic  # noqa: E402
-from m2u_jax.data.decode import DataError  # noqa: E402
+from m2u_jax.data.records import DataError  # noqa: E402
 from tests.data_trees import (  # noqa: E402
     block_mask,
     rgb_image,

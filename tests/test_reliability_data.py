@@ -16,7 +16,8 @@ from PIL import Image
 
 from configs import tiny
 from m2u_jax.data import decode, pipeline, sources
-from m2u_jax.data.decode import DataError
+from m2u_jax.data.records import DataError, apply_skip_policy
+from m2u_jax.data.records import logger as records_logger
 
 SIZE = 16
 
@@ -90,7 +91,7 @@ def test_corrupt_files_are_named_with_their_problem(tmp_path):
 
     # Strict (default): one error naming the first bad file and the count of the others.
     with pytest.raises(DataError, match=r"\(and 2 more bad file\(s\)\); set data.skip_bad"):
-        sources.apply_skip_policy(discovery, skip_bad_files=False)
+        apply_skip_policy(discovery, skip_bad_files=False)
 
 
 def test_pixel_limit_rejects_a_header_before_decoding(tmp_path):
@@ -109,8 +110,8 @@ def test_skip_bad_files_counts_and_warns(tmp_path, caplog):
     (category / "train" / "good" / "zero.png").write_bytes(b"")
     (category / "train" / "good" / "text.png").write_text("hello")
     discovery = sources.discover_mvtec_ad(str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger=sources.logger.name):
-        records = sources.apply_skip_policy(discovery, skip_bad_files=True)
+    with caplog.at_level(logging.WARNING, logger=records_logger.name):
+        records = apply_skip_policy(discovery, skip_bad_files=True)
     assert len(records) == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipped 2 bad file(s)" in warnings[0], warnings

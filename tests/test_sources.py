@@ -8,7 +8,8 @@ import pytest
 
 from configs import default
 from m2u_jax.data import sources, synthetic
-from m2u_jax.data.decode import DataError
+from m2u_jax.data.records import DataError, apply_skip_policy, defect_type_names
+from m2u_jax.data.splits import discover_config
 from tests.data_trees import (
     VOC_ANNOTATIONS,
     block_mask,
@@ -54,7 +55,7 @@ def test_mvtec_ad_records(mvtec_root):
     assert (crack.width, crack.height, crack.label) == (32, 32, 1)
     good = next(r for r in discovery.records if r.defect_name == "good")
     assert good.mask_path is None and good.label == 0
-    assert sources.defect_type_names(discovery.records) == ("crack", "hole", "scratch", "stain")
+    assert defect_type_names(discovery.records) == ("crack", "hole", "scratch", "stain")
 
 
 def test_mvtec_ad_category_selection_and_errors(mvtec_root, tmp_path):
@@ -84,9 +85,9 @@ def test_mvtec_ad_missing_mask_and_skip_policy(tmp_path, caplog):
     expected = f"{missing}: defective image has no mask (expected {mask})"
     assert str(discovery.problems[0]) == expected
     with pytest.raises(DataError, match=re.escape(expected) + ".*skip_bad_files=True"):
-        sources.apply_skip_policy(discovery, skip_bad_files=False)
+        apply_skip_policy(discovery, skip_bad_files=False)
     with caplog.at_level(logging.WARNING):
-        kept = sources.apply_skip_policy(discovery, skip_bad_files=True)
+        kept = apply_skip_policy(discovery, skip_bad_files=True)
     assert len(kept) == 2
     assert "skipped 1 bad file(s)" in caplog.text and str(missing) in caplog.text
 
@@ -153,7 +154,7 @@ def test_mask_folder(tmp_path):
         "tiles",
         None,
     )
-    assert sources.defect_type_names(discovery.records) == ("MT_Crack", "MT_Hole")
+    assert defect_type_names(discovery.records) == ("MT_Crack", "MT_Hole")
     with pytest.raises(DataError, match=re.escape("data.good_class='good' names no class folder")):
         sources.discover_mask_folder(str(tmp_path / "tiles"))
     (tmp_path / "tiles/MT_Crack/Imgs/exp_1.png").unlink()
@@ -174,7 +175,7 @@ def test_voc(tmp_path):
     assert by_name["inclusion_1"].defect_name == "patches"
     assert by_name["clean_1"].defect_name == "good" and by_name["clean_1"].boxes == ()
     assert by_name["patches_2"].path.endswith("Validation_Images/patches_2.jpg")
-    assert sources.defect_type_names(discovery.records) == ("inclusion", "patches", "scratches")
+    assert defect_type_names(discovery.records) == ("inclusion", "patches", "scratches")
     assert sum(len(r.boxes) for r in discovery.records) == 9
 
 
@@ -195,8 +196,8 @@ def test_discover_config_checks(tmp_path):
     config.data.format = "csv"
     config.data.root = str(tmp_path)
     with pytest.raises(DataError, match="data.format='csv' is not one of"):
-        sources.discover_config(config.data)
+        discover_config(config.data)
     config.data.format = "voc"
     config.data.categories = "a,b"
     with pytest.raises(DataError, match="has one category .*leave data.categories empty"):
-        sources.discover_config(config.data)
+        discover_config(config.data)

@@ -7,7 +7,7 @@ import pytest
 from configs import default, tiny
 from m2u_jax.config import ConfigError
 from m2u_jax.data import splits
-from m2u_jax.data.sources import SampleRecord
+from m2u_jax.data.records import SampleRecord
 from tests.data_trees import write_defect_classes
 
 

@@ -18,6 +18,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -476,7 +477,7 @@ _FIVE_KINDS = ("crack", "hole", "pit", "scratch", "stain")
 
 def _five_kind_run_config(root, protocol, num_defect_classes):
     """tiny on a generated mask_folder tree with five defect kinds; no step runs (0 + 0 steps),
-    so train_and_evaluate only checks the classes, writes config.json and builds the model."""
+    so train only checks the classes, writes config.json and builds the model."""
     from tests.data_trees import write_defect_classes
 
     if not root.exists():
@@ -498,12 +499,12 @@ def _written_num_classes(workdir):
 def test_zero_defect_classes_resolve_from_the_data_into_config_json(tmp_path):
     root = tmp_path / "plates"
     config = _five_kind_run_config(root, "supervised", 0)
-    trainer.train_and_evaluate(config, str(tmp_path / "supervised"))
+    trainer.train(config, str(tmp_path / "supervised"))
     assert _written_num_classes(tmp_path / "supervised") == 5
     assert config.model.num_defect_classes == 0  # the caller's config is left as it was
     # Unsupervised: the single class-agnostic 'defect'.
     config = _five_kind_run_config(root, "unsupervised", 0)
-    trainer.train_and_evaluate(config, str(tmp_path / "unsupervised"))
+    trainer.train(config, str(tmp_path / "unsupervised"))
     assert _written_num_classes(tmp_path / "unsupervised") == 1
 
 
@@ -516,13 +517,13 @@ def test_too_few_defect_classes_stop_before_training(tmp_path):
         r"hole, pit, scratch, stain\) under the supervised protocol: set "
         r"--config\.model\.num_defect_classes=5 or 0 \(from the data\)$",
     ):
-        trainer.train_and_evaluate(config, str(workdir))
+        trainer.train(config, str(workdir))
     assert not workdir.exists()  # stopped before anything was written
 
 
 def test_matching_defect_classes_pass(tmp_path):
     config = _five_kind_run_config(tmp_path / "plates", "supervised", 5)
-    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    trainer.train(config, str(tmp_path / "run"))
     assert _written_num_classes(tmp_path / "run") == 5
 
 
@@ -671,3 +672,20 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tiny_synthetic_root, 
     final, final_resumed = _restore_numpy(workdir, 8), _restore_numpy(resumed, 8)
     _assert_trees_close(final_resumed["params"], final["params"], rtol=1e-5, atol=1e-6)
     _assert_trees_close(final_resumed["opt_state"], final["opt_state"], rtol=1e-5, atol=1e-6)
+
+
+def test_restore_params_reads_only_the_params_of_either_stage(tiny_run):
+    workdir, _, _ = tiny_run
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config.train.learning_rate = 123.0  # optimizer keys do not matter: no optimizer is built
+    params, step = run_checkpoint.restore_params(config, str(workdir))
+    assert step == 8  # the newest fine-tuned checkpoint
+    _assert_trees_close(params, _restore_numpy(workdir, 8)["params"], rtol=0, atol=0)
+    encoder, step = run_checkpoint.restore_params(config, str(workdir), stage="pretrain")
+    assert step == 4 and set(encoder) <= set(params)  # the backbone subtree of the M2UNet
+    _assert_trees_close(encoder, _restore_numpy(workdir, 4)["params"]["encoder"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="checkpoint 6 .* is from the finetune stage"):
+        run_checkpoint.restore_params(config, str(workdir), 6, stage="pretrain")
+    config.model.variant = "S"
+    with pytest.raises(ValueError, match="does not match config.model"):
+        run_checkpoint.restore_params(config, str(workdir))

@@ -4,7 +4,7 @@ measured on the same data, split and hardware.
     python tools/baseline_table.py --config configs/tiny.py --workdir /tmp/m2u_baselines \
         [--methods full,autoencoder,detection,svm] [--config.train.finetune_steps=200 ...]
 
-Methods (each trained in WORKDIR/<method> with `trainer.train_and_evaluate`):
+Methods (each trained in WORKDIR/<method> with `trainer.train`):
 
 - `full`: the config as given (contrastive pretraining + multi-task fine-tuning), measured by
   `evaluate.evaluate` (image score, boxes of the detection head).
@@ -162,14 +162,14 @@ def best_pixel_threshold(masks: np.ndarray, maps: np.ndarray) -> float:
 def component_boxes(maps: np.ndarray, threshold: float, max_boxes: int) -> dict[str, np.ndarray]:
     """Per image, boxes around the connected components of `map > threshold`, scored by the
     component box's peak value; padded to `max_boxes` (highest scores kept)."""
-    from m2u_jax import metrics as metrics_lib
+    from m2u_jax.data import decode
 
     count = maps.shape[0]
     boxes = np.zeros((count, max_boxes, 4), np.float32)
     scores = np.zeros((count, max_boxes), np.float32)
     valid = np.zeros((count, max_boxes), np.float32)
     for index, error_map in enumerate(maps):
-        found = metrics_lib.connected_component_boxes(error_map, threshold)
+        found = decode.boxes_from_mask(error_map, threshold)
         if not len(found):
             continue
         peaks = np.array(
@@ -211,10 +211,10 @@ def _image_row(config, validation, test) -> dict:
 
 
 def evaluate_autoencoder(config, workdir: str) -> dict:
-    from m2u_jax import evaluate
+    from m2u_jax import evaluate, run_checkpoint
     from m2u_jax import model as model_lib
 
-    params, _ = evaluate.restore_params(config, workdir)
+    params, _ = run_checkpoint.restore_params(config, workdir)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
     batch_sharding = evaluate.eval_batch_sharding(config)
@@ -245,10 +245,10 @@ def evaluate_autoencoder(config, workdir: str) -> dict:
 
 
 def evaluate_detection(config, workdir: str, context) -> dict:
-    from m2u_jax import evaluate
+    from m2u_jax import evaluate, run_checkpoint
     from m2u_jax import model as model_lib
 
-    params, _ = evaluate.restore_params(config, workdir)
+    params, _ = run_checkpoint.restore_params(config, workdir)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
     batch_sharding = evaluate.eval_batch_sharding(config)
@@ -275,10 +275,10 @@ def evaluate_svm(config, workdir: str) -> dict:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    from m2u_jax import evaluate
+    from m2u_jax import evaluate, run_checkpoint
     from m2u_jax import model as model_lib
 
-    encoder_params, _ = evaluate.restore_params(config, workdir, stage="pretrain")
+    encoder_params, _ = run_checkpoint.restore_params(config, workdir, stage="pretrain")
     model = model_lib.build_model(config.model)
     variables = {"params": encoder_params}
     batch_sharding = evaluate.eval_batch_sharding(config)
@@ -359,7 +359,7 @@ def run_table(config, workdir: str, methods=METHODS) -> list[dict]:
             rows.append(_table_row(method, result))
             continue
         print(f"baseline table: {method} -> {run_dir}", flush=True)
-        trainer.train_and_evaluate(run_config, run_dir)
+        trainer.train(run_config, run_dir)
         if method == "full":
             result = evaluate_full(run_config, run_dir)
         elif method == "autoencoder":

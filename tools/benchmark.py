@@ -616,7 +616,8 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     try:
         import onnxruntime
 
-        from tools.convert_to_onnx import convert, export_graph, parity
+        from m2u_jax.export import convert, parity
+        from m2u_jax.export import graph as export_graph
     except ImportError as error:
         return dict(skipped=True, reason=f"ONNX export/runtime not importable: {error}")
     _, variables = build(config)

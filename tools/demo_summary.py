@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", required=True)
     args = parser.parse_args(argv)
 
-    from tools.convert_to_onnx.convert import load_config
-    from tools.convert_to_onnx.infer_onnx import onnx_images_per_sec
+    from m2u_jax.export.convert import load_config
+    from m2u_jax.export.onnx_runner import onnx_images_per_sec
 
     config = load_config(args.config)
     try:

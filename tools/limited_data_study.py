@@ -4,7 +4,7 @@ labelled training defects (`data.labeled_fraction`, supervised protocol).
     python tools/limited_data_study.py --config configs/tiny.py --workdir /tmp/m2u_limited \
         [--fractions 1.0,0.5,0.2,0.1,0.05] [--config.train.finetune_steps=200 ...]
 
-For every fraction f the run lives in WORKDIR/fraction_<f> (`trainer.train_and_evaluate`, which
+For every fraction f the run lives in WORKDIR/fraction_<f> (`trainer.train`, which
 resumes a finished or interrupted run instead of starting over, then `evaluate.evaluate`). The
 study writes WORKDIR/limited_data.{md,json,png}: one table row per fraction (training defects
 kept, image accuracy / AUROC / AP, pixel AUROC / AUPRO, mAP@0.5, mAP@[.5:.95]) and one panel per
@@ -92,7 +92,7 @@ def run_study(
         run_dir = fraction_dir(workdir, fraction)
         counts = pipeline.load_dataset_info(run_config).counts["train"]
         print(f"limited-data study: fraction {fraction:g} -> {run_dir}", flush=True)
-        trainer.train_and_evaluate(run_config, run_dir)
+        trainer.train(run_config, run_dir)
         metrics = evaluate.evaluate(run_config, run_dir, with_speed=measure_speed)
         row = {
             "fraction": float(fraction),

@@ -87,7 +87,7 @@ def run(steps: int, every: int, data_root: str | None) -> list[tuple[int, float]
             )
         config.data.root = data_root
         try:
-            trainer.train_and_evaluate(config, os.path.join(scratch, "run"))
+            trainer.train(config, os.path.join(scratch, "run"))
         finally:
             trainer.MetricLog.write = original_write
     return samples

@@ -10,7 +10,7 @@ Pascal VOC), or `name=FORMAT:ROOT:PROTOCOL[:GOOD_CLASS][@FRACTION]` for any othe
 same commands measure data the team never sees). Every `--config.*` override applies to every
 run.
 
-Each run trains with `trainer.train_and_evaluate` into WORKDIR/NAME (resumable: a finished run
+Each run trains with `trainer.train` into WORKDIR/NAME (resumable: a finished run
 is only re-evaluated), keeps `--curve_points` evenly spaced fine-tuning checkpoints and
 evaluates each (`evaluate.evaluate(step=...)`), so the report shows quality against the CPU
 minutes spent up to that checkpoint (`train_seconds` in the checkpoint meta, pretraining
@@ -166,7 +166,7 @@ def run_matrix(config, workdir: str, runs: list[dict], curve_points: int) -> lis
         run_dir = os.path.join(workdir, run["name"])
         cfg = run_config(config, run, curve_points)
         print(f"quality study: {run['name']} -> {run_dir}", flush=True)
-        trainer.train_and_evaluate(cfg, run_dir)
+        trainer.train(cfg, run_dir)
         # The run's resolved config (class count from the data) rebuilds the same model.
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as file:
             resolved = ml_collections.ConfigDict(json.load(file))

@@ -29,19 +29,16 @@ import dataclasses
 import io
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
+from m2u_jax.config import MODALITY_CHANNELS
 from m2u_jax.data import float_tiff
-
-if TYPE_CHECKING:
-    from m2u_jax.data.sources import SampleRecord
+from m2u_jax.data.records import DataError, SampleRecord
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
 # Pillow modes -> channels as stored in the file.
 _MODE_CHANNELS = {
     "1": 1,
@@ -64,10 +61,6 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 # is rejected before decoding, so a corrupt or hostile file cannot exhaust memory.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
-
-
-class DataError(ValueError):
-    """A bad input file; the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,18 +309,22 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image) >= 128
 
 
-def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Boxes of the 8-connected components of a mask, largest component first.
+def boxes_from_mask(mask: np.ndarray, threshold: float = 0.5, min_pixels: int = 1) -> np.ndarray:
+    """Boxes of the 8-connected components of `mask > threshold`, largest component first.
 
     Args:
-      mask: `[H, W]` bool or {0, 1}.
-
+      mask: `[H, W]` (bool, {0, 1}, {0, 255} or a soft map with a matching `threshold`).
+      threshold: foreground cut (0.5 suits {0, 1} masks and nearest or bilinear resizes).
+      min_pixels: components with fewer pixels are dropped (specks).
     Returns:
       `[N, 4]` float32 xyxy in pixels: x1/y1 = first column/row of the component, x2/y2 = last
       column/row + 1 (so a single pixel at (r, c) is (c, r, c + 1, r + 1)). Ordered by pixel
       count (descending), ties by (y1, x1) so the order is deterministic.
     """
-    labels, count = ndimage.label(np.asarray(mask) > 0, structure=_EIGHT_CONNECTED)
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+    labels, count = ndimage.label(mask > threshold, structure=_EIGHT_CONNECTED)
     if count == 0:
         return np.zeros((0, 4), np.float32)
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
@@ -335,6 +332,8 @@ def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
     boxes = np.array(
         [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], dtype=np.float32
     )
+    keep = areas >= min_pixels
+    boxes, areas = boxes[keep], areas[keep]
     order = np.lexsort((boxes[:, 0], boxes[:, 1], -areas))
     return boxes[order]
 
@@ -400,7 +399,7 @@ def decode_record(
     """Reads, validates and resizes every modality, the mask and the boxes of one record.
 
     Args:
-      record: a `sources.SampleRecord`.
+      record: a `records.SampleRecord`.
       image_size: side S of the square output.
       modalities: stacked in this order (channels as in `MODALITY_CHANNELS`).
       max_boxes: G; the largest boxes are kept.

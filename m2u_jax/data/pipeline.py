@@ -53,10 +53,10 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from m2u_jax import config as config_lib
 from m2u_jax.config import MODALITY_CHANNELS, split_list
 from m2u_jax.data import decode
-from m2u_jax.data.decode import DataError
-from m2u_jax.data.sources import SampleRecord
+from m2u_jax.data.records import DataError, SampleRecord
 from m2u_jax.data.splits import (
     SPLITS,
     DatasetInfo,
@@ -76,7 +76,6 @@ __all__ = [
     "make_train_iterator",
 ]
 
-STAGES = ("finetune", "pretrain")
 _STAGE_CODES = {"finetune": 1, "pretrain": 2}
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 _MAX_EPOCHS = 2**40
@@ -225,8 +224,8 @@ def make_train_dataset(
 
     from m2u_jax.data import augment
 
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {STAGES}")
+    if stage not in config_lib.STAGES:
+        raise ValueError(f"stage={stage!r} is not one of {config_lib.STAGES}")
     splits, info = load_splits(config)
     records = splits["train"]
     if not records:

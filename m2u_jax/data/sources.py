@@ -26,70 +26,23 @@ stacked in the order of `data.modalities`. Base images are found by extension
 
 Discovery reads every file's header (cheap) to check channel counts and that masks and extra
 modalities have the image's size; full decoding (truncation, checksums) happens in `decode`.
+The entry point that picks the layout from `config.data` (including the 'tfds' format, which
+this module never imports) is `splits.discover_config` / `splits.discover`; `SampleRecord`,
+`Discovery` and `DataError` live in `records`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import logging
 import pathlib
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from m2u_jax.config import split_list
 from m2u_jax.data import decode
-from m2u_jax.data.decode import DataError
+from m2u_jax.data.records import GOOD, DataError, Discovery, SampleRecord
 
-GOOD = "good"
-FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 SIDECAR_MODALITIES = ("thermal", "xray", "depth")
 _MASK_SUFFIXES = ("_mask", ".mask")
-
-logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleRecord:
-    """One image of a dataset, before decoding.
-
-    Attributes:
-      path: the base image (what evaluation reports as the sample's path).
-      category: product category (MVTec category, or the root folder's name).
-      defect_name: 'good' for defect-free images, else the defect type's name.
-      source_split: 'train' | 'validation' | 'test' when the layout says so, else None.
-      modality_paths: modality -> file to read it from (only the modalities asked for).
-      mask_path: the mask file, or None (all zero for good images; VOC uses `boxes`).
-      width, height: the base image's size in pixels (from its header).
-      boxes: annotated xyxy boxes in the image's pixel frame (VOC), or None = from the mask.
-      box_names: defect name of every annotated box.
-      tfds_index: (builder config, split, example index) of a prepared TFDS example.
-    """
-
-    path: str
-    category: str
-    defect_name: str
-    source_split: str | None
-    modality_paths: Mapping[str, str]
-    mask_path: str | None
-    width: int
-    height: int
-    boxes: tuple[tuple[float, float, float, float], ...] | None = None
-    box_names: tuple[str, ...] | None = None
-    tfds_index: tuple[str, str, int] | None = None
-
-    @property
-    def label(self) -> int:
-        """0 good, 1 defective."""
-        return int(self.defect_name != GOOD)
-
-
-@dataclasses.dataclass
-class Discovery:
-    """Records found under a root, and the bad files that were left out (DataErrors)."""
-
-    records: list[SampleRecord]
-    problems: list[DataError]
 
 
 # ------------------------------------------------------------------ file naming
@@ -523,67 +476,3 @@ def discover_voc(root: str, modalities: Sequence[str] = ("rgb",)) -> Discovery:
             modalities,
         )
     return Discovery(records, problems)
-
-
-# ------------------------------------------------------------------ entry point
-
-
-def discover_config(data_config) -> Discovery:
-    """Runs the discovery for `config.data` (every format but 'tfds'), keeping bad files."""
-    data_format = data_config.format
-    modalities = split_list(data_config.modalities)
-    categories = split_list(data_config.categories)
-    if data_format in ("mask_folder", "voc") and categories:
-        raise DataError(
-            f"{data_config.root}: data.categories={data_config.categories!r} but '{data_format}' "
-            "data has one category (the root folder); leave data.categories empty"
-        )
-    if data_format == "mvtec_ad":
-        return discover_mvtec_ad(data_config.root, categories, modalities)
-    if data_format == "mvtec_3d":
-        return discover_mvtec_3d(data_config.root, categories, modalities)
-    if data_format == "mask_folder":
-        return discover_mask_folder(data_config.root, data_config.good_class, modalities)
-    if data_format == "voc":
-        return discover_voc(data_config.root, modalities)
-    if data_format == "tfds":
-        from m2u_jax.data.tfds_mvtec_ad import reader  # TensorFlow only for this format.
-
-        return reader.discover_prepared(data_config)
-    raise DataError(f"data.format={data_format!r} is not one of {FORMATS}")
-
-
-def apply_skip_policy(discovery: Discovery, skip_bad_files: bool) -> list[SampleRecord]:
-    """Raises the first problem (with a count), or warns once and drops the bad files."""
-    problems = discovery.problems
-    if problems and not skip_bad_files:
-        more = len(problems) - 1
-        suffix = f" (and {more} more bad file(s))" if more else ""
-        raise DataError(
-            f"{problems[0]}{suffix}; set data.skip_bad_files=True to skip bad files with a warning"
-        )
-    if problems:
-        logger.warning(
-            "skipped %d bad file(s) (data.skip_bad_files=True); first: %s",
-            len(problems),
-            problems[0],
-        )
-    return discovery.records
-
-
-def discover(data_config) -> list[SampleRecord]:
-    """Records for `config.data`, bad files handled by `data.skip_bad_files`."""
-    records = apply_skip_policy(discover_config(data_config), data_config.skip_bad_files)
-    if not records:
-        raise DataError(f"{data_config.root}: no usable images found")
-    return records
-
-
-def defect_type_names(records: Iterable[SampleRecord]) -> tuple[str, ...]:
-    """The dataset's class map: every defect name (image types and box names), sorted."""
-    names = set()
-    for record in records:
-        if record.defect_name != GOOD:
-            names.add(record.defect_name)
-        names.update(record.box_names or ())
-    return tuple(sorted(names))

@@ -1,4 +1,5 @@
-"""Protocols: which records train, validate and test; the class map (`DatasetInfo`). No TF.
+"""Discovery by format; protocols: which records train, validate and test; the class map
+(`DatasetInfo`). No TF except for the 'tfds' format.
 
 Every split is computed per stratum (category, defect type), from the records sorted by path and
 a numpy generator seeded by (config.seed, the stratum's names), so the assignment does not depend
@@ -16,6 +17,10 @@ on discovery order or on which other categories are loaded.
   and validation are disjoint). MVTec AD has no validation split, so validation is carved from
   its test set (good and each defect type); MVTec 3D-AD's validation holds only good images, so
   only its defect types are carved.
+
+Entry point: `discover_config` runs the discovery of `config.data.format` (the file layouts of
+`sources`, or the prepared TFDS data of `tfds_mvtec_ad.reader`, imported only for 'tfds');
+`discover` applies `data.skip_bad_files` to it and `load_splits` then the protocol.
 
 Class map: `defect_type_names` lists every defect type of the dataset, sorted (good = 0, type
 i = 1 + index). The model's classes are `DatasetInfo.class_names` (K = `num_classes`): the
@@ -35,8 +40,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m2u_jax.config import ConfigError, num_channels, split_list
-from m2u_jax.data.sources import GOOD, SampleRecord, defect_type_names, discover
+from m2u_jax.config import DATA_FORMATS, ConfigError, num_channels, split_list
+from m2u_jax.data import sources
+from m2u_jax.data.records import (
+    GOOD,
+    DataError,
+    Discovery,
+    SampleRecord,
+    apply_skip_policy,
+    defect_type_names,
+)
 
 SPLITS = ("train", "validation", "test")
 CLASS_AGNOSTIC_NAME = "defect"
@@ -68,6 +81,39 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def discover_config(data_config) -> Discovery:
+    """Runs the discovery for `config.data`'s format, keeping bad files."""
+    data_format = data_config.format
+    modalities = split_list(data_config.modalities)
+    categories = split_list(data_config.categories)
+    if data_format in ("mask_folder", "voc") and categories:
+        raise DataError(
+            f"{data_config.root}: data.categories={data_config.categories!r} but '{data_format}' "
+            "data has one category (the root folder); leave data.categories empty"
+        )
+    if data_format == "mvtec_ad":
+        return sources.discover_mvtec_ad(data_config.root, categories, modalities)
+    if data_format == "mvtec_3d":
+        return sources.discover_mvtec_3d(data_config.root, categories, modalities)
+    if data_format == "mask_folder":
+        return sources.discover_mask_folder(data_config.root, data_config.good_class, modalities)
+    if data_format == "voc":
+        return sources.discover_voc(data_config.root, modalities)
+    if data_format == "tfds":
+        from m2u_jax.data.tfds_mvtec_ad import reader  # TensorFlow only for this format.
+
+        return reader.discover_prepared(data_config)
+    raise DataError(f"data.format={data_format!r} is not one of {DATA_FORMATS}")
+
+
+def discover(data_config) -> list[SampleRecord]:
+    """Records for `config.data`, bad files handled by `data.skip_bad_files`."""
+    records = apply_skip_policy(discover_config(data_config), data_config.skip_bad_files)
+    if not records:
+        raise DataError(f"{data_config.root}: no usable images found")
+    return records
 
 
 def _stratum_rng(seed: int, category: str, defect_name: str) -> np.random.Generator:

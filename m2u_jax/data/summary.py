@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 from m2u_jax.config import ConfigError, split_list, validate
 from m2u_jax.data import decode
-from m2u_jax.data.decode import DataError
-from m2u_jax.data.sources import SampleRecord, apply_skip_policy, discover_config
-from m2u_jax.data.splits import SPLITS, assign_splits, make_info
+from m2u_jax.data.records import DataError, SampleRecord, apply_skip_policy
+from m2u_jax.data.splits import SPLITS, assign_splits, discover_config, make_info
 
 
 def _count_boxes(record: SampleRecord) -> tuple[int, list[str]]:

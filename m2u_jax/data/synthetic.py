@@ -69,11 +69,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from m2u_jax.data.records import GOOD
+
 CATEGORIES = ("fabric", "metal", "pill")
 TEXTURE_CATEGORIES = ("fabric", "metal")
 OBJECT_CATEGORIES = ("pill",)
 DEFECT_KINDS = ("crack", "hole", "scratch", "stain")
-GOOD = "good"
 MIN_IMAGE_SIZE = 32
 # Bounds on the area of one defect region, as a fraction of the image.
 MIN_REGION_FRACTION = 0.002

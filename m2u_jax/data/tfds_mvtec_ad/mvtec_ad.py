@@ -30,6 +30,7 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from m2u_jax.data import decode, sources
+from m2u_jax.data.records import DataError, apply_skip_policy
 
 MVTEC_AD_CATEGORIES = (
     "bottle",
@@ -98,7 +99,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = pathlib.Path(str(dl_manager.manual_dir))
         discovery = sources.discover_mvtec_ad(str(root), [self.builder_config.name])
-        records = sources.apply_skip_policy(discovery, skip_bad_files=False)
+        records = apply_skip_policy(discovery, skip_bad_files=False)
         generators = {}
         for split in SOURCE_SPLITS:
             split_records = sorted(
@@ -119,7 +120,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
             if record.mask_path is not None:
                 mask = decode.read_mask(record.mask_path)
                 if mask.shape != image.shape[:2]:
-                    raise decode.DataError(
+                    raise DataError(
                         f"{record.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its "
                         f"image {record.path} is {image.shape[1]}x{image.shape[0]}"
                     )

@@ -1,29 +1,23 @@
 """ONNX Runtime vs JAX parity of an exported graph, on real images.
 
-`convert.py` calls `check_parity` after every export and writes the result to PATH.parity.json;
-a failed check makes it exit non-zero.
-
-Images (`parity_images`): the first test images of the config's dataset through the evaluation
-iterator (`m2u_jax.data.pipeline.iterate_eval`, the same decoding and resizing as `eval.py`),
-or, when the dataset is not there, images rendered by the synthetic generator (a mix of
-categories, good and defective) resized to the model's input; extra single-channel modalities
-get the image's grey level.
-
-Comparison (`compare_outputs`), ONNX Runtime (CPU) against the JAX inference function run with
-`jax.jit` in float32, for every tested batch size (a dynamic-batch graph is run at two sizes):
-- `anomaly_map`, `image_score`, `uncertainty`: max |ONNX − JAX| ≤ 1e-4 in float32. A float16
-  graph is compared with the *float32* JAX model (what matters is the deviation from the trained
-  model), with `FP16_TOLERANCE`: 2e-2 on maps and scores, 2e-3 on the score variance.
-- boxes: every valid JAX box must have an ONNX box of the same class with IoU ≥ 0.9 (float32)
-  or 0.5 (float16) and a score within the map tolerance; the box counts must agree. A JAX box
-  whose score is within that tolerance of the score threshold may be missing (or an extra ONNX
-  box may appear) without failing: such boxes flip on rounding alone. They are reported as
-  `borderline`.
+`check_parity(session, reference_fn, images, ...)` runs the ONNX Runtime session and the jitted
+JAX inference function on the same images for each batch size and `compare_outputs` them:
+max |ONNX − JAX| of the dense outputs within `FP32_TOLERANCE` (`FP16_TOLERANCE` for a float16
+graph, always compared with the float32 JAX model), and a one-to-one box matching (same class,
+IoU ≥ `BOX_MIN_IOU`, score within tolerance; boxes within the tolerance of the score threshold
+only count as `borderline`). `parity_images` takes the config's test images through the
+evaluation pipeline, else synthetic ones. `convert` writes the result to PATH.parity.json.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from m2u_jax.config import split_list
+from m2u_jax.data import records, synthetic
+from m2u_jax.export.graph import OUTPUT_NAMES
 
 FP32_TOLERANCE = {"anomaly_map": 1e-4, "image_score": 1e-4, "uncertainty": 1e-4}
 FP16_TOLERANCE = {"anomaly_map": 2e-2, "image_score": 2e-2, "uncertainty": 2e-3}
@@ -33,11 +27,7 @@ INTEGER_OUTPUTS = ("box_classes", "num_boxes")
 
 
 def _synthetic_images(count: int, image_size: int, modalities: tuple[str, ...]) -> np.ndarray:
-    from PIL import Image
-
-    from m2u_jax.data import synthetic
-
-    folders = (synthetic.GOOD, *synthetic.DEFECT_KINDS)
+    folders = (records.GOOD, *synthetic.DEFECT_KINDS)
     render_size = max(image_size, synthetic.MIN_IMAGE_SIZE)
     images = []
     for index in range(count):
@@ -57,10 +47,10 @@ def _synthetic_images(count: int, image_size: int, modalities: tuple[str, ...]) 
 
 def parity_images(config, count: int) -> tuple[np.ndarray, str]:
     """(`[count, S, S, C]` float32 images in [0, 1], a description of where they came from).
-    See the module docstring; S = `config.data.image_size`."""
-    from m2u_jax.config import split_list
-
+    S = `config.data.image_size`. Extra single-channel modalities of synthetic images get the
+    image's grey level."""
     try:
+        # Imported inside the try: any problem with the data pipeline falls back as well.
         from m2u_jax.data import pipeline
 
         batch = next(pipeline.iterate_eval(config, "test", batch_size=count))
@@ -80,8 +70,6 @@ def onnx_session(model, providers=None, *, allow_spinning: bool = True):
     (default: CPU). `allow_spinning=False` stops the CPU provider's idle worker threads from
     busy-waiting for the next operator: on a machine shared with other work they otherwise
     take the cores that work (and the next call) needs."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3  # unused-initializer warnings are noise here
     if not allow_spinning:
@@ -209,10 +197,8 @@ def check_parity(
     score_threshold: float,
 ) -> dict:
     """Runs `session` (ONNX Runtime) and `reference_fn` (jitted JAX, images → the seven outputs
-    as a tuple in `export_graph.OUTPUT_NAMES` order) on the first `b` images for every `b` in
+    as a tuple in `graph.OUTPUT_NAMES` order) on the first `b` images for every `b` in
     `batch_sizes` and compares them. Returns {'passed', 'batches': [per-batch reports]}."""
-    from tools.convert_to_onnx.export_graph import OUTPUT_NAMES
-
     batches = []
     for batch_size in batch_sizes:
         chunk = np.ascontiguousarray(images[:batch_size])

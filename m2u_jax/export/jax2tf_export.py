@@ -1,35 +1,28 @@
 """jax2tf → TF SavedModel → tf2onnx, run inside the pinned `.venv-jax2tf` (jax 0.7.1).
 
-Not for direct use: `convert.py --backend jax2tf` writes the checkpoint in a version-independent
-form and starts this script as a subprocess:
+Not for direct use: `convert.export_jax2tf` (`--backend jax2tf`) writes the params in a
+version-independent form and runs, in `.venv-jax2tf` (where this package is installed with
+`--no-deps`),
 
-    .venv-jax2tf/bin/python tools/convert_to_onnx/jax2tf_export.py --spec SPEC.json
+    python -m m2u_jax.export.jax2tf_export --spec SPEC.json
 
 SPEC.json:
 
     {"params": "params.npz",          # flattened params tree, '/'-joined keys (float32)
      "model_config": {...},            # config.model as plain JSON (to_dict)
      "mc_seed": 0,
-     "attention": "matmul",            # export attention form (export_graph.EXPORT_ATTENTION_FORMS)
+     "attention": "matmul",            # export attention form (graph.EXPORT_ATTENTION_FORMS)
      "check_images": "images.npy",    # optional: the SavedModel's outputs on them are saved
-     "jobs": [{"onnx": "out.onnx",     # raw tf2onnx output; convert.py finalises it
+     "jobs": [{"onnx": "out.onnx",     # raw tf2onnx output; convert finalises it
                "saved_model": "out.savedmodel",
                "batch": 4 | null,      # null = dynamic batch
                "mc_samples": 1, "fp16": false}, ...],
-     "report": "report.json"}
+     "report": "report.json"}         # written: per job the files, output names and timings
 
-One process serves several jobs so that TensorFlow and JAX are imported once. For each job the
-inference function of `export_graph` (the same one jax2onnx exports) is converted with
-`jax2tf.convert(native_serialization=False, enable_xla=False, with_gradient=True)`: plain TF ops
-that tf2onnx understands (jax ≥ 0.7.2 only emits one XlaCallModule op, which tf2onnx cannot
-convert; `enable_xla=True` gives XlaConvV2 and `with_gradient=False` PreventGradient, both
-unconvertible). The parameters become `tf.Variable`s of a `tf.Module`, saved as a SavedModel
-with a `serving_default` signature (input `images`, the seven outputs by name) that TF Serving
-can load. The SavedModel is then loaded back, run on the check images (its outputs are saved
-for convert.py to compare with JAX), and its serving signature is converted by tf2onnx at
-opset 17.
-
-The report lists, per job, the files written and timings.
+Per job: `graph.inference_with_params` through jax2tf (plain TF ops) → a SavedModel with a
+`serving_default` signature (input `images`, the seven outputs by name), reloaded and run on
+the check images, then converted by tf2onnx at opset 17. Why these jax2tf flags and the two
+workarounds below: tools/convert_to_onnx/README.md.
 """
 
 from __future__ import annotations
@@ -38,18 +31,20 @@ import argparse
 import contextlib
 import json
 import os
-import pathlib
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make m2u_jax and tools importable
-    sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import numpy as np  # noqa: E402
+from m2u_jax.export import graph as export_graph
+from m2u_jax.export.onnx_graph import OPSET
 
-OPSET = 17
+# TensorFlow, tf2onnx and jax2tf are imported in the functions that use them: tf2onnx is
+# installed only in .venv-jax2tf, and the project environment imports this module too
+# (`unflatten_params`, in the tests).
 
 
 def _log1p_to_onnx(ctx, node, name, args):
@@ -76,8 +71,6 @@ def _gather_free_take_along_axis():
     over a (a sum with one non-zero term is exact, also for ±inf, and booleans use `any`). Only
     this subprocess, which does nothing but export, sees the patch.
     """
-    import jax.numpy as jnp
-
     original = jnp.take_along_axis
 
     def take_along_axis(values, indices, axis, **kwargs):
@@ -112,12 +105,9 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 
 def _export_job(job: dict, model, params, mc_seed: int, check_images) -> dict:
-    import jax
     import tensorflow as tf
     import tf2onnx
     from jax.experimental import jax2tf
-
-    from tools.convert_to_onnx import export_graph
 
     height = width = int(model.image_size)
     channels = int(model.num_channels)
@@ -148,7 +138,7 @@ def _export_job(job: dict, model, params, mc_seed: int, check_images) -> dict:
     saved_seconds = time.perf_counter() - start
 
     # Reload: the SavedModel must be self-contained and servable. Its outputs on the check images
-    # go back to convert.py, which compares them with JAX (no second JAX compile here).
+    # go back to convert, which compares them with JAX (no second JAX compile here).
     loaded = tf.saved_model.load(job["saved_model"])
     serving = loaded.signatures["serving_default"]
     outputs_path = None
@@ -203,10 +193,6 @@ class _ConcreteFunctionSource:
 
 def run(spec: dict) -> dict:
     """Runs every job of `spec` (module docstring); returns the report."""
-    import ml_collections
-
-    from tools.convert_to_onnx import export_graph
-
     with np.load(spec["params"], allow_pickle=False) as archive:
         params = unflatten_params({key: archive[key] for key in archive.files})
     check_images = np.load(spec["check_images"]) if spec.get("check_images") else None
@@ -227,8 +213,9 @@ def run(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="JSON export spec written by convert.py")
+    parser.add_argument("--spec", required=True, help="JSON export spec written by convert")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     with open(args.spec) as file:
         spec = json.load(file)
     report = run(spec)

@@ -1,51 +1,14 @@
-"""The exportable inference function shared by both ONNX backends (jax2onnx and jax2tf).
+"""The exported inference function, shared by both ONNX backends (jax2onnx and jax2tf).
 
-`make_inference_fn(model, params, num_mc_samples=T)` returns a pure function
-
-    images [N, H, W, C] float32 in [0, 1]  →  (anomaly_map [N, H, W] f32, image_score [N] f32,
-        uncertainty [N] f32, boxes [N, M, 4] f32 (x0, y0, x1, y1 pixels), box_scores [N, M] f32,
-        box_classes [N, M] i32, num_boxes [N] i32)
-
-(`OUTPUT_NAMES` in this order; M = `model.det_max_detections`). Normalisation to the network's
-range happens inside the model, so the graph takes the same [0, 1] images as every other entry
-point. Post-processing (box decoding, score threshold, top-k and class-aware NMS with static
-shapes) is inside the graph too; boxes past `num_boxes` are zero.
-
-T = 1: the deterministic forward (`M2UNet.predict`); `uncertainty` is all zeros.
-
-T > 1: MC dropout with T *fixed* dropout masks baked into the graph as constants. The trunk runs
-once; the stochastic tail runs on T + 1 copies of its tokens folded into the batch axis
-(`[(T + 1) * N, ...]`, one batched pass, no loop): copy 0 without dropout, copies 1..T with the
-masks. Then
-- `anomaly_map` = mean over the T samples of sigmoid(pixel_logits) (`map_mean`),
-- `image_score` = mean over the T samples of the image score (`score_mean`),
-- `uncertainty` = population variance of the T image scores (`score_var`),
-- boxes come from copy 0 (the deterministic pass): NMS over dropout-averaged logits has no
-  clear meaning, and these are the boxes of the T = 1 export (up to float rounding);
-with the definitions of `m2u_jax.uncertainty.sample_statistics`.
-
-Why fixed masks: a graph that draws random bits needs threefry (uint32 bit ops that TensorRT
-does not parse) or ONNX RandomUniform (its seed is ignored by TensorRT, so results are not
-reproducible). A mask of sample t is drawn once, with numpy, from (`mc_seed`, the Dropout
-module's path), shaped like one image's activation, and shared by every image of the batch. So
-an image's outputs do not depend on the batch it is in or the batch size, and ONNX Runtime,
-TensorRT and JAX compute the same numbers. These are MC-dropout samples with a fixed set of T
-dropout configurations (a T-member implicit ensemble), not fresh draws per call; T is fixed at
-export. Masks are stored as bool constants (1 byte per activation of the sampled blocks and
-heads per sample: under 1 MB for the tiny/demo models at T = 4, growing with T and width).
-
-The dropout masks are applied by temporarily replacing `flax.linen.Dropout.__call__` while the
-function is traced (`fixed_dropout`): flax offers no other hook that survives jax2onnx, which
-itself patches that method during export. The patch is process-global while active; do not
-trace other flax models on other threads at the same time.
-
-The model is rebuilt for export by `export_model_config`: attention as batched `MatMul`s
-(`model.attention='matmul'`, default) or as explicit-letter `Einsum`s ('einsum'); not
-`jax.nn.dot_product_attention`, whose jax2onnx lowering computes the logits in float16 under
-`--fp16`. No `nn.scan` (scanned params are unrolled by `prepare_params`) and no remat, float32
-compute, or float16 compute with float32 parameters for `--fp16` (see README.md).
-
-This module must also run under the jax2tf environment (jax 0.7.1, flax 0.12.0).
+`make_inference_fn(model, params, num_mc_samples=T)` returns a pure function: images
+`[N, H, W, C]` float32 in [0, 1] → the seven arrays of `OUTPUT_NAMES`, in that order:
+anomaly_map `[N, H, W]`, image_score `[N]`, uncertainty `[N]` (MC variance of the image score;
+zeros for T = 1), boxes `[N, M, 4]` (x0, y0, x1, y1 pixels, zero past num_boxes), box_scores
+`[N, M]`, box_classes `[N, M]` int32, num_boxes `[N]` int32; M = `model.det_max_detections`.
+Normalisation, MC dropout with T masks fixed at export (`fixed_dropout`) and box
+post-processing are inside the graph. `build_export_model` rebuilds a trained model for export.
+Runs in `.venv` and in `.venv-jax2tf` (jax 0.7.1, flax 0.12.0). Design notes (why fixed masks,
+the MC statistics, the attention forms): tools/convert_to_onnx/README.md.
 """
 
 from __future__ import annotations
@@ -127,7 +90,11 @@ def fixed_dropout(num_samples: int, seed: int):
     """While active, a non-deterministic `nn.Dropout` treats its input as `num_samples + 1`
     copies of a batch folded into axis 0 (`[(T + 1) * N, ...]`): copy 0 passes unchanged, copy
     t ≥ 1 is multiplied by mask t of `dropout_mask` and scaled by 1 / (1 - rate), exactly like
-    flax's inverted dropout. Deterministic calls return the input (no ONNX Dropout node)."""
+    flax's inverted dropout. Deterministic calls return the input (no ONNX Dropout node).
+
+    It replaces `flax.linen.Dropout.__call__` (the only hook that survives jax2onnx, which
+    patches that method itself): process-global while active, so trace no other flax model on
+    another thread meanwhile."""
     original_call = nn.Dropout.__call__
 
     def call(self, inputs, deterministic=None, rng=None):
