@@ -11,8 +11,11 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from configs import default as default_config
 
@@ -278,6 +281,112 @@ def with_run_num_defect_classes(
     copy = config.copy_and_resolve_references()
     copy.model.num_defect_classes = resolved
     return copy
+
+
+# Keys that decide the shapes of a run's parameters: a run resumed, evaluated or exported
+# under other values would not match its checkpoints.
+ARCHITECTURE_KEYS = (
+    "data.image_size",
+    "data.modalities",
+    "model.variant",
+    "model.scales",
+    "model.patch_size",
+    "model.patch_stride",
+    "model.fusion_every",
+    "model.posemb",
+    "model.scan_blocks",
+    "model.param_dtype",
+    "model.decoder_channels",
+    "model.detail_channels",
+    "model.pixel_head_recon",
+    "model.det_channels",
+    "model.num_defect_classes",
+    "model.det_strides",
+    "model.projection_dim",
+)
+
+
+def check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError naming the first `ARCHITECTURE_KEYS` key whose value differs from the
+    run's WORKDIR/config.json (when there is one); `num_defect_classes=0` (from the data) is
+    compared only when resolved."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        written = _flatten(ml_collections.ConfigDict(json.load(file)))
+    wanted = _flatten(config)
+    for key in ARCHITECTURE_KEYS:
+        old, new = written.get(key), wanted.get(key)
+        if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+            old, new = list(old), list(new)
+        if key == "model.num_defect_classes" and 0 in (old, new):
+            continue
+        if old is not None and old != new:
+            raise ConfigError(
+                f"{key}={new!r} but the run in {workdir} was trained with {old!r} ({path}); "
+                "use a new --workdir, or the run's value"
+            )
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run was trained with (WORKDIR/config.json, written by train.py),
+    laid over `configs/default.py`: keys added since the run keep their defaults, keys the
+    defaults no longer have are dropped, JSON lists become tuples where the default is one.
+    Raises ConfigError naming the file when it is missing or not a run config."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            written = json.load(file)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist: not a run directory of train.py (or pass --config FILE)"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not a readable JSON config: {error}") from None
+    if not isinstance(written, dict) or not isinstance(written.get("model"), dict):
+        raise ConfigError(f"{path} is not a run config (no 'model' section)")
+    config = default_config.get_config()
+    defaults = _flatten(config)
+    for key, value in _flatten(ml_collections.ConfigDict(written)).items():
+        if key not in defaults:
+            continue
+        if isinstance(defaults[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        section, _, name = key.rpartition(".")
+        target = config
+        for part in section.split(".") if section else ():
+            target = target[part]
+        target[name] = value
+    return config
+
+
+def define_config_flag(program: str, argv: Sequence[str], flag_values=None):
+    """The `--config` flag of a tool that works on a run directory (`--workdir DIR`): without
+    `--config`, the run's own config (`load_run_config`) with `--config.a.b=value` overrides,
+    as train.py takes them; with `--config FILE`, that file. Call at import time with sys.argv;
+    `.value` is None when neither exists (the tool then says so in one line). `flag_values`:
+    absl's global FLAGS by default."""
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    given = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+    workdir = None
+    for index, arg in enumerate(argv):
+        if arg == "--workdir" and index + 1 < len(argv):
+            workdir = argv[index + 1]
+        elif arg.startswith("--workdir="):
+            workdir = arg.split("=", 1)[1]
+    help_text = f"{program}: config file; default: the run's WORKDIR/config.json"
+    if given or not workdir or not os.path.isfile(os.path.join(workdir, "config.json")):
+        return config_flags.DEFINE_config_file(
+            "config", None, help_text, flag_values, sys_argv=list(argv)
+        )
+    try:
+        return config_flags.DEFINE_config_dict(
+            "config", load_run_config(workdir), help_text, flag_values, sys_argv=list(argv)
+        )
+    except ConfigError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def flags_parser_for(program: str):

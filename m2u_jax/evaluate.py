@@ -19,8 +19,8 @@ DIR/eval/:
   per-category bars) and `overlays/*.png` (worst test images and the review queue).
 - `review_queue.jsonl` — one line per test image the review policy sends to a person.
 - `thresholds.json` — the review policy calibrated on validation for `eval.review_budget`
-  (its score threshold by the same threshold rule), for the ONNX runner to apply the same
-  decisions.
+  (its score threshold by the same threshold rule) and the class names, for the exporter and
+  the predictors to apply the same decisions.
 - `predictions.npz` (per image: scores, uncertainties, labels, boxes) and `pixel_maps.npz`
   (test anomaly maps and masks) so that every number can be recomputed.
 
@@ -855,6 +855,9 @@ def evaluate(
         "threshold_rule": image["threshold_rule"],
         "target_fpr": settings["target_fpr"],
         "checkpoint_step": step,
+        # The names of the model's box / defect-type classes, in class-index order: export
+        # and the predictors label boxes with them.
+        "class_names": list(context.class_names),
         "policy": (
             "review if uncertainty > uncertainty_threshold, else reject (defective) if "
             "MC mean score >= score_threshold, else accept"

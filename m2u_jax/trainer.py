@@ -707,6 +707,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.model.num_defect_classes,
         )
     run_checkpoint.quiet_orbax()
+    # A resumed run keeps its architecture: a changed key stops here, before config.json (which
+    # must keep describing the checkpoints) is overwritten.
+    config_lib.check_same_architecture(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     if train.pretrain_method not in contrastive.PRETRAIN_METHODS:

@@ -185,3 +185,63 @@ def test_numeric_keys_out_of_range_are_one_line_errors(key, value, message):
 def test_every_numeric_range_key_exists_in_the_default():
     flat = config_lib._flatten(default.get_config())
     assert set(config_lib.NUMERIC_RANGES) <= set(flat)
+
+
+def _write_run_config(workdir, config) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def test_load_run_config_gives_back_the_trained_config(tmp_path):
+    trained = config_lib.config_from_file("configs/cpu_real.py")
+    trained.data.root = "/plant/parts"
+    trained.model.num_defect_classes = 3  # as train.py resolves 0 from the data
+    _write_run_config(tmp_path / "run", trained)
+    loaded = config_lib.load_run_config(str(tmp_path / "run"))
+    assert config_lib._flatten(loaded) == config_lib._flatten(trained)
+    assert loaded.model.det_strides == (8, 16)  # a tuple again, as in the config file
+    loaded.data.image_size = 96  # model.image_size still follows data.image_size
+    assert loaded.model.image_size == 96
+    with pytest.raises(config_lib.ConfigError, match=r"config.json does not exist"):
+        config_lib.load_run_config(str(tmp_path / "nothing"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("[1, 2]")
+    with pytest.raises(config_lib.ConfigError, match=r"bad/config.json is not a run config"):
+        config_lib.load_run_config(str(tmp_path / "bad"))
+
+
+def test_config_flag_defaults_to_the_run_config_with_overrides(tmp_path):
+    from absl import flags
+
+    trained = config_lib.config_from_file("configs/tiny.py")
+    trained.data.root = "/plant/parts"
+    _write_run_config(tmp_path, trained)
+    argv = ["eval.py", "--workdir", str(tmp_path), "--config.eval.num_mc_samples=3"]
+    flag_values = flags.FlagValues()
+    holder = config_lib.define_config_flag("eval.py", argv, flag_values)
+    flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    flag_values(argv)
+    assert holder.value.data.root == "/plant/parts" and holder.value.eval.num_mc_samples == 3
+    # --config FILE replaces the run's config; no config.json and no --config gives None.
+    argv = ["eval.py", "--workdir", str(tmp_path), "--config", "configs/demo.py"]
+    flag_values = flags.FlagValues()
+    holder = config_lib.define_config_flag("eval.py", argv, flag_values)
+    flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    flag_values(argv)
+    assert holder.value.data.root == config_lib.config_from_file("configs/demo.py").data.root
+    flag_values = flags.FlagValues()
+    holder = config_lib.define_config_flag("eval.py", ["eval.py"], flag_values)
+    flag_values(["eval.py"])
+    assert holder.value is None
+
+
+def test_an_architecture_key_that_differs_from_the_run_is_named(tmp_path):
+    trained = config_lib.config_from_file("configs/tiny.py")
+    _write_run_config(tmp_path, trained)
+    config = config_lib.load_run_config(str(tmp_path))
+    config_lib.check_same_architecture(config, str(tmp_path))  # the run's own config fits
+    config.model.dropout_rate = 0.3  # not an architecture key
+    config_lib.check_same_architecture(config, str(tmp_path))
+    config.model.patch_size = 4
+    with pytest.raises(config_lib.ConfigError, match=r"^model\.patch_size=4 but the run in "):
+        config_lib.check_same_architecture(config, str(tmp_path))

@@ -573,6 +573,7 @@ def test_review_queue_follows_the_validation_policy(evaluated_run):
     assert thresholds["uncertainty_measure"] == "score_var"
     assert thresholds["budget"] == config.eval.review_budget
     assert thresholds["checkpoint_step"] == 2
+    assert thresholds["class_names"] == ["defect"]  # unsupervised: the class-agnostic class
 
     lines = [json.loads(line) for line in open(os.path.join(out_dir, "review_queue.jsonl"))]
     queued = test["score_var"] > policy["uncertainty_threshold"]

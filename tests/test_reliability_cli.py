@@ -90,6 +90,15 @@ def test_eval_without_checkpoints_says_train_first(tmp_path, tiny_synthetic_root
     assert "Traceback" not in stderr, stderr
 
 
+def test_eval_of_a_folder_that_is_no_run_names_it(tmp_path):
+    code, last, stderr = _run("eval.py", "--workdir", str(tmp_path))
+    assert code == 2, stderr
+    assert last == (
+        f"eval.py: {tmp_path}/config.json not found: pass the run directory of train.py as "
+        "--workdir, or a config file as --config"
+    ), stderr
+
+
 def test_export_without_checkpoints_exits_2(tmp_path):
     code, last, stderr = _run(
         str(_REPO / "tools" / "convert_to_onnx" / "convert.py"),

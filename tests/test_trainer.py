@@ -527,6 +527,25 @@ def test_matching_defect_classes_pass(tmp_path):
     assert _written_num_classes(tmp_path / "run") == 5
 
 
+def test_a_changed_architecture_key_stops_before_config_json_is_rewritten(tmp_path):
+    config = _five_kind_run_config(tmp_path / "plates", "supervised", 5)
+    workdir = tmp_path / "run"
+    trainer.train(config, str(workdir))
+    written = (workdir / "config.json").read_text()
+    config.model.detail_channels = 8  # changes the parameter shapes
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^model\.detail_channels=8 but the run in .* was trained with 0 \(.*config\.json\)",
+    ):
+        trainer.train(config, str(workdir))
+    assert (workdir / "config.json").read_text() == written
+    config.model.detail_channels = 0
+    config.model.det_score_threshold = 0.5  # inference-time keys may change on a resume
+    config.train.finetune_steps = 0
+    trainer.train(config, str(workdir))
+    assert json.loads((workdir / "config.json").read_text())["model"]["det_score_threshold"] == 0.5
+
+
 def _train(workdir, data_root, cache_dir, *overrides):
     command = [
         sys.executable,
