@@ -7,7 +7,7 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 # Quiet TensorFlow's C++ start-up chatter in every target.
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup setup-jax2tf test lint format demo clean
+.PHONY: setup setup-jax2tf test test-fast lint format demo clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 
 test: setup setup-jax2tf
 	$(FAKE_DEVICES) $(PY) -m pytest -q tests
+
+# The inner loop: every test but those marked slow (training runs, exports, subprocesses).
+test-fast: setup
+	$(FAKE_DEVICES) $(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

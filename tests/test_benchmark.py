@@ -17,6 +17,8 @@ from configs import tiny
 from m2u_jax import config as config_lib
 from tools import benchmark
 
+pytestmark = pytest.mark.slow  # runs tools/benchmark.py end to end
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -30,6 +30,8 @@ from sklearn.metrics import (
 from configs import tiny
 from m2u_jax import evaluate, metrics, report, review, run_checkpoint, uncertainty
 
+pytestmark = pytest.mark.slow  # trains and evaluates a tiny run
+
 NUM_OVERLAYS = 2
 
 

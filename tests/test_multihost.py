@@ -14,6 +14,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # starts several JAX processes
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,8 @@ import pytest
 
 from tests.data_trees import write_defect_classes
 
+pytestmark = pytest.mark.slow  # runs the command-line tools in subprocesses
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _TINY = str(_REPO / "configs" / "tiny.py")
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # kills and resumes training runs
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _STEPS = 4
 _OVERRIDES = (

@@ -23,6 +23,8 @@ from PIL import Image
 from configs import tiny
 from tools import baseline_table, limited_data_study, quality_study
 
+pytestmark = pytest.mark.slow  # trains the study tools' runs
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -29,6 +29,8 @@ from m2u_jax import config as config_lib
 from m2u_jax import run_checkpoint, sharding, trainer
 from m2u_jax.train_state import TrainState
 
+pytestmark = pytest.mark.slow  # trains the tiny config in subprocesses (train.py)
+
 
 class _Regressor(nn.Module):
     @nn.compact
