@@ -389,6 +389,46 @@ def define_config_flag(program: str, argv: Sequence[str], flag_values=None):
         sys.exit(2)
 
 
+def config_from_args(
+    program: str, config_file: str | None, overrides: Sequence[str], workdir: str | None = None
+) -> ml_collections.ConfigDict:
+    """The config of a tool with its own argument parser, through the same ml_collections
+    `config_flags` mechanism as train.py: `config_file` (`path.py[:arg]`), or else the run's
+    WORKDIR/config.json, then the `--config.a.b=value` `overrides`. Raises ConfigError naming
+    the file or the override."""
+    if not config_file and not workdir:
+        raise ConfigError("no config: pass --config FILE, or --workdir DIR of a run")
+    if config_file and not os.path.isfile(config_file.partition(":")[0]):
+        raise ConfigError(f"--config {config_file}: no such config file")
+    if config_file:
+        path, _, setting = config_file.partition(":")
+        try:
+            base = config_from_file(path, setting)
+        except ValueError as error:  # e.g. an unknown setting of configs/benchmark.py
+            raise ConfigError(f"--config {config_file}: {error}") from None
+    else:
+        base = load_run_config(workdir)
+    argv = [program, *overrides]
+    flag_values = flags.FlagValues()
+    try:  # config_flags reads the overrides already when the flag is defined
+        holder = config_flags.DEFINE_config_dict("config", base, "", flag_values, sys_argv=argv)
+        flag_values(argv)
+    except (AttributeError, KeyError) as error:  # a key the config does not have
+        text = str(error.args[0]) if error.args else str(error)
+        found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
+        key = found.group(0) if found else text
+        hint = re.search(r"Did you mean \"?([A-Za-z0-9_]+)", text)
+        bad = [item for item in overrides if item.split("=")[0].endswith(f".{key}")]
+        raise ConfigError(
+            f"{bad[0] if bad else key}: no such config key"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else " (see configs/default.py)")
+        ) from None
+    except (flags.Error, TypeError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConfigError(" ".join(lines[:2])) from None
+    return holder.value
+
+
 def flags_parser_for(program: str):
     """An absl `app.run(..., flags_parser=...)` that turns a `--config.<key>=...` override of a
     key the config lacks (ml_collections raises AttributeError mid-parse, i.e. a traceback)

@@ -245,3 +245,20 @@ def test_an_architecture_key_that_differs_from_the_run_is_named(tmp_path):
     config.model.patch_size = 4
     with pytest.raises(config_lib.ConfigError, match=r"^model\.patch_size=4 but the run in "):
         config_lib.check_same_architecture(config, str(tmp_path))
+
+
+def test_config_from_args_takes_a_file_or_the_run_then_overrides(tmp_path):
+    trained = config_lib.config_from_file("configs/tiny.py")
+    trained.data.root = "/plant/parts"
+    _write_run_config(tmp_path, trained)
+    run = config_lib.config_from_args("tool", None, ["--config.eval.batch_size=4"], str(tmp_path))
+    assert run.data.root == "/plant/parts" and run.eval.batch_size == 4
+    demo = config_lib.config_from_args("tool", "configs/demo.py", ["--config.seed=7"], "ignored")
+    assert (
+        demo.seed == 7
+        and demo.data.root == config_lib.config_from_file("configs/demo.py").data.root
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"^--config.eval.bach_size=4: no such config"):
+        config_lib.config_from_args("tool", None, ["--config.eval.bach_size=4"], str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match=r"no config: pass --config FILE"):
+        config_lib.config_from_args("tool", None, [])

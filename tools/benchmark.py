@@ -45,7 +45,6 @@ machines that have only jax/flax/optax/orbax.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
 import json
@@ -110,67 +109,14 @@ class Settings:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` (+ `--config.a.b=value` overrides) → a ConfigDict.
-
-    `arg`, when given, goes to `get_config(arg)` (configs/benchmark.py uses it to pick a
-    setting). Override values are parsed like the current value's type: bools take
-    true/false, tuples a Python literal or a comma-separated list. Raises ValueError naming
-    the file or the key.
-    """
-    path, _, arg = spec.partition(":")
+    """`path/to/config.py[:arg]` (+ `--config.a.b=value` overrides, parsed by ml_collections'
+    config_flags as train.py does) → a ConfigDict. `arg`, when given, goes to
+    `get_config(arg)` (configs/benchmark.py uses it to pick a setting). A relative path is
+    also looked up from the repository root. Raises ConfigError naming the file or the key."""
+    path, sep, arg = spec.partition(":")
     if not os.path.exists(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
-        path = os.path.join(_REPO_ROOT, path)
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {spec}: no config file {path!r}")
-    config = config_lib.config_from_file(path, arg)
-    for override in overrides:
-        apply_override(config, override)
-    return config
-
-
-def _parse_like(current, text: str, key: str):
-    if isinstance(current, bool):
-        lowered = text.strip().lower()
-        if lowered in ("true", "1", "yes"):
-            return True
-        if lowered in ("false", "0", "no"):
-            return False
-        raise ValueError(f"--config.{key}={text!r}: expected true or false")
-    try:
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, (tuple, list)):
-            stripped = text.strip()
-            if stripped.startswith(("(", "[")):
-                values = ast.literal_eval(stripped)
-            else:
-                values = [part.strip() for part in stripped.split(",") if part.strip()]
-            kind = type(current[0]) if current else str
-            return tuple(kind(value) for value in values)
-    except (ValueError, SyntaxError) as error:
-        raise ValueError(
-            f"--config.{key}={text!r}: cannot parse as {type(current).__name__}"
-        ) from (error)
-    return text
-
-
-def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Applies one `--config.a.b=value` (or `config.a.b=value`) to `config` in place."""
-    text = override[2:] if override.startswith("--") else override
-    if not text.startswith("config.") or "=" not in text:
-        raise ValueError(f"override {override!r}: use --config.<section>.<key>=<value>")
-    dotted, value = text[len("config.") :].split("=", 1)
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"--config.{dotted}: no section {part!r} in the config")
-        node = node[part]
-    if leaf not in node:
-        raise ValueError(f"--config.{dotted}: unknown key (not in configs/default.py)")
-    node[leaf] = _parse_like(node[leaf], value, dotted)
+        spec = os.path.join(_REPO_ROOT, path) + sep + arg
+    return config_lib.config_from_args("benchmark.py", spec, overrides)
 
 
 def describe_config(config: ml_collections.ConfigDict) -> dict:
