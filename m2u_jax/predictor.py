@@ -265,25 +265,17 @@ class Predictor:
         from m2u_jax.export import onnx_runner  # onnxruntime only for this backend
 
         session = onnx_runner.make_session(path, providers)
-        info = onnx_runner.model_info(session)
-        metadata = session.get_modelmeta().custom_metadata_map
-        if thresholds is None:
-            found = {
-                key: json.loads(metadata[f"m2u.{key}"])
-                for key in ("score_threshold", "uncertainty_threshold", "num_mc_samples")
-                if f"m2u.{key}" in metadata
-            }
-            if "score_threshold" not in found:
-                raise ValueError(
-                    f"{path} carries no calibrated thresholds (m2u.score_threshold): export it "
-                    "from an evaluated run, or pass thresholds=DIR/eval/thresholds.json"
-                )
-            calibrated = found
-        else:
+        info = onnx_runner.model_info(session, path)
+        if thresholds is not None:
             calibrated = load_thresholds(thresholds)
-        names = json.loads(metadata.get("m2u.class_names", "null")) or _class_names(
-            calibrated, int(metadata.get("m2u.num_defect_classes", 1))
-        )
+        elif info["thresholds"] is not None:
+            calibrated = info["thresholds"]
+        else:
+            raise ValueError(
+                f"{path} carries no calibrated thresholds (m2u.score_threshold): export it from "
+                "an evaluated run, or pass thresholds=DIR/eval/thresholds.json"
+            )
+        names = info["class_names"]
         output_names = [output.name for output in session.get_outputs()]
 
         def forward(images: np.ndarray) -> dict:

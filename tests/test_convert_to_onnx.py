@@ -3,11 +3,17 @@ both backends, the graph passes, parity, the TensorRT check and the ONNX Runtime
 
 The tiny model exports in a few seconds with jax2onnx (plus ~10 s for its plugin import, once);
 the jax2tf backend runs once, for a static T = 1 and a dynamic T = 4 graph in one subprocess.
+The command-line export (`static_export`, from a run with eval/thresholds.json) and the library
+export `dynamic_t4` (no thresholds) are shared by the runner tests.
 """
 
+import contextlib
+import inspect
+import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -21,13 +27,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from configs import tiny
 from m2u_jax import model as model_lib
-from m2u_jax import review, run_checkpoint, uncertainty
+from m2u_jax import review, run_checkpoint, uncertainty, vit
 from m2u_jax.export import convert, onnx_graph, onnx_runner, parity, trt_check
 from m2u_jax.export import graph as export_graph
 from m2u_jax.export.jax2tf_export import unflatten_params
 from m2u_jax.train_state import TrainState
 from tools.convert_to_onnx import convert as convert_cli
 from tools.convert_to_onnx import infer_onnx as infer_onnx_cli
+
+pytestmark = pytest.mark.slow  # exports ONNX graphs (jax2onnx and the jax2tf subprocess)
 
 SIDE, CHANNELS = 32, 3
 
@@ -79,6 +87,75 @@ def dynamic_t4(tmp_path_factory, config, params):
         config, {"params": params}, output, batch=None, mc_samples=4, parity_count=4
     )
     return output, report
+
+
+@pytest.fixture(scope="module")
+def line_images(tmp_path_factory):
+    """Three 48x48 synthetic PNGs (good, hole, crack) in one folder, sorted by name."""
+    from PIL import Image
+
+    from m2u_jax.data import synthetic
+
+    folder = tmp_path_factory.mktemp("line")
+    for index, kind in enumerate(["good", "hole", "crack"]):
+        image = synthetic.render_sample("metal", kind, index, image_size=48)["image"]
+        Image.fromarray(image).save(folder / f"{index}_{kind}.png")
+    return folder
+
+
+def _loaded(folder):
+    return np.stack(
+        [onnx_runner.load_image(str(p), ("rgb",), SIDE)[0] for p in sorted(folder.iterdir())]
+    )
+
+
+CLASS_NAMES = ["crack", "hole", "pit", "scratch"]  # configs/tiny.py: 4 defect classes
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory, workdir, config, params, line_images):
+    """A copy of `workdir` with the DIR/eval/thresholds.json eval.py writes (calibrated at
+    T = 4, like configs/tiny.py): the score threshold halfway between the two lowest T = 1
+    scores of `line_images`, so that a T = 1 export accepts one and rejects two."""
+    run = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(workdir, run)
+    scores = np.sort(np.asarray(_reference(config, params, 1)(_loaded(line_images))["image_score"]))
+    thresholds = {
+        "score_threshold": float((scores[0] + scores[1]) / 2),
+        "uncertainty_threshold": 0.00125,
+        "uncertainty_measure": "score_var",
+        "budget": 0.05,
+        "num_mc_samples": 4,
+        "image_decision_threshold": 0.2126,
+        "mc_decision_threshold": 0.2146,
+        "threshold_rule": "f1",
+        "target_fpr": 0.05,
+        "checkpoint_step": 12,
+        "class_names": CLASS_NAMES,
+        "policy": "review if uncertainty > uncertainty_threshold, else ...",
+    }
+    (run / "eval").mkdir()
+    (run / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    return str(run), thresholds
+
+
+@pytest.fixture(scope="module")
+def static_export(tmp_path_factory, calibrated_run):
+    """`convert.py --workdir RUN --batch 1 --attention einsum` (T = 1): (path, exit code,
+    stderr). Run from an empty folder so the config's relative data.root (data/synthetic) is
+    absent even after a `make demo` in the checkout, and parity must fall back to generated
+    images."""
+    folder = tmp_path_factory.mktemp("static")
+    output = str(folder / "static.onnx")
+    tiny_config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.chdir(folder)
+        code = convert_cli.main(
+            ["--config", tiny_config, "--workdir", calibrated_run[0], "--output", output]
+            + ["--batch", "1", "--attention", "einsum"]
+        )
+    return output, code, stderr.getvalue()
 
 
 _REFERENCES = {}
@@ -206,18 +283,10 @@ def test_flatten_params_roundtrip():
 
 
 def test_cli_exports_checkpoint_static_batch_with_parity(
-    config, params, workdir, images, tmp_path, monkeypatch
+    config, params, images, static_export, calibrated_run
 ):
-    output = str(tmp_path / "static.onnx")
-    # Run from an empty folder so the config's relative data.root (data/synthetic) is absent even
-    # after a `make demo` in the checkout, and parity must fall back to generated images.
-    tiny_config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-    monkeypatch.chdir(tmp_path)
-    code = convert_cli.main(
-        ["--config", tiny_config, "--workdir", workdir, "--output", output, "--batch", "1"]
-        + ["--attention", "einsum"]
-    )
-    assert code == 0
+    output, code, stderr = static_export
+    assert code == 0, stderr
     report = json.load(open(output + ".parity.json"))
     assert report["passed"] and report["checker"] == "ok" and not report["tensorrt"]["errors"]
     assert report["images"].startswith("synthetic generator")  # configs/tiny.py data is absent
@@ -239,6 +308,27 @@ def test_cli_exports_checkpoint_static_batch_with_parity(
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     assert metadata["m2u.mc_samples"] == "1" and metadata["m2u.modalities"] == "rgb"
     assert metadata["m2u.attention"] == "einsum"
+    # The run's calibration travels with the model: read back equal to eval/thresholds.json.
+    run, thresholds = calibrated_run
+    assert float(metadata["m2u.score_threshold"]) == thresholds["score_threshold"]
+    assert float(metadata["m2u.uncertainty_threshold"]) == thresholds["uncertainty_threshold"]
+    assert metadata["m2u.uncertainty_measure"] == "score_var"
+    assert int(metadata["m2u.review_mc_samples"]) == thresholds["num_mc_samples"]
+    assert float(metadata["m2u.review_budget"]) == thresholds["budget"]
+    assert metadata["m2u.threshold_rule"] == thresholds["threshold_rule"]
+    assert int(metadata["m2u.checkpoint_step"]) == thresholds["checkpoint_step"]
+    assert metadata["m2u.checkpoint"] == f"{run} step 12"
+    assert metadata["m2u.thresholds_source"] == os.path.join(run, "eval", "thresholds.json")
+    assert json.loads(metadata["m2u.class_names"]) == thresholds["class_names"]
+    normalization = json.loads(metadata["m2u.normalization"])
+    assert normalization["mean"] == [0.5] * 3 and normalization["std"] == [0.5] * 3
+    assert normalization["input_range"] == [0.0, 1.0] and normalization["layout"] == "NHWC"
+    # (x - 0.5) / 0.5 = 2x - 1 is the network's own normalisation (m2u_jax.vit); if that line
+    # changes, so must convert.input_normalization.
+    assert "normalised = images.astype(jnp.float32) * 2.0 - 1.0" in inspect.getsource(vit)
+    # Calibrated at T = 4, exported at T = 1: the export says the review threshold won't fit.
+    (warning,) = [line for line in stderr.splitlines() if line.startswith("WARNING:")][:1]
+    assert "calibrated with T=4" in warning and "--mc-samples 1" in warning, stderr
     # Our own comparison, on the pipeline images, against JAX with the default (matmul)
     # attention: the einsum graph in ONNX Runtime equals it to ~1e-6.
     expected = _reference(config, params, 1)(images[:1])
@@ -470,23 +560,17 @@ def test_compare_outputs_matches_boxes_and_fails_on_real_differences():
 # ----------------------------------------------------------------------------- runner
 
 
-def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, params, tmp_path):
-    from PIL import Image
+def _infer(*args):
+    return infer_onnx_cli.main([str(arg) for arg in args])
 
-    from m2u_jax.data import synthetic
 
-    folder = tmp_path / "line"
-    folder.mkdir()
-    for index, kind in enumerate(["good", "hole", "crack"]):
-        image = synthetic.render_sample("metal", kind, index, image_size=48)["image"]
-        Image.fromarray(image).save(folder / f"{index}_{kind}.png")
+def _records(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, line_images, tmp_path):
     onnx_path = dynamic_t4[0]
-    expected = _run(
-        onnx_path,
-        np.stack(
-            [onnx_runner.load_image(str(p), ("rgb",), SIDE)[0] for p in sorted(folder.iterdir())]
-        ),
-    )
+    expected = _run(onnx_path, _loaded(line_images))
     # Thresholds between the observed values so that each decision occurs once: the most
     # uncertain image goes to review, the higher score of the other two is rejected.
     order = np.argsort(expected["uncertainty"])
@@ -498,24 +582,12 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
     eval_file = dict(thresholds, uncertainty_measure="score_var", num_mc_samples=4, budget=0.05)
     (tmp_path / "thresholds.json").write_text(json.dumps(eval_file))
     out = tmp_path / "preds.jsonl"
-    code = infer_onnx_cli.main(
-        [
-            "--model",
-            onnx_path,
-            "--images",
-            str(folder),
-            "--out",
-            str(out),
-            "--batch-size",
-            "2",
-            "--thresholds",
-            str(tmp_path / "thresholds.json"),
-            "--maps-dir",
-            str(tmp_path / "maps"),
-        ]
-    )
+    code = _infer(
+        "--model", onnx_path, "--images", line_images, "--out", out, "--batch-size", 2,
+        "--thresholds", tmp_path / "thresholds.json", "--maps-dir", tmp_path / "maps",
+    )  # fmt: skip
     assert code == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = _records(out)
     assert [os.path.basename(r["path"]) for r in records] == [
         "0_good.png",
         "1_hole.png",
@@ -532,11 +604,156 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, config, pa
     np.testing.assert_allclose(
         first["boxes"][0]["box"], expected["boxes"][0, 0] * 48 / 32, atol=0.01
     )
-    assert len(os.listdir(tmp_path / "maps")) == 3
+    # A library export without a run names its 4 classes class_0..class_3.
+    for record in records:
+        for box in record["boxes"]:
+            assert box["class_name"] == f"class_{box['class']}"
+    assert sorted(os.listdir(tmp_path / "maps")) == [
+        f"{index}_{kind}_anomaly.png" for index, kind in enumerate(["good", "hole", "crack"])
+    ]
+    assert records[0]["anomaly_map_png"] == str(tmp_path / "maps" / "0_good_anomaly.png")
     with pytest.raises(ValueError, match="mutual_info"):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**thresholds, "uncertainty_measure": "mutual_info"}))
         onnx_runner.load_thresholds(str(bad))
+
+
+def test_infer_onnx_uses_the_thresholds_stored_in_the_model(
+    static_export, calibrated_run, config, params, line_images, tmp_path, capsys
+):
+    """No --thresholds: the calibrated thresholds and class names the export stored decide."""
+    output, code, _ = static_export
+    assert code == 0
+    _, thresholds = calibrated_run
+    info = onnx_runner.model_info(onnx_runner.make_session(output), output)
+    assert info["thresholds"] == {
+        "score_threshold": thresholds["score_threshold"],
+        "uncertainty_threshold": thresholds["uncertainty_threshold"],
+        "num_mc_samples": 4,
+    }
+    assert info["class_names"] == CLASS_NAMES and info["checkpoint_step"] == 12
+    assert info["threshold_rule"] == "f1" and info["normalization"]["mean"] == [0.5] * 3
+    out = tmp_path / "preds.jsonl"
+    assert _infer("--model", output, "--images", line_images, "--out", out) == 0
+    captured = capsys.readouterr()
+    assert "thresholds from model metadata" in captured.out
+    # The model's own T = 1 against the calibrated T = 4: said, not refused.
+    assert "calibrated with 4 MC samples" in captured.err
+    records = _records(out)
+    scores = np.array([r["image_score"] for r in records], np.float32)
+    uncertainty = np.array([r["uncertainty"] for r in records], np.float32)
+    expected = _reference(config, params, 1)(_loaded(line_images))
+    np.testing.assert_allclose(scores, expected["image_score"], atol=1e-5)
+    decisions = review.review_policy(scores, uncertainty, thresholds)
+    assert [r["decision"] for r in records] == [review.DECISION_NAMES[d] for d in decisions]
+    assert sorted(r["decision"] for r in records) == ["accept", "reject", "reject"]
+    boxes = [box for record in records for box in record["boxes"]]
+    assert boxes and all(box["class_name"] == CLASS_NAMES[box["class"]] for box in boxes)
+    # --thresholds still overrides the model's.
+    (tmp_path / "t.json").write_text(json.dumps(dict(thresholds, score_threshold=2.0)))
+    code = _infer(
+        "--model", output, "--images", line_images, "--out", out, "--thresholds",
+        tmp_path / "t.json",
+    )  # fmt: skip
+    assert code == 0 and {r["decision"] for r in _records(out)} == {"accept"}
+
+
+def test_infer_onnx_refuses_a_model_without_thresholds(dynamic_t4, line_images, tmp_path, capsys):
+    onnx_path = dynamic_t4[0]
+    out = tmp_path / "preds.jsonl"
+    assert _infer("--model", onnx_path, "--images", line_images, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"infer_onnx: {onnx_path} carries no calibrated")
+    assert "--thresholds" in err[0] and "python eval.py --workdir" in err[0]
+    assert not out.exists()
+    # The escape hatch: the documented defaults, with a warning.
+    code = _infer("--model", onnx_path, "--images", line_images, "--out", out, "--uncalibrated")
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("WARNING: infer_onnx: --uncalibrated")
+    assert "thresholds from uncalibrated defaults" in captured.out
+    records = _records(out)
+    decisions = review.review_policy(
+        [r["image_score"] for r in records],
+        [r["uncertainty"] for r in records],
+        onnx_runner.DEFAULT_THRESHOLDS,
+    )
+    assert [r["decision"] for r in records] == [review.DECISION_NAMES[d] for d in decisions]
+    with pytest.raises(SystemExit):  # argparse: not both
+        _infer("--model", onnx_path, "--images", line_images, "--out", out, "--uncalibrated",
+               "--thresholds", "t.json")  # fmt: skip
+    capsys.readouterr()
+    code = _infer(
+        "--model", onnx_path, "--images", line_images, "--out", out, "--uncalibrated",
+        "--batch-size", 0,
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["infer_onnx: --batch-size must be >= 1, got 0"]
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got -1"):
+        onnx_runner.run(onnx_path, [str(line_images)], str(out), uncalibrated=True, batch_size=-1)
+
+
+def test_infer_onnx_out_is_atomic_and_maps_keep_the_folder_tree(
+    dynamic_t4, line_images, tmp_path, capsys
+):
+    onnx_path = dynamic_t4[0]
+    tree = tmp_path / "tree"
+    for folder, source in (("a", "0_good.png"), ("b", "1_hole.png"), ("c", "2_crack.png")):
+        (tree / folder).mkdir(parents=True)
+        shutil.copy(line_images / source, tree / folder / "x.png")
+    # Same-named images in different folders: one map each, at their relative paths.
+    out, maps = tmp_path / "preds.jsonl", tmp_path / "maps"
+    code = _infer("--model", onnx_path, "--images", tree, "--out", out, "--uncalibrated",
+                  "--maps-dir", maps)  # fmt: skip
+    assert code == 0
+    written = sorted(str(path.relative_to(maps)) for path in maps.rglob("*.png"))
+    assert written == ["a/x_anomaly.png", "b/x_anomaly.png", "c/x_anomaly.png"]
+    assert [r["anomaly_map_png"] for r in _records(out)] == [str(maps / w) for w in written]
+    assert onnx_runner.map_names(["d/x.png", "d/x.npy", "d/e/y.png"]) == [
+        "x_png_anomaly.png",
+        "x_npy_anomaly.png",
+        "e/y_anomaly.png",
+    ]
+    # A bad image in the middle: the previous result stays, the partial one is kept aside.
+    (tree / "b" / "x.png").write_bytes(b"not a png")
+    out.write_text("previous\n")
+    capsys.readouterr()
+    code = _infer("--model", onnx_path, "--images", tree, "--out", out, "--uncalibrated",
+                  "--batch-size", 1)  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and str(tree / "b" / "x.png") in err.strip().splitlines()[-1]
+    assert out.read_text() == "previous\n"
+    partial = pathlib.Path(f"{out}.partial")
+    assert [r["path"] for r in _records(partial)] == [str(tree / "a" / "x.png")]
+    assert f"stopped after 1 of 3 images; their predictions are in {partial}" in err
+    assert sorted(os.listdir(tmp_path)) == ["maps", "preds.jsonl", "preds.jsonl.partial", "tree"]
+    # A later successful run replaces the file and removes the stale partial result.
+    shutil.copy(line_images / "1_hole.png", tree / "b" / "x.png")
+    assert _infer("--model", onnx_path, "--images", tree, "--out", out, "--uncalibrated") == 0
+    assert len(_records(out)) == 3 and not partial.exists()
+
+
+def test_infer_onnx_rejects_non_finite_and_out_of_range_arrays(dynamic_t4, tmp_path, capsys):
+    good = np.random.default_rng(0).random((40, 40, 3)).astype(np.float32)
+    path = tmp_path / "good.npy"
+    np.save(path, good)
+    image, original = onnx_runner.load_image(str(path), ("rgb",), SIDE)
+    assert image.shape == (SIDE, SIDE, 3) and original == (40, 40)
+    nan = good.copy()
+    nan[3, 4, 1] = np.nan
+    nan[5, 6, 0] = np.inf
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(ValueError, match=r"nan\.npy: 2 NaN / Inf value\(s\)"):
+        onnx_runner.load_image(str(tmp_path / "nan.npy"), ("rgb",), SIDE)
+    np.save(tmp_path / "bytes.npy", good * 255.0)  # 0-255 floats would clip to all-white
+    with pytest.raises(ValueError, match=r"bytes\.npy: values in \[.*\], outside \[0, 1\]"):
+        onnx_runner.load_image(str(tmp_path / "bytes.npy"), ("rgb",), SIDE)
+    np.save(tmp_path / "bytes8.npy", (good * 255).astype(np.uint8))  # integer bytes are scaled
+    assert onnx_runner.load_image(str(tmp_path / "bytes8.npy"), ("rgb",), SIDE)[0].max() <= 1.0
+    code = _infer("--model", dynamic_t4[0], "--images", tmp_path / "nan.npy", "--out",
+                  tmp_path / "o.jsonl", "--uncalibrated")  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"infer_onnx: {tmp_path / 'nan.npy'}: 2 NaN / Inf")
 
 
 def test_onnx_runner_imports_without_jax():
@@ -558,3 +775,131 @@ def test_cli_reports_bad_inputs(tmp_path, capsys):
         ["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--output", "x.onnx"]
     )
     assert code == 2 and "train first" in capsys.readouterr().err
+    code = convert_cli.main(
+        ["--config", "configs/tiny.py", "--random-init", "--output", "x.onnx"]
+        + ["--thresholds", "t.json"]
+    )
+    assert code == 2 and "--thresholds needs --workdir" in capsys.readouterr().err
+
+
+def test_calibration_metadata_reads_thresholds_and_warns(config, tmp_path):
+    model_config = config.model  # 4 defect classes
+    run = tmp_path / "run"
+    run.mkdir()
+    # No DIR/eval/thresholds.json: no thresholds, a loud warning with the fix, fallback names.
+    metadata, warnings = convert.calibration_metadata(
+        model_config, workdir=str(run), mc_samples=4, checkpoint_step=12
+    )
+    assert metadata == {"class_names": json.dumps(["class_0", "class_1", "class_2", "class_3"])}
+    assert warnings[0].startswith(f"WARNING: {run / 'eval' / 'thresholds.json'} does not exist")
+    assert "carries no calibrated thresholds" in warnings[0]
+    assert f"python eval.py --workdir {run} --step 12" in warnings[0]
+    assert "box classes have no names; boxes are labelled class_0...class_3" in warnings[1]
+    # An eval.py file from before class_names, calibrated on another checkpoint, same T.
+    thresholds = dict(
+        score_threshold=0.2276,
+        uncertainty_threshold=0.00125,
+        uncertainty_measure="score_var",
+        num_mc_samples=4,
+        threshold_rule="fpr",
+        checkpoint_step=8,
+    )
+    (run / "eval").mkdir()
+    (run / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    metadata, warnings = convert.calibration_metadata(
+        model_config, workdir=str(run), mc_samples=4, checkpoint_step=12
+    )
+    assert float(metadata["score_threshold"]) == 0.2276
+    assert metadata["uncertainty_threshold"] == 0.00125 and metadata["review_mc_samples"] == 4
+    assert metadata["threshold_rule"] == "fpr" and metadata["checkpoint_step"] == 8
+    assert json.loads(metadata["class_names"]) == ["class_0", "class_1", "class_2", "class_3"]
+    assert len(warnings) == 2 and all(line.startswith("WARNING: ") for line in warnings)
+    assert "calibrated on checkpoint 8, but checkpoint 12 is exported" in warnings[0]
+    assert "records no class_names; boxes are labelled class_0...class_3" in warnings[1]
+    # One class: 'defect', silently.
+    one_class = model_config.copy_and_resolve_references()
+    one_class.num_defect_classes = 1
+    metadata, warnings = convert.calibration_metadata(
+        one_class, workdir=str(run), mc_samples=4, checkpoint_step=8
+    )
+    assert json.loads(metadata["class_names"]) == ["defect"] and warnings == []
+    # --thresholds FILE overrides the run's file; another T than the export's is a warning.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(thresholds, score_threshold=0.5, class_names=["crack"])))
+    metadata, warnings = convert.calibration_metadata(
+        one_class, workdir=str(run), thresholds_path=str(other), mc_samples=8
+    )
+    assert metadata["score_threshold"] == 0.5 and metadata["thresholds_source"] == str(other)
+    assert json.loads(metadata["class_names"]) == ["crack"]
+    assert len(warnings) == 1 and "calibrated with T=4" in warnings[0]
+    assert "--mc-samples 8" in warnings[0] and "num_mc_samples=8" in warnings[0]
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        convert.calibration_metadata(
+            one_class, workdir=str(run), thresholds_path=str(tmp_path / "missing.json")
+        )
+    other.write_text(json.dumps(dict(thresholds, uncertainty_measure="mutual_info")))
+    with pytest.raises(ValueError, match="mutual_info"):
+        convert.calibration_metadata(one_class, thresholds_path=str(other))
+
+
+def test_cli_export_without_thresholds_warns_and_still_exports(
+    workdir, tmp_path, monkeypatch, capsys
+):
+    """A run never evaluated: the export goes ahead (here stopped at the backend) after a
+    WARNING line, and the model gets no thresholds."""
+    seen = {}
+
+    def fake_convert(config, variables, output, **kwargs):
+        seen.update(kwargs["extra_metadata"])
+        raise convert.ExportError("stopped here")
+
+    monkeypatch.setattr(convert, "convert", fake_convert)
+    code = convert_cli.main(
+        ["--config", "configs/tiny.py", "--workdir", workdir, "--output", str(tmp_path / "m.onnx")]
+    )
+    err = capsys.readouterr().err
+    assert code == convert_cli.EXIT_BACKEND and "stopped here" in err
+    warning = next(line for line in err.splitlines() if line.startswith("WARNING:"))
+    assert "carries no calibrated thresholds" in warning
+    assert f"python eval.py --workdir {workdir} --step 12" in warning
+    assert "score_threshold" not in seen and seen["checkpoint"] == f"{workdir} step 12"
+    assert json.loads(seen["class_names"]) == ["class_0", "class_1", "class_2", "class_3"]
+
+
+def test_predictors_and_the_predict_command_decide_alike_on_jax_and_onnx(
+    calibrated_run, config, dynamic_t4, line_images, tmp_path
+):
+    from m2u_jax import Predictor, predict
+
+    run, thresholds = calibrated_run
+    (pathlib.Path(run) / "config.json").write_text(config.to_json_best_effort())
+    on_jax = Predictor.from_workdir(run)  # T = 4 from thresholds.json, the export's masks
+    on_onnx = Predictor.from_onnx(dynamic_t4[0], thresholds=thresholds)  # exported at T = 4
+    paths = [str(path) for path in sorted(line_images.iterdir())]
+    jax_results, onnx_results = on_jax.predict(paths), on_onnx.predict(paths)
+    assert [r.decision for r in jax_results] == [r.decision for r in onnx_results]
+    np.testing.assert_allclose(
+        [r.image_score for r in jax_results], [r.image_score for r in onnx_results], atol=1e-5
+    )
+    np.testing.assert_allclose(jax_results[1].anomaly_map, onnx_results[1].anomaly_map, atol=1e-5)
+    assert jax_results[1].anomaly_map.shape == (48, 48)  # back in the image's pixels
+    assert [len(r.boxes) for r in jax_results] == [len(r.boxes) for r in onnx_results]
+    expected = review.review_policy(
+        [r.image_score for r in jax_results], [r.uncertainty for r in jax_results], thresholds
+    )
+    assert [r.decision for r in jax_results] == [review.DECISION_NAMES[d] for d in expected]
+    for box in (box for r in jax_results for box in r.boxes):
+        assert box["class_name"] == CLASS_NAMES[box["class_id"]]
+    # The command: same decisions from both backends, one overlay per image, a summary line.
+    outputs = {}
+    for name, source in (("jax", ["--workdir", run]), ("onnx", ["--onnx", dynamic_t4[0]])):
+        extra = [] if name == "jax" else ["--thresholds", f"{run}/eval/thresholds.json"]
+        code = predict.main([*source, *extra, "--out", str(tmp_path / name), str(line_images)])
+        assert code == 0
+        lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        outputs[name] = [json.loads(line)["decision"] for line in lines]
+        assert len(list((tmp_path / name / "overlays").glob("*.png"))) == 3
+    assert outputs["jax"] == outputs["onnx"] == [r.decision for r in jax_results]
+    # An ONNX model without thresholds and without thresholds= is refused.
+    with pytest.raises(ValueError, match="carries no calibrated thresholds"):
+        Predictor.from_onnx(dynamic_t4[0])

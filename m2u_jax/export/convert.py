@@ -8,8 +8,11 @@ m2u_jax.export.jax2tf_export`, one subprocess for all jobs), finalises it for Te
 TensorRT findings (`trt_check`) and ONNX Runtime vs JAX parity on real images (`parity`). The
 report's `passed` is True only if all three pass. Bad arguments raise ValueError, a failed
 backend `ExportError`. Params come from `load_inference_variables` (a fine-tuned checkpoint) or
-`random_inference_variables`. Steps, the `--fp16` policy and measured numbers:
-tools/convert_to_onnx/README.md.
+`random_inference_variables`. Every export records its input normalisation
+(`input_normalization`) and box class names in the `m2u.*` metadata; `calibration_metadata`
+adds a run's calibrated decision thresholds (WORKDIR/eval/thresholds.json), which
+`onnx_runner` then uses by default. Steps, the `--fp16` policy, the metadata keys and measured
+numbers: tools/convert_to_onnx/README.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from m2u_jax import config as config_lib
 from m2u_jax import model as model_lib
 from m2u_jax import run_checkpoint
 from m2u_jax.export import graph as export_graph
-from m2u_jax.export import parity, trt_check
+from m2u_jax.export import onnx_runner, parity, trt_check
 from m2u_jax.export.onnx_graph import (
     BATCH_DIM,
     OPSET,
@@ -45,6 +48,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 JAX2TF_PYTHON = REPO_ROOT / ".venv-jax2tf" / "bin" / "python"
 JAX2TF_MODULE = "m2u_jax.export.jax2tf_export"
 BACKENDS = ("jax2onnx", "jax2tf")
+# Where eval.py writes a run's calibrated thresholds, relative to the run directory.
+THRESHOLDS_FILE = os.path.join("eval", "thresholds.json")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -58,10 +63,11 @@ def load_config(path: str):
 
 
 def load_inference_variables(config, workdir: str, step: int | None = None) -> dict:
-    """`{'params': ...}` (numpy) of a fine-tuned checkpoint in WORKDIR/checkpoints
-    (`run_checkpoint.restore_params`: params only; `step=None` = the newest fine-tuned one)."""
-    params, _ = run_checkpoint.restore_params(config, workdir, step)
-    return {"params": params}
+    """`{'params': ..., 'step': global step}` (numpy params) of a fine-tuned checkpoint in
+    WORKDIR/checkpoints (`run_checkpoint.restore_params`: params only; `step=None` = the newest
+    fine-tuned one). The export uses `params`; `step` names the checkpoint."""
+    params, global_step = run_checkpoint.restore_params(config, workdir, step)
+    return {"params": params, "step": int(global_step)}
 
 
 def random_inference_variables(config, seed: int = 0) -> dict:
@@ -84,6 +90,132 @@ def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
         else:
             flat[key] = np.asarray(value)
     return flat
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def input_normalization(channels: int) -> dict:
+    """What the exported graph does to its input, as stored in `m2u.normalization`: images
+    `[N, H, W, C]` float32 in [0, 1], channels-last, normalised inside the graph to
+    (x - mean) / std = 2x - 1 ([-1, 1], `m2u_jax.vit`: `images * 2.0 - 1.0`) for every channel;
+    8-bit / 16-bit pixels are divided by 255 / 65535 first (`onnx_runner.load_image`)."""
+    return dict(
+        input_range=[0.0, 1.0],
+        layout="NHWC",
+        in_graph="(x - mean) / std",
+        mean=[0.5] * int(channels),
+        std=[0.5] * int(channels),
+        uint8_scale=255,
+        uint16_scale=65535,
+    )
+
+
+def calibration_metadata(
+    model_config,
+    *,
+    workdir: str | None = None,
+    thresholds_path: str | None = None,
+    mc_samples: int = 1,
+    checkpoint_step: int | None = None,
+) -> tuple[dict, list[str]]:
+    """(metadata, warnings) for an export from a run: the calibrated decision thresholds of
+    `thresholds_path` (default WORKDIR/eval/thresholds.json, eval.py's) as `m2u.*` keys
+    (`score_threshold`, `uncertainty_threshold`, `uncertainty_measure`, `review_mc_samples` =
+    the T they were calibrated at, `review_budget`, `threshold_rule`, `checkpoint_step`,
+    `thresholds_source`) and `class_names` (a JSON list; when the file names none,
+    `onnx_runner.default_class_names`, with a warning unless the model has one class).
+
+    `warnings` are `WARNING: ...` lines for the caller to print: no thresholds file in the run
+    (the model then carries no thresholds and the runner refuses it without --thresholds), a
+    calibrated T other than the exported `mc_samples` (the variance scale changes with T), a
+    calibrated checkpoint other than `checkpoint_step`. Raises FileNotFoundError for a missing
+    explicit `thresholds_path`, ValueError for a malformed file."""
+    num_classes = int(model_config.num_defect_classes)
+    fallback = onnx_runner.default_class_names(num_classes)
+    if thresholds_path is None:
+        if workdir is None:
+            raise ValueError("calibration_metadata needs workdir or thresholds_path")
+        path = os.path.join(workdir, THRESHOLDS_FILE)
+        if not os.path.isfile(path):
+            fix = f"python eval.py --workdir {workdir}" + (
+                f" --step {checkpoint_step}" if checkpoint_step is not None else ""
+            )
+            warnings = [
+                f"WARNING: {path} does not exist: the exported model carries no calibrated "
+                f"thresholds, and infer_onnx.py refuses it without --thresholds or "
+                f"--uncalibrated; run `{fix}` and export again (or pass --thresholds FILE)"
+            ]
+            if num_classes != 1:
+                warnings.append(_class_names_warning(path, fallback, missing=True))
+            return {"class_names": json.dumps(fallback)}, warnings
+    else:
+        path = thresholds_path
+    thresholds = onnx_runner.load_thresholds(path)  # validates keys and the measure
+    with open(path) as file:
+        data = json.load(file)
+    metadata = dict(
+        score_threshold=thresholds["score_threshold"],
+        uncertainty_threshold=thresholds["uncertainty_threshold"],
+        uncertainty_measure=onnx_runner.UNCERTAINTY_MEASURE,
+        thresholds_source=path,
+    )
+    warnings = []
+    run = workdir or "DIR"
+    calibrated_samples = thresholds.get("num_mc_samples")
+    if calibrated_samples is not None:
+        metadata["review_mc_samples"] = int(calibrated_samples)
+        if int(calibrated_samples) != int(mc_samples):
+            warnings.append(
+                f"WARNING: the thresholds in {path} were calibrated with T={calibrated_samples} "
+                f"MC samples but the graph is exported with --mc-samples {mc_samples}: the "
+                "uncertainty (MC variance) scale changes with T"
+                + (", and a T = 1 graph sends nothing to review" if int(mc_samples) == 1 else "")
+                + f"; export with --mc-samples {calibrated_samples}, or recalibrate with "
+                f"`python eval.py --workdir {run} --config.eval.num_mc_samples={mc_samples}`"
+            )
+    for key, name, kind in (
+        ("budget", "review_budget", float),
+        ("threshold_rule", "threshold_rule", str),
+        ("checkpoint_step", "checkpoint_step", int),
+    ):
+        if data.get(key) is not None:
+            metadata[name] = kind(data[key])
+    calibrated_step = metadata.get("checkpoint_step")
+    if None not in (calibrated_step, checkpoint_step) and calibrated_step != checkpoint_step:
+        warnings.append(
+            f"WARNING: the thresholds in {path} were calibrated on checkpoint "
+            f"{calibrated_step}, but checkpoint {checkpoint_step} is exported; run "
+            f"`python eval.py --workdir {run} --step {checkpoint_step}` or export --step "
+            f"{calibrated_step}"
+        )
+    names = data.get("class_names")
+    if names is None:
+        names = fallback
+        if num_classes != 1:
+            warnings.append(_class_names_warning(path, fallback))
+    elif not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise ValueError(f"{path}: class_names is not a list of names: {names!r}")
+    elif len(names) not in (1, num_classes):
+        warnings.append(
+            f"WARNING: {path} names {len(names)} classes {names}, the model predicts "
+            f"{num_classes}; boxes past the list are labelled class_<index>"
+        )
+    metadata["class_names"] = json.dumps(list(names))
+    return metadata, warnings
+
+
+def _class_names_warning(path: str, fallback: list[str], *, missing: bool = False) -> str:
+    if missing:
+        where = f"without {path} the box classes have no names"
+    else:
+        where = f"{path} records no class_names"
+    if not fallback:
+        return f"WARNING: {where}, and the model's class count is unknown"
+    return (
+        f"WARNING: {where}; boxes are labelled {fallback[0]}...{fallback[-1]} (eval.py writes "
+        "the dataset's class names to thresholds.json)"
+    )
 
 
 # ----------------------------------------------------------------------------- backends
@@ -221,7 +353,9 @@ def convert_many(
     """`convert` for several exports of one model (`jobs`: dicts with `output`, `batch`
     (None = dynamic), `mc_samples`, `fp16`); the jax2tf backend converts them all in one
     subprocess, so TensorFlow starts once. `attention`: the exported attention form
-    (`graph.EXPORT_ATTENTION_FORMS`)."""
+    (`graph.EXPORT_ATTENTION_FORMS`). `extra_metadata` (e.g. `calibration_metadata`'s) is added
+    to, and overrides, the `m2u.*` metadata written for every export (values as strings;
+    lists and dicts as JSON)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r} is not one of {BACKENDS}")
     for job in jobs:
@@ -303,9 +437,13 @@ def convert_many(
             det_max_detections=int(config.model.det_max_detections),
             num_defect_classes=int(config.model.num_defect_classes),
             input="images [N,H,W,C] float32 in [0,1], channels-last, normalised inside",
+            normalization=json.dumps(input_normalization(model32.num_channels)),
+            class_names=json.dumps(
+                onnx_runner.default_class_names(int(config.model.num_defect_classes))
+            ),
             outputs=",".join(export_graph.OUTPUT_NAMES),
-            **(extra_metadata or {}),
         )
+        metadata.update(extra_metadata or {})  # its class_names replace the default ones
         model = finalize(raw, metadata)
         report = _check_and_save(
             model,

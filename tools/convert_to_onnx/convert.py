@@ -2,11 +2,15 @@
 
     python tools/convert_to_onnx/convert.py --config configs/demo.py --workdir runs/demo \\
         --output runs/demo/model.onnx [--backend jax2onnx|jax2tf] [--batch N | --dynamic-batch] \\
-        [--mc-samples T] [--fp16] [--step STEP] [--trt 8.5|8.6|10] [--attention matmul|einsum]
+        [--mc-samples T] [--fp16] [--step STEP] [--trt 8.5|8.6|10] [--attention matmul|einsum] \\
+        [--thresholds FILE]
 
 The command line of `m2u_jax.export.convert`: restores the fine-tuned params (the newest
 checkpoint or `--step`; `--random-init` exports fresh ones), exports, finalises and checks the
-graph, and writes PATH and PATH.parity.json. The steps and options: README.md in this folder.
+graph, and writes PATH and PATH.parity.json. From a run it also stores the calibrated decision
+thresholds and class names of WORKDIR/eval/thresholds.json (eval.py; `--thresholds FILE`
+instead) in the model's `m2u.*` metadata, where infer_onnx.py finds them; without that file it
+still exports, with a `WARNING:` line. The steps and options: README.md in this folder.
 
 Exit status: 0 success; 1 parity failed; 2 bad config, checkpoint or arguments; 3 the graph
 fails the checker or the TensorRT check; 4 the jax2tf subprocess failed.
@@ -36,6 +40,12 @@ def _parse_args(argv):
         "--random-init", action="store_true", help="export fresh params (benchmarks, smoke tests)"
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="calibrated thresholds.json to store in the model (default: "
+        "WORKDIR/eval/thresholds.json, written by eval.py)",
+    )
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
     parser.add_argument("--backend", default="jax2onnx", choices=convert.BACKENDS)
     batch = parser.add_mutually_exclusive_group()
@@ -76,7 +86,10 @@ def _parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    metadata, warnings = {}, []
     try:
+        if args.random_init and args.thresholds:
+            raise ValueError("--thresholds needs --workdir: random weights have no calibration")
         config = convert.load_config(args.config)
         if args.random_init:
             if int(config.model.num_defect_classes) == 0:  # 0 = from the data
@@ -87,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             # 0 = from the data: the number the run resolved (WORKDIR/config.json).
             config = with_run_num_defect_classes(config, args.workdir)
             variables = convert.load_inference_variables(config, args.workdir, args.step)
-            source = f"{args.workdir} step {args.step or 'latest'}"
+            source = f"{args.workdir} step {variables['step']}"
+            metadata, warnings = convert.calibration_metadata(
+                config.model,
+                workdir=args.workdir,
+                thresholds_path=args.thresholds,
+                mc_samples=args.mc_samples,
+                checkpoint_step=variables["step"],
+            )
     except (FileNotFoundError, ValueError) as error:
         print(f"convert.py: {error}", file=sys.stderr)
         return EXIT_INPUT
+    for line in warnings:  # before the export (it may take minutes), and again at the end
+        print(line, file=sys.stderr)
     try:
         report = convert.convert(
             config,
@@ -104,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             parity_count=args.parity_images,
             trt=args.trt,
             attention=args.attention,
-            extra_metadata=dict(checkpoint=source, config=args.config),
+            extra_metadata=dict(metadata, checkpoint=source, config=args.config),
         )
     except ValueError as error:
         print(f"convert.py: {error}", file=sys.stderr)
@@ -113,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert.py: {error}", file=sys.stderr)
         return EXIT_BACKEND
     _print_summary(report)
+    for line in warnings:
+        print(line, file=sys.stderr)
     if not report["graph_ok"]:
         return EXIT_GRAPH
     return 0 if report["passed"] else EXIT_PARITY
