@@ -147,6 +147,35 @@ def test_mask_binarisation(tmp_path):
         decode.read_mask(str(colour))
 
 
+def test_masks_are_read_by_value_not_by_palette_index_or_bit_depth(tmp_path):
+    truth = np.zeros((4, 6), bool)
+    truth[1:3, 2:5] = True
+    # A palette mask whose index 0 is white (what Image.quantize(2) writes).
+    palette = Image.fromarray(np.where(truth, 255, 0).astype(np.uint8)).quantize(2)
+    assert palette.getpalette()[:3] == [255, 255, 255]  # index 0 is the defect colour here
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(decode.read_mask(str(tmp_path / "palette.png")), truth)
+    # Two-valued masks: the higher value is the defect, whatever the range.
+    for name, values in (
+        ("hundred.png", np.where(truth, 100, 0).astype(np.uint8)),
+        ("sixteen.png", np.where(truth, 255, 0).astype(np.uint16)),
+    ):
+        Image.fromarray(values).save(tmp_path / name)
+        np.testing.assert_array_equal(decode.read_mask(str(tmp_path / name)), truth, err_msg=name)
+
+
+def test_mask_problem_names_empty_and_mostly_set_masks():
+    empty = np.zeros((4, 4), bool)
+    assert decode.mask_problem(empty, defective=True) == "the mask of a defective image is empty"
+    assert decode.mask_problem(empty, defective=False) is None
+    inverted = np.ones((4, 4), bool)
+    inverted[0, 0] = False
+    assert decode.mask_problem(inverted, defective=True) == "94% of the mask is set (inverted?)"
+    small = np.zeros((4, 4), bool)
+    small[1, 1] = True
+    assert decode.mask_problem(small, defective=True) is None
+
+
 def test_depth_from_xyz_normalised_over_valid_pixels(tmp_path):
     xyz = np.zeros((2, 3, 3), np.float32)
     xyz[..., 2] = [[0.0, 400.0, 450.0], [500.0, np.nan, 425.0]]

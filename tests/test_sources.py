@@ -201,3 +201,19 @@ def test_discover_config_checks(tmp_path):
     config.data.categories = "a,b"
     with pytest.raises(DataError, match="has one category .*leave data.categories empty"):
         discover_config(config.data)
+
+
+def test_good_in_any_case_is_defect_free_and_linked_files_count_once(tmp_path):
+    synthetic.generate(
+        tmp_path / "data", categories="fabric", image_size=32, num_train=2, num_test_good=2,
+        num_test_defect=1, seed=0,
+    )  # fmt: skip
+    test_dir = tmp_path / "data" / "fabric" / "test"
+    (test_dir / "good").rename(test_dir / "Good")
+    (test_dir / "Good" / "copy.png").symlink_to(test_dir / "Good" / "000.png")
+    discovery = sources.discover_mvtec_ad(str(tmp_path / "data"))
+    assert _counts(discovery.records)[("fabric", "test", "good")] == 3  # 2 files + 1 link
+    assert "Good" not in defect_type_names(discovery.records)
+    records = apply_skip_policy(discovery, skip_bad_files=False)
+    assert _counts(records)[("fabric", "test", "good")] == 2
+    assert len(records) == len(discovery.records) - 1

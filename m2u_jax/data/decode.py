@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -59,6 +60,7 @@ _MODE_CHANNELS = {
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 # Largest image (pixels) decoded: 64 MP, 8x the biggest industrial sets; a header claiming more
 # is rejected before decoding, so a corrupt or hostile file cannot exhaust memory.
+logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -252,15 +254,21 @@ def _read_float_tiff_modality(path: str, modality: str) -> np.ndarray:
 
 
 def read_mask(path: str, *, data: bytes | None = None) -> np.ndarray:
-    """Reads a mask file at its native size: `[h, w]` bool (True = defective pixel)."""
+    """Reads a mask file at its native size: `[h, w]` bool (True = defective pixel).
+
+    Masks are read by their gray *values*, never by palette index: a palette image is seen
+    through its palette. A mask holding exactly two values marks the higher one (0/1, 0/100,
+    0/255 in a 16-bit file, ...); any other mask marks the values at or above half its bit
+    depth's range (128 of 255, 32768 of 65535). `mask_problem` names masks that still look
+    wrong."""
     image = _load_pillow(path, data)
     header = ImageHeader(image.width, image.height, _MODE_CHANNELS.get(image.mode, 0), image.mode)
     check_mask_header(path, header)
     if image.mode == "1":
         return np.asarray(image, bool)
+    if image.mode == "P":  # the palette's colours, not the indices (index 0 may be white)
+        image = image.convert("RGB")
     array = np.asarray(image)
-    if image.mode == "P":  # Palette masks (VOC segmentation style): index 0 is background.
-        return array > 0
     if array.ndim == 3:
         if not (
             np.array_equal(array[..., 0], array[..., 1])
@@ -272,10 +280,21 @@ def read_mask(path: str, *, data: bytes | None = None) -> np.ndarray:
 
 
 def _binarise(array: np.ndarray, mode: str) -> np.ndarray:
-    if array.size and array.max() <= 1:
-        return array > 0
+    values = np.unique(array)
+    if values.size == 2:
+        return array == values[1]
     threshold = 32768 if mode in _SIXTEEN_BIT_MODES else 128
     return array >= threshold
+
+
+def mask_problem(mask: np.ndarray, defective: bool) -> str | None:
+    """Why a decoded mask looks wrong for its image, or None: empty on a defective image, or
+    more than half set (an inverted mask?)."""
+    if defective and not mask.any():
+        return "the mask of a defective image is empty"
+    if mask.mean() > 0.5:
+        return f"{mask.mean():.0%} of the mask is set (inverted?)"
+    return None
 
 
 def resize_to_uint16(
@@ -439,6 +458,9 @@ def decode_record(
                     f"{record.mask_path}: mask is {native_mask.shape[1]}x{native_mask.shape[0]} "
                     f"but its image {record.path} is {width}x{height}"
                 )
+            problem = mask_problem(native_mask, record.label == 1)
+            if problem:
+                logger.warning("%s: %s", record.mask_path, problem)
             mask = resize_mask(native_mask, image_size)
         else:
             mask = np.zeros((image_size, image_size), bool)

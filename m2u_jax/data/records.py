@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Mapping
 
 GOOD = "good"
 
 logger = logging.getLogger(__name__)
+
+
+def defect_name_of(folder: str) -> str:
+    """The defect name a layout folder stands for: GOOD for any spelling of 'good' ('Good',
+    'GOOD'), else the folder name itself."""
+    return GOOD if folder.lower() == GOOD else folder
 
 
 class DataError(ValueError):
@@ -65,7 +72,8 @@ class Discovery:
 
 
 def apply_skip_policy(discovery: Discovery, skip_bad_files: bool) -> list[SampleRecord]:
-    """Raises the first problem (with a count), or warns once and drops the bad files."""
+    """Raises the first problem (with a count), or warns once and drops the bad files; then
+    keeps every file once (`unique_records`)."""
     problems = discovery.problems
     if problems and not skip_bad_files:
         more = len(problems) - 1
@@ -79,7 +87,25 @@ def apply_skip_policy(discovery: Discovery, skip_bad_files: bool) -> list[Sample
             len(problems),
             problems[0],
         )
-    return discovery.records
+    return unique_records(discovery.records)
+
+
+def unique_records(records: list[SampleRecord]) -> list[SampleRecord]:
+    """`records` without those whose image resolves to a file already listed (a link, a folder
+    linked into itself), with one warning: a split can never hold one file twice."""
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        resolved = os.path.realpath(record.path)
+        if resolved not in seen:
+            seen.add(resolved)
+            kept.append(record)
+    if len(kept) < len(records):
+        logger.warning(
+            "%d file(s) listed twice (links to the same image) counted once",
+            len(records) - len(kept),
+        )
+    return kept
 
 
 def defect_type_names(records: Iterable[SampleRecord]) -> tuple[str, ...]:

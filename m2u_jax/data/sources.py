@@ -4,6 +4,7 @@ Layouts (`config.data.format`):
 
 - `mvtec_ad`: `<root>/<cat>/train/good/*.png`, `<root>/<cat>/test/<defect>/*.png`, masks in
   `<root>/<cat>/ground_truth/<defect>/<stem>_mask.png` (required for every defective image).
+  Here and in `mvtec_3d`, a folder named good in any letter case ('Good') is defect-free.
 - `mvtec_3d`: `<root>/<cat>/{train,validation,test}/<defect>/rgb/<stem>.png` with the mask in
   `gt/<stem>.png` (required for defects; not read for good images) and the organised point cloud
   in `xyz/<stem>.tiff` (3-channel float32; its z channel is the `depth` modality). `xyz` folders
@@ -39,7 +40,7 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Mapping, Sequence
 
 from m2u_jax.data import decode
-from m2u_jax.data.records import GOOD, DataError, Discovery, SampleRecord
+from m2u_jax.data.records import GOOD, DataError, Discovery, SampleRecord, defect_name_of
 
 SIDECAR_MODALITIES = ("thermal", "xray", "depth")
 _MASK_SUFFIXES = ("_mask", ".mask")
@@ -228,7 +229,7 @@ def discover_mvtec_ad(
                         base,
                         category,
                         split,
-                        defect_dir.name,
+                        defect_name_of(defect_dir.name),
                         image_path,
                         modalities,
                     )
@@ -244,7 +245,7 @@ def _mvtec_3d_record(
     image_path: pathlib.Path,
     modalities: Sequence[str],
 ) -> SampleRecord:
-    defect = defect_dir.name
+    defect = defect_name_of(defect_dir.name)
     mask_path = None
     if defect != GOOD:  # Good images' masks are all zero by definition: not read.
         mask_path = defect_dir / "gt" / f"{image_path.stem}.png"

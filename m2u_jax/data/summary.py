@@ -4,7 +4,8 @@
         --config.data.format=voc --config.data.root=../shared/data/neu_det
 
 prints images per split / category / defect type, box counts, the size range of the image
-files, modalities, the class map and the number of bad files. Box counts are those of the
+files, modalities, the class map, the number of bad files and of suspicious masks (empty on a
+defective image, or mostly set), with an example in `notes`. Box counts are those of the
 annotations (VOC) or of the 8-connected components of the masks at the files' own resolution
 (every component, before resizing and before truncation to `data.max_boxes`). Exits with status
 2 and a one-line message naming the file or key on bad input.
@@ -25,14 +26,16 @@ from m2u_jax.data.records import DataError, SampleRecord, apply_skip_policy
 from m2u_jax.data.splits import SPLITS, assign_splits, discover_config, make_info
 
 
-def _count_boxes(record: SampleRecord) -> tuple[int, list[str]]:
-    """(number of boxes, their defect names) of one record at its native resolution."""
+def _count_boxes(record: SampleRecord) -> tuple[int, list[str], str | None]:
+    """(number of boxes, their defect names, what looks wrong with the mask or None) of one
+    record at its native resolution."""
     if record.boxes is not None:
-        return len(record.boxes), list(record.box_names)
+        return len(record.boxes), list(record.box_names), None
     if record.mask_path is None or record.tfds_index is not None:
-        return 0, []
-    count = len(decode.boxes_from_mask(decode.read_mask(record.mask_path)))
-    return count, [record.defect_name] * count
+        return 0, [], None
+    mask = decode.read_mask(record.mask_path)
+    count = len(decode.boxes_from_mask(mask))
+    return count, [record.defect_name] * count, decode.mask_problem(mask, record.label == 1)
 
 
 def _size_range(records: Sequence[SampleRecord]) -> dict:
@@ -64,8 +67,9 @@ def summarize(config) -> dict:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         box_counts = dict(zip((r.path for r in records), pool.map(_count_boxes, records)))
     per_box_class = collections.Counter()
-    for _, names in box_counts.values():
+    for _, names, _ in box_counts.values():
         per_box_class.update(names)
+    suspicious = {path: problem for path, (_, _, problem) in box_counts.items() if problem}
     split_summary = {}
     for name in SPLITS:
         counts = dict(info.counts[name])
@@ -79,6 +83,9 @@ def summarize(config) -> dict:
             f"the training split is empty under data.protocol={data.protocol!r}"
             + (" (no defect-free images)" if data.protocol == "unsupervised" else "")
         )
+    if suspicious:
+        path, problem = next(iter(sorted(suspicious.items())))
+        notes.append(f"{len(suspicious)} suspicious mask(s), e.g. {path}: {problem}")
     good = per_type.get("good", 0)
     return {
         "format": data.format,
@@ -89,7 +96,8 @@ def summarize(config) -> dict:
         "images": len(records),
         "good": good,
         "defective": len(records) - good,
-        "boxes": sum(count for count, _ in box_counts.values()),
+        "boxes": sum(count for count, _, _ in box_counts.values()),
+        "suspicious_masks": len(suspicious),
         "boxes_per_defect_type": dict(sorted(per_box_class.items())),
         "per_category": dict(sorted(per_category.items())),
         "per_defect_type": dict(sorted(per_type.items())),
