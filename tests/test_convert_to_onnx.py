@@ -770,7 +770,12 @@ def test_onnx_images_per_sec_measures_and_validates_shapes(dynamic_t4):
 
 def test_cli_reports_bad_inputs(tmp_path, capsys):
     assert convert_cli.main(["--config", "nope.py", "--random-init", "--output", "x.onnx"]) == 2
-    assert "nope.py does not exist" in capsys.readouterr().err
+    assert "--config nope.py: no such config file" in capsys.readouterr().err
+    # Without --config the run's config.json is the config: a folder without one is named.
+    assert convert_cli.main(["--workdir", str(tmp_path), "--output", "x.onnx"]) == 2
+    assert f"{tmp_path}/config.json does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # random weights have no run to take the config from
+        convert_cli.main(["--random-init", "--output", "x.onnx"])
     code = convert_cli.main(
         ["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--output", "x.onnx"]
     )

@@ -1,9 +1,9 @@
 """Export a trained M2U-InspectNet checkpoint to ONNX for ONNX Runtime and TensorRT.
 
-    python tools/convert_to_onnx/convert.py --config configs/demo.py --workdir runs/demo \\
-        --output runs/demo/model.onnx [--backend jax2onnx|jax2tf] [--batch N | --dynamic-batch] \\
-        [--mc-samples T] [--fp16] [--step STEP] [--trt 8.5|8.6|10] [--attention matmul|einsum] \\
-        [--thresholds FILE]
+    python tools/convert_to_onnx/convert.py --workdir runs/demo --output runs/demo/model.onnx \\
+        [--config FILE] [--config.a.b=value] [--backend jax2onnx|jax2tf] \\
+        [--batch N | --dynamic-batch] [--mc-samples T] [--fp16] [--step STEP] \\
+        [--trt 8.5|8.6|10] [--attention matmul|einsum] [--thresholds FILE]
 
 The command line of `m2u_jax.export.convert`: restores the fine-tuned params (the newest
 checkpoint or `--step`; `--random-init` exports fresh ones), exports, finalises and checks the
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m2u_jax.config import with_run_num_defect_classes
+from m2u_jax import config as config_lib
 from m2u_jax.data import splits
 from m2u_jax.export import convert, trt_check
 from m2u_jax.export import graph as export_graph
@@ -33,7 +33,12 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Export a trained checkpoint to ONNX (TensorRT-ready) and check parity.",
     )
-    parser.add_argument("--config", required=True, help="config file (configs/*.py)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="config file (configs/*.py[:setting]); default: the run's WORKDIR/config.json. "
+        "--config.a.b=value overrides apply to either",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="run directory with checkpoints/ (train.py)")
     source.add_argument(
@@ -81,7 +86,14 @@ def _parse_args(argv):
         help="attention as batched MatMuls (default; faster in ONNX Runtime) or as "
         "explicit-letter Einsums (the form of earlier exports); TensorRT parses both",
     )
-    return parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [item for item in overrides if not item.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.random_init and not args.config:
+        parser.error("--random-init needs --config FILE (there is no run to read it from)")
+    args.overrides = overrides
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.random_init and args.thresholds:
             raise ValueError("--thresholds needs --workdir: random weights have no calibration")
-        config = convert.load_config(args.config)
+        # The run's own config by default; overrides through ml_collections config_flags.
+        config = config_lib.config_from_args(
+            "convert.py", args.config, args.overrides, args.workdir
+        )
+        config_lib.validate(config)
+        if args.workdir:  # an override that changes parameter shapes is named here
+            config_lib.check_same_architecture(config, args.workdir)
         if args.random_init:
             if int(config.model.num_defect_classes) == 0:  # 0 = from the data
                 config = splits.with_data_num_defect_classes(config)
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             source = "random init"
         else:
             # 0 = from the data: the number the run resolved (WORKDIR/config.json).
-            config = with_run_num_defect_classes(config, args.workdir)
+            config = config_lib.with_run_num_defect_classes(config, args.workdir)
             variables = convert.load_inference_variables(config, args.workdir, args.step)
             source = f"{args.workdir} step {variables['step']}"
             metadata, warnings = convert.calibration_metadata(
