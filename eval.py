@@ -1,57 +1,6 @@
-"""Evaluate a trained run: metrics.json, report.md with plots, review_queue.jsonl in DIR/eval.
+"""`python eval.py` from a checkout: the same program as `m2u-eval` (m2u_jax/cli/evaluate.py)."""
 
-python eval.py --workdir DIR [--step N] [--config.eval.num_mc_samples=16 ...]
-
-The run's own config (DIR/config.json) is the default; `--config FILE` replaces it. A key that
-changes the parameter shapes is an error naming the key (the checkpoints would not fit).
-"""
-
-import sys
-
-from absl import app, flags
-
-from m2u_jax import config as config_lib
-
-_CONFIG = config_lib.define_config_flag("eval.py", sys.argv)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    if config is None:
-        print(
-            f"eval.py: {_WORKDIR.value}/config.json not found: pass the run directory of "
-            "train.py as --workdir, or a config file as --config",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        config_lib.validate(config)
-        config_lib.check_same_architecture(config, _WORKDIR.value)
-    except config_lib.ConfigError as error:
-        print(f"eval.py: bad config: {error}", file=sys.stderr)
-        return 2
-    from m2u_jax import cpu_prng
-
-    # Loop-free threefry on CPU: the same dropout bits, ~1.5x faster MC dropout on the demo
-    # (docs/performance.md); a no-op on GPU/TPU and on JAX versions without the hook.
-    cpu_prng.install()
-    from m2u_jax import evaluate
-    from m2u_jax.data.records import DataError
-
-    try:
-        evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
-    except config_lib.ConfigError as error:  # checks that need the devices (batch split)
-        print(f"eval.py: bad config: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, DataError) as error:  # no checkpoint / bad file: names it
-        print(f"eval.py: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+from m2u_jax.cli.evaluate import run
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.flags_parser_for("eval.py"))
+    run()

@@ -19,7 +19,7 @@ B). The demo variant is benchmarked with configs/demo.py itself. Measured number
 load conditions are in docs/performance.md.
 """
 
-from configs import default
+from m2u_jax import default_config as default
 
 SETTINGS = ("S256_bf16", "B256_bf16", "S128_cpu")
 

@@ -11,7 +11,7 @@ NEU-DET within 30 minutes on 2 CPU cores.
 Why these settings: docs/quality.md (each choice measured on real data, with its command).
 """
 
-from configs import default
+from m2u_jax import default_config as default
 
 
 def get_config():

@@ -26,7 +26,7 @@ experiments are in docs/demo_tuning.md):
   with a backbone block in the tail, at the same quality (run e6; docs/performance.md).
 """
 
-from configs import default
+from m2u_jax import default_config as default
 
 
 def get_config():

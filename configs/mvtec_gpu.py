@@ -9,7 +9,7 @@ batch is global, so keep it divisible by the total GPU count. On one GPU lower t
 so its compile stays short).
 """
 
-from configs import default
+from m2u_jax import default_config as default
 
 
 def get_config():

@@ -3,7 +3,7 @@
 python train.py --config configs/tiny.py --workdir /tmp/m2u_tiny   # about a minute on 2 CPU cores
 """
 
-from configs import default
+from m2u_jax import default_config as default
 
 
 def get_config():

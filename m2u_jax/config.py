@@ -17,7 +17,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from configs import default as default_config
+from m2u_jax import default_config
 
 MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
@@ -155,17 +155,17 @@ def _check_image_side(size_key: str, size: int, model) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError when `config` differs from configs/default.py in keys or types,
+    """Raises ConfigError when `config` differs from m2u_jax/default_config.py in keys or types,
     or asks for sizes that cannot work (image not divisible by the patch stride, batch not
     divisible by the device count, unknown modality or data format)."""
     reference = _flatten(default_config.get_config())
     actual = _flatten(config)
     unknown = sorted(set(actual) - set(reference))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}: not in configs/default.py")
+        raise ConfigError(f"unknown config key(s) {unknown}: not in m2u_jax/default_config.py")
     missing = sorted(set(reference) - set(actual))
     if missing:
-        raise ConfigError(f"config lacks key(s) {missing} that configs/default.py sets")
+        raise ConfigError(f"config lacks key(s) {missing} that m2u_jax/default_config.py sets")
     for key, ref_value in reference.items():
         value = actual[key]
         ref_type = type(ref_value)
@@ -331,7 +331,7 @@ def check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run was trained with (WORKDIR/config.json, written by train.py),
-    laid over `configs/default.py`: keys added since the run keep their defaults, keys the
+    laid over `m2u_jax/default_config.py`: keys added since the run keep their defaults, keys the
     defaults no longer have are dropped, JSON lists become tuples where the default is one.
     Raises ConfigError naming the file when it is missing or not a run config."""
     path = os.path.join(workdir, "config.json")
@@ -421,7 +421,11 @@ def config_from_args(
         bad = [item for item in overrides if item.split("=")[0].endswith(f".{key}")]
         raise ConfigError(
             f"{bad[0] if bad else key}: no such config key"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else " (see configs/default.py)")
+            + (
+                f" (did you mean {hint.group(1)!r}?)"
+                if hint
+                else " (see m2u_jax/default_config.py)"
+            )
         ) from None
     except (flags.Error, TypeError, ValueError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -445,7 +449,7 @@ def flags_parser_for(program: str):
             where = f" in {overrides[0]}" if overrides else ""
             print(
                 f"{program}: bad config override{where}: no config key {detail!r} "
-                "(every key is in configs/default.py)",
+                "(every key is in m2u_jax/default_config.py)",
                 file=sys.stderr,
             )
             sys.exit(2)

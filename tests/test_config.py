@@ -33,13 +33,13 @@ def test_default_has_reserved_keys():
 
 
 def test_every_default_key_has_a_comment():
-    lines = (CONFIG_DIR / "default.py").read_text().splitlines()
+    lines = (CONFIG_DIR.parent / "m2u_jax" / "default_config.py").read_text().splitlines()
     assignments = [line for line in lines if line.strip().startswith(("config.", "data.",
                    "model.", "train.", "evaluation.")) and " = " in line
                    and "ConfigDict" not in line]  # fmt: skip
     assert assignments, "no assignments found"
     for line in assignments:
-        assert "#" in line, f"key without a comment in configs/default.py: {line.strip()}"
+        assert "#" in line, f"key without a comment in m2u_jax/default_config.py: {line.strip()}"
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

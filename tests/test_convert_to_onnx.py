@@ -874,7 +874,8 @@ def test_cli_export_without_thresholds_warns_and_still_exports(
 def test_predictors_and_the_predict_command_decide_alike_on_jax_and_onnx(
     calibrated_run, config, dynamic_t4, line_images, tmp_path
 ):
-    from m2u_jax import Predictor, predict
+    from m2u_jax import Predictor
+    from m2u_jax.cli import predict
 
     run, thresholds = calibrated_run
     (pathlib.Path(run) / "config.json").write_text(config.to_json_best_effort())

@@ -147,7 +147,7 @@ def test_overlay_draws_contour_boxes_and_decision():
 
 
 def test_inputs_from_folders_globs_and_files_each_once(tmp_path):
-    from m2u_jax import predict
+    from m2u_jax.cli import predict
 
     for folder in ("line1", "line2"):
         (tmp_path / folder).mkdir()

@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
         if isinstance(error, (AttributeError, KeyError)):  # config_flags: unknown override key
             key = str(error).strip("\"'")
-            message = f"unknown config key {key!r} on the command line (see configs/default.py)"
+            message = f"unknown config key {key!r} on the command line (see m2u_jax/default_config.py)"
         else:
             message = f"bad command line: {error}"
         print(f"summary: error: {message}", file=sys.stderr)

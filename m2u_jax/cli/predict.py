@@ -1,8 +1,8 @@
-"""`m2u-predict` / `python -m m2u_jax.predict`: a trained run or an exported model on a file, a
-folder or a glob of images.
+"""`m2u-predict` / `python -m m2u_jax.cli.predict`: a trained run or an exported model on a file,
+a folder or a glob of images.
 
-    python -m m2u_jax.predict --workdir runs/parts --out runs/parts/predict plant/*.png
-    python -m m2u_jax.predict --onnx runs/parts/model.onnx --out out/ plant/line3/
+    m2u-predict --workdir runs/parts --out runs/parts/predict "plant/*.png"
+    m2u-predict --onnx runs/parts/model.onnx --out out/ plant/line3/
 
 Writes OUT/predictions.jsonl (one line per image: path, image_score, uncertainty, decision,
 anomaly_max, boxes with class names, tiles) and, unless `--no-overlays`, OUT/overlays/<the

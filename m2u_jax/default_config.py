@@ -1,0 +1,115 @@
+"""Default configuration: every key m2u-jax reads, each with a one-line comment.
+
+Every other config imports this one and overrides values; `m2u_jax.config.validate` rejects a
+config whose key set differs from this one, so a typo in a variant fails loudly.
+
+Lists that users set on the command line (categories, modalities) are comma-separated strings,
+e.g. `--config.data.categories=bottle,cable`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seed for parameter init, data order, augmentation and dropout.
+
+    # ---------------------------------------------------------------- data
+    config.data = data = ml_collections.ConfigDict()
+    data.format = "mvtec_ad"  # 'mvtec_ad' | 'mvtec_3d' | 'mask_folder' | 'voc' | 'tfds'.
+    data.root = "data/synthetic"  # Dataset root folder (manual_dir for 'tfds').
+    data.tfds_data_dir = ""  # Prepared-data folder of the 'tfds' builder; '' = TFDS default.
+    data.categories = ""  # Comma-separated categories to use; '' = every category under root.
+    data.image_size = 256  # Square side the images are resized to (pixels).
+    data.modalities = "rgb"  # Comma-separated stacked modalities: rgb,thermal,xray,depth.
+    data.protocol = "unsupervised"  # 'unsupervised' (train on good) | 'supervised' (labels).
+    data.labeled_fraction = 1.0  # Fraction of the labelled training defects kept (supervised only).
+    data.val_fraction = 0.2  # Fraction of each split carved out as validation when none exists.
+    data.test_fraction = 0.2  # Fraction of each class held out as test when no test split exists.
+    data.max_boxes = 16  # Boxes per image, padded (static shapes).
+    data.good_class = "good"  # Folder/class name that marks defect-free images (mask_folder, voc).
+    data.skip_bad_files = False  # Skip unreadable/inconsistent files with a counted warning.
+    data.synthetic_anomaly_prob = 0.5  # Probability that a training image gets a synthetic anomaly.
+    data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
+    data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
+    data.shuffle_buffer = 1024  # tf.data shuffle buffer (examples).
+    data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
+    data.cache = True  # Cache decoded, resized images in memory before augmentation.
+    data.prefetch = 2  # Batches prefetched to the devices.
+
+    # ---------------------------------------------------------------- model
+    config.model = model = ml_collections.ConfigDict()
+    # The model reads modalities and image size from the data section (linked, not copied).
+    model.modalities = data.get_ref("modalities")  # Same as data.modalities (a reference).
+    model.image_size = data.get_ref("image_size")  # Same as data.image_size (a reference).
+    model.variant = "S"  # Backbone size: 'tiny' | 'S' | 'B' (width, depth, heads, MLP).
+    model.scales = (1.0, 0.5)  # Image scales tokenized by the shared patch embedding (MSPG).
+    model.patch_size = 16  # Patch side (pixels).
+    model.patch_stride = 16  # Patch stride (pixels); < patch_size gives overlapping patches.
+    model.fusion_every = 2  # Cross-scale attention fusion after every N backbone blocks.
+    model.posemb = "learn"  # 2-D position embedding: 'learn' | 'sincos2d'.
+    model.dropout_rate = 0.1  # Dropout in MLP/attention outputs; also the MC-dropout rate.
+    model.mc_dropout_blocks = 2  # Last N backbone blocks sampled by MC dropout (trunk runs once).
+    model.attention = "dot_product"  # 'dot_product' (jax.nn) | 'cudnn' (flash, GPU) | 'einsum'.
+    model.scan_blocks = False  # nn.scan over backbone blocks (faster compile for deep models).
+    model.remat = False  # Rematerialise block activations in the backward pass.
+    model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16'.
+    model.param_dtype = "float32"  # Parameter dtype.
+    model.decoder_channels = 64  # Channels of the upsampling decoder of the anomaly branch.
+    model.detail_channels = 0  # Full-res conv stem for pixel logits and boxes (skips); 0 = off.
+    model.pixel_head_recon = False  # Pixel head also sees [input, recon] (DRAEM); needs detail.
+    model.det_channels = 128  # Channels of the YOLO-style detection CNN (neck and shared head).
+    model.num_defect_classes = 4  # Defect classes of the detection / type heads; 0 = from data.
+    model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.
+    model.det_max_detections = 32  # Boxes kept after NMS (static output size).
+    model.det_score_threshold = 0.25  # Minimum box score kept by post-processing.
+    model.det_iou_threshold = 0.5  # IoU above which NMS suppresses a same-class box.
+    model.image_score_topk = 0.01  # Fraction of pixels averaged (top-k) for the map-based score.
+    model.image_score_smoothing = 1  # Mean-filter width (px) on the map before top-k; 1 = off.
+    model.image_score_classifier = 0.5  # Weight of the image head in the score (rest: the map).
+    model.projection_dim = 128  # Output size of the contrastive projection/predictor MLPs.
+
+    # ---------------------------------------------------------------- train
+    config.train = train = ml_collections.ConfigDict()
+    train.pretrain_method = "simclr"  # Contrastive stage: 'simclr' | 'mocov3'.
+    train.pretrain_steps = 1000  # Contrastive pretraining steps (0 skips the stage).
+    train.finetune_steps = 5000  # Multi-task fine-tuning steps.
+    train.batch_size = 64  # Global batch size over all hosts and devices.
+    train.learning_rate = 1e-3  # Peak AdamW learning rate.
+    train.warmup_steps = 200  # Linear warmup steps of each stage.
+    train.weight_decay = 0.05  # AdamW decay (not on norms, biases, position embeddings).
+    train.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+    train.grad_accum_steps = 1  # Micro-batches accumulated per optimizer update.
+    train.temperature = 0.2  # Temperature of NT-Xent / MoCo v3 InfoNCE.
+    train.moco_momentum = 0.99  # Base momentum of the MoCo v3 key encoder (cosine to 1.0).
+    train.init_npz = ""  # Optional big_vision/AugReg ViT .npz to initialise the backbone.
+    train.loss_weights = ml_collections.ConfigDict(
+        dict(
+            recon=1.0,  # L2 + SSIM reconstruction of the clean image.
+            seg_focal=1.0,  # Pixel focal loss on anomaly masks.
+            seg_dice=1.0,  # Pixel dice loss on anomaly masks.
+            cls=1.0,  # Image good/defective focal loss.
+            det_obj=1.0,  # Detection objectness focal loss.
+            det_cls=1.0,  # Detection class focal loss.
+            det_box=2.0,  # Detection IoU (GIoU) loss.
+        )
+    )
+    train.mesh_fsdp = 1  # Size of the 'fsdp' mesh axis that shards parameters (1 = pure data).
+    train.checkpoint_every = 500  # Steps between orbax checkpoints (and one at the end).
+    train.keep_checkpoints = 3  # Checkpoints kept.
+    train.log_every = 50  # Steps between metric logs (the only host syncs).
+    train.profile_steps = (0, 0)  # Capture a jax.profiler trace of steps [a, b); (0, 0) = off.
+    train.peak_flops = 0.0  # Device peak FLOP/s for MFU; 0 = look up the device table.
+
+    # ---------------------------------------------------------------- eval
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.batch_size = 32  # Evaluation batch size.
+    evaluation.num_mc_samples = 16  # MC-dropout samples for uncertainty (1 = deterministic).
+    evaluation.mc_chunk_size = 2  # MC samples run at a time (CPU: caches); 0 = all T (GPU/TPU).
+    evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
+    evaluation.threshold_rule = "auto"  # 'f1' | 'fpr' | 'auto' (f1 if validation has 5+ defects).
+    evaluation.target_fpr = 0.05  # 'fpr' rule: max fraction of good validation images rejected.
+    evaluation.feature_memory_size = 0  # >0: also score with a kNN memory of this many patches.
+    evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
+    evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
+    return config
