@@ -205,3 +205,13 @@ def test_pipeline_mode_writes_a_synthetic_set_when_data_is_missing(tmp_path):
     assert _finite_positive(pipeline["images_per_sec"])
     assert pipeline["data"].startswith("synthetic") and pipeline["batch_size"] == 8
     assert len(pipeline["images_per_sec_runs"]) == 1
+
+
+def test_a_run_directory_gives_the_config(tmp_path, capsys):
+    trained = tiny.get_config()
+    trained.model.variant = "S"
+    (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+    config = config_lib.config_from_args("benchmark.py", None, [], str(tmp_path))
+    assert config.model.variant == "S"
+    assert benchmark.main(["--workdir", str(tmp_path / "nothing"), "--modes", "infer"]) == 2
+    assert "nothing/config.json does not exist" in capsys.readouterr().err

@@ -5,6 +5,7 @@ ONNX Runtime vs JAX, a PyTorch reference backbone, and train-step compile time.
     python tools/benchmark.py --config configs/benchmark.py:S256_bf16 --modes train,infer,mc
     python tools/benchmark.py --config configs/benchmark.py:B256_bf16 --modes compile
     python tools/benchmark.py --config configs/tiny.py --config.model.scan_blocks=True ...
+    python tools/benchmark.py --workdir runs/demo --modes infer,mc   # a trained run's model
 
 Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
 
@@ -933,7 +934,10 @@ def _json_safe(value):
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="configs/X.py[:setting]")
+    parser.add_argument("--config", default=None, help="configs/X.py[:setting]")
+    parser.add_argument(
+        "--workdir", default=None, help="a run directory: benchmark its config.json's model"
+    )
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {MODES}")
     parser.add_argument("--batch-size", type=int, default=None, help="train and eval batch size")
     parser.add_argument("--out", default=None, help="JSON output path")
@@ -965,7 +969,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
-        config = load_config(args.config, overrides)
+        if args.config or not args.workdir:
+            config = load_config(args.config or "", overrides)
+        else:
+            config = config_lib.config_from_args("benchmark.py", None, overrides, args.workdir)
         settings = Settings(
             warmup=args.warmup,
             repeats=args.repeats,
@@ -983,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             modes,
             batch_size=args.batch_size,
             settings=settings,
-            config_name=" ".join([args.config, *overrides]),
+            config_name=" ".join([args.config or f"{args.workdir}/config.json", *overrides]),
         )
     except (ValueError, config_lib.ConfigError) as error:
         print(f"benchmark.py: {error}", file=sys.stderr)
