@@ -694,6 +694,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{train.grad_accum_steps} micro-batches that each divide over the "
             f"{jax.device_count()} devices"
         )
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
+    # Keys that only the builders check (method, mesh, variant, dtypes, ...), before the data is
+    # read or anything is written: one line naming the key.
+    try:
+        if train.pretrain_method not in contrastive.PRETRAIN_METHODS:
+            raise ValueError(
+                f"train.pretrain_method={train.pretrain_method!r}: use one of "
+                f"{contrastive.PRETRAIN_METHODS}"
+            )
+        mesh = sharding.make_mesh(train.mesh_fsdp)
+        probe = config.model.copy_and_resolve_references()
+        probe.num_defect_classes = max(1, int(probe.num_defect_classes))  # 0: from the data
+        model_lib.build_model(probe)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from None
     # The model follows the data: model.num_defect_classes = 0 becomes the data's class count
     # (written to config.json, so eval and export rebuild this model); a set value that does not
     # fit the data stops here, before anything is built or written.
@@ -712,11 +728,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.check_same_architecture(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
-    if train.pretrain_method not in contrastive.PRETRAIN_METHODS:
-        raise ValueError(
-            f"train.pretrain_method={train.pretrain_method!r}: use {contrastive.PRETRAIN_METHODS}"
-        )
-    mesh = sharding.make_mesh(train.mesh_fsdp)
     logging.info(
         "mesh %s over %d devices on %d processes (%s)",
         dict(mesh.shape),

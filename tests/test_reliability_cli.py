@@ -43,12 +43,26 @@ def _run(*args, timeout=240):
             "--config.data.modalities=rgb,sonar",
             "train.py: bad config: data.modalities has unknown modality 'sonar'",
         ),
+        # Keys only the builders know, checked before the data is read (data.root is bad too).
+        (
+            "--config.train.pretrain_method=byol",
+            "train.py: bad config: train.pretrain_method='byol': use one of ('simclr', 'mocov3')",
+        ),
+        (
+            "--config.model.variant=XL",
+            "train.py: bad config: model.variant='XL' is not one of ['B', 'S', 'tiny']",
+        ),
+        (
+            "--config.train.mesh_fsdp=3",
+            "train.py: bad config: train.mesh_fsdp=3 must be a positive divisor of the 8 devices",
+        ),
     ],
 )
 def test_train_rejects_a_bad_config_in_one_line(override, expected, tmp_path):
     code, last, stderr = _run(
-        "train.py", "--config", _TINY, "--workdir", str(tmp_path), override, timeout=120
-    )
+        "train.py", "--config", _TINY, "--workdir", str(tmp_path), override,
+        "--config.data.root=/nonexistent", timeout=120,
+    )  # fmt: skip
     assert code != 0, stderr
     if expected is None:  # absl's own flag errors: name the flag, no traceback
         key = override.split("=")[0].removeprefix("--")
@@ -141,3 +155,11 @@ def test_train_rejects_fewer_model_classes_than_the_data_in_one_line(tmp_path):
     ), stderr
     assert "Traceback" not in stderr, stderr
     assert not workdir.exists()
+
+
+def test_train_into_a_workdir_that_is_a_file_names_it(tmp_path):
+    target = tmp_path / "run"
+    target.write_text("notes")
+    code, last, stderr = _run("train.py", "--config", _TINY, "--workdir", str(target))
+    assert code == 2 and last == f"train.py: bad config: --workdir {target} is a file, not a folder"
+    assert target.read_text() == "notes"  # nothing lost
