@@ -33,6 +33,9 @@ from m2u_jax import model as model_lib
 
 _STATE = "state"
 _META = "meta"
+# Error texts of tensorstore / orbax when checkpoint files are damaged or missing (not when the
+# shapes differ from the config).
+_UNREADABLE_MARKS = ("OUT_OF_RANGE", "DATA_LOSS", "Error reading", "Error opening", "NOT_FOUND")
 
 
 class _DropOrbaxInfo:
@@ -193,10 +196,18 @@ def restore_params(
                     }
                 ),
             )[_STATE]
-        except (ValueError, KeyError) as error:
+        except Exception as error:  # orbax / tensorstore raise many types for one cause
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            if any(mark in str(error) for mark in _UNREADABLE_MARKS):
+                others = [s for s in steps if s != step and metas[s]["stage"] == stage]
+                raise ValueError(
+                    f"checkpoint {step} in {directory} is unreadable (corrupt or incomplete: "
+                    f"{first[:200]}); pick another with --step (intact {stage} steps may be "
+                    f"{others})"
+                ) from None
             raise ValueError(
                 f"checkpoint {step} in {directory} does not match config.model "
-                f"(variant, sizes, classes, scan_blocks?): {error}"
+                f"(variant, sizes, classes, scan_blocks?): {first[:300]}"
             ) from None
     finally:
         manager.close()

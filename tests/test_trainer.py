@@ -710,3 +710,18 @@ def test_restore_params_reads_only_the_params_of_either_stage(tiny_run):
     config.model.variant = "S"
     with pytest.raises(ValueError, match="does not match config.model"):
         run_checkpoint.restore_params(config, str(workdir))
+
+
+def test_restore_params_names_an_unreadable_checkpoint_and_the_intact_ones(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    for path in (damaged / "checkpoints" / "8" / "state" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[:100])  # a crash mid-write
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    with pytest.raises(
+        ValueError, match=r"checkpoint 8 in .* is unreadable \(corrupt or incomplete: .*\[6\]"
+    ):
+        run_checkpoint.restore_params(config, str(damaged))
+    _, step = run_checkpoint.restore_params(config, str(damaged), 6)  # the intact one restores
+    assert step == 6

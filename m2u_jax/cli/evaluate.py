@@ -40,14 +40,13 @@ def main(argv):
     # (docs/performance.md); a no-op on GPU/TPU and on JAX versions without the hook.
     cpu_prng.install()
     from m2u_jax import evaluate
-    from m2u_jax.data.records import DataError
 
     try:
         evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
     except config_lib.ConfigError as error:  # checks that need the devices (batch split)
         print(f"eval.py: bad config: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, DataError) as error:  # no checkpoint / bad file: names it
+    except (FileNotFoundError, ValueError) as error:  # checkpoint, step or file: names it
         print(f"eval.py: {error}", file=sys.stderr)
         return 2
     return 0
