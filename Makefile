@@ -7,7 +7,7 @@ FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 # Quiet TensorFlow's C++ start-up chatter in every target.
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup setup-jax2tf test test-fast lint format demo clean
+.PHONY: setup setup-jax2tf test test-fast lint format demo clean gpu-wheels gpu-check-dry
 
 setup: $(VENV)/.installed
 
@@ -67,3 +67,11 @@ demo: setup $(DEMO_DATA_STAMP)
 
 clean:
 	rm -rf runs data/synthetic
+
+# tools/gpu_check.sh on a lent GPU: the wheels its python lacks, carried in .gpu_wheels.
+gpu-wheels: setup
+	$(VENV)/bin/pip download -q --no-deps -d .gpu_wheels ml-collections==1.1.0
+
+# The same script on this CPU with configs/tiny.py (a smoke test of the script itself).
+gpu-check-dry: setup
+	GPU_CHECK_DRY=1 PYTHON=$(PY) OUT=runs/gpu_check_dry bash tools/gpu_check.sh
