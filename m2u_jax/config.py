@@ -18,8 +18,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from m2u_jax import default_config
+from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 
-MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
 THRESHOLD_RULES = ("f1", "fpr", "auto")
@@ -56,18 +56,6 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
-
-
-def split_list(value: str) -> tuple[str, ...]:
-    """'a, b,,c' -> ('a', 'b', 'c'); the command-line form of list-valued keys."""
-    if isinstance(value, (tuple, list)):
-        return tuple(str(v).strip() for v in value if str(v).strip())
-    return tuple(part.strip() for part in str(value).split(",") if part.strip())
-
-
-def num_channels(modalities: str) -> int:
-    """Channels of the stacked input for a comma-separated modality list."""
-    return sum(MODALITY_CHANNELS[m] for m in split_list(modalities))
 
 
 # Allowed range of every numeric key: (low, high, low included, high included); None = open.

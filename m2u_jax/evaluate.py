@@ -62,6 +62,7 @@ from m2u_jax import metrics as metrics_lib
 from m2u_jax import report as report_lib
 from m2u_jax import review as review_lib
 from m2u_jax import uncertainty as uncertainty_lib
+from m2u_jax.modalities import num_channels
 
 # Review budgets of the `uncertainty.review` table (fractions of the test images).
 REVIEW_BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1)
@@ -532,7 +533,7 @@ def measure_speed(
     from m2u_jax import model as model_lib
 
     side = int(config.data.image_size)
-    channels = config_lib.num_channels(config.data.modalities)
+    channels = num_channels(config.data.modalities)
     batch_size = int(config.eval.batch_size)
     rng = np.random.default_rng(0)
     batch = jax.device_put(

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from m2u_jax import boxes, scoring
-from m2u_jax.config import MODALITY_CHANNELS, num_channels, split_list
 from m2u_jax.heads import (
     AnomalyDecoder,
     DetailStem,
@@ -44,6 +43,7 @@ from m2u_jax.heads import (
     decoder_start_stride,
 )
 from m2u_jax.layers import ATTENTION_IMPLEMENTATIONS, Dtype, mean
+from m2u_jax.modalities import MODALITY_CHANNELS, num_channels, split_list
 from m2u_jax.vit import VARIANTS, Backbone, stream_grids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from m2u_jax import review
-from m2u_jax.config import MODALITY_CHANNELS, split_list
 from m2u_jax.data import decode, records
+from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 
 TILING_MODES = ("auto", "on", "off")
 # Forward of a batch `[N, S, S, C]` float32 in [0, 1] → the seven arrays of

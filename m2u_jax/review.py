@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2u_jax import metrics
-
 ACCEPT, REJECT, REVIEW = 0, 1, 2
 DECISION_NAMES = ("accept", "reject", "review")
 
@@ -47,6 +45,9 @@ def calibrate_review_thresholds(
     Args: scores, uncertainty `[N]` float; labels `[N]` in {0, 1}; budget in [0, 1];
       rule 'f1' | 'fpr'; target_fpr in (0, 1).
     """
+    # metrics (scipy, scikit-learn) only for calibration: deciding runs with numpy alone.
+    from m2u_jax import metrics
+
     if rule not in ("f1", "fpr"):
         raise ValueError(f"rule={rule!r} must be 'f1' or 'fpr' (resolve 'auto' first)")
     scores = np.asarray(scores, np.float64)

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from m2u_jax import flops as flops_lib
 from m2u_jax import model as model_lib
-from m2u_jax.config import num_channels
+from m2u_jax.modalities import num_channels
 
 
 def count_parameters(tree) -> int:

@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2u_jax.config import MODALITY_CHANNELS
 from m2u_jax.layers import (
     Dtype,
     MlpBlock,
@@ -53,6 +52,7 @@ from m2u_jax.layers import (
     resample_grid,
     sincos_2d_posemb,
 )
+from m2u_jax.modalities import MODALITY_CHANNELS
 
 # Backbone sizes. S and B are the ViT-S/16 and ViT-B/16 shapes (so AugReg / big_vision
 # checkpoints load); tiny is for tests and CPU demos.

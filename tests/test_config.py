@@ -8,6 +8,7 @@ import pytest
 
 from configs import default
 from m2u_jax import config as config_lib
+from m2u_jax.modalities import num_channels, split_list
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
@@ -151,9 +152,9 @@ def test_zero_defect_classes_come_from_the_run_config(tmp_path):
 
 
 def test_split_list_and_channels():
-    assert config_lib.split_list(" bottle, cable,,") == ("bottle", "cable")
-    assert config_lib.split_list("") == ()
-    assert config_lib.num_channels("rgb,depth,thermal") == 5
+    assert split_list(" bottle, cable,,") == ("bottle", "cable")
+    assert split_list("") == ()
+    assert num_channels("rgb,depth,thermal") == 5
 
 
 @pytest.mark.parametrize(

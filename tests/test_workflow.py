@@ -62,3 +62,26 @@ def test_train_with_overrides_then_eval_export_predict_from_the_run(tiny_synthet
         decisions[name] = [json.loads(line)["decision"] for line in lines]
         assert f"{len(lines)} image(s):" in result.stdout
     assert len(decisions["jax"]) == 6 and decisions["jax"] == decisions["onnx"]
+
+    # A deployment: a fresh environment with the package and its [deploy] extra only (numpy,
+    # Pillow, onnxruntime; no JAX, SciPy or onnx) runs m2u-predict on the exported model.
+    venv = tmp_path / "deploy_env"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", f"{_REPO}[deploy]"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import jax"], capture_output=True, timeout=60
+    )
+    assert probe.returncode != 0  # JAX is not there
+    out = tmp_path / "predict_deploy"
+    result = subprocess.run(
+        [str(venv / "bin" / "m2u-predict"), "--onnx", str(model_path), "--out", str(out),
+         str(images)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["decision"] for line in lines] == decisions["onnx"]

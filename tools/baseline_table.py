@@ -189,12 +189,12 @@ def component_boxes(maps: np.ndarray, threshold: float, max_boxes: int) -> dict[
 
 def _throughput(config, function, *args) -> float:
     """images/s of `function(*args, images)` on eval.batch_size random images over the mesh."""
-    from m2u_jax import config as config_lib
     from m2u_jax import evaluate
+    from m2u_jax.modalities import num_channels
 
     batch_sharding = evaluate.eval_batch_sharding(config)
     side = int(config.data.image_size)
-    channels = config_lib.num_channels(config.data.modalities)
+    channels = num_channels(config.data.modalities)
     batch_size = int(config.eval.batch_size)
     images = jax.device_put(
         np.random.default_rng(0).random((batch_size, side, side, channels), dtype=np.float32),

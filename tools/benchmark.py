@@ -68,6 +68,7 @@ import numpy as np  # noqa: E402
 
 from m2u_jax import config as config_lib  # noqa: E402
 from m2u_jax import flops as flops_lib  # noqa: E402
+from m2u_jax.modalities import num_channels  # noqa: E402
 
 MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile")
 DEFAULT_MODES = ("train", "infer", "mc")
@@ -152,7 +153,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: in
     mask, box and class. Content does not change the cost of any program."""
     rng = np.random.default_rng(seed)
     side = int(config.data.image_size)
-    channels = config_lib.num_channels(config.data.modalities)
+    channels = num_channels(config.data.modalities)
     max_boxes = int(config.data.max_boxes)
     num_classes = int(config.model.num_defect_classes)
     images = rng.random((batch_size, side, side, channels), dtype=np.float32)
@@ -183,7 +184,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: in
 
 def _images(config: ml_collections.ConfigDict, batch_size: int, seed: int = 1) -> jax.Array:
     side = int(config.data.image_size)
-    channels = config_lib.num_channels(config.data.modalities)
+    channels = num_channels(config.data.modalities)
     rng = np.random.default_rng(seed)
     return jax.device_put(rng.random((batch_size, side, side, channels), dtype=np.float32))
 
@@ -291,7 +292,7 @@ def build(config: ml_collections.ConfigDict):
 
     model = model_lib.build_model(config.model)
     side = int(config.data.image_size)
-    channels = config_lib.num_channels(config.data.modalities)
+    channels = num_channels(config.data.modalities)
     variables = jax.jit(
         lambda key: model.init(key, jnp.zeros((1, side, side, channels)), train=False)
     )(jax.random.PRNGKey(config.seed))

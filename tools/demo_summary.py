@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"demo_summary: {error}", file=sys.stderr)
         return 2
-    from m2u_jax.config import num_channels
+    from m2u_jax.modalities import num_channels
 
     onnx_speed = onnx_images_per_sec(
         args.onnx,

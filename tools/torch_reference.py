@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2u_jax.config import MODALITY_CHANNELS, split_list
+from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 from m2u_jax.vit import VARIANTS, fusion_enabled, posemb_matrix, stream_grids, token_grid
 
 

@@ -33,9 +33,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy import ndimage
 
-from m2u_jax.config import MODALITY_CHANNELS
+from m2u_jax.modalities import MODALITY_CHANNELS
 from m2u_jax.data import float_tiff
 from m2u_jax.data.records import DataError, SampleRecord
 
@@ -343,6 +342,9 @@ def boxes_from_mask(mask: np.ndarray, threshold: float = 0.5, min_pixels: int = 
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+    # scipy only here: the deploy path (image reading for the ONNX predictor) runs without it.
+    from scipy import ndimage
+
     labels, count = ndimage.label(mask > threshold, structure=_EIGHT_CONNECTED)
     if count == 0:
         return np.zeros((0, 4), np.float32)

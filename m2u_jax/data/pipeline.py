@@ -54,7 +54,7 @@ import jax
 import numpy as np
 
 from m2u_jax import config as config_lib
-from m2u_jax.config import MODALITY_CHANNELS, split_list
+from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 from m2u_jax.data import decode
 from m2u_jax.data.records import DataError, SampleRecord
 from m2u_jax.data.splits import (

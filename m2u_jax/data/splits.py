@@ -40,7 +40,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m2u_jax.config import DATA_FORMATS, ConfigError, num_channels, split_list
+from m2u_jax.config import DATA_FORMATS, ConfigError
+from m2u_jax.modalities import num_channels, split_list
 from m2u_jax.data import sources
 from m2u_jax.data.records import (
     GOOD,

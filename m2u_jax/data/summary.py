@@ -20,7 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from m2u_jax.config import ConfigError, split_list, validate
+from m2u_jax.config import ConfigError, validate
+from m2u_jax.modalities import split_list
 from m2u_jax.data import decode
 from m2u_jax.data.records import DataError, SampleRecord, apply_skip_policy
 from m2u_jax.data.splits import SPLITS, assign_splits, discover_config, make_info

@@ -24,7 +24,6 @@ import sys
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from PIL import Image
 
@@ -72,9 +71,14 @@ def make_session(model_path: str, providers: list[str] | None = None):
     # Check the file before handing it to a runtime: a truncated or foreign file then fails with
     # one line naming it instead of a protobuf traceback from deep inside onnxruntime.
     try:
-        onnx.checker.check_model(model_path)
-    except Exception as error:  # onnx raises several unrelated types for bad files.
-        raise ValueError(f"{model_path}: not a valid ONNX model ({error})") from error
+        import onnx  # optional: a deployment with onnxruntime alone skips the checker
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            onnx.checker.check_model(model_path)
+        except Exception as error:  # onnx raises several unrelated types for bad files.
+            raise ValueError(f"{model_path}: not a valid ONNX model ({error})") from error
     providers = providers or select_providers()
     configured = []
     for name in providers:

@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from m2u_jax.config import split_list
 from m2u_jax.data import records, synthetic
 from m2u_jax.export.graph import OUTPUT_NAMES
+from m2u_jax.modalities import split_list
 
 FP32_TOLERANCE = {"anomaly_map": 1e-4, "image_score": 1e-4, "uncertainty": 1e-4}
 FP16_TOLERANCE = {"anomaly_map": 2e-2, "image_score": 2e-2, "uncertainty": 2e-3}

@@ -14,7 +14,7 @@ import threading
 
 import tensorflow_datasets as tfds
 
-from m2u_jax.config import split_list
+from m2u_jax.modalities import split_list
 from m2u_jax.data.records import GOOD, DataError, Discovery, SampleRecord
 from m2u_jax.data.tfds_mvtec_ad.mvtec_ad import (
     MVTEC_AD_CATEGORIES,

@@ -1,0 +1,20 @@
+"""Input modalities and list-valued keys, with no dependency beyond Python: the deploy path
+(`Predictor.from_onnx` with numpy, Pillow and onnxruntime only) reads them too."""
+
+from __future__ import annotations
+
+MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
+
+__all__ = ["MODALITY_CHANNELS", "num_channels", "split_list"]
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'); the command-line form of list-valued keys."""
+    if isinstance(value, (tuple, list)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def num_channels(modalities: str) -> int:
+    """Channels of the stacked input for a comma-separated modality list."""
+    return sum(MODALITY_CHANNELS[m] for m in split_list(modalities))
