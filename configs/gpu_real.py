@@ -10,11 +10,16 @@ For a lent device: `tools/gpu_check.sh` is the place for the timed check; this c
 recipe it trains. Several GPUs: raise `train.batch_size` with the device count.
 """
 
-from configs import cpu_real
+import pathlib
+
+from m2u_jax.config import config_from_file
+
+# By path, so the file loads from any working directory (the tools run it as a file).
+_BASE = pathlib.Path(__file__).with_name("cpu_real.py")
 
 
 def get_config():
-    config = cpu_real.get_config()
+    config = config_from_file(str(_BASE))
     config.data.image_size = 256
     config.model.variant = "S"
     config.model.patch_size = 16

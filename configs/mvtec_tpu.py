@@ -9,11 +9,16 @@ mesh is ('data', 'fsdp') with `train.mesh_fsdp` devices sharing each parameter; 
 batch must be divisible by the device count.
 """
 
-from configs import mvtec_gpu
+import pathlib
+
+from m2u_jax.config import config_from_file
+
+# By path, so the file loads from any working directory (the tools run it as a file).
+_BASE = pathlib.Path(__file__).with_name("mvtec_gpu.py")
 
 
 def get_config():
-    config = mvtec_gpu.get_config()
+    config = config_from_file(str(_BASE))
     config.model.variant = "B"
     config.model.attention = "dot_product"  # XLA's fused attention (cuDNN is GPU-only)
     config.model.remat = True  # recompute block activations: room for the larger batch

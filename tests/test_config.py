@@ -263,3 +263,20 @@ def test_config_from_args_takes_a_file_or_the_run_then_overrides(tmp_path):
         config_lib.config_from_args("tool", None, ["--config.eval.bach_size=4"], str(tmp_path))
     with pytest.raises(config_lib.ConfigError, match=r"no config: pass --config FILE"):
         config_lib.config_from_args("tool", None, [])
+
+
+def test_every_config_file_loads_outside_the_checkout(tmp_path):
+    # The tools run config files by path from any folder, where no `configs` package is
+    # importable (an installed m2u_jax ships none).
+    import subprocess
+    import sys
+
+    code = (
+        "from m2u_jax.config import config_from_file, validate\n"
+        f"for name in {CONFIG_NAMES!r}:\n"
+        f"    validate(config_from_file({str(CONFIG_DIR)!r} + '/' + name + '.py'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
