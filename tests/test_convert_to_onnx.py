@@ -28,11 +28,11 @@ from onnx import TensorProto, helper, numpy_helper
 from configs import tiny
 from m2u_jax import model as model_lib
 from m2u_jax import review, run_checkpoint, uncertainty, vit
+from m2u_jax.cli import export as convert_cli
 from m2u_jax.export import convert, onnx_graph, onnx_runner, parity, trt_check
 from m2u_jax.export import graph as export_graph
 from m2u_jax.export.jax2tf_export import unflatten_params
 from m2u_jax.train_state import TrainState
-from tools.convert_to_onnx import convert as convert_cli
 from tools.convert_to_onnx import infer_onnx as infer_onnx_cli
 
 pytestmark = pytest.mark.slow  # exports ONNX graphs (jax2onnx and the jax2tf subprocess)

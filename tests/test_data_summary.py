@@ -65,3 +65,23 @@ def test_command_line(tmp_path, capsys):
     assert error.strip() == f"summary: error: {tmp_path / 'missing'}: data.root is not a directory"
     assert summary.main(["summary", "--config", "configs/default.py", "--config.data.nope=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
+
+
+def test_the_m2u_data_command_generates_and_summarises(tmp_path, capsys):
+    import json
+
+    from m2u_jax.cli import data as data_cli
+
+    assert data_cli.main(["inspect"]) == 2
+    assert "usage: m2u-data {summary,generate}" in capsys.readouterr().err
+    root = tmp_path / "plates"
+    assert data_cli.main(
+        ["generate", "--out", str(root), "--categories", "fabric", "--image-size", "32",
+         "--num-train", "2", "--num-test-good", "1", "--num-test-defect", "1"]
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    assert (
+        data_cli.main(["summary", "--config", "configs/tiny.py", f"--config.data.root={root}"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2 + 1 + 4 and summary["good"] == 3
