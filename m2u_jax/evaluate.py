@@ -70,6 +70,8 @@ ECE_BINS = 15
 AUPRO_FPR_LIMIT = 0.3
 # The per-image uncertainty that the review policy thresholds (see module docstring).
 UNCERTAINTY_MEASURE = "score_var"
+# Seconds between the progress lines of a split's prediction.
+PROGRESS_SECONDS = 15.0
 # Timed calls per speed measurement (after two warm-up calls); the median is reported.
 SPEED_REPEATS = 5
 # Fallback decision threshold when the threshold rule cannot be applied on validation (F1
@@ -195,6 +197,7 @@ def collect_split(
     keep_maps: bool,
     on_rows: Callable[[dict], None] | None = None,
     batches: Iterator[dict] | None = None,
+    total: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Runs `predict_batch` over a split and gathers the per-image results on the host.
 
@@ -207,6 +210,8 @@ def collect_split(
       on_rows: called per batch with the valid rows of the batch and its predictions (images
         included), e.g. to keep overlay candidates.
       batches: an iterator of eval batches to use instead of `pipeline.iterate_eval`.
+      total: the split's image count, for the progress lines (logged every
+        `PROGRESS_SECONDS` with images/s and the time left).
     Returns:
       dict of arrays over the N valid images: `paths`, `categories`, `defect_names` (str),
       `labels` (int32), `gt_boxes [N, G, 4]`, `gt_box_classes`, `gt_box_valid`, every key of
@@ -217,11 +222,21 @@ def collect_split(
     if batches is None:
         batches = pipeline.iterate_eval(config, split)
     gathered: dict[str, list] = {}
+    start = last_report = time.perf_counter()
+    done = 0
     for batch_index, batch in enumerate(batches):
         valid = np.asarray(batch["valid"], bool)
         if not valid.any():
             continue
         predictions = predict_batch(batch["images"], batch_index)
+        done += int(valid.sum())
+        now = time.perf_counter()
+        if now - last_report >= PROGRESS_SECONDS:  # MC dropout on a CPU takes minutes
+            last_report = now
+            rate = done / (now - start)
+            left = f", about {(total - done) / rate:.0f} s left" if total and rate else ""
+            of = f" of {total}" if total else ""
+            logging.info("%s: %d%s images, %.1f images/s%s", split, done, of, rate, left)
         rows = {
             "paths": batch["paths"][valid],
             "categories": batch["categories"][valid],
@@ -765,7 +780,14 @@ def evaluate(
         predict_batch = _without_classes(predict_batch)
 
     logging.info("evaluating checkpoint %d of %s on the validation split", step, workdir)
-    validation = collect_split(config, "validation", predict_batch, keep_maps=False)
+    counts = context.info.counts
+    validation = collect_split(
+        config,
+        "validation",
+        predict_batch,
+        keep_maps=False,
+        total=counts["validation"]["images"],
+    )
     settings = threshold_settings(config)
     # 'auto' depends only on the validation labels: one rule for every threshold below.
     rule = threshold_rule(validation["labels"], settings["rule"])
@@ -823,7 +845,14 @@ def evaluate(
             )
 
     logging.info("evaluating on the test split")
-    test = collect_split(config, "test", predict_batch, keep_maps=True, on_rows=on_rows)
+    test = collect_split(
+        config,
+        "test",
+        predict_batch,
+        keep_maps=True,
+        on_rows=on_rows,
+        total=counts["test"]["images"],
+    )
 
     image = image_metrics(validation, test, **settings)
     uncertainty, mc_threshold = uncertainty_metrics(validation, test, **settings)
