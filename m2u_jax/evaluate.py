@@ -1,8 +1,9 @@
-"""Evaluation of a trained run: `python eval.py --config CFG --workdir DIR [--step N]`.
+"""Evaluation of a trained run: `python eval.py --workdir DIR [--step N]`.
 
 `evaluate(config, workdir, step=None)` restores the fine-tuned parameters of checkpoint `step`
-(default: the newest) from DIR/checkpoints, runs the validation and test splits and writes
-DIR/eval/:
+(default: the newest) from DIR/checkpoints, predicts the validation and test splits
+(`m2u_jax.predictions`), computes the metrics here, decides the review queue with
+`m2u_jax.review`'s policy and writes DIR/eval/ (`m2u_jax.report`: plots, overlays, JSON):
 
 - `metrics.json` — `image` (accuracy at the decision threshold chosen on *validation* by
   `eval.threshold_rule`, AUROC, AP, F1-max, that threshold and `threshold_rule`, the rule
@@ -43,15 +44,13 @@ for the few overlays (bounded top-k lists while streaming).
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -59,6 +58,7 @@ from absl import logging
 from m2u_jax import config as config_lib
 from m2u_jax import feature_memory, run_checkpoint, scoring
 from m2u_jax import metrics as metrics_lib
+from m2u_jax import predictions as predictions_lib
 from m2u_jax import report as report_lib
 from m2u_jax import review as review_lib
 from m2u_jax import uncertainty as uncertainty_lib
@@ -70,8 +70,6 @@ ECE_BINS = 15
 AUPRO_FPR_LIMIT = 0.3
 # The per-image uncertainty that the review policy thresholds (see module docstring).
 UNCERTAINTY_MEASURE = "score_var"
-# Seconds between the progress lines of a split's prediction.
-PROGRESS_SECONDS = 15.0
 # Timed calls per speed measurement (after two warm-up calls); the median is reported.
 SPEED_REPEATS = 5
 # Fallback decision threshold when the threshold rule cannot be applied on validation (F1
@@ -82,185 +80,6 @@ FALLBACK_THRESHOLD = 0.5
 AUTO_F1_MIN_DEFECTIVE = 5
 # `eval.target_fpr` of configs/default.py, the default of the functions below.
 DEFAULT_TARGET_FPR = 0.05
-
-_PER_IMAGE_KEYS = ("image_score", "score_mean", "score_var", "entropy", "mutual_info")
-_BOX_KEYS = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
-
-
-# ----------------------------------------------------------------------------- prediction
-
-
-def eval_batch_sharding(config: ml_collections.ConfigDict):
-    """Sharding of an evaluation batch over every device (the trainer's mesh); checks that
-    `eval.batch_size` splits evenly."""
-    from m2u_jax import sharding
-
-    mesh = sharding.make_mesh(config.train.mesh_fsdp)
-    batch = int(config.eval.batch_size)
-    if batch % mesh.size:
-        raise ValueError(
-            f"eval.batch_size={batch} is not divisible by the {mesh.size} devices; "
-            f"pick a multiple of {mesh.size}"
-        )
-    return sharding.batch_sharding(mesh)
-
-
-def to_host(tree) -> dict:
-    """Device arrays -> float32/int numpy (bf16 outputs become float32)."""
-
-    def convert(leaf):
-        array = np.asarray(jax.device_get(leaf))
-        return array.astype(np.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
-
-    return jax.tree.map(convert, tree)
-
-
-def make_model_predict_fn(
-    config: ml_collections.ConfigDict, model, variables, batch_sharding
-) -> Callable[[np.ndarray, int], dict]:
-    """The per-batch prediction of `evaluate`: images `[B, H, W, C]` (host) and the batch
-    index → host numpy dict with `image_score [B]`, `anomaly_map [B, H, W]`, the four box
-    arrays of `model.predict` and the MC statistics `score_mean, score_var, entropy,
-    mutual_info [B]` (dropout key: `fold_in(PRNGKey(seed), batch index)`)."""
-    from m2u_jax import model as model_lib
-
-    num_samples = int(config.eval.num_mc_samples)
-    base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
-
-    def predict_batch(images: np.ndarray, batch_index: int) -> dict:
-        images = jax.device_put(images, batch_sharding)
-        predictions = model_lib.predict(model, variables, images)
-        wanted = ("image_score", "image_prob", "anomaly_map", *_BOX_KEYS)
-        result = to_host({key: predictions[key] for key in wanted})
-        if num_samples > 1:
-            statistics = uncertainty_lib.mc_dropout_predict(
-                model,
-                variables,
-                images,
-                jax.random.fold_in(base_rng, batch_index),
-                num_samples,
-                chunk_size=int(config.eval.mc_chunk_size),
-            )
-            result.update(to_host({key: statistics[key] for key in _PER_IMAGE_KEYS[1:]}))
-        else:
-            scores = result["image_score"]
-            result["score_mean"] = scores
-            result["score_var"] = np.zeros_like(scores)
-            result["entropy"] = np.asarray(uncertainty_lib.binary_entropy(scores), np.float32)
-            result["mutual_info"] = np.zeros_like(scores)
-        return result
-
-    return predict_batch
-
-
-def _without_classes(predict_batch):
-    """Class-agnostic protocol: every predicted box becomes class 0 ('defect'); the class
-    head's output carries no meaning when the data has one class or no labelled types."""
-
-    def predict(images, batch_index):
-        result = predict_batch(images, batch_index)
-        result["box_classes"] = np.zeros_like(result["box_classes"])
-        return result
-
-    return predict
-
-
-class TopK:
-    """The k items with the largest keys seen in a stream (ties: the earlier item wins)."""
-
-    def __init__(self, k: int):
-        self.k = int(k)
-        self._heap: list = []
-        self._count = 0
-
-    def offer(self, key: float, make_item: Callable[[], dict]) -> None:
-        """Keeps `make_item()` when `key` is among the k largest; builds it only then."""
-        if self.k <= 0 or not math.isfinite(key):
-            return
-        self._count += 1
-        entry = (key, -self._count)
-        if len(self._heap) < self.k:
-            heapq.heappush(self._heap, (*entry, make_item()))
-        elif entry > self._heap[0][:2]:
-            heapq.heapreplace(self._heap, (*entry, make_item()))
-
-    def items(self) -> list[dict]:
-        """Kept items, largest key first."""
-        return [item for *_, item in sorted(self._heap, key=lambda e: e[:2], reverse=True)]
-
-
-def collect_split(
-    config: ml_collections.ConfigDict,
-    split: str,
-    predict_batch: Callable[[np.ndarray, int], dict],
-    *,
-    keep_maps: bool,
-    on_rows: Callable[[dict], None] | None = None,
-    batches: Iterator[dict] | None = None,
-    total: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Runs `predict_batch` over a split and gathers the per-image results on the host.
-
-    Args:
-      config: full config (`iterate_eval` reads data.* and eval.batch_size).
-      split: 'validation' | 'test' | 'train'.
-      predict_batch: `(images [B,H,W,C], batch index) -> dict` of host arrays with a leading
-        batch axis (see `make_model_predict_fn`); extra keys are kept as they are.
-      keep_maps: keep `anomaly_map [N, H, W]` and the ground-truth `masks [N, H, W]` (bool).
-      on_rows: called per batch with the valid rows of the batch and its predictions (images
-        included), e.g. to keep overlay candidates.
-      batches: an iterator of eval batches to use instead of `pipeline.iterate_eval`.
-      total: the split's image count, for the progress lines (logged every
-        `PROGRESS_SECONDS` with images/s and the time left).
-    Returns:
-      dict of arrays over the N valid images: `paths`, `categories`, `defect_names` (str),
-      `labels` (int32), `gt_boxes [N, G, 4]`, `gt_box_classes`, `gt_box_valid`, every key of
-      the predictions except `anomaly_map` unless `keep_maps` (then also `masks`).
-    """
-    from m2u_jax.data import pipeline
-
-    if batches is None:
-        batches = pipeline.iterate_eval(config, split)
-    gathered: dict[str, list] = {}
-    start = last_report = time.perf_counter()
-    done = 0
-    for batch_index, batch in enumerate(batches):
-        valid = np.asarray(batch["valid"], bool)
-        if not valid.any():
-            continue
-        predictions = predict_batch(batch["images"], batch_index)
-        done += int(valid.sum())
-        now = time.perf_counter()
-        if now - last_report >= PROGRESS_SECONDS:  # MC dropout on a CPU takes minutes
-            last_report = now
-            rate = done / (now - start)
-            left = f", about {(total - done) / rate:.0f} s left" if total and rate else ""
-            of = f" of {total}" if total else ""
-            logging.info("%s: %d%s images, %.1f images/s%s", split, done, of, rate, left)
-        rows = {
-            "paths": batch["paths"][valid],
-            "categories": batch["categories"][valid],
-            "defect_names": batch["defect_names"][valid],
-            "labels": batch["labels"][valid].astype(np.int32),
-            "gt_boxes": batch["boxes"][valid],
-            "gt_box_classes": batch["box_classes"][valid],
-            "gt_box_valid": batch["box_valid"][valid],
-        }
-        rows.update({key: np.asarray(value)[valid] for key, value in predictions.items()})
-        if on_rows is not None:
-            on_rows({**rows, "images": batch["images"][valid], "masks": batch["masks"][valid]})
-        if keep_maps:
-            rows["masks"] = batch["masks"][valid] > 0.5
-        else:
-            rows.pop("anomaly_map", None)
-        for key, value in rows.items():
-            gathered.setdefault(key, []).append(value)
-    if not gathered:
-        raise ValueError(
-            f"the {split} split of data.root={config.data.root!r} is empty "
-            f"(format {config.data.format}, protocol {config.data.protocol})"
-        )
-    return {key: np.concatenate(values) for key, values in gathered.items()}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -369,9 +188,13 @@ def feature_knn_metrics(config, model, variables, batch_sharding, test: Mapping)
     def features_of(images, batch_index):
         del batch_index
         images = jax.device_put(images, batch_sharding)
-        return {"features": to_host(feature_memory.patch_features(model, variables, images))}
+        return {
+            "features": predictions_lib.to_host(
+                feature_memory.patch_features(model, variables, images)
+            )
+        }
 
-    train = collect_split(config, "train", features_of, keep_maps=False)
+    train = predictions_lib.collect_split(config, "train", features_of, keep_maps=False)
     if not (train["labels"] == 0).any():
         logging.info("feature-space scorer skipped: the training split has no defect-free image")
         return {"skipped": "the training split has no defect-free image"}
@@ -386,7 +209,7 @@ def feature_knn_metrics(config, model, variables, batch_sharding, test: Mapping)
         grid_maps = np.asarray(feature_memory.nearest_distances(bank, features))
         return {"anomaly_map": feature_memory.upsample_maps(grid_maps, images.shape[1:3])}
 
-    scored = collect_split(config, "test", distances_of, keep_maps=True)
+    scored = predictions_lib.collect_split(config, "test", distances_of, keep_maps=True)
     maps = scored["anomaly_map"]
     side = max(3, (maps.shape[1] // 16) | 1)  # about one token neighbourhood
     scores = scoring.topk_mean(scoring.smooth_maps(maps, side), 0.0)
@@ -592,50 +415,6 @@ def measure_speed(
 # ----------------------------------------------------------------------------- outputs
 
 
-def to_json_value(value):
-    """Metrics tree -> JSON-ready Python values: NaN/Inf -> None, numpy scalars -> Python."""
-    if isinstance(value, Mapping):
-        return {str(key): to_json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json_value(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return to_json_value(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def write_json(path: str, value) -> str:
-    with open(path, "w", encoding="utf-8") as file:
-        json.dump(to_json_value(value), file, indent=2, allow_nan=False)
-        file.write("\n")
-    return path
-
-
-def _class_name(class_id: int, class_names: Sequence[str]) -> str:
-    if 0 <= class_id < len(class_names):
-        return class_names[class_id]
-    return "defect" if class_id < 0 else str(class_id)
-
-
-def _boxes_of(row: Mapping, class_names: Sequence[str]) -> list[dict]:
-    keep = np.asarray(row["box_valid"]) > 0
-    return [
-        {
-            "xyxy": [round(float(v), 2) for v in box],
-            "score": float(score),
-            "class": _class_name(int(class_id), class_names),
-        }
-        for box, score, class_id in zip(
-            row["boxes_xyxy"][keep], row["box_scores"][keep], row["box_classes"][keep]
-        )
-    ]
-
-
 def review_reason(score: float, variance: float, score_threshold: float) -> str:
     """Why an image is in the review queue. Every queued image is more uncertain than the
     calibrated limit ('uncertain'); it is 'near threshold' when one MC standard deviation
@@ -644,33 +423,6 @@ def review_reason(score: float, variance: float, score_threshold: float) -> str:
     if abs(score - score_threshold) <= math.sqrt(max(variance, 0.0)):
         return "near threshold"
     return "uncertain"
-
-
-def _plot_overlays(
-    items: Sequence[dict], directory: str, prefix: str, group: str, class_names, caption
-) -> list[dict]:
-    entries = []
-    for index, row in enumerate(items):
-        path = os.path.join(directory, f"{prefix}_{index:02d}.png")
-        keep = np.asarray(row["box_valid"]) > 0
-        title = caption(row)
-        report_lib.plot_overlay(
-            row["images"],
-            row["anomaly_map"],
-            row["masks"],
-            row["boxes_xyxy"][keep],
-            row["box_scores"][keep],
-            row["box_classes"][keep],
-            list(class_names),
-            title,
-            path,
-        )
-        entries.append({"path": path, "caption": title, "group": group})
-    return entries
-
-
-def _single_row(rows: Mapping, index: int) -> dict:
-    return {key: np.asarray(value[index]).copy() for key, value in rows.items()}
 
 
 def _image_loss(label: int, score: float) -> float:
@@ -728,26 +480,6 @@ def _check_run_classes(workdir: str, num_defect_classes: int) -> None:
         )
 
 
-def save_predictions(out_dir: str, splits: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """`predictions.npz` (`<split>/<key>` per-image arrays) and `pixel_maps.npz` (test
-    `anomaly_map`, `masks`)."""
-    per_image = {}
-    for split, arrays in splits.items():
-        for key, value in arrays.items():
-            if key in ("anomaly_map", "masks"):
-                continue
-            per_image[f"{split}/{key}"] = value
-    np.savez(os.path.join(out_dir, "predictions.npz"), **per_image)
-    test = splits["test"]
-    if "anomaly_map" in test:
-        np.savez(
-            os.path.join(out_dir, "pixel_maps.npz"),
-            anomaly_map=test["anomaly_map"].astype(np.float32),
-            masks=test["masks"],
-            paths=test["paths"],
-        )
-
-
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -765,7 +497,7 @@ def evaluate(
         config = config.copy_and_resolve_references()
         config.model.num_defect_classes = context.num_defect_classes
     _check_run_classes(workdir, context.num_defect_classes)
-    batch_sharding = eval_batch_sharding(config)
+    batch_sharding = predictions_lib.eval_batch_sharding(config)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     params, step = run_checkpoint.restore_params(config, workdir, step, sharding=replicated)
     model = model_lib.build_model(config.model)
@@ -775,13 +507,13 @@ def evaluate(
     overlays_dir = os.path.join(out_dir, "overlays")
     os.makedirs(plots_dir, exist_ok=True)
     os.makedirs(overlays_dir, exist_ok=True)
-    predict_batch = make_model_predict_fn(config, model, variables, batch_sharding)
+    predict_batch = predictions_lib.make_model_predict_fn(config, model, variables, batch_sharding)
     if context.class_agnostic:
-        predict_batch = _without_classes(predict_batch)
+        predict_batch = predictions_lib.without_classes(predict_batch)
 
     logging.info("evaluating checkpoint %d of %s on the validation split", step, workdir)
     counts = context.info.counts
-    validation = collect_split(
+    validation = predictions_lib.collect_split(
         config,
         "validation",
         predict_batch,
@@ -800,8 +532,8 @@ def evaluate(
         target_fpr=settings["target_fpr"],
     )
     num_overlays = int(config.eval.num_overlays)
-    worst = TopK(num_overlays)
-    queued = TopK(num_overlays)
+    worst = predictions_lib.TopK(num_overlays)
+    queued = predictions_lib.TopK(num_overlays)
     queue_lines: list[dict] = []
 
     def on_rows(rows: dict) -> None:
@@ -810,7 +542,7 @@ def evaluate(
         )
         for index in range(len(rows["labels"])):
             loss = _image_loss(int(rows["labels"][index]), float(rows["image_score"][index]))
-            worst.offer(loss, lambda index=index: _single_row(rows, index))
+            worst.offer(loss, lambda index=index: predictions_lib.single_row(rows, index))
             if decisions[index] != review_lib.REVIEW:
                 continue
             score = float(rows["score_mean"][index])
@@ -834,18 +566,19 @@ def evaluate(
                         "label": int(rows["labels"][index]),
                         "defect": str(rows["defect_names"][index]),
                     },
-                    "boxes": _boxes_of(
-                        {key: rows[key][index] for key in _BOX_KEYS}, context.class_names
+                    "boxes": report_lib.boxes_of(
+                        {key: rows[key][index] for key in predictions_lib.BOX_KEYS},
+                        context.class_names,
                     ),
                 }
             )
             queued.offer(
                 float(rows[UNCERTAINTY_MEASURE][index]),
-                lambda index=index: _single_row(rows, index),
+                lambda index=index: predictions_lib.single_row(rows, index),
             )
 
     logging.info("evaluating on the test split")
-    test = collect_split(
+    test = predictions_lib.collect_split(
         config,
         "test",
         predict_batch,
@@ -873,7 +606,7 @@ def evaluate(
     if int(config.eval.feature_memory_size) > 0:
         logging.info("feature-space scorer: memory of normal patch features")
         metrics["feature_knn"] = feature_knn_metrics(config, model, variables, batch_sharding, test)
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    report_lib.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     thresholds = {
         "score_threshold": policy["score_threshold"],
         "uncertainty_threshold": policy["uncertainty_threshold"],
@@ -893,14 +626,14 @@ def evaluate(
             "MC mean score >= score_threshold, else accept"
         ),
     }
-    write_json(os.path.join(out_dir, "thresholds.json"), thresholds)
+    report_lib.write_json(os.path.join(out_dir, "thresholds.json"), thresholds)
     with open(os.path.join(out_dir, "review_queue.jsonl"), "w", encoding="utf-8") as file:
         for line in queue_lines:
-            file.write(json.dumps(to_json_value(line), allow_nan=False) + "\n")
-    save_predictions(out_dir, {"validation": validation, "test": test})
+            file.write(json.dumps(report_lib.to_json_value(line), allow_nan=False) + "\n")
+    predictions_lib.save_predictions(out_dir, {"validation": validation, "test": test})
 
     plots = _write_plots(plots_dir, test, metrics)
-    overlays = _plot_overlays(
+    overlays = report_lib.plot_overlays(
         worst.items(),
         overlays_dir,
         "worst",
@@ -911,7 +644,7 @@ def evaluate(
             f"score {float(row['image_score']):.3f}, threshold {image['threshold']:.3f}"
         ),
     )
-    overlays += _plot_overlays(
+    overlays += report_lib.plot_overlays(
         queued.items(),
         overlays_dir,
         "review",

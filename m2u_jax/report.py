@@ -1,4 +1,4 @@
-"""Evaluation plots (PNG) and the markdown report that links them.
+"""Evaluation outputs: plots (PNG), overlays, JSON files and the markdown report that links them.
 
 Figures are built with `matplotlib.figure.Figure` on the Agg canvas, never through pyplot: no
 global backend switch for the importing program, no figure registry that leaks memory over
@@ -9,6 +9,7 @@ predictable) and returns its path.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -581,3 +582,78 @@ def write_report(
     with open(report_path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
     return report_path
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def to_json_value(value):
+    """Metrics tree -> JSON-ready Python values: NaN/Inf -> None, numpy scalars -> Python."""
+    if isinstance(value, Mapping):
+        return {str(key): to_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_json_value(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: str, value) -> str:
+    """Writes `value` (`to_json_value`) as indented JSON; returns `path`."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(to_json_value(value), file, indent=2, allow_nan=False)
+        file.write("\n")
+    return path
+
+
+def class_name(class_id: int, class_names: Sequence[str]) -> str:
+    """The name of a box class index ('defect' for the class-agnostic -1)."""
+    if 0 <= class_id < len(class_names):
+        return class_names[class_id]
+    return "defect" if class_id < 0 else str(class_id)
+
+
+def boxes_of(row: Mapping, class_names: Sequence[str]) -> list[dict]:
+    """The valid boxes of one prediction row as JSON-able dicts (xyxy, score, class name)."""
+    keep = np.asarray(row["box_valid"]) > 0
+    return [
+        {
+            "xyxy": [round(float(v), 2) for v in box],
+            "score": float(score),
+            "class": class_name(int(class_id), class_names),
+        }
+        for box, score, class_id in zip(
+            row["boxes_xyxy"][keep], row["box_scores"][keep], row["box_classes"][keep]
+        )
+    ]
+
+
+def plot_overlays(
+    items: Sequence[dict], directory: str, prefix: str, group: str, class_names, caption
+) -> list[dict]:
+    """One overlay PNG per row of `items` (`prefix_NN.png`), captioned by `caption(row)`;
+    returns the report entries."""
+    entries = []
+    for index, row in enumerate(items):
+        path = os.path.join(directory, f"{prefix}_{index:02d}.png")
+        keep = np.asarray(row["box_valid"]) > 0
+        title = caption(row)
+        plot_overlay(
+            row["images"],
+            row["anomaly_map"],
+            row["masks"],
+            row["boxes_xyxy"][keep],
+            row["box_scores"][keep],
+            row["box_classes"][keep],
+            list(class_names),
+            title,
+            path,
+        )
+        entries.append({"path": path, "caption": title, "group": group})
+    return entries

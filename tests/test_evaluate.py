@@ -28,7 +28,7 @@ from sklearn.metrics import (
 )
 
 from configs import tiny
-from m2u_jax import evaluate, metrics, report, review, run_checkpoint, uncertainty
+from m2u_jax import evaluate, metrics, predictions, report, review, run_checkpoint, uncertainty
 
 pytestmark = pytest.mark.slow  # trains and evaluates a tiny run
 
@@ -39,7 +39,7 @@ NUM_OVERLAYS = 2
 
 
 def test_top_k_keeps_largest_keys_and_builds_only_kept_items():
-    keeper = evaluate.TopK(2)
+    keeper = predictions.TopK(2)
     built = []
 
     def item(name):
@@ -54,13 +54,13 @@ def test_top_k_keeps_largest_keys_and_builds_only_kept_items():
     # 'e' ties with 'b' at 0.5 and came later: the earlier item wins the tie.
     assert [entry["name"] for entry in keeper.items()] == ["b", "e"]
     assert "d" not in built and "f" not in built  # never among the top two: never built
-    assert evaluate.TopK(0).items() == []
+    assert predictions.TopK(0).items() == []
 
 
 def test_to_json_value_writes_nan_as_null(tmp_path):
     value = {"a": math.nan, "b": np.float32(0.25), "c": [np.int64(3), math.inf], "d": np.bool_(1)}
-    assert evaluate.to_json_value(value) == {"a": None, "b": 0.25, "c": [3, None], "d": True}
-    path = evaluate.write_json(str(tmp_path / "x.json"), value)
+    assert report.to_json_value(value) == {"a": None, "b": 0.25, "c": [3, None], "d": True}
+    path = report.write_json(str(tmp_path / "x.json"), value)
     assert json.load(open(path)) == {"a": None, "b": 0.25, "c": [3, None], "d": True}
 
 
@@ -529,7 +529,7 @@ def test_saved_predictions_match_a_fresh_forward_pass(evaluated_run):
     valid = batch["valid"]
     np.testing.assert_array_equal(batch["paths"][valid], test["paths"])
     # Same layout as in `evaluate` (batch split over the devices): the compiled program is reused.
-    images = jax.device_put(batch["images"], evaluate.eval_batch_sharding(config))
+    images = jax.device_put(batch["images"], predictions.eval_batch_sharding(config))
     fresh = model_lib.predict(model, {"params": params}, images)
     np.testing.assert_allclose(np.asarray(fresh["image_score"])[valid], test["image_score"], 1e-5)
     np.testing.assert_allclose(
@@ -544,8 +544,8 @@ def test_saved_predictions_match_a_fresh_forward_pass(evaluated_run):
     # eval.num_mc_samples = 1: no sampling, the deterministic score with zero variance.
     deterministic = config.copy_and_resolve_references()
     deterministic.eval.num_mc_samples = 1
-    sharding = evaluate.eval_batch_sharding(config)
-    predict = evaluate.make_model_predict_fn(deterministic, model, {"params": params}, sharding)
+    sharding = predictions.eval_batch_sharding(config)
+    predict = predictions.make_model_predict_fn(deterministic, model, {"params": params}, sharding)
     single = predict(batch["images"], 0)
     np.testing.assert_array_equal(single["score_mean"], single["image_score"])
     np.testing.assert_array_equal(single["score_var"], 0.0)
@@ -606,37 +606,3 @@ def test_bad_step_and_missing_run_are_named(evaluated_run, tmp_path):
         evaluate.evaluate(config, evaluated_run["workdir"], step=7)
     with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
         evaluate.evaluate(config, str(tmp_path / "nothing"))
-
-
-def test_collect_split_logs_progress_with_the_time_left(monkeypatch):
-    lines = []
-    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0.0)
-    monkeypatch.setattr(evaluate.logging, "info", lambda text, *args: lines.append(text % args))
-
-    def batches():
-        for index in range(3):
-            yield {
-                "valid": np.array([True, True, index < 2]),
-                "images": np.zeros((3, 4, 4, 3), np.float32),
-                "paths": np.array([f"{index}_{k}.png" for k in range(3)]),
-                "categories": np.array(["c"] * 3),
-                "defect_names": np.array(["good"] * 3),
-                "labels": np.zeros(3, np.int32),
-                "boxes": np.zeros((3, 1, 4), np.float32),
-                "box_classes": np.zeros((3, 1), np.int32),
-                "box_valid": np.zeros((3, 1), np.float32),
-                "masks": np.zeros((3, 4, 4), np.float32),
-            }
-
-    def predict(images, index):
-        return {"image_score": np.full(len(images), 0.1 * index, np.float32)}
-
-    config = tiny.get_config()
-    rows = evaluate.collect_split(
-        config, "test", predict, keep_maps=False, batches=batches(), total=8
-    )
-    assert rows["image_score"].tolist() == pytest.approx([0, 0, 0, 0.1, 0.1, 0.1, 0.2, 0.2])
-    assert [line.split(",")[0] for line in lines] == [
-        "test: 3 of 8 images", "test: 6 of 8 images", "test: 8 of 8 images"
-    ]  # fmt: skip
-    assert "s left" in lines[0] and "images/s" in lines[0]

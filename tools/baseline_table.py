@@ -189,10 +189,10 @@ def component_boxes(maps: np.ndarray, threshold: float, max_boxes: int) -> dict[
 
 def _throughput(config, function, *args) -> float:
     """images/s of `function(*args, images)` on eval.batch_size random images over the mesh."""
-    from m2u_jax import evaluate
+    from m2u_jax import evaluate, predictions
     from m2u_jax.modalities import num_channels
 
-    batch_sharding = evaluate.eval_batch_sharding(config)
+    batch_sharding = predictions.eval_batch_sharding(config)
     side = int(config.data.image_size)
     channels = num_channels(config.data.modalities)
     batch_size = int(config.eval.batch_size)
@@ -211,23 +211,23 @@ def _image_row(config, validation, test) -> dict:
 
 
 def evaluate_autoencoder(config, workdir: str) -> dict:
-    from m2u_jax import evaluate, run_checkpoint
+    from m2u_jax import evaluate, predictions, run_checkpoint
     from m2u_jax import model as model_lib
 
     params, _ = run_checkpoint.restore_params(config, workdir)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
-    batch_sharding = evaluate.eval_batch_sharding(config)
+    batch_sharding = predictions.eval_batch_sharding(config)
     topk = float(config.model.image_score_topk)
 
     def predict(images, batch_index):
         del batch_index
-        return evaluate.to_host(
+        return predictions.to_host(
             _autoencoder_forward(model, topk, variables, jax.device_put(images, batch_sharding))
         )
 
-    validation = evaluate.collect_split(config, "validation", predict, keep_maps=True)
-    test = evaluate.collect_split(config, "test", predict, keep_maps=True)
+    validation = predictions.collect_split(config, "validation", predict, keep_maps=True)
+    test = predictions.collect_split(config, "test", predict, keep_maps=True)
     threshold = best_pixel_threshold(validation["masks"], validation["anomaly_map"])
     test.update(
         component_boxes(test["anomaly_map"], threshold, int(config.model.det_max_detections))
@@ -245,22 +245,22 @@ def evaluate_autoencoder(config, workdir: str) -> dict:
 
 
 def evaluate_detection(config, workdir: str, context) -> dict:
-    from m2u_jax import evaluate, run_checkpoint
+    from m2u_jax import evaluate, predictions, run_checkpoint
     from m2u_jax import model as model_lib
 
     params, _ = run_checkpoint.restore_params(config, workdir)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
-    batch_sharding = evaluate.eval_batch_sharding(config)
+    batch_sharding = predictions.eval_batch_sharding(config)
 
     def predict(images, batch_index):
         del batch_index
-        return evaluate.to_host(
+        return predictions.to_host(
             _detection_forward(model, variables, jax.device_put(images, batch_sharding))
         )
 
-    validation = evaluate.collect_split(config, "validation", predict, keep_maps=False)
-    test = evaluate.collect_split(config, "test", predict, keep_maps=False)
+    validation = predictions.collect_split(config, "validation", predict, keep_maps=False)
+    test = predictions.collect_split(config, "test", predict, keep_maps=False)
     return {
         "image": _image_row(config, validation, test),
         "detection": evaluate.detection_metrics(test, context.class_names, context.class_agnostic),
@@ -275,13 +275,13 @@ def evaluate_svm(config, workdir: str) -> dict:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    from m2u_jax import evaluate, run_checkpoint
     from m2u_jax import model as model_lib
+    from m2u_jax import predictions, run_checkpoint
 
     encoder_params, _ = run_checkpoint.restore_params(config, workdir, stage="pretrain")
     model = model_lib.build_model(config.model)
     variables = {"params": encoder_params}
-    batch_sharding = evaluate.eval_batch_sharding(config)
+    batch_sharding = predictions.eval_batch_sharding(config)
 
     def embed(images, batch_index):
         del batch_index
@@ -289,7 +289,7 @@ def evaluate_svm(config, workdir: str) -> dict:
         return {"embedding": np.asarray(jax.device_get(features), np.float32)}
 
     splits = {
-        split: evaluate.collect_split(config, split, embed, keep_maps=False)
+        split: predictions.collect_split(config, split, embed, keep_maps=False)
         for split in ("train", "validation", "test")
     }
     train = splits["train"]
@@ -459,14 +459,14 @@ def table_note(config) -> str:
 
 
 def write_outputs(workdir: str, rows: list[dict], note: str = "") -> dict[str, str]:
-    from m2u_jax import evaluate
+    from m2u_jax import report
 
     os.makedirs(workdir, exist_ok=True)
     paths = {
         "markdown": os.path.join(workdir, "baselines.md"),
         "json": os.path.join(workdir, "baselines.json"),
     }
-    evaluate.write_json(paths["json"], {"rows": rows, "note": note})
+    report.write_json(paths["json"], {"rows": rows, "note": note})
     with open(paths["markdown"], "w", encoding="utf-8") as file:
         file.write("# Baselines (the paper's Table 2 in one harness)\n\n")
         file.write(markdown_table(rows, note))

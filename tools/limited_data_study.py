@@ -160,7 +160,7 @@ def plot_study(rows: list[dict], path: str) -> str:
 
 def write_outputs(workdir: str, rows: list[dict], note: str = "") -> dict[str, str]:
     """WORKDIR/limited_data.{md,json,png}; returns their paths."""
-    from m2u_jax import evaluate
+    from m2u_jax import report
 
     os.makedirs(workdir, exist_ok=True)
     paths = {
@@ -168,7 +168,7 @@ def write_outputs(workdir: str, rows: list[dict], note: str = "") -> dict[str, s
         "json": os.path.join(workdir, "limited_data.json"),
         "plot": os.path.join(workdir, "limited_data.png"),
     }
-    evaluate.write_json(paths["json"], {"rows": rows, "note": note})
+    report.write_json(paths["json"], {"rows": rows, "note": note})
     plot_study(rows, paths["plot"])
     with open(paths["markdown"], "w", encoding="utf-8") as file:
         file.write("# Limited-data study\n\n")

@@ -115,7 +115,7 @@ def _value(metrics: dict, section: str, key: str) -> float:
 def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict]:
     """Evaluates every kept fine-tuning checkpoint of `run_dir`; one row per checkpoint with
     step, train_minutes, eval_minutes and the `COLUMNS` (cached in RUN_DIR/curve/)."""
-    from m2u_jax import evaluate, run_checkpoint
+    from m2u_jax import evaluate, report, run_checkpoint
 
     manager = run_checkpoint.make_manager(run_dir, 1000, async_save=False)
     try:
@@ -136,7 +136,7 @@ def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict
             evaluate.evaluate(config, run_dir, step, with_speed=False)
             with open(os.path.join(run_dir, "eval", "metrics.json"), encoding="utf-8") as file:
                 record = {"metrics": json.load(file), "eval_seconds": time.perf_counter() - start}
-            evaluate.write_json(cached, record)
+            report.write_json(cached, record)
             # Keep each checkpoint's full report next to its numbers.
             shutil.copytree(
                 os.path.join(run_dir, "eval"),
@@ -177,9 +177,9 @@ def run_matrix(config, workdir: str, runs: list[dict], curve_points: int) -> lis
 
 
 def write_json(path: str, payload) -> None:
-    from m2u_jax import evaluate
+    from m2u_jax import report
 
-    evaluate.write_json(path, payload)
+    report.write_json(path, payload)
 
 
 def _cell(value) -> str:
