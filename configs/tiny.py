@@ -10,7 +10,6 @@ def get_config():
     config = default.get_config()
     config.data.image_size = 32
     config.data.max_boxes = 4
-    config.data.shuffle_buffer = 64
     config.model.variant = "tiny"
     config.model.patch_size = 8
     config.model.patch_stride = 8

@@ -32,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_anomaly_prob = 0.5  # Probability that a training image gets a synthetic anomaly.
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
     data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
-    data.shuffle_buffer = 1024  # tf.data shuffle buffer (examples).
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.
     data.prefetch = 2  # Batches prefetched to the devices.

@@ -339,21 +339,3 @@ class ImageHead(nn.Module):
         image_logits = nn.Dense(1, name="image", **dense)(features)[:, 0]
         type_logits = nn.Dense(self.num_defect_classes + 1, name="type", **dense)(features)
         return image_logits.astype(jnp.float32), type_logits.astype(jnp.float32)
-
-
-class ProjectionHead(nn.Module):
-    """Contrastive projection / predictor MLP (SimCLR, MoCo v3): `[B, D]` → `[B, output_dim]`.
-    Dense → LayerNorm → GELU → Dense (LayerNorm instead of the papers' batch norm keeps the
-    model stateless). Not part of M2UNet: the pretraining stage owns it."""
-
-    hidden_dim: int
-    output_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, embedding: jax.Array) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = nn.Dense(self.hidden_dim, name="fc1", **dense)(embedding)
-        hidden = nn.gelu(nn.LayerNorm(name="norm", **dense)(hidden))
-        return nn.Dense(self.output_dim, name="fc2", **dense)(hidden).astype(jnp.float32)

@@ -124,9 +124,3 @@ def test_image_and_projection_heads():
         atol=1e-5,
     )
     assert not np.allclose(sampled, image_logits)
-    projection = heads.ProjectionHead(hidden_dim=16, output_dim=4)
-    shapes = jax.eval_shape(lambda: projection.init(key(0), embedding))
-    assert shapes["params"]["fc1"]["kernel"].shape == (8, 16)
-    assert shapes["params"]["fc2"]["kernel"].shape == (16, 4)
-    projected = jax.eval_shape(lambda v: projection.apply(v, embedding), shapes)
-    assert projected.shape == (3, 4) and projected.dtype == jnp.float32

@@ -8,8 +8,7 @@
 Training (`make_train_iterator`, tf.data, TensorFlow imported lazily):
 
 1. Order: epoch e visits the N training examples in the order of a full random permutation
-   seeded by (config.seed, stage, e) (stateless ops, exact shuffle; `data.shuffle_buffer` is not
-   needed). The stream is infinite and identical on every host; `start_step` skips
+   seeded by (config.seed, stage, e) (stateless ops, exact shuffle, no shuffle buffer). The stream is infinite and identical on every host; `start_step` skips
    `start_step * train.batch_size` entries of this *index* stream, which costs nothing (no
    decoding), so a resumed run continues with exactly the batches it has not seen.
 2. The stream is sharded per host (`shard(jax.process_count(), jax.process_index())`), so each
