@@ -11,7 +11,21 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from m2u_jax.data.float_tiff import write_float_tiff
+
+def write_float_tiff(path, array: np.ndarray, *, compression=None) -> None:
+    """A float32 `[h, w]` or `[h, w, c]` TIFF (MVTec 3D-AD's xyz layout: samples last)."""
+    import tifffile
+
+    array = np.asarray(array, np.float32)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        tifffile.imwrite(path, array, photometric="minisblack", compression=compression)
+        return
+    photometric = "rgb" if array.shape[-1] == 3 else "minisblack"
+    tifffile.imwrite(
+        path, array, photometric=photometric, planarconfig="contig", compression=compression
+    )
 
 
 def save_png(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:

@@ -7,9 +7,8 @@ import pytest
 from PIL import Image
 
 from m2u_jax.data import decode
-from m2u_jax.data.float_tiff import write_float_tiff
 from m2u_jax.data.records import DataError, SampleRecord
-from tests.data_trees import block_mask, rgb_image, save_png
+from tests.data_trees import block_mask, rgb_image, save_png, write_float_tiff
 
 
 def _record(path, mask_path=None, defect="crack", extra=None, boxes=None, names=None):
@@ -255,3 +254,28 @@ def test_decode_record_voc_boxes_scale_and_fill_mask(tmp_path):
     expected[:, 0:2] = 1  # pixel centres 0.5 and 1.5 lie in [0, 2.5)
     expected[2:4, 5:10] = 1
     np.testing.assert_array_equal(sample.mask, expected)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_float_tiffs_read_at_their_values_with_samples_last(tmp_path, channels, compression):
+    values = np.random.default_rng(channels).random((5, 7, channels), dtype=np.float32)
+    path = tmp_path / "x.tiff"
+    write_float_tiff(path, values, compression=compression)
+    assert decode.probe_image(path) == decode.ImageHeader(7, 5, channels, "F")
+    np.testing.assert_array_equal(decode._read_float_tiff(str(path)), values)
+
+
+def test_bad_float_tiffs_name_the_file(tmp_path):
+    path = tmp_path / "x.tiff"
+    write_float_tiff(path, np.ones((16, 16, 3), np.float32))
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(path.read_bytes()[:64])
+    with pytest.raises(DataError, match=f"{truncated}: "):
+        decode.read_modality(str(truncated), "depth")
+    eight_bit = tmp_path / "u8.tiff"
+    import tifffile
+
+    tifffile.imwrite(eight_bit, np.zeros((2, 2, 3), np.uint16), photometric="rgb")
+    with pytest.raises(DataError, match=r"u8.tiff: TIFF of uint16 .* expected float32 samples"):
+        decode._read_float_tiff(str(eight_bit))

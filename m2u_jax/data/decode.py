@@ -35,7 +35,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from m2u_jax.modalities import MODALITY_CHANNELS
-from m2u_jax.data import float_tiff
 from m2u_jax.data.records import DataError, SampleRecord
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -112,11 +111,8 @@ def probe_image(path: str | pathlib.Path) -> ImageHeader:
     except DataError:
         if not _is_float_tiff(path):
             raise
-    # Pillow cannot open multi-channel float TIFFs (MVTec 3D-AD xyz); read the directory.
-    try:
-        height, width, channels = float_tiff.tiff_shape(path)
-    except (float_tiff.TiffError, OSError) as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
+    # Pillow cannot open multi-channel float TIFFs (MVTec 3D-AD xyz): tifffile reads the header.
+    height, width, channels = _float_tiff_layout(path)[1:]
     return ImageHeader(width, height, channels, "F")
 
 
@@ -229,11 +225,42 @@ def read_modality(path: str, modality: str, *, data: bytes | None = None) -> tup
     return array, kind
 
 
-def _read_float_tiff_modality(path: str, modality: str) -> np.ndarray:
+def _float_tiff_layout(path: str) -> tuple[str, int, int, int]:
+    """(axes, height, width, channels) of a float32 TIFF's first image; DataError naming the
+    file for anything else."""
+    import tifffile  # only MVTec 3D-AD-style point maps need it
+
     try:
-        values = float_tiff.read_float_tiff(path)
-    except float_tiff.TiffError as error:
-        raise DataError(str(error)) from None
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            axes, shape, dtype = series.axes, series.shape, series.dtype
+    except Exception as error:  # tifffile raises many types for broken files
+        raise DataError(f"{path}: not a readable image ({error})") from None
+    if dtype != np.float32 or not {"Y", "X"} <= set(axes) or len(shape) > 3:
+        raise DataError(
+            f"{path}: TIFF of {dtype} with axes {axes}; expected float32 samples [h, w(, c)]"
+        )
+    size = dict(zip(axes, shape))
+    channels = next((size[a] for a in axes if a not in "YX"), 1)
+    return axes, size["Y"], size["X"], channels
+
+
+def _read_float_tiff(path: str) -> np.ndarray:
+    """`[h, w, c]` float32 of a float TIFF (tifffile), samples last whatever the planar layout."""
+    import tifffile
+
+    axes = _float_tiff_layout(path)[0]
+    try:
+        values = tifffile.imread(path)
+    except Exception as error:  # truncated strips, bad compression data, ...
+        raise DataError(f"{path}: truncated or corrupt TIFF ({error})") from None
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a not in "YX"]
+    values = np.transpose(values, order)
+    return values[..., None] if values.ndim == 2 else values
+
+
+def _read_float_tiff_modality(path: str, modality: str) -> np.ndarray:
+    values = _read_float_tiff(path)
     channels = values.shape[-1]
     if modality == "depth":
         if channels not in (1, 3):
