@@ -31,6 +31,7 @@ from m2u_jax.data import decode, records
 from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 
 TILING_MODES = ("auto", "on", "off")
+OVERLAY_MIN_SIDE = 256  # overlays of smaller images are enlarged to about this side
 # Forward of a batch `[N, S, S, C]` float32 in [0, 1] → the seven arrays of
 # `m2u_jax.export.graph.OUTPUT_NAMES`, as a dict.
 Forward = Callable[[np.ndarray], dict]
@@ -402,12 +403,24 @@ class Predictor:
         ]
 
 
-def overlay(image: np.ndarray, prediction: Prediction, map_threshold: float = 0.5) -> Image.Image:
+def overlay(
+    image: np.ndarray,
+    prediction: Prediction,
+    map_threshold: float = 0.5,
+    min_side: int = OVERLAY_MIN_SIDE,
+) -> Image.Image:
     """An RGB picture of `image` (`[H, W, C]` in [0, 1]) with the anomaly map's contour above
-    `map_threshold` in red, the boxes in yellow with class and score, and the decision."""
+    `map_threshold` in red, the boxes in yellow with class and score, and the decision. Small
+    images are enlarged by an integer factor (nearest) to at least `min_side` pixels, so the
+    labels stay readable."""
     base = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
-    rgb = (np.clip(base, 0, 1) * 255).astype(np.uint8).copy()
+    rgb = (np.clip(base, 0, 1) * 255).astype(np.uint8)
     inside = prediction.anomaly_map >= map_threshold
+    scale = max(1, -(-min_side // max(rgb.shape[:2])))
+    if scale > 1:
+        rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+        inside = np.repeat(np.repeat(inside, scale, axis=0), scale, axis=1)
+    rgb = rgb.copy()
     edge = inside & ~(
         np.roll(inside, 1, 0)
         & np.roll(inside, -1, 0)
@@ -418,9 +431,9 @@ def overlay(image: np.ndarray, prediction: Prediction, map_threshold: float = 0.
     picture = Image.fromarray(rgb)
     draw = ImageDraw.Draw(picture)
     for box in prediction.boxes:
-        draw.rectangle(box["box"], outline=(255, 220, 0), width=2)
-        draw.text((box["box"][0] + 2, box["box"][1] + 1), f"{box['class_name']} {box['score']:.2f}",
-                  fill=(255, 220, 0))  # fmt: skip
+        x0, y0, x1, y1 = (value * scale for value in box["box"])
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 220, 0), width=2)
+        draw.text((x0 + 2, y0 + 1), f"{box['class_name']} {box['score']:.2f}", fill=(255, 220, 0))
     colour = {"accept": (0, 200, 0), "reject": (255, 0, 0), "review": (255, 160, 0)}
     draw.text((4, 4), f"{prediction.decision} {prediction.image_score:.3f}",
               fill=colour[prediction.decision])  # fmt: skip

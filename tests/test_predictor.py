@@ -140,10 +140,15 @@ def test_overlay_draws_contour_boxes_and_decision():
     image = np.full((64, 64, 3), 0.5, np.float32)
     image[20:30, 20:30] = 0.0
     result = _predictor().predict([image])[0]
-    picture = np.asarray(predictor_lib.overlay(image, result))
+    picture = np.asarray(predictor_lib.overlay(image, result, min_side=64))
     assert picture.shape == (64, 64, 3)
     assert tuple(picture[20, 25]) in ((255, 0, 0), (255, 220, 0))  # contour or box edge
     assert tuple(picture[40, 50]) == (127, 127, 127)  # untouched background
+    # A small image is enlarged by a whole factor (64 -> 256): the same pixels, 4 x 4 each.
+    large = np.asarray(predictor_lib.overlay(image, result))
+    assert large.shape == (256, 256, 3)
+    assert tuple(large[160:164, 200:204].reshape(-1, 3)[0]) == (127, 127, 127)
+    assert tuple(large[80, 100]) in ((255, 0, 0), (255, 220, 0))
 
 
 def test_inputs_from_folders_globs_and_files_each_once(tmp_path):
