@@ -1,4 +1,5 @@
-"""Benchmark settings for tools/benchmark.py; pick one with `--config configs/benchmark.py:NAME`.
+"""Benchmark settings for `m2u-benchmark` (in a checkout also `python tools/benchmark.py`); pick
+one with `--config configs/benchmark.py:NAME`.
 
 - `S256_bf16` (the default): ViT-S backbone at 256 px, bf16 compute / f32 params, global batch
   256 for training, 128 for inference, T = 16. For one GPU (H100/H200/A100):

@@ -1,13 +1,8 @@
 """Throughput benchmark of every hot path: train step, inference, MC dropout, input pipeline,
 ONNX Runtime vs JAX, a PyTorch reference backbone, and train-step compile time.
 
-    python tools/benchmark.py --config configs/demo.py --modes train,infer,mc --out bench.json
-    python tools/benchmark.py --config configs/benchmark.py:S256_bf16 --modes train,infer,mc
-    python tools/benchmark.py --config configs/benchmark.py:B256_bf16 --modes compile
-    python tools/benchmark.py --config configs/tiny.py --config.model.scan_blocks=True ...
-    python tools/benchmark.py --workdir runs/demo --modes infer,mc   # a trained run's model
-
-Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
+The measuring code of `m2u-benchmark` (m2u_jax/cli/benchmark.py: the options, the table, the
+JSON file); `run_benchmark(config, modes)` returns the results dict. Modes:
 
 - `train`: the jitted fine-tuning step of `m2u_jax.trainer.build_finetune_stage` (sharded over
   every device, state donated) on an in-memory batch of `train.batch_size` images:
@@ -20,17 +15,18 @@ Prints a table and writes JSON (`--out`). Modes (`--modes`, comma-separated):
 - `pipeline`: `m2u_jax.data.pipeline.benchmark_pipeline` (tf.data; the only mode that imports
   TensorFlow): `images_per_sec`, and its ratio to the train step's images/s on this host. Uses
   `data.root`, or a synthetic set written to a temporary folder when that does not exist.
-- `onnx`: the exported inference graph (tools/convert_to_onnx) in ONNX Runtime against the
-  same function jitted in JAX on the same batch.
-- `torch`: a PyTorch reference of the same backbone (tools/torch_reference.py) against the JAX
+- `onnx`: the exported inference graph (`m2u_jax.export`, as `m2u-export` writes it) in ONNX
+  Runtime against the same function jitted in JAX on the same batch.
+- `torch`: a PyTorch reference of the same backbone (m2u_jax/torch_reference.py) against the JAX
   backbone; skipped (with the reason in the JSON) when torch is not importable.
 - `compile`: lowering and XLA compile time of the train step with `model.scan_blocks` False and
   True (from abstract shapes: nothing is allocated, so B at 256 compiles on a laptop).
 
-Experiments: `--mc-chunk N` also times MC dropout with another chunk size, the samples run N
-at a time (N = 0: all T in one vmap), against the configured `eval.mc_chunk_size`;
-`--unrolled-threefry` installs `m2u_jax.cpu_prng` (a loop-free CPU lowering of dropout's RNG,
-same bits); `--profile` adds a jax.profiler breakdown.
+Experiments (`Settings`, the command's flags of the same names): `--mc-chunk N` also times MC
+dropout with another chunk size, the samples run N at a time (N = 0: all T in one vmap),
+against the configured `eval.mc_chunk_size`; `--unrolled-threefry` installs `m2u_jax.cpu_prng`
+(a loop-free CPU lowering of dropout's RNG, same bits); `--profile` adds a jax.profiler
+breakdown.
 
 Method: every program is lowered and compiled once (`compile_s`), then called through its
 `jax.jit` function, which reuses that executable (`jit_cache_entries` = 1 shows no retrace);
@@ -45,30 +41,28 @@ machines that have only jax/flax/optax/orbax.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:  # `configs` and `m2u_jax` import from the repository root
-    sys.path.insert(0, _REPO_ROOT)
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from m2u_jax import config as config_lib  # noqa: E402
-from m2u_jax import flops as flops_lib  # noqa: E402
-from m2u_jax.modalities import num_channels  # noqa: E402
+from m2u_jax import config as config_lib
+from m2u_jax import cpu_prng, sharding, trainer, uncertainty
+from m2u_jax import flops as flops_lib
+from m2u_jax import model as model_lib
+from m2u_jax.modalities import num_channels
 
 MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile")
 DEFAULT_MODES = ("train", "infer", "mc")
@@ -108,17 +102,6 @@ class Settings:
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` (+ `--config.a.b=value` overrides, parsed by ml_collections'
-    config_flags as train.py does) → a ConfigDict. `arg`, when given, goes to
-    `get_config(arg)` (configs/benchmark.py uses it to pick a setting). A relative path is
-    also looked up from the repository root. Raises ConfigError naming the file or the key."""
-    path, sep, arg = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(_REPO_ROOT, path)):
-        spec = os.path.join(_REPO_ROOT, path) + sep + arg
-    return config_lib.config_from_args("benchmark.py", spec, overrides)
 
 
 def describe_config(config: ml_collections.ConfigDict) -> dict:
@@ -288,8 +271,6 @@ def _profile(call: Callable[[], object], compiled, settings: Settings) -> dict |
 
 def build(config: ml_collections.ConfigDict):
     """(model, float32-initialised variables on the default device) of `config.model`."""
-    from m2u_jax import model as model_lib
-
     model = model_lib.build_model(config.model)
     side = int(config.data.image_size)
     channels = num_channels(config.data.modalities)
@@ -301,8 +282,6 @@ def build(config: ml_collections.ConfigDict):
 
 def predict_fn(model) -> Callable:
     """`(variables, images) -> predictions` of `model.predict` (the infer mode's program)."""
-    from m2u_jax import model as model_lib
-
     return lambda variables, images: model.apply(variables, images, method=model_lib.M2UNet.predict)
 
 
@@ -314,7 +293,6 @@ def forward_fn(model) -> Callable:
 def deterministic_statistics_fn(model) -> Callable:
     """One deterministic pass giving the statistics MC dropout gives (score, anomaly map, type
     probabilities; variances are 0): the reference of the MC cost ratio."""
-    from m2u_jax import uncertainty
 
     def statistics_of_one_pass(variables, images):
         outputs, _ = model.apply(variables, images, train=False)
@@ -327,8 +305,6 @@ def deterministic_statistics_fn(model) -> Callable:
 def mc_fn(model, num_samples: int, chunk_size: int) -> Callable:
     """`(variables, images, rng) -> statistics` of `uncertainty.mc_dropout_predict` with the
     samples run `chunk_size` at a time (0 = all T in one vmap)."""
-    from m2u_jax import uncertainty
-
     return lambda variables, images, rng: uncertainty.mc_dropout_predict(
         model, variables, images, rng, num_samples, chunk_size=chunk_size
     )
@@ -339,9 +315,6 @@ def mc_fn(model, num_samples: int, chunk_size: int) -> Callable:
 
 def bench_train(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """The fine-tuning train step (trainer.build_finetune_stage) on an in-memory batch."""
-    from m2u_jax import model as model_lib
-    from m2u_jax import sharding, trainer
-
     mesh = sharding.make_mesh(config.train.mesh_fsdp)
     model = model_lib.build_model(config.model)
     stage = trainer.build_finetune_stage(config, model, mesh, jax.random.PRNGKey(config.seed))
@@ -425,8 +398,6 @@ def bench_infer(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 
 def bench_mc(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """MC dropout (T samples, trunk once) against one deterministic pass, same batch."""
-    from m2u_jax import model as model_lib
-
     model, variables = build(config)
     num_samples = int(config.eval.num_mc_samples)
     chunk_size = int(config.eval.mc_chunk_size)
@@ -513,7 +484,7 @@ def _pipeline_root(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
     """(data root, where it comes from): `data.root` when it exists, else a synthetic set."""
     if os.path.isdir(config.data.root):
         return config.data.root, "data.root"
-    from m2u_jax.data import synthetic
+    from m2u_jax.data import synthetic  # the pipeline mode's data only (Pillow, worker pools)
 
     batch_size = int(config.train.batch_size)
     root = os.path.join(workdir, "synthetic")
@@ -530,7 +501,7 @@ def _pipeline_root(config: ml_collections.ConfigDict, workdir: str) -> tuple[str
 
 def bench_pipeline(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """Host input pipeline images/s (`pipeline.benchmark_pipeline`; imports TensorFlow)."""
-    from m2u_jax.data import pipeline
+    from m2u_jax.data import pipeline  # TensorFlow: only this mode imports it
 
     with tempfile.TemporaryDirectory() as workdir:
         root, source = _pipeline_root(config, workdir)
@@ -551,7 +522,7 @@ def bench_pipeline(config: ml_collections.ConfigDict, settings: Settings) -> dic
 
 
 def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
-    """ONNX Runtime (CPU provider) on the exported inference graph (tools/convert_to_onnx,
+    """ONNX Runtime (CPU provider) on the exported inference graph (`export.convert.convert`,
     jax2onnx backend, default export options, T = 1, fixed batch) against the same function
     jitted in JAX, on the same images, timed alternately (`time_pair`).
 
@@ -561,7 +532,7 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     spinning threads take cores from everything else, the next JAX call included (demo, batch
     32, 2 cores: at load ~1.7 spinning made ORT 1.2x faster and JAX 1.4x slower; at load ~4 it
     made ORT 1.8x slower)."""
-    try:
+    try:  # optional: the `export` extra
         import onnxruntime
 
         from m2u_jax.export import convert, parity
@@ -617,15 +588,13 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 
 
 def bench_torch(config: ml_collections.ConfigDict, settings: Settings) -> dict:
-    """PyTorch reference backbone (tools/torch_reference.py) vs the JAX backbone
+    """PyTorch reference backbone (m2u_jax/torch_reference.py) vs the JAX backbone
     (`M2UNet.embed`), same batch and shapes, timed alternately. Skipped (with the reason) when
     torch is not importable."""
-    try:
-        from tools import torch_reference
+    try:  # torch is optional (imported by torch_reference)
+        from m2u_jax import torch_reference
     except ImportError as error:  # torch itself missing lands here too
         return dict(skipped=True, reason=f"torch is not importable: {error}")
-    from m2u_jax import model as model_lib
-
     model, variables = build(config)
     batch_size = int(config.eval.batch_size)
     images = _images(config, batch_size)
@@ -652,9 +621,6 @@ def bench_torch(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 def bench_compile(config: ml_collections.ConfigDict) -> dict:
     """Lower + compile seconds of the fine-tuning train step, `model.scan_blocks` False and
     True, from abstract (shape-only) state and batch: nothing is allocated or run."""
-    from m2u_jax import model as model_lib
-    from m2u_jax import sharding, trainer
-
     mesh = sharding.make_mesh(config.train.mesh_fsdp)
     batch = synthetic_batch(config, 1)
     batch_size = int(config.train.batch_size)
@@ -699,8 +665,6 @@ def bench_compile(config: ml_collections.ConfigDict) -> dict:
 
 def environment() -> dict:
     """Device, versions and host load, for the JSON header."""
-    import flax
-
     devices = jax.devices()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(
@@ -741,8 +705,6 @@ def run_benchmark(
     config_lib.validate(config, num_devices=jax.device_count())
     results = dict(config=config_name, settings=describe_config(config), **environment())
     if settings.unrolled_threefry:
-        from m2u_jax import cpu_prng
-
         results["unrolled_threefry_on_cpu"] = cpu_prng.install()
     needs_peak = any(mode in modes for mode in ("train", "infer", "mc"))
     peak, peak_source = (
@@ -831,179 +793,4 @@ def fill_mfu(results: dict, peak: float | None) -> None:
 
 
 def _max_rss_bytes() -> int:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _fmt(value, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value * scale:,.{digits}f}{unit}"
-
-
-def format_table(results: dict) -> str:
-    """The human-readable summary printed by `main`."""
-    rows = [("device", results["device"]), ("jax", results["jax_version"])]
-    rows.append(
-        (
-            "peak FLOP/s",
-            f"{_fmt(results['peak_flops'], ' G', 1e-9)} ({results['peak_flops_source']})",
-        )
-    )
-    if "train" in results:
-        train = results["train"]
-        rows += [
-            ("train images/s/device", _fmt(train["images_per_sec_per_device"])),
-            ("train step", _fmt(train["step_ms"], " ms", digits=2)),
-            ("train MFU", _fmt(train["mfu"], " %", 100)),
-            ("train compile", _fmt(train["compile_s"], " s", digits=2)),
-        ]
-    if "infer" in results:
-        infer = results["infer"]
-        rows += [
-            (f"infer images/s (batch {infer['batch_size']})", _fmt(infer["images_per_sec"])),
-            ("infer latency batch 1", _fmt(infer["latency_ms_batch1"], " ms", digits=2)),
-            ("infer MFU", _fmt(infer["mfu"], " %", 100)),
-            ("forward images/s (no NMS)", _fmt(infer["forward_images_per_sec"])),
-            ("forward MFU", _fmt(infer["forward_mfu"], " %", 100)),
-        ]
-    if "mc" in results:
-        mc = results["mc"]
-        rows += [
-            (f"MC T={mc['num_samples']} cost ratio", _fmt(mc["cost_ratio"], "x", digits=2)),
-            ("MC FLOPs ratio", _fmt(mc["flops_ratio"], "x", digits=2)),
-        ]
-        if "chunked" in mc:
-            rows.append(
-                (
-                    f"MC cost ratio, {mc['chunked']['chunk']} at a time",
-                    _fmt(mc["chunked"]["cost_ratio"], "x", digits=2),
-                )
-            )
-    if "pipeline" in results:
-        pipe = results["pipeline"]
-        rows.append(("pipeline images/s", _fmt(pipe["images_per_sec"])))
-        if "ratio_to_train" in pipe:
-            rows.append(("pipeline / train images/s", _fmt(pipe["ratio_to_train"], "x", digits=2)))
-    for name in ("onnx", "torch"):
-        if name in results:
-            part = results[name]
-            if part.get("skipped"):
-                rows.append((name, f"skipped: {part['reason']}"))
-            elif name == "onnx":
-                rows.append(("onnxruntime images/s", _fmt(part["images_per_sec"])))
-                rows.append(("jax (same graph) images/s", _fmt(part["jax_images_per_sec"])))
-                sleeping = part["without_spinning"]
-                rows.append(
-                    (
-                        "  ORT threads not spinning",
-                        f"{_fmt(sleeping['images_per_sec'])} vs jax "
-                        f"{_fmt(sleeping['jax_images_per_sec'])}",
-                    )
-                )
-            else:
-                rows.append(("torch images/s", _fmt(part["images_per_sec"])))
-                rows.append(("jax / torch", _fmt(part["ratio"], "x", digits=2)))
-    if "compile" in results:
-        for key in ("scan_blocks_false", "scan_blocks_true"):
-            rows.append(
-                (f"compile {key}", _fmt(results["compile"][key]["total_s"], " s", digits=1))
-            )
-    rows.append(
-        (
-            "peak memory",
-            f"{_fmt(results['peak_memory_bytes'], ' MB', 1e-6)} ({results['peak_memory_source']})",
-        )
-    )
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="configs/X.py[:setting]")
-    parser.add_argument(
-        "--workdir", default=None, help="a run directory: benchmark its config.json's model"
-    )
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {MODES}")
-    parser.add_argument("--batch-size", type=int, default=None, help="train and eval batch size")
-    parser.add_argument("--out", default=None, help="JSON output path")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps-per-repeat", type=int, default=3)
-    parser.add_argument("--pipeline-batches", type=int, default=20)
-    parser.add_argument(
-        "--matmul-sizes",
-        default=",".join(str(size) for size in flops_lib.MATMUL_PEAK_SIZES),
-        help="sides of the square matmuls timed for the CPU peak (the fastest counts)",
-    )
-    parser.add_argument("--profile", action="store_true", help="top HLO ops by time (jax.profiler)")
-    parser.add_argument("--onnx-path", default=None, help="keep the exported ONNX file here")
-    parser.add_argument(
-        "--mc-chunk",
-        type=int,
-        default=None,
-        help="also time MC dropout with samples run N at a time (0 = all in one vmap), "
-        "against the configured eval.mc_chunk_size",
-    )
-    parser.add_argument(
-        "--unrolled-threefry",
-        action="store_true",
-        help="m2u_jax.cpu_prng.install(): loop-free dropout RNG on CPU (same bits)",
-    )
-    args, overrides = parser.parse_known_args(argv)
-    bad = [item for item in overrides if not item.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    try:
-        if args.config or not args.workdir:
-            config = load_config(args.config or "", overrides)
-        else:
-            config = config_lib.config_from_args("benchmark.py", None, overrides, args.workdir)
-        settings = Settings(
-            warmup=args.warmup,
-            repeats=args.repeats,
-            steps_per_repeat=args.steps_per_repeat,
-            pipeline_batches=args.pipeline_batches,
-            matmul_sizes=tuple(int(size) for size in args.matmul_sizes.split(",")),
-            profile=args.profile,
-            onnx_path=args.onnx_path,
-            unrolled_threefry=args.unrolled_threefry,
-            mc_chunk=args.mc_chunk,
-        )
-        modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
-        results = run_benchmark(
-            config,
-            modes,
-            batch_size=args.batch_size,
-            settings=settings,
-            config_name=" ".join([args.config or f"{args.workdir}/config.json", *overrides]),
-        )
-    except (ValueError, config_lib.ConfigError) as error:
-        print(f"benchmark.py: {error}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump(_json_safe(results), file, indent=2)
-            file.write("\n")
-        print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,8 @@ bf16 autocast on CUDA when `model.dtype` is bfloat16:
 
 Parameters are freshly initialised (timing does not depend on their values); the parameter
 count equals the JAX backbone's (`count_parameters`), a check that the two are the same
-network. `python tools/benchmark.py --modes torch` runs it; importing this module needs torch.
+network. `m2u-benchmark --modes torch` runs it (`m2u_jax.benchmark.bench_torch`); importing this
+module needs torch, an optional dependency that no other module imports.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import tomllib
 
 import pytest
 
@@ -104,3 +105,39 @@ def test_training_and_restoring_do_not_import_evaluation(module):
             seen.add(successor)
             todo.append(successor)
     assert "m2u_jax.evaluate" not in seen
+
+
+def _imported_top_level_names(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def test_the_package_imports_neither_configs_nor_tools():
+    # configs/ and tools/ are the checkout's files, not shipped: an installed command
+    # (m2u-benchmark, ...) must not need them.
+    offenders = {
+        str(path.relative_to(_PACKAGE.parent)): sorted(names)
+        for path in sorted(_PACKAGE.rglob("*.py"))
+        if (names := _imported_top_level_names(path) & {"configs", "tools"})
+    }
+    assert offenders == {}
+
+
+def test_every_console_script_is_a_cli_module_run_function():
+    # m2u-train, m2u-eval, m2u-predict, m2u-export, m2u-data, m2u-benchmark: one per cli/ module.
+    scripts = tomllib.loads((_PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {}
+    for command, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module.startswith("m2u_jax.cli.") and function == "run", (command, target)
+        path = _PACKAGE / "cli" / f"{module.rpartition('.')[2]}.py"
+        tree = ast.parse(path.read_text(), str(path))
+        assert any(isinstance(node, ast.FunctionDef) and node.name == "run" for node in tree.body)
+        modules[path.stem] = command
+    cli_modules = {path.stem for path in (_PACKAGE / "cli").glob("*.py")} - {"__init__"}
+    assert set(modules) == cli_modules and modules["benchmark"] == "m2u-benchmark"

@@ -1,5 +1,6 @@
-"""tools/benchmark.py in CI-sized form: the CLI writes complete JSON, modes skip cleanly, the
-timed programs never retrace. Speed itself is measured by running the tool, not by tests."""
+"""m2u_jax.benchmark and its command (`m2u-benchmark`, m2u_jax/cli/benchmark.py) in CI-sized
+form: the CLI writes complete JSON, modes skip cleanly, the timed programs never retrace. Speed
+itself is measured by running the tool, not by tests."""
 
 import json
 import math
@@ -13,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+import m2u_jax
 from configs import tiny
+from m2u_jax import benchmark
 from m2u_jax import config as config_lib
-from tools import benchmark
+from m2u_jax.cli import benchmark as benchmark_cli
 
-pytestmark = pytest.mark.slow  # runs tools/benchmark.py end to end
+pytestmark = pytest.mark.slow  # runs the benchmark command end to end
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -36,12 +39,14 @@ def cli_results(tmp_path_factory):
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        PYTHONPATH=str(REPO_ROOT),  # this checkout's package, whichever one is installed
     )
     command = [
         sys.executable,
-        str(REPO_ROOT / "tools" / "benchmark.py"),
+        "-m",
+        "m2u_jax.cli.benchmark",
         "--config",
-        "configs/tiny.py",
+        str(REPO_ROOT / "configs" / "tiny.py"),
         "--modes",
         "train,infer,mc",
         "--warmup",
@@ -59,8 +64,9 @@ def cli_results(tmp_path_factory):
         "--out",
         str(out),
     ]
+    # Run outside the checkout, as the installed `m2u-benchmark` is.
     completed = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), completed.stdout
@@ -156,7 +162,7 @@ def test_synthetic_batch_follows_the_batch_contract():
 
 
 def test_load_config_settings_and_overrides():
-    config = benchmark.load_config(
+    config = benchmark_cli.load_config(
         "configs/benchmark.py:B256_bf16",
         ["--config.model.scan_blocks=false", "--config.model.scales=(1.0,)", "--config.seed=3"],
     )
@@ -165,13 +171,13 @@ def test_load_config_settings_and_overrides():
     assert config.seed == 3 and config.model.image_size == 256
     config_lib.validate(config)
     with pytest.raises(config_lib.ConfigError, match=r"model.varaint=S: no such config key"):
-        benchmark.load_config("configs/tiny.py", ["--config.model.varaint=S"])
+        benchmark_cli.load_config("configs/tiny.py", ["--config.model.varaint=S"])
     with pytest.raises(config_lib.ConfigError, match="config.model.remat=maybe"):
-        benchmark.load_config("configs/tiny.py", ["--config.model.remat=maybe"])
+        benchmark_cli.load_config("configs/tiny.py", ["--config.model.remat=maybe"])
     with pytest.raises(config_lib.ConfigError, match="no such config file"):
-        benchmark.load_config("configs/nope.py")
+        benchmark_cli.load_config("configs/nope.py")
     with pytest.raises(config_lib.ConfigError, match="unknown setting 'XL'"):
-        benchmark.load_config("configs/benchmark.py:XL")
+        benchmark_cli.load_config("configs/benchmark.py:XL")
 
 
 def test_unknown_mode_and_bad_batch_are_rejected():
@@ -183,7 +189,8 @@ def test_unknown_mode_and_bad_batch_are_rejected():
 
 def test_torch_mode_skips_cleanly_without_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-    monkeypatch.delitem(sys.modules, "tools.torch_reference", raising=False)
+    monkeypatch.delitem(sys.modules, "m2u_jax.torch_reference", raising=False)
+    monkeypatch.delattr(m2u_jax, "torch_reference", raising=False)  # else `from` finds it
     results = benchmark.run_benchmark(
         tiny.get_config(), ("torch",), settings=benchmark.Settings(warmup=1, repeats=1)
     )
@@ -211,7 +218,7 @@ def test_a_run_directory_gives_the_config(tmp_path, capsys):
     trained = tiny.get_config()
     trained.model.variant = "S"
     (tmp_path / "config.json").write_text(trained.to_json_best_effort())
-    config = config_lib.config_from_args("benchmark.py", None, [], str(tmp_path))
+    config = benchmark_cli.load_config(None, [], str(tmp_path))
     assert config.model.variant == "S"
-    assert benchmark.main(["--workdir", str(tmp_path / "nothing"), "--modes", "infer"]) == 2
+    assert benchmark_cli.main(["--workdir", str(tmp_path / "nothing"), "--modes", "infer"]) == 2
     assert "nothing/config.json does not exist" in capsys.readouterr().err

@@ -5,12 +5,13 @@
 #   run(command="bash tools/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=540)
 #
 # On the device (python3 there has jax, flax, optax, orbax, torch, but no ml_collections and no
-# TensorFlow) it installs the carried wheels, then runs tools/benchmark.py on ViT-S and ViT-B at
-# 256 px bf16: train and inference MFU, the MC-dropout ratio, the PyTorch reference ratio and
-# the compile time. JSON files and logs go to $OUT (the device tool brings them back); record
-# the numbers in docs/performance.md. There is no real-data training here: the input pipeline
-# is tf.data and TensorFlow is neither on the device nor small enough to carry; the train mode
-# times the same jitted step on in-memory batches.
+# TensorFlow) it installs the carried wheels, then runs tools/benchmark.py (m2u-benchmark, with
+# the checkout on PYTHONPATH instead of an install) on ViT-S and ViT-B at 256 px bf16: train and
+# inference MFU, the MC-dropout ratio, the PyTorch reference ratio and the compile time. JSON
+# files and logs go to $OUT (the device tool brings them back); record the numbers in
+# docs/performance.md. There is no real-data training here: the input pipeline is tf.data and
+# TensorFlow is neither on the device nor small enough to carry; the train mode times the same
+# jitted step on in-memory batches.
 #
 # GPU_CHECK_DRY=1 runs the same steps with configs/tiny.py and one repeat (a CPU smoke test of
 # this script; `make gpu-check-dry`).
