@@ -24,6 +24,8 @@ DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
 THRESHOLD_RULES = ("f1", "fpr", "auto")
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
+# Validation metrics that `train.best_metric` may keep the best checkpoint by (higher is better).
+BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,7 @@ NUMERIC_RANGES = {
     "train.keep_checkpoints": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1,
     "train.peak_flops": _AT_LEAST_0,
+    "train.validate_every": _AT_LEAST_0,
     "eval.batch_size": _AT_LEAST_1,
     "eval.num_mc_samples": _AT_LEAST_1,
     "eval.review_budget": (0, 1, False, False),
@@ -225,6 +228,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.eval.feature_memory_size < 0:
         raise ConfigError(
             f"eval.feature_memory_size={config.eval.feature_memory_size} must be >= 0 (0 = off)"
+        )
+    if train.best_metric and train.best_metric not in BEST_METRICS:
+        raise ConfigError(
+            f"train.best_metric={train.best_metric!r} is not one of {BEST_METRICS} (or '' = off)"
+        )
+    if train.best_metric and train.validate_every <= 0:
+        raise ConfigError(
+            f"train.best_metric={train.best_metric!r} needs train.validate_every > 0 "
+            "(the fine-tuning steps between validation passes)"
         )
     if config.eval.mc_chunk_size < 0:
         raise ConfigError(

@@ -99,6 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.log_every = 50  # Steps between metric logs (the only host syncs).
     train.profile_steps = (0, 0)  # Capture a jax.profiler trace of steps [a, b); (0, 0) = off.
     train.peak_flops = 0.0  # Device peak FLOP/s for MFU; 0 = look up the device table.
+    train.validate_every = 0  # Fine-tuning steps between validation passes (0 = off).
+    train.best_metric = ""  # Keep the best-validating params in DIR/best by this metric; "" = off.
 
     # ---------------------------------------------------------------- eval
     config.eval = evaluation = ml_collections.ConfigDict()

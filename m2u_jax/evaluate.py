@@ -72,6 +72,8 @@ AUPRO_FPR_LIMIT = 0.3
 UNCERTAINTY_MEASURE = "score_var"
 # Timed calls per speed measurement (after two warm-up calls); the median is reported.
 SPEED_REPEATS = 5
+# Overlays of each group (worst cases, review queue) also written to TensorBoard.
+TENSORBOARD_OVERLAYS = 3
 # Fallback decision threshold when the threshold rule cannot be applied on validation (F1
 # without a defective image, FPR without a good image).
 FALLBACK_THRESHOLD = 0.5
@@ -462,28 +464,10 @@ def eval_context(config: ml_collections.ConfigDict) -> EvalContext:
     )
 
 
-def _check_run_classes(workdir: str, num_defect_classes: int) -> None:
-    """ConfigError when WORKDIR/config.json (written by the trainer) says the run's model has
-    another class count than the one resolved for this evaluation (the restore would fail on
-    mismatched head shapes); nothing when the file or the number is missing."""
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    try:
-        with open(path, encoding="utf-8") as file:
-            trained = json.load(file)["model"]["num_defect_classes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if isinstance(trained, int) and trained > 0 and trained != num_defect_classes:
-        raise config_lib.ConfigError(
-            f"model.num_defect_classes resolves to {num_defect_classes} for this evaluation but "
-            f"the run in {workdir} was trained with {trained} ({path}); set "
-            f"--config.model.num_defect_classes={trained} and the run's data"
-        )
-
-
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
-    step: int | None = None,
+    step: int | str | None = None,
     *,
     with_speed: bool = True,
 ) -> dict:
@@ -496,7 +480,8 @@ def evaluate(
     if context.num_defect_classes != int(config.model.num_defect_classes):  # 0: from the data
         config = config.copy_and_resolve_references()
         config.model.num_defect_classes = context.num_defect_classes
-    _check_run_classes(workdir, context.num_defect_classes)
+    # The resolved class count against the run's (its heads' shapes): one line naming the key.
+    config_lib.check_same_architecture(config, workdir)
     batch_sharding = predictions_lib.eval_batch_sharding(config)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     params, step = run_checkpoint.restore_params(config, workdir, step, sharding=replicated)
@@ -675,6 +660,13 @@ def evaluate(
         ),
     }
     report_lib.write_report(out_dir, {"run": run, **metrics}, plots, overlays)
+    # A few overlays of each group beside the scalars, at the checkpoint's step.
+    groups: dict[str, list[str]] = {}
+    for entry in overlays:
+        groups.setdefault(entry["group"], []).append(entry["path"])
+    shown = [path for paths in groups.values() for path in paths[:TENSORBOARD_OVERLAYS]]
+    if report_lib.write_tensorboard(os.path.abspath(workdir), step, metrics, shown):
+        logging.info("eval metrics and %d overlays in TensorBoard (%s)", len(shown), workdir)
     logging.info(
         "eval step %d: image AUROC %.4f, accuracy %.4f, pixel AUROC %.4f, AUPRO %.4f, "
         "mAP@0.5 %.4f -> %s",

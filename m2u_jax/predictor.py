@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from m2u_jax import class_names as class_names_lib
 from m2u_jax import review
 from m2u_jax.data import decode, records
 from m2u_jax.modalities import MODALITY_CHANNELS, split_list
@@ -226,7 +227,7 @@ class Predictor:
 
     @classmethod
     def from_workdir(
-        cls, workdir: str, step: int | None = None, *, thresholds: str | dict | None = None
+        cls, workdir: str, step: int | str | None = None, *, thresholds: str | dict | None = None
     ) -> Predictor:
         """The run in WORKDIR (its config.json, newest fine-tuned checkpoint or `step`, and the
         thresholds and class names evaluation calibrated, DIR/eval/thresholds.json), on JAX with
@@ -395,9 +396,7 @@ class Predictor:
                 box=[round(float(v), 2) for v in found[i]],
                 score=float(scores[i]),
                 class_id=int(classes[i]),
-                class_name=self.class_names[classes[i]]
-                if 0 <= classes[i] < len(self.class_names)
-                else str(int(classes[i])),
+                class_name=class_names_lib.class_name(int(classes[i]), self.class_names),
             )
             for i in keep
         ]
@@ -459,9 +458,7 @@ def load_thresholds(source: str | dict) -> dict:
 
 def _class_names(thresholds: dict, num_classes: int) -> tuple[str, ...]:
     names = thresholds.get("class_names")
-    if names:
-        return tuple(names)
-    return ("defect",) if num_classes == 1 else tuple(f"class_{i}" for i in range(num_classes))
+    return tuple(names) if names else tuple(class_names_lib.default_class_names(num_classes))
 
 
 def _jax_forward(inference) -> Forward:

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from m2u_jax import metrics as metrics_lib
+from m2u_jax.class_names import class_name
 
 DPI = 100
 # Width, height in inches of each kind of figure; pixels = inches * DPI.
@@ -612,13 +613,6 @@ def write_json(path: str, value) -> str:
     return path
 
 
-def class_name(class_id: int, class_names: Sequence[str]) -> str:
-    """The name of a box class index ('defect' for the class-agnostic -1)."""
-    if 0 <= class_id < len(class_names):
-        return class_names[class_id]
-    return "defect" if class_id < 0 else str(class_id)
-
-
 def boxes_of(row: Mapping, class_names: Sequence[str]) -> list[dict]:
     """The valid boxes of one prediction row as JSON-able dicts (xyxy, score, class name)."""
     keep = np.asarray(row["box_valid"]) > 0
@@ -657,3 +651,46 @@ def plot_overlays(
         )
         entries.append({"path": path, "caption": title, "group": group})
     return entries
+
+
+def scalar_leaves(tree: Mapping, prefix: str = "") -> dict[str, float]:
+    """Finite numeric leaves of a nested metrics dict as `{'a/b/c': value}` (lists, strings and
+    NaN left out): the TensorBoard view of metrics.json."""
+    leaves: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            leaves.update(scalar_leaves(value, name + "/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, bool
+        ):
+            if math.isfinite(float(value)):
+                leaves[name] = float(value)
+    return leaves
+
+
+def write_tensorboard(logdir: str, step: int, metrics: Mapping, image_paths: Sequence[str]) -> bool:
+    """Writes `metrics` (as `eval/...` scalars) and the PNGs at `image_paths` (as `eval/<file
+    stem>` images) at `step` into the TensorBoard event files of `logdir`, next to the training
+    scalars. Returns False (and writes nothing) when clu is not importable."""
+    try:
+        from clu import metric_writers
+    except ImportError:
+        return False
+    from PIL import Image
+
+    writer = metric_writers.create_default_writer(logdir, asynchronous=False)
+    try:
+        writer.write_scalars(step, scalar_leaves(metrics, "eval/"))
+        images = {}
+        for path in image_paths:
+            with Image.open(path) as image:
+                images[f"eval/{os.path.splitext(os.path.basename(path))[0]}"] = np.asarray(
+                    image.convert("RGB")
+                )[None]
+        if images:
+            writer.write_images(step, images)
+        writer.flush()
+    finally:
+        writer.close()
+    return True

@@ -520,6 +520,11 @@ class _Run:
     total_steps: int  # global steps of the whole schedule
     last_checkpoint: int | None = None
     profiling: bool = False
+    # Validation during fine-tuning (`train.validate_every`): the validator, and the kept best
+    # params' manager (WORKDIR/best) and value when `train.best_metric` is set.
+    validate: Callable[[dict], dict[str, float]] | None = None
+    best_manager: Any = None
+    best_value: float | None = None
     # Wall-clock training time: seconds of earlier (resumed) segments, start of this one.
     seconds_before: float = 0.0
     segment_start: float = dataclasses.field(default_factory=time.perf_counter)
@@ -639,6 +644,13 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
             last_scalars = scalars
             state = _reset_metrics(state)
             interval_start, interval_steps = time.perf_counter(), 0
+        if (
+            run.validate is not None
+            and stage.name == "finetune"
+            and (step % train.validate_every == 0 or step == stage.num_steps)
+        ):
+            _validate(run, state, global_step, step)
+            interval_start, interval_steps = time.perf_counter(), 0  # not in the step rate
         if is_checkpoint:
             meta = {
                 "stage": stage.name,
@@ -650,6 +662,45 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
             run_checkpoint.save(run.manager, global_step, state, meta)
             run.last_checkpoint = global_step
     return state, last_scalars
+
+
+def _validate(run: _Run, state: TrainState, global_step: int, stage_step: int) -> None:
+    """One validation pass: `val/*` scalars in the log, and the params kept in WORKDIR/best
+    when they beat the best so far on `train.best_metric`."""
+    start = time.perf_counter()
+    values = run.validate(state.params)
+    run.metric_log.write(global_step, {f"val/{name}": value for name, value in values.items()})
+    logging.info(
+        "validation at finetune step %d (global %d, %.1fs): %s",
+        stage_step,
+        global_step,
+        time.perf_counter() - start,
+        ", ".join(f"{name} {value:.4f}" for name, value in values.items()),
+    )
+    metric = run.config.train.best_metric
+    if not metric:
+        return
+    value = float(values[metric])
+    if not math.isfinite(value):
+        logging.warning(
+            "train.best_metric=%s is undefined on this validation split (no defective image, "
+            "mask or box for it): the params are not ranked at step %d",
+            metric,
+            global_step,
+        )
+        return
+    if run_checkpoint.beats_best(value, run.best_value):
+        meta = {
+            "stage": "finetune",
+            "stage_step": stage_step,
+            "pretrain_method": run.config.train.pretrain_method,
+            "train_seconds": round(run.train_seconds(), 3),
+            "metric": metric,
+            "value": value,
+        }
+        run_checkpoint.save_best(run.best_manager, global_step, state.params, meta)
+        logging.info("best %s so far (%.4f): params of step %d kept", metric, value, global_step)
+        run.best_value = value
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -673,9 +724,19 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             file.write("\n")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    make_validator: Callable[[ml_collections.ConfigDict], Callable[[dict], dict]] | None = None,
+) -> dict:
     """Runs (or resumes) the whole schedule in `workdir`; returns a short summary dict.
     Evaluation is the caller's (train.py runs `m2u_jax.evaluate` after it).
+
+    With `train.validate_every` > 0, `make_validator(resolved config)` gives
+    `validate(params) -> {name: value}` (`m2u_jax.validation.make_validator`), called every
+    `validate_every` fine-tuning steps and at the end; with `train.best_metric` the params that
+    score highest on it are kept in WORKDIR/best (`run_checkpoint.save_best`).
 
     `model.num_defect_classes` is checked against the data first
     (`m2u_jax.data.splits.resolve_num_defect_classes`; 0 = from the data, resolved into
@@ -747,10 +808,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         MetricLog(workdir, total_steps, train.log_every),
         total_steps,
     )
+    if train.validate_every > 0 and train.finetune_steps > 0:
+        if make_validator is None:
+            raise config_lib.ConfigError(
+                "train.validate_every > 0 needs a validator: run train.py (or pass "
+                "make_validator=m2u_jax.validation.make_validator)"
+            )
+        run.validate = make_validator(config)
+        if train.best_metric:
+            run.best_manager = run_checkpoint.make_manager(workdir, 1, subdir="best")
+            run.best_value = run_checkpoint.best_value(run.best_manager, train.best_metric)
     summary: dict = {"workdir": workdir}
     run_start = time.perf_counter()
     try:
-        meta = run_checkpoint.latest_meta(manager)
+        # The newest checkpoint that reads back; newer damaged ones are named in one warning
+        # and moved aside, kept (UnreadableCheckpointError when none is intact).
+        meta = run_checkpoint.resume_meta(manager)
         if meta is not None:
             run.last_checkpoint = meta["global_step"]
             run.seconds_before = float(meta.get("train_seconds", 0.0))
@@ -788,10 +861,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if run.profiling:
             jax.profiler.stop_trace()
         manager.close()
+        if run.best_manager is not None:
+            run.best_manager.close()
         run.metric_log.close()
 
     summary["seconds"] = time.perf_counter() - run_start
     summary["checkpoint"] = run.last_checkpoint
+    if run.best_value is not None:
+        summary["best"] = {"metric": train.best_metric, "value": run.best_value}
     for stage_name in config_lib.STAGES:
         if stage_name in summary:
             scalars = summary[stage_name]
@@ -819,6 +896,7 @@ def main(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    make_validator: Callable[[ml_collections.ConfigDict], Callable[[dict], dict]] | None = None,
 ) -> dict:
     """Entry point of train.py: optional `jax.distributed.initialize`, then training.
 
@@ -837,4 +915,4 @@ def main(
             jax.local_device_count(),
             jax.device_count(),
         )
-    return train(config, workdir)
+    return train(config, workdir, make_validator=make_validator)

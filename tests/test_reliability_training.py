@@ -1,6 +1,8 @@
 """Reliability of training: kill -9 at any point loses no progress (resume from the last
-complete checkpoint, same final parameters), runs are bit-reproducible, and a NaN stops the run
-naming the step and the loss term with the last good checkpoint intact.
+complete checkpoint, same final parameters), runs are bit-reproducible, a NaN stops the run
+naming the step and the loss term with the last good checkpoint intact, a resume falls back past
+damaged newest checkpoints (kept aside), and a full disk stops the run in one line with the
+earlier checkpoints intact.
 
 The kill test runs train.py three times (reference, killed, resumed) on the tiny config with
 fine-tuning only (4 steps, a checkpoint every step), sharing one persistent compilation cache.
@@ -8,6 +10,7 @@ fine-tuning only (4 steps, a checkpoint every step), sharing one persistent comp
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +207,109 @@ def test_nan_in_a_batch_stops_naming_step_and_term_with_the_last_checkpoint_inta
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(good))
     # And it is the same checkpoint an unpoisoned run writes: nothing of step 3 leaked into it.
     _assert_bit_identical(good, _restore_params(reference, 2))
+
+
+def _damage(workdir, step, what):
+    """Damages checkpoint `step` of `workdir`: its array files cut short (a crash mid-write, a
+    disk error) or its meta JSON garbled."""
+    folder = pathlib.Path(workdir) / "checkpoints" / str(step)
+    if what == "arrays":
+        for path in (folder / "state" / "d").iterdir():
+            path.write_bytes(path.read_bytes()[:100])
+    else:
+        (folder / "meta" / "metadata").write_text("{garbage")
+
+
+def _run_train(workdir, data_root, cache_dir, script=None):
+    command = _command(workdir, data_root)
+    if script is not None:  # train.py under a patch
+        command = [command[0], "-c", script, *command[1:]]
+    return subprocess.run(
+        command, cwd=_REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=600
+    )
+
+
+def test_resume_falls_back_past_corrupt_newest_checkpoints(runs, tiny_synthetic_root, tmp_path):
+    reference, _, _, _ = runs
+    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
+    workdir = tmp_path / "corrupt_run"
+    shutil.copytree(reference, workdir)
+    _damage(workdir, 4, "arrays")
+    _damage(workdir, 3, "meta")
+    result = _run_train(workdir, tiny_synthetic_root, cache_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    warnings_ = [line for line in result.stderr.splitlines() if "is unreadable" in line]
+    assert len(warnings_) == 1, warnings_
+    assert f"checkpoint 4 in {workdir}/checkpoints is unreadable (OUT_OF_RANGE" in warnings_[0]
+    assert "and so is 3; resuming from checkpoint 2 (checkpoints 4, 3 moved to " in warnings_[0]
+    assert "resuming from checkpoint 2 ({'stage': 'finetune'" in result.stderr
+    # Nothing deleted: the damaged checkpoints are kept aside, and the run wrote 3 and 4 again,
+    # the same as the uninterrupted run's.
+    aside = workdir / "checkpoints_unreadable"
+    assert sorted(path.name for path in aside.iterdir()) == ["3", "4"]
+    assert (aside / "3" / "meta" / "metadata").read_text() == "{garbage"
+    assert _finished_steps(workdir) == [1, 2, 3, 4]
+    _assert_bit_identical(_restore_params(workdir, _STEPS), _restore_params(reference, _STEPS))
+
+
+def test_resume_without_an_intact_checkpoint_stops_in_one_line(runs, tiny_synthetic_root, tmp_path):
+    reference, _, _, _ = runs
+    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
+    workdir = tmp_path / "all_corrupt_run"
+    shutil.copytree(reference, workdir)
+    for step in range(1, _STEPS + 1):
+        _damage(workdir, step, "meta" if step % 2 else "arrays")
+    result = _run_train(workdir, tiny_synthetic_root, cache_dir)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"train.py: no intact checkpoint to resume from: checkpoint 4 in {workdir}/checkpoints "
+        "is unreadable (OUT_OF_RANGE"
+    ), last
+    assert last.endswith(
+        "and so are 3, 2, 1; start afresh with a new --workdir (the damaged checkpoints are left "
+        "as they are)"
+    ), last
+    assert _finished_steps(workdir) == [1, 2, 3, 4]  # nothing moved or deleted
+    assert not (workdir / "checkpoints_unreadable").exists()
+
+
+# train.py on a disk that fills up while checkpoint 3 is written: orbax's (asynchronous) write of
+# its meta JSON raises ENOSPC; the array writes of that save run on, as on a full disk.
+_DISK_FULL_TRAIN = """
+import errno, runpy, sys
+import orbax.checkpoint as ocp
+
+handler = ocp.handlers.JsonCheckpointHandler
+original = handler._save_fn
+
+async def disk_full_at_step_3(self, item, directory):
+    if item.get("stage_step") == 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return await original(self, item, directory)
+
+handler._save_fn = disk_full_at_step_3
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_disk_full_during_a_checkpoint_save_stops_in_one_line_with_earlier_ones_intact(
+    runs, tiny_synthetic_root, tmp_path
+):
+    reference, _, _, _ = runs
+    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
+    workdir = tmp_path / "disk_full_run"
+    result = _run_train(workdir, tiny_synthetic_root, cache_dir, script=_DISK_FULL_TRAIN)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    lines = [line for line in result.stderr.splitlines() if "cannot write" in line]
+    assert lines == [
+        f"train.py: cannot write checkpoint 3 to {workdir}/checkpoints: No space left on device "
+        "(the last complete checkpoint is 2)"
+    ], result.stderr[-4000:]
+    assert result.stderr.strip().splitlines()[-1] == lines[0]
+    assert _finished_steps(workdir) == [1, 2]  # 3 stays a temporary folder, never a step
+    _assert_bit_identical(_restore_params(workdir, 2), _restore_params(reference, 2))

@@ -1,6 +1,6 @@
 """Evaluate a trained run: metrics.json, report.md with plots, review_queue.jsonl in DIR/eval.
 
-python eval.py --workdir DIR [--step N] [--config.eval.num_mc_samples=16 ...]
+python eval.py --workdir DIR [--step N|best] [--config.eval.num_mc_samples=16 ...]
 
 The run's own config (DIR/config.json) is the default; `--config FILE` replaces it. A key that
 changes the parameter shapes is an error naming the key (the checkpoints would not fit).
@@ -11,10 +11,13 @@ import sys
 from absl import app, flags
 
 from m2u_jax import config as config_lib
+from m2u_jax.cli import checkpoint_step
 
 _CONFIG = config_lib.define_config_flag("eval.py", sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_STEP = flags.DEFINE_string(
+    "step", None, "Checkpoint step to evaluate, or 'best' (default: the run's best or newest)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -34,6 +37,11 @@ def main(argv):
     except config_lib.ConfigError as error:
         print(f"eval.py: bad config: {error}", file=sys.stderr)
         return 2
+    try:
+        step = checkpoint_step(_STEP.value)
+    except ValueError:
+        print(f"eval.py: --step {_STEP.value!r}: use a checkpoint step or 'best'", file=sys.stderr)
+        return 2
     from m2u_jax import cpu_prng
 
     # Loop-free threefry on CPU: the same dropout bits, ~1.5x faster MC dropout on the demo
@@ -42,7 +50,7 @@ def main(argv):
     from m2u_jax import evaluate
 
     try:
-        evaluate.evaluate(config, _WORKDIR.value, step=_STEP.value)
+        evaluate.evaluate(config, _WORKDIR.value, step=step)
     except config_lib.ConfigError as error:  # checks that need the devices (batch split)
         print(f"eval.py: bad config: {error}", file=sys.stderr)
         return 2

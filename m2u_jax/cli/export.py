@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from m2u_jax import config as config_lib
+from m2u_jax.cli import checkpoint_step
 from m2u_jax.data import splits
 from m2u_jax.export import convert, trt_check
 from m2u_jax.export import graph as export_graph
@@ -45,7 +46,12 @@ def _parse_args(argv):
     source.add_argument(
         "--random-init", action="store_true", help="export fresh params (benchmarks, smoke tests)"
     )
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument(
+        "--step",
+        type=checkpoint_step,
+        default=None,
+        help="checkpoint step or 'best' (default: the run's best or newest)",
+    )
     parser.add_argument(
         "--thresholds",
         default=None,
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             trt=args.trt,
             attention=args.attention,
             extra_metadata=dict(metadata, checkpoint=source, config=args.config),
+            progress=lambda line: print(f"convert.py: {line}", file=sys.stderr, flush=True),
         )
     except ValueError as error:
         print(f"convert.py: {error}", file=sys.stderr)

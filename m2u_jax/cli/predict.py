@@ -24,6 +24,7 @@ import time
 from PIL import Image
 
 from m2u_jax import predictor as predictor_lib
+from m2u_jax.cli import checkpoint_step
 from m2u_jax.data import records
 from m2u_jax.data.decode import IMAGE_EXTENSIONS
 
@@ -71,7 +72,9 @@ def _parse(argv):
     source.add_argument("--onnx", help="exported model (ONNX Runtime backend, no JAX)")
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (--workdir)")
+    parser.add_argument(
+        "--step", type=checkpoint_step, default=None, help="checkpoint step or 'best' (--workdir)"
+    )
     parser.add_argument("--thresholds", default=None, help="thresholds.json to use instead")
     parser.add_argument(
         "--tiling",

@@ -38,7 +38,7 @@ def main(argv):
     # After validation: a bad config fails before jax starts.
     from absl import logging
 
-    from m2u_jax import evaluate, trainer
+    from m2u_jax import evaluate, trainer, validation
     from m2u_jax.data.records import DataError
 
     try:
@@ -49,10 +49,18 @@ def main(argv):
             coordinator=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
+            make_validator=validation.make_validator,
         )
     except trainer.NonFiniteLossError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 1
+    # Disk full (...) mid-run: names the step and the last complete checkpoint, kept intact.
+    except trainer.run_checkpoint.CheckpointWriteError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 1
+    except trainer.run_checkpoint.UnreadableCheckpointError as error:  # no intact one to resume
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
     except config_lib.ConfigError as error:  # checks that need the devices (batch split)
         print(f"train.py: bad config: {error}", file=sys.stderr)
         return 2

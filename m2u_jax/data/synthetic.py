@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import json
@@ -64,6 +65,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -684,6 +686,7 @@ def generate(
     num_test_defect: int = 10,
     seed: int = 0,
     workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Writes the synthetic dataset in the MVTec AD layout under `out_dir`.
 
@@ -697,6 +700,7 @@ def generate(
       seed: dataset seed; the same seed gives byte-identical files.
       workers: processes rendering in parallel (1 = in this process). Every image has its own
         seed, so the files do not depend on it.
+      progress: called as `progress(images written, total)` after each image.
 
     Returns:
       A summary: `root`, `image_size`, `seed`, `categories` (name -> {'train_good',
@@ -760,14 +764,19 @@ def generate(
                 )
                 for index in range(count)
             ]
-    if workers == 1:
-        for task in tasks:
-            _write_sample(task)
-    else:
-        # 'spawn': forking a process that may hold JAX/TF threads is unsafe.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            list(pool.map(_write_sample, tasks, chunksize=8))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            written = map(_write_sample, tasks)
+        else:
+            # 'spawn': forking a process that may hold JAX/TF threads is unsafe.
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(
+                concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+            )
+            written = pool.map(_write_sample, tasks, chunksize=8)
+        for done, _ in enumerate(written, 1):
+            if progress is not None:
+                progress(done, len(tasks))
     summary["num_images"] = len(tasks)
     summary["num_masks"] = sum(task.mask_path is not None for task in tasks)
     return summary
@@ -814,6 +823,30 @@ def make_preview(
         sheet.convert("RGB").save(path, format="PNG", optimize=True)
 
 
+class _ProgressBar:
+    """`update(done, total)` drawn with tqdm on stderr (images, rate, time left)."""
+
+    def __init__(self, tqdm):
+        self._tqdm, self._bar = tqdm, None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = self._tqdm(total=total, unit="img", file=sys.stderr, desc="synthetic")
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _progress_bar() -> _ProgressBar | None:
+    try:
+        from tqdm import tqdm  # optional: a plain run without a progress bar otherwise
+    except ImportError:
+        return None
+    return _ProgressBar(tqdm)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m m2u_jax.data.synthetic",
@@ -843,6 +876,7 @@ def main(argv=None) -> int:
     try:
         if args.out is not None:
             start = time.perf_counter()
+            bar = _progress_bar()
             summary = generate(
                 args.out,
                 categories=args.categories,
@@ -852,7 +886,10 @@ def main(argv=None) -> int:
                 num_test_defect=args.num_test_defect,
                 seed=args.seed,
                 workers=args.workers,
+                progress=bar.update if bar is not None else None,
             )
+            if bar is not None:
+                bar.close()
             print(
                 f"synthetic: wrote {summary['num_images']} images and {summary['num_masks']} "
                 f"masks ({','.join(summary['categories'])}, {args.image_size}px, "

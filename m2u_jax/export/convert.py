@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ import onnx
 from m2u_jax import config as config_lib
 from m2u_jax import model as model_lib
 from m2u_jax import run_checkpoint
+from m2u_jax.class_names import default_class_names
 from m2u_jax.export import graph as export_graph
 from m2u_jax.export import onnx_runner, parity, trt_check
 from m2u_jax.export.onnx_graph import (
@@ -62,10 +64,11 @@ def load_config(path: str):
     return config
 
 
-def load_inference_variables(config, workdir: str, step: int | None = None) -> dict:
+def load_inference_variables(config, workdir: str, step: int | str | None = None) -> dict:
     """`{'params': ..., 'step': global step}` (numpy params) of a fine-tuned checkpoint in
     WORKDIR/checkpoints (`run_checkpoint.restore_params`: params only; `step=None` = the newest
-    fine-tuned one). The export uses `params`; `step` names the checkpoint."""
+    fine-tuned one, or the best-validating params; `step="best"` those). The export uses
+    `params`; `step` names the checkpoint."""
     params, global_step = run_checkpoint.restore_params(config, workdir, step)
     return {"params": params, "step": int(global_step)}
 
@@ -124,7 +127,7 @@ def calibration_metadata(
     (`score_threshold`, `uncertainty_threshold`, `uncertainty_measure`, `review_mc_samples` =
     the T they were calibrated at, `review_budget`, `threshold_rule`, `checkpoint_step`,
     `thresholds_source`) and `class_names` (a JSON list; when the file names none,
-    `onnx_runner.default_class_names`, with a warning unless the model has one class).
+    `class_names.default_class_names`, with a warning unless the model has one class).
 
     `warnings` are `WARNING: ...` lines for the caller to print: no thresholds file in the run
     (the model then carries no thresholds and the runner refuses it without --thresholds), a
@@ -132,7 +135,7 @@ def calibration_metadata(
     calibrated checkpoint other than `checkpoint_step`. Raises FileNotFoundError for a missing
     explicit `thresholds_path`, ValueError for a malformed file."""
     num_classes = int(model_config.num_defect_classes)
-    fallback = onnx_runner.default_class_names(num_classes)
+    fallback = default_class_names(num_classes)
     if thresholds_path is None:
         if workdir is None:
             raise ValueError("calibration_metadata needs workdir or thresholds_path")
@@ -320,10 +323,12 @@ def convert(
     trt: str = "8.5",
     attention: str = "matmul",
     extra_metadata: dict | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Exports, finalises, checks and compares one model (module docstring); writes `output`
     (and PATH.savedmodel/ for jax2tf) and `output`.parity.json. Returns the report dict, whose
-    `passed` is True only if the checker, the TensorRT check and parity all pass."""
+    `passed` is True only if the checker, the TensorRT check and parity all pass. `progress`:
+    see `convert_many`."""
     jobs = [dict(output=output, batch=batch, mc_samples=mc_samples, fp16=fp16)]
     return convert_many(
         config,
@@ -335,6 +340,7 @@ def convert(
         trt=trt,
         attention=attention,
         extra_metadata=extra_metadata,
+        progress=progress,
     )[0]
 
 
@@ -349,13 +355,21 @@ def convert_many(
     trt: str = "8.5",
     attention: str = "matmul",
     extra_metadata: dict | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """`convert` for several exports of one model (`jobs`: dicts with `output`, `batch`
     (None = dynamic), `mc_samples`, `fp16`); the jax2tf backend converts them all in one
     subprocess, so TensorFlow starts once. `attention`: the exported attention form
     (`graph.EXPORT_ATTENTION_FORMS`). `extra_metadata` (e.g. `calibration_metadata`'s) is added
     to, and overrides, the `m2u.*` metadata written for every export (values as strings;
-    lists and dicts as JSON)."""
+    lists and dicts as JSON). `progress(line)` hears each phase as it starts, with the seconds
+    since the call (an export takes seconds to minutes)."""
+    start_all = time.perf_counter()
+
+    def report_phase(message: str) -> None:
+        if progress is not None:
+            progress(f"[{time.perf_counter() - start_all:5.1f}s] {message}")
+
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r} is not one of {BACKENDS}")
     for job in jobs:
@@ -372,7 +386,11 @@ def convert_many(
 
     raw_models, backend_reports, export_seconds = [], [], []
     if backend == "jax2onnx":
-        for job in jobs:
+        for number, job in enumerate(jobs, 1):
+            report_phase(
+                f"export {number}/{len(jobs)}: tracing and converting with jax2onnx "
+                f"(batch {job['batch'] or 'dynamic'}, T={job['mc_samples']})"
+            )
             model = (
                 model32
                 if not job["fp16"]
@@ -399,6 +417,10 @@ def convert_many(
             )
             for job in jobs
         ]
+        report_phase(
+            f"exporting {len(jobs)} graph(s) with jax2tf + tf2onnx in a subprocess (TensorFlow "
+            "starts once; this is the slow part)"
+        )
         start = time.perf_counter()
         backend_reports = export_jax2tf(
             config.model,
@@ -417,7 +439,13 @@ def convert_many(
             export_seconds.append(elapsed)
 
     reports = []
-    for job, raw, backend_report, seconds in zip(jobs, raw_models, backend_reports, export_seconds):
+    for number, (job, raw, backend_report, seconds) in enumerate(
+        zip(jobs, raw_models, backend_reports, export_seconds), 1
+    ):
+        report_phase(
+            f"check {number}/{len(jobs)}: onnx.checker, TensorRT {trt} rules, parity against "
+            f"JAX on {len(images)} image(s) -> {job['output']}"
+        )
         reference = jax.jit(
             export_graph.make_inference_fn(
                 model32, params, num_mc_samples=int(job["mc_samples"]), mc_seed=mc_seed
@@ -438,9 +466,7 @@ def convert_many(
             num_defect_classes=int(config.model.num_defect_classes),
             input="images [N,H,W,C] float32 in [0,1], channels-last, normalised inside",
             normalization=json.dumps(input_normalization(model32.num_channels)),
-            class_names=json.dumps(
-                onnx_runner.default_class_names(int(config.model.num_defect_classes))
-            ),
+            class_names=json.dumps(default_class_names(int(config.model.num_defect_classes))),
             outputs=",".join(export_graph.OUTPUT_NAMES),
         )
         metadata.update(extra_metadata or {})  # its class_names replace the default ones
