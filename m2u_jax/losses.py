@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from m2u_jax import boxes as box_ops
 
@@ -27,26 +28,20 @@ def sigmoid_focal_loss(
     alpha: float | None = 0.25,
     gamma: float = 2.0,
 ) -> jax.Array:
-    """Elementwise binary focal loss (Lin et al. 2017) → same shape as `logits`.
+    """Elementwise binary focal loss (Lin et al. 2017) → same shape as `logits`, computed in
+    float32 by `optax.sigmoid_focal_loss` (log-space: finite gradients for any gamma > 0, also
+    gamma < 1 at a confident correct logit, where (1 - p_t)^gamma has an infinite slope).
 
     loss = alpha_t · (1 - p_t)^gamma · BCE(logits, targets), p_t = p if t = 1 else 1 - p,
     alpha_t = alpha if t = 1 else 1 - alpha. `alpha=None` or `alpha < 0` disables the alpha
     weighting; with gamma = 0 as well this is exactly binary cross-entropy. Targets may be soft.
     """
-    logits = logits.astype(jnp.float32)
-    targets = targets.astype(jnp.float32)
-    # log_sigmoid on both sides is stable for large |logits| (same form as optax's BCE).
-    cross_entropy = -targets * jax.nn.log_sigmoid(logits) - (1.0 - targets) * jax.nn.log_sigmoid(
-        -logits
+    return optax.sigmoid_focal_loss(
+        logits.astype(jnp.float32),
+        targets.astype(jnp.float32),
+        alpha=None if alpha is None or alpha < 0 else alpha,
+        gamma=gamma,
     )
-    loss = cross_entropy
-    if gamma != 0:
-        probs = jax.nn.sigmoid(logits)
-        p_t = probs * targets + (1.0 - probs) * (1.0 - targets)
-        loss = loss * (1.0 - p_t) ** gamma
-    if alpha is not None and alpha >= 0:
-        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return loss
 
 
 def iou_loss(pred_xyxy: jax.Array, target_xyxy: jax.Array, kind: str = "giou") -> jax.Array:

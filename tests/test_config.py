@@ -248,6 +248,21 @@ def test_an_architecture_key_that_differs_from_the_run_is_named(tmp_path):
         config_lib.check_same_architecture(config, str(tmp_path))
 
 
+def test_a_resolved_class_count_that_differs_from_the_run_is_named(tmp_path):
+    # What eval.py checks once model.num_defect_classes = 0 has been resolved from the data.
+    trained = config_lib.config_from_file("configs/tiny.py")
+    trained.model.num_defect_classes = 4
+    _write_run_config(tmp_path, trained)
+    config = config_lib.load_run_config(str(tmp_path))
+    config.model.num_defect_classes = 0  # from the data: not compared until resolved
+    config_lib.check_same_architecture(config, str(tmp_path))
+    config.model.num_defect_classes = 5
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^model\.num_defect_classes=5 but the run in .* with 4 "
+    ):
+        config_lib.check_same_architecture(config, str(tmp_path))
+
+
 def test_config_from_args_takes_a_file_or_the_run_then_overrides(tmp_path):
     trained = config_lib.config_from_file("configs/tiny.py")
     trained.data.root = "/plant/parts"

@@ -269,16 +269,6 @@ def test_uncertainty_metrics_and_review_policy_follow_the_fpr_rule():
         review.calibrate_review_thresholds([0.1], [0.0], [0], 0.1, "auto")
 
 
-def test_evaluation_classes_must_match_the_trained_run(tmp_path):
-    from m2u_jax.config import ConfigError
-
-    evaluate._check_run_classes(str(tmp_path), 5)  # no config.json: nothing to compare
-    (tmp_path / "config.json").write_text('{"model": {"num_defect_classes": 4}}')
-    evaluate._check_run_classes(str(tmp_path), 4)
-    with pytest.raises(ConfigError, match="resolves to 5 .* was trained with 4"):
-        evaluate._check_run_classes(str(tmp_path), 5)
-
-
 def test_review_reason():
     assert evaluate.review_reason(0.52, 0.01, 0.5) == "near threshold"  # std 0.1 > 0.02
     assert evaluate.review_reason(0.9, 0.01, 0.5) == "uncertain"

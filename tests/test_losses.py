@@ -39,6 +39,20 @@ def test_focal_hand_computed():
     np.testing.assert_allclose(values, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_gradient_is_finite_at_confident_logits(gamma):
+    # (1 - p_t)^gamma with gamma < 1 has an infinite slope at p_t = 1: a direct power form gives
+    # 0 * inf = NaN at a confident correct logit; the log-space form gives ~0.
+    grad = jax.grad(lambda x: losses.sigmoid_focal_loss(x, jnp.array(1.0), 0.25, gamma))
+    confident = float(grad(jnp.array(40.0)))
+    assert math.isfinite(confident) and abs(confident) < 1e-20
+    # Away from saturation the gradient matches a central difference of the loss.
+    step = 1e-2
+    loss = lambda x: float(losses.sigmoid_focal_loss(jnp.array(x), jnp.array(1.0), 0.25, gamma))
+    numeric = (loss(1.0 + step) - loss(1.0 - step)) / (2 * step)
+    np.testing.assert_allclose(float(grad(jnp.array(1.0))), numeric, rtol=1e-3)
+
+
 # ---------------------------------------------------------------- IoU losses
 
 SQUARE_A = jnp.array([0.0, 0.0, 2.0, 2.0])

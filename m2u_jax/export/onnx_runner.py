@@ -28,6 +28,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from m2u_jax import review
+from m2u_jax.class_names import class_name, default_class_names
 from m2u_jax.data import decode, records
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -155,24 +156,6 @@ def _json_metadata(metadata, key: str):
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"m2u.{key} is not JSON: {error}") from None
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    """Box class names when a run recorded none: `['defect']` for one class, else
-    `['class_0', ..., 'class_{K-1}']` (K = `num_classes`; `[]` when unknown)."""
-    if num_classes == 1:
-        return ["defect"]
-    return [f"class_{index}" for index in range(max(num_classes, 0))]
-
-
-def class_name(class_id: int, class_names: list[str]) -> str:
-    """The name of box class `class_id`: `class_names[class_id]`; a single name (a
-    class-agnostic run) names every box; `class_<id>` past the list."""
-    if len(class_names) == 1:
-        return class_names[0]
-    if 0 <= class_id < len(class_names):
-        return class_names[class_id]
-    return f"class_{class_id}"
 
 
 # ----------------------------------------------------------------------------- images
