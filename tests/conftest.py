@@ -2,8 +2,16 @@
 
 import os
 
-# Must be set before jax is imported anywhere; `make test` sets the same flag.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere (subprocesses inherit it). 8 fake CPU devices, as
+# `make test` sets; and XLA's CPU backend without its expensive LLVM passes: the tests' programs
+# are small and run a few times each, so compiling dominates (about 1.5x faster overall). The
+# HLO passes and the numerics are unchanged; an XLA_FLAGS that names an optimisation level wins.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
