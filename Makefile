@@ -32,12 +32,15 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
+# Two pytest-xdist workers, whole files each (module fixtures train once): compiling is mostly
+# single-threaded, so two processes keep both cores busy (about 1.8x faster on 2 cores).
+TEST_WORKERS ?= 2
 test: setup setup-jax2tf
-	$(FAKE_DEVICES) $(PY) -m pytest -q tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The inner loop: every test but those marked slow (training runs, exports, subprocesses).
 test-fast: setup
-	$(FAKE_DEVICES) $(PY) -m pytest -q -m "not slow" tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -32,3 +32,17 @@ def tiny_synthetic_root(tmp_path_factory):
         root, categories="fabric", image_size=32, num_train=16, num_test_good=2, num_test_defect=1
     )
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in one folder per session, on for the module: the
+    tiny programs that several modules train and evaluate (test_evaluate, test_studies,
+    test_validation) compile once."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.reset_cache()

@@ -277,16 +277,6 @@ def test_review_reason():
 # ----------------------------------------------------------------------------- real run
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    cache.reset_cache()
-
-
 def tiny_run_config(root):
     """The tiny config as tests/test_studies.py trains it (same programs: shared cache)."""
     config = tiny.get_config()

@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -174,16 +173,6 @@ def test_svm_is_skipped_without_defect_free_training_images(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real runs
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -81,18 +81,6 @@ def test_validation_keys_are_checked(overrides, message):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    # The same folder as tests/test_evaluate.py: the tiny programs compile once per session.
-    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def validated_run(tmp_path_factory, compilation_cache):
     from m2u_jax import evaluate, trainer
     from m2u_jax.data import synthetic
