@@ -33,7 +33,8 @@ Which prediction feeds which metric:
   and its variance across samples (`score_var`, `UNCERTAINTY_MEASURE`) is the uncertainty. The
   variance is what the exported graph returns next to the mean, so the ONNX runner can apply
   `thresholds.json` as it is. With `eval.num_mc_samples <= 1` the deterministic score is used
-  and the variance is zero.
+  and the variance is zero. With `eval.ensemble_workdirs` the mean and variance are over the
+  deep ensemble (this run and those) instead (`uncertainty.ensemble_predict`).
 
 Memory: per image only scores and boxes are kept, except the test split's anomaly maps and masks
 (`N x H x W` float32 + bool), which the exact pixel AUROC / AUPRO need. That is ~0.3 MB per
@@ -487,12 +488,16 @@ def evaluate(
     params, step = run_checkpoint.restore_params(config, workdir, step, sharding=replicated)
     model = model_lib.build_model(config.model)
     variables = {"params": params}
+    members = run_checkpoint.restore_members(config, sharding=replicated)
+    ensemble = uncertainty_lib.stack_members([params, *members]) if members else None
     out_dir = os.path.join(os.path.abspath(workdir), "eval")
     plots_dir = os.path.join(out_dir, "plots")
     overlays_dir = os.path.join(out_dir, "overlays")
     os.makedirs(plots_dir, exist_ok=True)
     os.makedirs(overlays_dir, exist_ok=True)
-    predict_batch = predictions_lib.make_model_predict_fn(config, model, variables, batch_sharding)
+    predict_batch = predictions_lib.make_model_predict_fn(
+        config, model, variables, batch_sharding, ensemble=ensemble
+    )
     if context.class_agnostic:
         predict_batch = predictions_lib.without_classes(predict_batch)
 
@@ -597,7 +602,9 @@ def evaluate(
         "uncertainty_threshold": policy["uncertainty_threshold"],
         "uncertainty_measure": UNCERTAINTY_MEASURE,
         "budget": float(config.eval.review_budget),
-        "num_mc_samples": int(config.eval.num_mc_samples),
+        # The uncertainty's source: T MC-dropout samples, or (T = 1) E ensemble members.
+        "num_mc_samples": 1 if members else int(config.eval.num_mc_samples),
+        "ensemble_members": 1 + len(members),
         "image_decision_threshold": image["threshold"],
         "mc_decision_threshold": mc_threshold,
         "threshold_rule": image["threshold_rule"],
@@ -649,6 +656,7 @@ def evaluate(
         "test defective images": int(test["labels"].sum()),
         "detection protocol": "class-agnostic" if context.class_agnostic else "per class",
         "MC-dropout samples": int(config.eval.num_mc_samples),
+        "deep-ensemble members (uncertainty from them when > 1)": 1 + len(members),
         "review budget (validation)": float(config.eval.review_budget),
         "review score threshold": policy["score_threshold"],
         f"review uncertainty threshold ({UNCERTAINTY_MEASURE})": policy["uncertainty_threshold"],

@@ -54,12 +54,14 @@ def to_host(tree) -> dict:
 
 
 def make_model_predict_fn(
-    config: ml_collections.ConfigDict, model, variables, batch_sharding
+    config: ml_collections.ConfigDict, model, variables, batch_sharding, ensemble=None
 ) -> Callable[[np.ndarray, int], dict]:
     """The per-batch prediction of `evaluate`: images `[B, H, W, C]` (host) and the batch
     index → host numpy dict with `image_score [B]`, `anomaly_map [B, H, W]`, the four box
     arrays of `model.predict` and the MC statistics `score_mean, score_var, entropy,
-    mutual_info [B]` (dropout key: `fold_in(PRNGKey(seed), batch index)`)."""
+    mutual_info [B]` (dropout key: `fold_in(PRNGKey(seed), batch index)`). With `ensemble`
+    (stacked member variables, `uncertainty.stack_members`) the statistics are the deep
+    ensemble's instead of MC dropout's."""
     num_samples = int(config.eval.num_mc_samples)
     base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
 
@@ -68,7 +70,10 @@ def make_model_predict_fn(
         predictions = model_lib.predict(model, variables, images)
         wanted = ("image_score", "image_prob", "anomaly_map", *BOX_KEYS)
         result = to_host({key: predictions[key] for key in wanted})
-        if num_samples > 1:
+        if ensemble is not None:
+            statistics = uncertainty_lib.ensemble_predict(model, ensemble, images)
+            result.update(to_host({key: statistics[key] for key in PER_IMAGE_KEYS[1:]}))
+        elif num_samples > 1:
             statistics = uncertainty_lib.mc_dropout_predict(
                 model,
                 variables,

@@ -43,9 +43,10 @@ class Prediction:
     """One image's result, in the input image's pixels.
 
     `decision` is 'accept' | 'reject' | 'review' (`m2u_jax.review`); `uncertainty` is the MC
-    variance of the image score (0 with T = 1); `anomaly_map` `[H, W]` float32 in [0, 1];
-    `boxes`: dicts with `box` (x0, y0, x1, y1), `score`, `class_id`, `class_name`; `tiles`:
-    1 for a resized image, else the number of tiles."""
+    (or deep-ensemble) variance of the image score (0 with T = 1 and no ensemble);
+    `anomaly_map` `[H, W]` float32 in [0, 1]; `boxes`: dicts with `box` (x0, y0, x1, y1),
+    `score`, `class_id`, `class_name`; `tiles`: 1 for a resized image, else the number of
+    tiles."""
 
     path: str | None
     image_score: float
@@ -231,7 +232,8 @@ class Predictor:
     ) -> Predictor:
         """The run in WORKDIR (its config.json, newest fine-tuned checkpoint or `step`, and the
         thresholds and class names evaluation calibrated, DIR/eval/thresholds.json), on JAX with
-        the T MC-dropout samples the thresholds were calibrated at."""
+        the T MC-dropout samples the thresholds were calibrated at, or the deep ensemble of the
+        run's `eval.ensemble_workdirs`."""
         # JAX only for this backend: the ONNX predictor must import without it.
         from m2u_jax import config as config_lib
         from m2u_jax import run_checkpoint
@@ -244,9 +246,12 @@ class Predictor:
             else os.path.join(workdir, "eval", "thresholds.json")
         )
         params, step = run_checkpoint.restore_params(config, workdir, step)
+        members = [graph.prepare_params(m) for m in run_checkpoint.restore_members(config)]
         model, params = graph.build_export_model(config.model, params)
-        samples = int(calibrated.get("num_mc_samples", 1))
-        forward = _jax_forward(graph.make_inference_fn(model, params, num_mc_samples=samples))
+        samples = 1 if members else int(calibrated.get("num_mc_samples", 1))
+        forward = _jax_forward(
+            graph.make_inference_fn(model, params, num_mc_samples=samples, members=members)
+        )
         return cls(
             forward,
             image_size=int(config.data.image_size),
@@ -280,9 +285,28 @@ class Predictor:
         names = info["class_names"]
         output_names = [output.name for output in session.get_outputs()]
 
+        fixed = info["batch"]  # an int for a static-batch export, None for a dynamic one
+
+        def run(images: np.ndarray) -> list[np.ndarray]:
+            return session.run(None, {info["input_name"]: images})
+
         def forward(images: np.ndarray) -> dict:
-            values = session.run(None, {info["input_name"]: images.astype(np.float32)})
-            return dict(zip(output_names, values, strict=True))
+            images = images.astype(np.float32)
+            if fixed is None:
+                return dict(zip(output_names, run(images), strict=True))
+            # A static batch: chunks of exactly `fixed` images, the last padded with copies of
+            # its last image and the padding's outputs dropped.
+            parts = []
+            for start in range(0, len(images), fixed):
+                chunk = images[start : start + fixed]
+                padding = fixed - len(chunk)
+                if padding:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padding, axis=0)])
+                parts.append([value[: fixed - padding] for value in run(chunk)])
+            return {
+                name: np.concatenate([part[index] for part in parts])
+                for index, name in enumerate(output_names)
+            }
 
         return cls(
             forward,

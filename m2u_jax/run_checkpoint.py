@@ -211,12 +211,27 @@ def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
     return meta
 
 
-def all_metas(manager: ocp.CheckpointManager) -> list[dict]:
-    """`meta` of every kept checkpoint (with `global_step`), oldest first."""
-    metas = []
+def all_metas(manager: ocp.CheckpointManager, unreadable: dict | None = None) -> list[dict]:
+    """`meta` of every kept checkpoint (with `global_step`), oldest first. A checkpoint whose
+    meta is damaged is left out: into `unreadable` ({step: problem}) when given, else named in
+    a warning."""
+    metas, bad = [], {}
     for step in sorted(manager.all_steps()):
-        restored = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
-        metas.append({**dict(restored[_META]), "global_step": step})
+        try:
+            metas.append(_read_meta(manager, step))
+        except Exception as error:  # orbax / json raise many types for one cause
+            problem = unreadable_problem(error)
+            if problem is None:
+                raise
+            bad[step] = problem
+    if unreadable is not None:
+        unreadable.update(bad)
+    elif bad:
+        logging.warning(
+            "%s: left out checkpoint(s) with a damaged meta: %s",
+            manager.directory,
+            "; ".join(f"{step} ({problem})" for step, problem in bad.items()),
+        )
     return metas
 
 
@@ -367,7 +382,7 @@ def restore_params(
                 "--config.train.best_metric=NAME, or pick a --step"
             )
         subdir, step = "best", None
-    elif step is None and stage == "finetune" and config.train.best_metric:
+    elif step is None and stage == "finetune" and config.train.get("best_metric"):
         if _has_checkpoint(best_dir):
             subdir = "best"
             logging.info("restoring the best-validating params (%s)", best_dir)
@@ -378,7 +393,19 @@ def restore_params(
         )
     manager = make_manager(workdir, keep=1, async_save=False, subdir=subdir)
     try:
-        metas = {meta["global_step"]: meta for meta in all_metas(manager)}
+        damaged: dict[int, str] = {}
+        metas = {meta["global_step"]: meta for meta in all_metas(manager, damaged)}
+        if step is not None and int(step) in damaged:
+            raise ValueError(
+                f"checkpoint {int(step)} in {directory} is unreadable (corrupt or incomplete: "
+                f"{damaged[int(step)]}); pick another with --step (intact steps {sorted(metas)})"
+            )
+        if damaged:
+            logging.warning(
+                "%s: checkpoint(s) %s are unreadable (damaged meta), left out",
+                directory,
+                ", ".join(map(str, sorted(damaged))),
+            )
         if not metas:
             raise FileNotFoundError(f"{directory} holds no checkpoint: train first")
         steps = sorted(metas)
@@ -444,6 +471,29 @@ def restore_params(
     if on_host:
         params = jax.device_get(params)
     return (params if stage == "finetune" else params["encoder"]), step
+
+
+def ensemble_workdirs(config: ml_collections.ConfigDict) -> list[str]:
+    """The other runs of a deep ensemble (`eval.ensemble_workdirs`, comma-separated)."""
+    text = config.eval.get("ensemble_workdirs", "")
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
+def restore_members(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding | None = None
+) -> list[dict]:
+    """The params of every run in `eval.ensemble_workdirs` (each one's default checkpoint, as
+    `restore_params`), after checking that each was trained with `config`'s architecture
+    (ConfigError naming the key and the run otherwise); [] without an ensemble."""
+    members = []
+    for workdir in ensemble_workdirs(config):
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"eval.ensemble_workdirs: {workdir} is not a run directory")
+        config_lib.check_same_architecture(config, workdir)
+        params, step = restore_params(config, workdir, sharding=sharding)
+        logging.info("ensemble member %s (step %d)", workdir, step)
+        members.append(params)
+    return members
 
 
 # ------------------------------------------------------------------ best validated params

@@ -171,6 +171,12 @@ def _mc_dropout_statistics(
     return sample_statistics(samples, model.score_kwargs)
 
 
+def stack_members(members: list[dict]) -> dict:
+    """Params trees of E ensemble members → the stacked `{'params': ...}` of `ensemble_predict`
+    (each leaf gains a leading axis E)."""
+    return {"params": jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)}
+
+
 def ensemble_predict(model: M2UNet, stacked_variables, images: jax.Array) -> dict[str, jax.Array]:
     """Deep-ensemble prediction: `stacked_variables` holds E members' variables stacked on a
     leading axis (e.g. `jax.tree.map(lambda *x: jnp.stack(x), *members)`); the deterministic

@@ -141,7 +141,8 @@ def calibrated_run(tmp_path_factory, workdir, config, params, line_images):
 
 @pytest.fixture(scope="module")
 def static_export(tmp_path_factory, calibrated_run):
-    """`convert.py --workdir RUN --batch 1 --attention einsum` (T = 1): (path, exit code,
+    """`convert.py --workdir RUN --batch 1 --mc-samples 1 --attention einsum` (T = 1 against
+    the run's calibrated T = 4, to see the warning): (path, exit code,
     stderr). Run from an empty folder so the config's relative data.root (data/synthetic) is
     absent even after a `make demo` in the checkout, and parity must fall back to generated
     images."""
@@ -153,7 +154,7 @@ def static_export(tmp_path_factory, calibrated_run):
         patch.chdir(folder)
         code = convert_cli.main(
             ["--config", tiny_config, "--workdir", calibrated_run[0], "--output", output]
-            + ["--batch", "1", "--attention", "einsum"]
+            + ["--batch", "1", "--mc-samples", "1", "--attention", "einsum"]
         )
     return output, code, stderr.getvalue()
 
@@ -264,12 +265,28 @@ def test_load_inference_variables_restores_params_and_rejects_bad_runs(
         convert.load_inference_variables(config, str(tmp_path / "empty"))
     pretrain_dir = str(tmp_path / "pretrain")
     manager = run_checkpoint.make_manager(pretrain_dir, keep=1, async_save=False)
-    run_checkpoint.save(manager, 3, {"params": {"w": np.ones(2)}}, {"stage": "pretrain"})
+    meta = {"stage": "pretrain", "stage_step": 3}
+    run_checkpoint.save(manager, 3, {"params": {"w": np.ones(2)}}, meta)
     manager.close()
     with pytest.raises(ValueError, match="has no finetune checkpoint"):
         convert.load_inference_variables(config, pretrain_dir)
     with pytest.raises(ValueError, match="checkpoint 3 .* is from the pretrain stage"):
         convert.load_inference_variables(config, pretrain_dir, step=3)
+
+
+def test_the_export_defaults_to_the_calibrated_t(tmp_path):
+    # The run directory is the unit: without --mc-samples a run exports at the T its review
+    # thresholds were calibrated at (their variance scale depends on T), else T = 1.
+    (tmp_path / "eval").mkdir()
+    thresholds = tmp_path / "eval" / "thresholds.json"
+    assert convert.calibrated_mc_samples(str(tmp_path)) == 1  # not evaluated
+    thresholds.write_text(json.dumps({"num_mc_samples": 4}))
+    assert convert.calibrated_mc_samples(str(tmp_path)) == 4
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"num_mc_samples": 8}))
+    assert convert.calibrated_mc_samples(str(tmp_path), str(other)) == 8
+    thresholds.write_text("[1, 2]")  # malformed: named later by calibration_metadata
+    assert convert.calibrated_mc_samples(str(tmp_path)) == 1
 
 
 def test_flatten_params_roundtrip():
@@ -828,6 +845,15 @@ def test_calibration_metadata_reads_thresholds_and_warns(config, tmp_path):
         one_class, workdir=str(run), mc_samples=4, checkpoint_step=8
     )
     assert json.loads(metadata["class_names"]) == ["defect"] and warnings == []
+    # An export with a deep ensemble the calibration did not have (or the other way round).
+    _, warnings = convert.calibration_metadata(
+        one_class, workdir=str(run), mc_samples=4, checkpoint_step=8, ensemble_members=3
+    )
+    assert len(warnings) == 1
+    assert (
+        "calibrated with 1 deep-ensemble member(s) but the graph is exported with 3"
+        in (warnings[0])
+    )
     # --thresholds FILE overrides the run's file; another T than the export's is a warning.
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(thresholds, score_threshold=0.5, class_names=["crack"])))

@@ -725,3 +725,11 @@ def test_restore_params_names_an_unreadable_checkpoint_and_the_intact_ones(tiny_
         run_checkpoint.restore_params(config, str(damaged))
     _, step = run_checkpoint.restore_params(config, str(damaged), 6)  # the intact one restores
     assert step == 6
+    # A damaged meta (a crash while writing the JSON): named when asked for, left out otherwise.
+    (damaged / "checkpoints" / "6" / "meta" / "metadata").write_text('{"stage": "fine')
+    with pytest.raises(
+        ValueError, match=r"checkpoint 6 in .* is unreadable \(corrupt .*\[2, 4, 8\]"
+    ):
+        run_checkpoint.restore_params(config, str(damaged), 6)
+    _, step = run_checkpoint.restore_params(config, str(damaged), 4, stage="pretrain")
+    assert step == 4

@@ -72,8 +72,9 @@ def _parse_args(argv):
         "--mc-samples",
         "--mc_samples",
         type=int,
-        default=1,
-        help="MC-dropout samples T fixed in the graph (1 = deterministic)",
+        default=None,
+        help="MC-dropout samples T fixed in the graph (1 = deterministic; default: the T the "
+        "run's thresholds were calibrated at, else 1)",
     )
     parser.add_argument(
         "--mc-seed", "--mc_seed", type=int, default=0, help="seed of the T dropout masks"
@@ -121,17 +122,21 @@ def main(argv: list[str] | None = None) -> int:
                 config = splits.with_data_num_defect_classes(config)
             variables = convert.random_inference_variables(config, int(config.seed))
             source = "random init"
+            args.mc_samples = 1 if args.mc_samples is None else args.mc_samples
         else:
             # 0 = from the data: the number the run resolved (WORKDIR/config.json).
             config = config_lib.with_run_num_defect_classes(config, args.workdir)
             variables = convert.load_inference_variables(config, args.workdir, args.step)
             source = f"{args.workdir} step {variables['step']}"
+            if args.mc_samples is None:  # the run directory is the unit: its calibrated T
+                args.mc_samples = convert.calibrated_mc_samples(args.workdir, args.thresholds)
             metadata, warnings = convert.calibration_metadata(
                 config.model,
                 workdir=args.workdir,
                 thresholds_path=args.thresholds,
                 mc_samples=args.mc_samples,
                 checkpoint_step=variables["step"],
+                ensemble_members=1 + len(variables.get("members", ())),
             )
     except (FileNotFoundError, ValueError) as error:
         print(f"convert.py: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ import pathlib
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,31 @@ def load_config(path: str):
     return config
 
 
+def calibrated_mc_samples(workdir: str, thresholds_path: str | None = None) -> int:
+    """The T the thresholds of a run (`thresholds_path`, default WORKDIR/eval/thresholds.json)
+    were calibrated at: the export's default, so the review thresholds fit its variance; 1
+    when there are none (a bad file is named later, by `calibration_metadata`)."""
+    path = thresholds_path or os.path.join(workdir, THRESHOLDS_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            samples = json.load(file).get("num_mc_samples", 1)
+        return max(1, int(samples))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
 def load_inference_variables(config, workdir: str, step: int | str | None = None) -> dict:
     """`{'params': ..., 'step': global step}` (numpy params) of a fine-tuned checkpoint in
     WORKDIR/checkpoints (`run_checkpoint.restore_params`: params only; `step=None` = the newest
     fine-tuned one, or the best-validating params; `step="best"` those). The export uses
-    `params`; `step` names the checkpoint."""
+    `params`; `step` names the checkpoint. With `eval.ensemble_workdirs` also `members`: the
+    params of those runs (`run_checkpoint.restore_members`), exported as a deep ensemble."""
     params, global_step = run_checkpoint.restore_params(config, workdir, step)
-    return {"params": params, "step": int(global_step)}
+    variables = {"params": params, "step": int(global_step)}
+    members = run_checkpoint.restore_members(config)
+    if members:
+        variables["members"] = members
+    return variables
 
 
 def random_inference_variables(config, seed: int = 0) -> dict:
@@ -121,6 +139,7 @@ def calibration_metadata(
     thresholds_path: str | None = None,
     mc_samples: int = 1,
     checkpoint_step: int | None = None,
+    ensemble_members: int = 1,
 ) -> tuple[dict, list[str]]:
     """(metadata, warnings) for an export from a run: the calibrated decision thresholds of
     `thresholds_path` (default WORKDIR/eval/thresholds.json, eval.py's) as `m2u.*` keys
@@ -132,7 +151,8 @@ def calibration_metadata(
     `warnings` are `WARNING: ...` lines for the caller to print: no thresholds file in the run
     (the model then carries no thresholds and the runner refuses it without --thresholds), a
     calibrated T other than the exported `mc_samples` (the variance scale changes with T), a
-    calibrated checkpoint other than `checkpoint_step`. Raises FileNotFoundError for a missing
+    calibrated checkpoint other than `checkpoint_step`, another deep-ensemble size than
+    `ensemble_members`. Raises FileNotFoundError for a missing
     explicit `thresholds_path`, ValueError for a malformed file."""
     num_classes = int(model_config.num_defect_classes)
     fallback = default_class_names(num_classes)
@@ -177,6 +197,14 @@ def calibration_metadata(
                 + f"; export with --mc-samples {calibrated_samples}, or recalibrate with "
                 f"`python eval.py --workdir {run} --config.eval.num_mc_samples={mc_samples}`"
             )
+    calibrated_members = int(data.get("ensemble_members", 1))
+    if calibrated_members != int(ensemble_members):
+        warnings.append(
+            f"WARNING: the thresholds in {path} were calibrated with {calibrated_members} deep-"
+            f"ensemble member(s) but the graph is exported with {ensemble_members}: the "
+            "uncertainty comes from another source; set eval.ensemble_workdirs as the "
+            "evaluation did"
+        )
     for key, name, kind in (
         ("budget", "review_budget", float),
         ("threshold_rule", "threshold_rule", str),
@@ -224,15 +252,28 @@ def _class_names_warning(path: str, fallback: list[str], *, missing: bool = Fals
 # ----------------------------------------------------------------------------- backends
 
 
-def export_jax2onnx(model, params: dict, *, batch: int | None, mc_samples: int, mc_seed: int):
-    """jax2onnx export of the inference function → raw ModelProto (before `finalize`)."""
+def export_jax2onnx(
+    model,
+    params: dict,
+    *,
+    batch: int | None,
+    mc_samples: int,
+    mc_seed: int,
+    members: Sequence[dict] = (),
+):
+    """jax2onnx export of the inference function (with deep-ensemble `members`, see
+    `graph.make_inference_fn`) → raw ModelProto (before `finalize`)."""
     from jax2onnx import to_onnx  # here, not at the top: its plugin import takes ~10 s
 
     # jax arrays, not numpy: with numpy params jax2onnx's linen Conv lowering keeps a float32
     # kernel next to a float16 input under model.dtype=float16 (an invalid graph).
     params = jax.tree.map(jnp.asarray, params)
     inference = export_graph.make_inference_fn(
-        model, params, num_mc_samples=mc_samples, mc_seed=mc_seed
+        model,
+        params,
+        num_mc_samples=mc_samples,
+        mc_seed=mc_seed,
+        members=[jax.tree.map(jnp.asarray, member) for member in members],
     )
     shape = (BATCH_DIM if batch is None else int(batch), *_image_shape(model))
     return to_onnx(
@@ -377,10 +418,18 @@ def convert_many(
             raise ValueError(f"--batch must be >= 1, got {job['batch']}")
         if int(job["mc_samples"]) < 1:
             raise ValueError(f"--mc-samples must be >= 1, got {job['mc_samples']}")
+        if variables.get("members") and int(job["mc_samples"]) != 1:
+            raise ValueError(
+                f"--mc-samples {job['mc_samples']} with a deep ensemble (eval.ensemble_workdirs):"
+                " its uncertainty comes from the members; export with --mc-samples 1"
+            )
         pathlib.Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
+    if variables.get("members") and backend != "jax2onnx":
+        raise ValueError("a deep ensemble (eval.ensemble_workdirs) exports with --backend jax2onnx")
     model32, params = export_graph.build_export_model(
         config.model, variables["params"], attention=attention
     )
+    members = [export_graph.prepare_params(member) for member in variables.get("members", ())]
     largest_batch = max([parity_count] + [int(job["batch"] or 0) for job in jobs])
     images, image_source = parity.parity_images(config, largest_batch)
 
@@ -401,7 +450,12 @@ def convert_many(
             start = time.perf_counter()
             raw_models.append(
                 export_jax2onnx(
-                    model, params, batch=job["batch"], mc_samples=job["mc_samples"], mc_seed=mc_seed
+                    model,
+                    params,
+                    batch=job["batch"],
+                    mc_samples=job["mc_samples"],
+                    mc_seed=mc_seed,
+                    members=members,
                 )
             )
             export_seconds.append(time.perf_counter() - start)
@@ -448,7 +502,11 @@ def convert_many(
         )
         reference = jax.jit(
             export_graph.make_inference_fn(
-                model32, params, num_mc_samples=int(job["mc_samples"]), mc_seed=mc_seed
+                model32,
+                params,
+                num_mc_samples=int(job["mc_samples"]),
+                mc_seed=mc_seed,
+                members=members,
             )
         )
         metadata = dict(
@@ -457,6 +515,7 @@ def convert_many(
             image_size=int(config.data.image_size),
             channels=int(model32.num_channels),
             mc_samples=int(job["mc_samples"]),
+            ensemble_members=1 + len(members),
             mc_seed=int(mc_seed),
             precision="float16" if job["fp16"] else "float32",
             batch="dynamic" if job["batch"] is None else int(job["batch"]),

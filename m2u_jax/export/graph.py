@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -134,7 +134,12 @@ def _first_axis_copies(values: jax.Array, copies: int) -> jax.Array:
 
 
 def make_inference_fn(
-    model: model_lib.M2UNet, params: dict, *, num_mc_samples: int = 1, mc_seed: int = 0
+    model: model_lib.M2UNet,
+    params: dict,
+    *,
+    num_mc_samples: int = 1,
+    mc_seed: int = 0,
+    members: Sequence[dict] = (),
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     """The exportable inference function (module docstring) with `params` closed over (their
     values become constants of the exported graph).
@@ -144,12 +149,33 @@ def make_inference_fn(
       params: its `params` tree (e.g. from `prepare_params`).
       num_mc_samples: T ≥ 1, fixed at export.
       mc_seed: seed of the fixed dropout masks.
+      members: params trees of further runs of the same model: a deep ensemble with `params`,
+        one deterministic pass each (T must be 1). The anomaly map and image score are the
+        means over the E members, the uncertainty the variance of their scores (as
+        `uncertainty.ensemble_predict`); the boxes are those of `params`.
 
     Returns:
       `fn(images [N, H, W, C] f32) -> tuple` of the seven arrays in `OUTPUT_NAMES` order.
     """
     inference = inference_with_params(model, num_mc_samples=num_mc_samples, mc_seed=mc_seed)
-    return lambda images: inference(params, images)
+    if not members:
+        return lambda images: inference(params, images)
+    if num_mc_samples != 1:
+        raise ValueError(
+            f"--mc-samples {num_mc_samples} with a deep ensemble: its uncertainty comes from the "
+            "members, so the graph is exported with --mc-samples 1"
+        )
+
+    def ensemble(images: jax.Array) -> tuple[jax.Array, ...]:
+        outputs = [inference(member, images) for member in (params, *members)]
+        scores = jnp.stack([output[1] for output in outputs])  # [E, N]
+        image_score = jnp.mean(scores, axis=0)
+        # Written out, not jnp.var (see the MC branch of `inference_with_params`).
+        uncertainty = jnp.mean(jnp.square(scores - image_score), axis=0)
+        anomaly_map = jnp.mean(jnp.stack([output[0] for output in outputs]), axis=0)
+        return (anomaly_map, image_score, uncertainty, *outputs[0][3:])
+
+    return ensemble
 
 
 def inference_with_params(
