@@ -21,6 +21,8 @@ JSON file); `run_benchmark(config, modes)` returns the results dict. Modes:
   backbone; skipped (with the reason in the JSON) when torch is not importable.
 - `compile`: lowering and XLA compile time of the train step with `model.scan_blocks` False and
   True (from abstract shapes: nothing is allocated, so B at 256 compiles on a laptop).
+- `edge`: FLOPs per image of the exported graph at batch 1 (T = 1 and T = `eval.num_mc_samples`)
+  and the images/s they project to on Jetson GPUs (`EDGE_DEVICES`, `EDGE_UTILIZATION`).
 
 Experiments (`Settings`, the command's flags of the same names): `--mc-chunk N` also times MC
 dropout with another chunk size, the samples run N at a time (N = 0: all T in one vmap),
@@ -62,9 +64,24 @@ from m2u_jax import config as config_lib
 from m2u_jax import cpu_prng, sharding, trainer, uncertainty
 from m2u_jax import flops as flops_lib
 from m2u_jax import model as model_lib
+from m2u_jax.export import graph as export_graph
 from m2u_jax.modalities import num_channels
 
-MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile")
+MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile", "edge")
+# Edge projection (`edge` mode): the GPU's FP16 peak on its CUDA cores, FLOP/s = 2 x 2 x cores x
+# boost clock (an FMA is 2 FLOPs; FP16 runs at twice the FP32 rate on Volta / Ampere). Tensor
+# cores are left out on purpose: a model 64-384 wide at batch 1 does not keep them fed.
+EDGE_DEVICES = {
+    # 384 CUDA cores at 1.1 GHz (Volta GV10B; 15 W mode): 1.69 TFLOP/s FP16.
+    "jetson_xavier_nx": 2 * 2 * 384 * 1.1e9,
+    # 1,024 CUDA cores at 1.02 GHz (Ampere GA10B, JetPack 6.1 "Super" clocks): 4.18 TFLOP/s.
+    "jetson_orin_nano_super": 2 * 2 * 1024 * 1.02e9,
+    # 2,048 CUDA cores at 1.3 GHz (Ampere, MAXN): 10.6 TFLOP/s.
+    "jetson_agx_orin_64gb": 2 * 2 * 2048 * 1.3e9,
+}
+# The fraction of that peak a small model's graph is assumed to reach under TensorRT at batch 1
+# (the same graph reaches 27-33 % of the measured CPU matmul peak here: docs/performance.md).
+EDGE_UTILIZATION = 0.3
 DEFAULT_MODES = ("train", "infer", "mc")
 
 
@@ -536,7 +553,6 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         import onnxruntime
 
         from m2u_jax.export import convert, parity
-        from m2u_jax.export import graph as export_graph
     except ImportError as error:
         return dict(skipped=True, reason=f"ONNX export/runtime not importable: {error}")
     _, variables = build(config)
@@ -616,6 +632,33 @@ def bench_torch(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         same_parameter_count=int(jax_parameters) == info["parameter_count"],
         **info,
     )
+
+
+def bench_edge(config: ml_collections.ConfigDict) -> dict:
+    """FLOPs per image of the exported inference graph (`export.graph.make_inference_fn`, batch
+    1, XLA cost analysis) at T = 1 and at `eval.num_mc_samples`, and the projected images/s on
+    each of `EDGE_DEVICES`: EDGE_UTILIZATION x peak / FLOPs per image. A projection, not a
+    measurement: no Jetson was available."""
+    model, variables = build(config)
+    export_model, params = export_graph.build_export_model(config.model, variables["params"])
+    single = _images(config, 1)
+    result = dict(
+        image_size=int(config.data.image_size),
+        utilization=EDGE_UTILIZATION,
+        formula="images/s = utilization x FP16 CUDA-core peak / FLOPs per image",
+        peaks_flops=dict(EDGE_DEVICES),
+    )
+    for samples in sorted({1, int(config.eval.num_mc_samples)}):
+        fn = export_graph.make_inference_fn(export_model, params, num_mc_samples=samples)
+        flops = flops_lib.compiled_flops(jax.jit(fn).lower(single).compile())
+        result[f"t{samples}"] = dict(
+            flops_per_image=flops,
+            projected_images_per_sec={
+                name: None if not flops else EDGE_UTILIZATION * peak / flops
+                for name, peak in EDGE_DEVICES.items()
+            },
+        )
+    return result
 
 
 def bench_compile(config: ml_collections.ConfigDict) -> dict:
@@ -734,6 +777,8 @@ def run_benchmark(
             results["torch"] = bench_torch(config, settings)
         elif mode == "compile":
             results["compile"] = bench_compile(config)
+        elif mode == "edge":
+            results["edge"] = bench_edge(config)
         results[mode]["mode_wall_s"] = time.perf_counter() - start
     if needs_peak and peak_source.startswith("measured"):
         # A peak measured on a busy machine can come out low; the best of a measurement before

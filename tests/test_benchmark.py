@@ -11,6 +11,7 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -222,3 +223,25 @@ def test_a_run_directory_gives_the_config(tmp_path, capsys):
     assert config.model.variant == "S"
     assert benchmark_cli.main(["--workdir", str(tmp_path / "nothing"), "--modes", "infer"]) == 2
     assert "nothing/config.json does not exist" in capsys.readouterr().err
+
+
+def test_edge_mode_projects_from_the_exported_graph_flops():
+    from m2u_jax import flops as flops_lib
+    from m2u_jax.export import graph as export_graph
+
+    config = tiny.get_config()  # eval.num_mc_samples = 4
+    results = benchmark.run_benchmark(config, modes=("edge",))
+    edge = results["edge"]
+    assert edge["peaks_flops"]["jetson_xavier_nx"] == pytest.approx(1.6896e12)  # 2*2*384*1.1e9
+    # The FLOPs are those of the exported function at batch 1, compiled afresh here.
+    model, variables = benchmark.build(config)
+    export_model, params = export_graph.build_export_model(config.model, variables["params"])
+    image = jnp.zeros((1, 32, 32, 3))
+    expected = flops_lib.compiled_flops(
+        jax.jit(export_graph.make_inference_fn(export_model, params)).lower(image).compile()
+    )
+    assert edge["t1"]["flops_per_image"] == expected > 0
+    assert edge["t4"]["flops_per_image"] > expected  # T tails cost more than one
+    for name, peak in benchmark.EDGE_DEVICES.items():
+        projected = edge["t1"]["projected_images_per_sec"][name]
+        assert projected == pytest.approx(0.3 * peak / expected)
