@@ -110,10 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
     evaluation.threshold_rule = "auto"  # 'f1' | 'fpr' | 'auto' (f1 if validation has 5+ defects).
     evaluation.target_fpr = 0.05  # 'fpr' rule: max fraction of good validation images rejected.
-    # Deep ensemble: comma-separated run directories of the same architecture (other seeds) whose
-    # params join this run's; evaluation, export and the predictors then take the uncertainty
-    # (score mean and variance over the E members) from them instead of MC dropout.
-    evaluation.ensemble_workdirs = ""
+    # Evaluation, export and the predictors then take the uncertainty (score mean and variance
+    # over the E members) from a deep ensemble instead of MC dropout.
+    evaluation.ensemble_workdirs = ""  # Comma-separated runs of the same architecture; "" = off.
     evaluation.feature_memory_size = 0  # >0: also score with a kNN memory of this many patches.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
