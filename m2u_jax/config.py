@@ -7,6 +7,7 @@ can print it and exit non-zero before any heavy work.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -36,17 +37,52 @@ def config_from_file(path: str, setting: str = "") -> ml_collections.ConfigDict:
     """Runs the `get_config(setting)` (or `get_config()`) of a config file outside `configs/`'s
     package import, as the tools do for `--config PATH[:SETTING]`. Not validated here.
 
-    Raises FileNotFoundError naming a missing file, ValueError naming a file without
-    `get_config`.
+    Raises ConfigError, one line naming the file, when it is missing, does not compile, raises
+    while it loads or in `get_config` (e.g. ml_collections' TypeError for a value of the wrong
+    type, or an unknown setting), has no `get_config`, takes no setting but is given one, or
+    returns something other than a ConfigDict.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location("_m2u_config_file", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config()")
-    return module.get_config(setting) if setting else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(
+            f"config file {path}: syntax error on line {error.lineno}: {error.msg}"
+        ) from None
+    except Exception as error:  # whatever the file's own code raises
+        raise ConfigError(f"config file {path}: loading it raised {_one_line(error)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file {path} has no get_config()")
+    call = f"get_config({setting!r})" if setting else "get_config()"
+    if setting:
+        try:
+            inspect.signature(get_config).bind(setting)
+        except TypeError:
+            raise ConfigError(
+                f"config file {path}: get_config() takes no setting (got {path}:{setting})"
+            ) from None
+        except ValueError:  # no signature to inspect: let the call decide
+            pass
+    try:
+        config = get_config(setting) if setting else get_config()
+    except Exception as error:  # whatever the file's own code raises
+        raise ConfigError(f"config file {path}: {call} raised {_one_line(error)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config file {path}: {call} returned {type(config).__name__}, not an "
+            "ml_collections.ConfigDict"
+        )
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: first line of the message` of an exception."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -399,12 +435,9 @@ def config_from_args(
         raise ConfigError("no config: pass --config FILE, or --workdir DIR of a run")
     if config_file and not os.path.isfile(config_file.partition(":")[0]):
         raise ConfigError(f"--config {config_file}: no such config file")
-    if config_file:
+    if config_file:  # a ConfigError from here names the file and the problem
         path, _, setting = config_file.partition(":")
-        try:
-            base = config_from_file(path, setting)
-        except ValueError as error:  # e.g. an unknown setting of configs/benchmark.py
-            raise ConfigError(f"--config {config_file}: {error}") from None
+        base = config_from_file(path, setting)
     else:
         base = load_run_config(workdir)
     argv = [program, *overrides]
@@ -435,10 +468,21 @@ def config_from_args(
 def flags_parser_for(program: str):
     """An absl `app.run(..., flags_parser=...)` that turns a `--config.<key>=...` override of a
     key the config lacks (ml_collections raises AttributeError mid-parse, i.e. a traceback)
-    into one line on stderr and exit status 2, like every other bad flag."""
+    into one line on stderr and exit status 2, like every other bad flag. A `--config FILE`
+    is loaded once beforehand by `config_from_file`, so a file that is missing, does not
+    compile, raises or has no `get_config` is one line too (ml_collections would print a
+    traceback, or defer a missing file's error to the first use of the config)."""
     from absl import app
 
     def parse(argv):
+        spec = _config_file_argument(argv[1:])
+        if spec:
+            path, _, setting = spec.partition(":")
+            try:
+                config_from_file(path, setting)
+            except ConfigError as error:
+                print(f"{program}: bad config: {error}", file=sys.stderr)
+                sys.exit(2)
         try:
             return app.parse_flags_with_usage(argv)
         except (AttributeError, KeyError) as error:
@@ -454,3 +498,14 @@ def flags_parser_for(program: str):
             sys.exit(2)
 
     return parse
+
+
+def _config_file_argument(args: Sequence[str]) -> str | None:
+    """The value of `--config FILE` / `--config=FILE` in `args` (the last one), or None."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-config") and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+    return value

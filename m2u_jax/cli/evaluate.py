@@ -6,12 +6,13 @@ The run's own config (DIR/config.json) is the default; `--config FILE` replaces 
 changes the parameter shapes is an error naming the key (the checkpoints would not fit).
 """
 
+import os
 import sys
 
 from absl import app, flags
 
 from m2u_jax import config as config_lib
-from m2u_jax.cli import checkpoint_step
+from m2u_jax.cli import checkpoint_step, folder_problem
 
 _CONFIG = config_lib.define_config_flag("eval.py", sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
@@ -24,6 +25,15 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     del argv
     config = _CONFIG.value
+    if os.path.isdir(_WORKDIR.value):  # else the config or checkpoint check names it
+        try:
+            os.listdir(_WORKDIR.value)
+        except OSError as error:
+            print(
+                f"eval.py: --workdir {_WORKDIR.value}: cannot read it ({error.strerror})",
+                file=sys.stderr,
+            )
+            return 2
     if config is None:
         print(
             f"eval.py: {_WORKDIR.value}/config.json not found: pass the run directory of "
@@ -42,6 +52,12 @@ def main(argv):
     except ValueError:
         print(f"eval.py: --step {_STEP.value!r}: use a checkpoint step or 'best'", file=sys.stderr)
         return 2
+    # Before the model is restored: the results go to WORKDIR/eval (a read-only finished run).
+    if os.path.isdir(_WORKDIR.value):
+        problem = folder_problem(os.path.join(_WORKDIR.value, "eval"), "evaluation folder")
+        if problem:
+            print(f"eval.py: {problem}", file=sys.stderr)
+            return 2
     from m2u_jax import cpu_prng
 
     # Loop-free threefry on CPU: the same dropout bits, ~1.5x faster MC dropout on the demo
@@ -57,6 +73,9 @@ def main(argv):
     except (FileNotFoundError, ValueError) as error:  # checkpoint, step or file: names it
         print(f"eval.py: {error}", file=sys.stderr)
         return 2
+    except PermissionError as error:  # a file of WORKDIR/eval that cannot be written
+        print(f"eval.py: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

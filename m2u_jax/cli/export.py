@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from m2u_jax import config as config_lib
-from m2u_jax.cli import checkpoint_step
+from m2u_jax.cli import checkpoint_step, file_problem
 from m2u_jax.data import splits
 from m2u_jax.export import convert, trt_check
 from m2u_jax.export import graph as export_graph
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     metadata, warnings = {}, []
     try:
+        problem = file_problem(args.output, "--output")  # before minutes of export
+        if problem:
+            raise ValueError(problem)
         if args.random_init and args.thresholds:
             raise ValueError("--thresholds needs --workdir: random weights have no calibration")
         # The run's own config by default; overrides through ml_collections config_flags.

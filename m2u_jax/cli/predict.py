@@ -24,7 +24,7 @@ import time
 from PIL import Image
 
 from m2u_jax import predictor as predictor_lib
-from m2u_jax.cli import checkpoint_step
+from m2u_jax.cli import checkpoint_step, folder_problem
 from m2u_jax.data import records
 from m2u_jax.data.decode import IMAGE_EXTENSIONS
 
@@ -56,6 +56,29 @@ def list_inputs(entries: list[str]) -> list[str]:
                 seen.add(resolved)
                 found.append(path)
     return found
+
+
+def read_thresholds(path: str) -> dict:
+    """A `--thresholds` file (eval.py's thresholds.json): its JSON object, or ValueError /
+    FileNotFoundError naming the file and the problem (not JSON, not an object, no numeric
+    score_threshold / uncertainty_threshold)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"thresholds file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable JSON thresholds file ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: not a JSON object of thresholds (score_threshold, uncertainty_threshold; "
+            f"it holds a {type(data).__name__})"
+        )
+    for key in ("score_threshold", "uncertainty_threshold"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{path}: {key} is {value!r}, not a number")
+    return data
 
 
 def overlay_path(out_dir: str, path: str, root: str) -> str:
@@ -93,14 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         print(f"m2u-predict: --batch-size {args.batch_size} must be >= 1", file=sys.stderr)
         return 2
+    problem = folder_problem(args.out, "--out")  # before the model is loaded
+    if problem:
+        print(f"m2u-predict: {problem}", file=sys.stderr)
+        return 2
     try:
         paths = list_inputs(args.inputs)
+        thresholds = read_thresholds(args.thresholds) if args.thresholds else None
         if args.workdir:
             model = predictor_lib.Predictor.from_workdir(
-                args.workdir, args.step, thresholds=args.thresholds
+                args.workdir, args.step, thresholds=thresholds
             )
         else:
-            model = predictor_lib.Predictor.from_onnx(args.onnx, thresholds=args.thresholds)
+            model = predictor_lib.Predictor.from_onnx(args.onnx, thresholds=thresholds)
     except (FileNotFoundError, ValueError) as error:  # ConfigError and DataError are ValueErrors
         print(f"m2u-predict: {error}", file=sys.stderr)
         return 2
@@ -132,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                     picture.save(destination)
         except (records.DataError, ValueError, OSError, Image.DecompressionBombError) as error:
             done = sum(counts.values())
+            kept = f"their lines are in {partial}"
+            if done == 0:  # nothing to keep: no empty .partial file
+                os.remove(partial)
+                kept = "no predictions written"
             print(
-                f"m2u-predict: {error}; stopped after {done} of {len(paths)} image(s), "
-                f"their lines are in {partial}",
+                f"m2u-predict: {error}; stopped after {done} of {len(paths)} image(s), {kept}",
                 file=sys.stderr,
             )
             return 2

@@ -4,12 +4,14 @@
 python train.py --config configs/tiny.py --workdir /tmp/m2u_tiny [--config.train.batch_size=16]
 """
 
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from m2u_jax import config as config_lib
+from m2u_jax.cli import folder_problem
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, config.json.")
@@ -29,6 +31,11 @@ def main(argv):
         config_lib.validate(config)
     except config_lib.ConfigError as error:
         print(f"train.py: bad config: {error}", file=sys.stderr)
+        return 2
+    # Before anything is built: a workdir that is a file, or cannot be listed or written.
+    problem = folder_problem(_WORKDIR.value, "--workdir", read=True)
+    if problem:
+        print(f"train.py: bad config: {problem}", file=sys.stderr)
         return 2
     from m2u_jax import cpu_prng
 
@@ -66,7 +73,15 @@ def main(argv):
         return 2
     except DataError as error:  # names the file and the problem
         print(f"train.py: bad data: {error}", file=sys.stderr)
-        return 2
+        # Exit now: releasing a tf.data pipeline whose map workers failed can deadlock (its
+        # iterator waits for them while holding the GIL they need). The trainer has already
+        # closed its checkpoint manager and logs.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)
+    except PermissionError as error:  # a file of the run that cannot be written mid-run
+        print(f"train.py: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
     if config.eval.after_training and config.train.finetune_steps > 0:
         metrics = evaluate.evaluate(config, _WORKDIR.value)
         logging.info(
@@ -81,6 +96,9 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point (`m2u-train`)."""
+    # TensorFlow's C++ warnings (before TF loads): a bad file met by the input pipeline is
+    # otherwise logged with two Python tracebacks before train.py's own line names it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(main, flags_parser=config_lib.flags_parser_for("train.py"))
 
 

@@ -47,6 +47,17 @@ UNCERTAINTY_MEASURE = "score_var"
 RANGE_TOLERANCE = 1e-6
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_BATCH = 8
+# The outputs of an exported model (`m2u_jax.export.graph.OUTPUT_NAMES`, without importing
+# JAX); `model_info` refuses a model of another graph in one line.
+OUTPUT_NAMES = (
+    "anomaly_map",
+    "image_score",
+    "uncertainty",
+    "boxes",
+    "box_scores",
+    "box_classes",
+    "num_boxes",
+)
 
 
 # ----------------------------------------------------------------------------- session
@@ -111,7 +122,15 @@ def model_info(session, model_path: str = "the model") -> dict:
     export carries none), `threshold_rule` and `checkpoint_step` of that calibration (or None),
     `class_names` (list, index order; `default_class_names` for exports that predate them) and
     `normalization` (dict: what the graph does to its [0, 1] input; None for older exports).
-    Raises ValueError (naming `model_path`) for malformed metadata."""
+    Raises ValueError (naming `model_path`) for malformed metadata, or for a model of another
+    graph (without the outputs of `OUTPUT_NAMES`)."""
+    outputs = [output.name for output in session.get_outputs()]
+    missing = [name for name in OUTPUT_NAMES if name not in outputs]
+    if missing:
+        raise ValueError(
+            f"{model_path}: not a model exported by convert.py: it lacks the output(s) "
+            f"{', '.join(missing)} (it has {', '.join(outputs) or 'none'})"
+        )
     image_input = session.get_inputs()[0]
     batch, height, width, channels = image_input.shape
     if height != width or not all(isinstance(size, int) for size in (height, width, channels)):
@@ -402,6 +421,14 @@ def run(
     `model_images_per_sec`, `end_to_end_images_per_sec`."""
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    out = pathlib.Path(out_path)
+    if out.is_dir():  # found before the model runs, not at the final rename
+        raise ValueError(f"--out {out_path} is a folder; name the predictions file")
+    for folder in (out.parent.absolute(), *out.parent.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out_path}: {folder} is a file, not a folder")
+            break
     session = make_session(model_path, providers)
     info = model_info(session, model_path)
     thresholds, source = resolve_thresholds(info, model_path, thresholds, uncalibrated=uncalibrated)
@@ -431,7 +458,6 @@ def run(
     counts = dict.fromkeys(review.DECISION_NAMES, 0)
     model_seconds = 0.0
     start = time.perf_counter()
-    out = pathlib.Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the result, so the final rename is atomic; the process id keeps two
     # concurrent runs apart.
@@ -520,8 +546,12 @@ def _record(path: str, original: tuple, values: dict, index: int, info: dict) ->
 
 
 def _keep_partial(temporary: pathlib.Path, out: pathlib.Path, written: int, total: int) -> None:
-    """After a failed run: the temporary file becomes OUT.partial, `out` stays as it was."""
+    """After a failed run: the temporary file becomes OUT.partial, `out` stays as it was (no
+    record written: the empty temporary file is removed, and the error alone is the message)."""
     if not temporary.exists():
+        return
+    if written == 0:
+        temporary.unlink(missing_ok=True)
         return
     partial = pathlib.Path(f"{out}.partial")
     try:

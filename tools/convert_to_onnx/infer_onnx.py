@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as error:
         print(f"infer_onnx: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. --out or --maps-dir not writable: names the file
+        print(f"infer_onnx: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     used = summary["thresholds"]
     print(
         f"{summary['images']} images on {summary['provider']} (batch {summary['batch_size']}): "
