@@ -4,8 +4,8 @@ import os
 
 # Must be set before jax is imported anywhere (subprocesses inherit it). 8 fake CPU devices, as
 # `make test` sets; and XLA's CPU backend without its expensive LLVM passes: the tests' programs
-# are small and run a few times each, so compiling dominates (about 1.5x faster overall). The
-# HLO passes and the numerics are unchanged; an XLA_FLAGS that names an optimisation level wins.
+# are small and run a few times each, so compiling dominates (tests/test_evaluate.py: 68 -> 45
+# s). The HLO passes and the numerics are unchanged; an XLA_FLAGS naming an optimisation level wins.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
