@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.batch_size = 32  # Evaluation batch size.
     evaluation.num_mc_samples = 16  # MC-dropout samples for uncertainty (1 = deterministic).
-    evaluation.mc_chunk_size = 2  # MC samples run at a time (CPU: caches); 0 = all T (GPU/TPU).
+    evaluation.mc_chunk_size = 1  # MC samples run at a time (CPU: caches); 0 = all T (GPU/TPU).
     evaluation.review_budget = 0.05  # Fraction of images the review policy may send to a person.
     evaluation.threshold_rule = "auto"  # 'f1' | 'fpr' | 'auto' (f1 if validation has 5+ defects).
     evaluation.target_fpr = 0.05  # 'fpr' rule: max fraction of good validation images rejected.

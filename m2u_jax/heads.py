@@ -113,8 +113,8 @@ class AnomalyDecoder(TokenGeometry):
     cannot copy defects.
 
     Dropout sits only before the output convs (last-layer dropout): under MC dropout
-    (`jax.vmap` over dropout keys) everything before it does not depend on the key, so vmap
-    computes it once and T samples repeat only the 1×1 convs and the upsampling.
+    everything before it does not depend on the dropout key, so it runs once (`part='hidden'`)
+    and T samples repeat only the 1×1 convs and the upsampling (`part='output'`).
     """
 
     channels: int = 64
@@ -125,19 +125,34 @@ class AnomalyDecoder(TokenGeometry):
     @nn.compact
     def __call__(
         self,
-        grid: jax.Array,
+        inputs,
         image_hw: tuple[int, int],
         *,
         train: bool,
         detail: dict[int, jax.Array] | None = None,
         images: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """`detail` ({stride: map} from `DetailStem`) adds the pixel-logit path below.
+        part: str = "all",
+    ):
+        """The token grid `inputs` `[B, h, w, D]` → (recon, pixel_logits).
+
+        `detail` ({stride: map} from `DetailStem`) adds the pixel-logit path below.
 
         With `compare_recon` (needs `detail` and the input `images` [B, H, W, C] in [0, 1]) the
         pixel path also sees the input next to its own reconstruction, DRAEM-style: a stride-2
         conv over [input, recon, |input - recon|] joins the last stage of the pixel path, so
-        the logits can flag where the image departs from what the decoder expects there."""
+        the logits can flag where the image departs from what the decoder expects there.
+
+        `part` splits the call at the dropout, for MC dropout: 'hidden' returns the maps right
+        before it (`{'features', 'pixel_path'}`, deterministic: `train` is unused); 'output'
+        takes that dict as `inputs` and runs dropout and the output layers; 'all' is both."""
+        if part not in ("all", "hidden", "output"):
+            raise ValueError(f"AnomalyDecoder part={part!r}: expected 'all', 'hidden' or 'output'")
+        hidden = inputs if part == "output" else self._hidden(inputs, image_hw, detail)
+        if part == "hidden":
+            return hidden
+        return self._output(hidden, image_hw, train=train, images=images)
+
+    def _hidden(self, grid, image_hw, detail) -> dict:
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         height, width = image_hw
         stride = decoder_start_stride(self.patch_stride, self.token_scale, height, width)
@@ -167,6 +182,14 @@ class AnomalyDecoder(TokenGeometry):
             features = nn.silu(nn.Conv(channels, (3, 3), name=f"up_{stage}", **conv)(features))
             stride, stage = stride // 2, stage + 1
             pixel_path = merge_detail(pixel_path, features, stride, str(stage - 1))
+        return dict(features=features, pixel_path=pixel_path)
+
+    def _output(
+        self, hidden: dict, image_hw, *, train: bool, images
+    ) -> tuple[jax.Array, jax.Array]:
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        features, pixel_path = hidden["features"], hidden["pixel_path"]
+        stride = image_hw[0] // features.shape[1]
         dropout = nn.Dropout(self.dropout_rate)  # one module, an independent mask per call
         features = dropout(features, deterministic=not train)
         if pixel_path is None:
@@ -177,13 +200,16 @@ class AnomalyDecoder(TokenGeometry):
                 pixel_path = self._compare(pixel_path, recon_maps, images, stride)
             pixel_path = dropout(pixel_path, deterministic=not train)
             logit_map = nn.Conv(1, (1, 1), name="pixel_out", **conv)(pixel_path)
-            maps = jnp.concatenate([recon_maps, logit_map], axis=-1)
+            # Upsampled apart (the same values as together: the filter is per channel), so a
+            # caller that drops `recon` (MC dropout's statistics) drops its work and its mask.
+            maps = (recon_maps, logit_map)
+        if not isinstance(maps, tuple):
+            maps = (maps[..., : self.image_channels], maps[..., self.image_channels :])
         while stride > 1:
-            maps = upsample2x_bilinear(maps)
+            maps = tuple(upsample2x_bilinear(part) for part in maps)
             stride //= 2
-        maps = maps.astype(jnp.float32)
-        recon = jax.nn.sigmoid(maps[..., : self.image_channels])
-        return recon, maps[..., self.image_channels]
+        recon_logits, pixel_logits = (part.astype(jnp.float32) for part in maps)
+        return jax.nn.sigmoid(recon_logits), pixel_logits[..., 0]
 
     def _compare(
         self, pixel_path: jax.Array, recon_maps: jax.Array, images: jax.Array, stride: int

@@ -94,12 +94,6 @@ def mean(values: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
     return jnp.sum(values, axis=axes) / count
 
 
-def variance(values: jax.Array, axis: int) -> jax.Array:
-    """Population variance along `axis`, exportable like `mean`."""
-    centred = values - jnp.expand_dims(mean(values, axis), axis)
-    return mean(centred * centred, axis)
-
-
 # ----------------------------------------------------------------------------- resampling
 
 

@@ -216,20 +216,13 @@ class M2UNet(nn.Module):
         """Trunk state (tokens `[B, N, D]` or the dict of `trunk`) → (outputs, aux): the last
         `mc_dropout_blocks` blocks, the final norm and all heads. `image_hw` (static) is the
         input size, default `(image_size, image_size)`."""
-        if isinstance(trunk_state, dict):
-            tokens, detail = trunk_state["tokens"], trunk_state["detail"]
-            images = trunk_state.get("images")
-        else:
-            tokens, detail, images = trunk_state, None, None
+        tokens, detail, images = self._unpack(trunk_state)
         image_hw = tuple(image_hw or (self.image_size, self.image_size))
         grids = self._grids(image_hw)
         lengths = tuple(rows * cols for rows, cols in grids)
         tokens, aux = self.backbone.tail(tokens, lengths, train=train)
         embedding = self._pool(tokens, lengths)
-        fine = max(range(len(self.scales)), key=lambda index: self.scales[index])
-        start = sum(lengths[:fine])
-        rows, cols = grids[fine]
-        fine_grid = tokens[:, start : start + rows * cols].reshape(-1, rows, cols, self.width)
+        fine_grid = self._fine_grid(tokens, grids, lengths)
         recon, pixel_logits = self.anomaly_decoder(
             fine_grid, image_hw, train=train, detail=detail, images=images
         )
@@ -245,6 +238,52 @@ class M2UNet(nn.Module):
         )
         aux = {**aux, "tokens": tokens, "fine_grid": fine_grid}
         return outputs, aux
+
+    def sample_hidden(self, trunk_state, *, image_hw: tuple[int, int] | None = None) -> dict:
+        """With `mc_dropout_blocks == 0`: trunk state → the deterministic part of
+        `stochastic_tail` that feeds the statistics (the decoder's maps before its dropout, the
+        pooled embedding, the input where the pixel head compares with it). An opaque pytree
+        for `sample_outputs`; MC dropout computes it once for all T samples."""
+        if self.mc_dropout_blocks:
+            raise ValueError("sample_hidden needs model.mc_dropout_blocks=0 (dropout in blocks)")
+        tokens, detail, images = self._unpack(trunk_state)
+        image_hw = tuple(image_hw or (self.image_size, self.image_size))
+        grids = self._grids(image_hw)
+        lengths = tuple(rows * cols for rows, cols in grids)
+        tokens, _ = self.backbone.tail(tokens, lengths, train=False)
+        fine_grid = self._fine_grid(tokens, grids, lengths)
+        decoder = self.anomaly_decoder(
+            fine_grid, image_hw, train=False, detail=detail, part="hidden"
+        )
+        return dict(decoder=decoder, embedding=self._pool(tokens, lengths), images=images)
+
+    def sample_outputs(self, hidden: dict, *, image_hw: tuple[int, int], train: bool) -> dict:
+        """`sample_hidden`'s pytree → `pixel_logits`, `image_logits`, `type_logits` (and
+        `recon`) exactly as `stochastic_tail` computes them with the same dropout key."""
+        recon, pixel_logits = self.anomaly_decoder(
+            hidden["decoder"], image_hw, train=train, images=hidden["images"], part="output"
+        )
+        image_logits, type_logits = self.image_head(hidden["embedding"], train=train)
+        return dict(
+            recon=recon,
+            pixel_logits=pixel_logits,
+            image_logits=image_logits,
+            type_logits=type_logits,
+        )
+
+    @staticmethod
+    def _unpack(trunk_state):
+        """trunk state → (tokens, detail maps or None, input images or None)."""
+        if isinstance(trunk_state, dict):
+            return trunk_state["tokens"], trunk_state["detail"], trunk_state.get("images")
+        return trunk_state, None, None
+
+    def _fine_grid(self, tokens, grids, lengths) -> jax.Array:
+        """The finest scale's tokens as a grid `[B, rows, cols, D]` (what the heads see)."""
+        fine = max(range(len(self.scales)), key=lambda index: self.scales[index])
+        start = sum(lengths[:fine])
+        rows, cols = grids[fine]
+        return tokens[:, start : start + rows * cols].reshape(-1, rows, cols, self.width)
 
     @staticmethod
     def _pool(tokens: jax.Array, lengths: tuple[int, ...]) -> jax.Array:

@@ -1,14 +1,15 @@
 """Predictive uncertainty: MC dropout and deep ensembles (the review policy: `m2u_jax.review`).
 
-MC dropout runs the deterministic trunk (`M2UNet.trunk`) once and samples only the stochastic
-tail (`M2UNet.stochastic_tail`: the last `mc_dropout_blocks` backbone blocks and every head)
-over T dropout keys, all under one `jit`: T samples cost one trunk + T tails instead of T full
-passes. The tails run `chunk_size` samples at a time (`eval.mc_chunk_size`): `jax.lax.map(...,
-batch_size=chunk_size)`, a loop over groups of `jax.vmap`-ed samples, or all T in one `vmap`
-with `chunk_size=0`. Chunks keep the T x B activations of the tail out of a CPU's caches
-(chunks of 1-2 cut the MC time by a third on the demo and S128 configs); on GPU/TPU, 0 (one
-vmap over all T, the most parallel work) is expected to be best (not yet measured). The
-chunking changes the schedule, not the samples: sample t uses `jax.random.split(rng, T)[t]` as
+MC dropout runs everything that does not depend on the dropout key once and samples only the
+rest over T dropout keys, all under one `jit`: the trunk (`M2UNet.trunk`) always, and with
+`mc_dropout_blocks == 0` (last-layer dropout) also the heads up to their dropout
+(`M2UNet.sample_hidden`), so a sample is the dropout, the output layers and the score
+(`M2UNet.sample_outputs`); with sampled blocks it is the whole `M2UNet.stochastic_tail`. The
+samples run `chunk_size` at a time (`eval.mc_chunk_size`) in a loop that accumulates the moments
+of the statistics (never `[T, B, H, W]` maps), or all T in one `vmap` with `chunk_size=0`.
+Chunks keep the activations out of a CPU's caches (docs/performance.md: 1 is best on the demo);
+on GPU/TPU, 0 (the most parallel work) is expected to be best (not yet measured). The split and
+the chunking change the schedule, not the samples: sample t uses `jax.random.split(rng, T)[t]` as
 its dropout key whatever the chunk size, so it equals
 `model.apply(variables, images, train=True, dropout_tail_only=True, rngs={'dropout': key_t})`
 for threefry keys (JAX's default); 'rbg' / 'unsafe_rbg' keys draw different (equally valid) bits
@@ -31,14 +32,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m2u_jax.layers import mean, variance
+from m2u_jax.layers import mean
 from m2u_jax.model import M2UNet, image_score
 
 _EPS = 1e-6
-# The outputs `sample_statistics` reads: the loop of a chunked run carries only these.
-_STATISTICS_INPUTS = ("pixel_logits", "image_logits", "type_logits")
 # Samples per chunk when the caller does not say (configs/default.py `eval.mc_chunk_size`).
-DEFAULT_MC_CHUNK_SIZE = 2
+DEFAULT_MC_CHUNK_SIZE = 1
 
 
 def binary_entropy(probs: jax.Array) -> jax.Array:
@@ -51,20 +50,64 @@ def sample_statistics(outputs: dict, score_kwargs: dict) -> dict[str, jax.Array]
     """Stacked per-sample outputs (leading sample axis T on every array) → the statistics in
     the module docstring: `score_mean, score_var, entropy, mutual_info [B]`,
     `map_mean, map_var [B, H, W]`, `type_probs_mean [B, K+1]`."""
-    scores = jax.vmap(lambda sample: image_score(sample, **score_kwargs))(outputs)  # [T, B]
-    maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))  # [T, B, H, W]
-    score_mean = mean(scores, 0)
-    entropy = binary_entropy(score_mean)
-    expected_entropy = mean(binary_entropy(scores), 0)
+    quantities = jax.vmap(lambda sample: _sample_quantities(sample, score_kwargs))(outputs)
+    return _statistics(_moments(quantities))
+
+
+def _sample_quantities(outputs: dict, score_kwargs: dict) -> dict[str, jax.Array]:
+    """One sample's outputs → what the statistics average: its image score `p` `[B]`, the
+    entropy of `p`, the pixel probabilities `[B, H, W]` and the type distribution."""
+    score = image_score(outputs, **score_kwargs)
     return dict(
-        score_mean=score_mean,
-        score_var=variance(scores, 0),
+        score=score,
+        score_entropy=binary_entropy(score),
+        map=jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32)),
+        type_probs=jax.nn.softmax(outputs["type_logits"], axis=-1),
+    )
+
+
+# The quantities whose variance is reported; the others only need their mean.
+_WITH_VARIANCE = ("score", "map")
+
+
+def _moments(quantities: dict) -> tuple:
+    """Quantities with a leading sample axis n → (n, means, sums of squared deviations)."""
+    count = next(iter(quantities.values())).shape[0]
+    means = {name: mean(value, 0) for name, value in quantities.items()}
+    squares = {
+        name: jnp.sum(jnp.square(quantities[name] - means[name]), axis=0) for name in _WITH_VARIANCE
+    }
+    return count, means, squares
+
+
+def _combine(first: tuple, second: tuple) -> tuple:
+    """The moments of two groups of samples joined (Chan et al.'s pairwise update): what a
+    chunked MC run accumulates instead of keeping `[T, B, H, W]` maps."""
+    count_a, means_a, squares_a = first
+    count_b, means_b, squares_b = second
+    count = count_a + count_b
+    weight_b = count_b / count
+    deltas = {name: means_b[name] - means_a[name] for name in means_a}
+    means = {name: means_a[name] + deltas[name] * weight_b for name in means_a}
+    squares = {
+        name: squares_a[name] + squares_b[name] + jnp.square(deltas[name]) * count_a * weight_b
+        for name in squares_a
+    }
+    return count, means, squares
+
+
+def _statistics(moments: tuple) -> dict[str, jax.Array]:
+    count, means, squares = moments
+    entropy = binary_entropy(means["score"])
+    return dict(
+        score_mean=means["score"],
+        score_var=squares["score"] / count,
         entropy=entropy,
         # Clamped: with identical samples the difference is a rounding error around zero.
-        mutual_info=jnp.maximum(entropy - expected_entropy, 0.0),
-        map_mean=mean(maps, 0),
-        map_var=variance(maps, 0),
-        type_probs_mean=mean(jax.nn.softmax(outputs["type_logits"], axis=-1), 0),
+        mutual_info=jnp.maximum(entropy - means["score_entropy"], 0.0),
+        map_mean=means["map"],
+        map_var=squares["map"] / count,
+        type_probs_mean=means["type_probs"],
     )
 
 
@@ -109,13 +152,7 @@ def mc_dropout_samples(
     """The raw outputs of the T tail samples, every array with a leading `[T]` axis — what
     `mc_dropout_predict` reduces (for analysis, and for tests of the trunk/tail split)."""
     return _mc_dropout_samples(
-        model,
-        num_samples,
-        _effective_chunk_size(chunk_size, num_samples),
-        None,
-        variables,
-        images,
-        rng,
+        model, num_samples, _effective_chunk_size(chunk_size, num_samples), variables, images, rng
     )
 
 
@@ -126,31 +163,21 @@ def _effective_chunk_size(chunk_size: int, num_samples: int) -> int:
     return 0 if chunk_size >= num_samples else chunk_size
 
 
-def _tail_samples(
-    model: M2UNet,
-    num_samples: int,
-    chunk_size: int,
-    output_keys: tuple[str, ...] | None,
-    variables,
-    images,
-    rng,
-) -> dict:
-    """Trunk once (deterministic), then the stochastic tail over T dropout keys, `chunk_size`
-    at a time (0 = all in one vmap). `output_keys` limits the sample outputs to those keys
-    (None = all): a loop carries every output it returns, where a vmap's unused outputs are
-    dropped by XLA."""
-    tokens, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
+def _tail_samples(model: M2UNet, num_samples: int, chunk_size: int, variables, images, rng):
+    """Trunk once (deterministic), then the whole stochastic tail over T dropout keys,
+    `chunk_size` at a time (0 = all in one vmap); every output, stacked on a leading T axis."""
+    trunk_state, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
 
     def one_sample(key):
         outputs, _ = model.apply(
             variables,
-            tokens,
+            trunk_state,
             image_hw=images.shape[1:3],
             train=True,
             rngs={"dropout": key},
             method=M2UNet.stochastic_tail,
         )
-        return outputs if output_keys is None else {name: outputs[name] for name in output_keys}
+        return outputs
 
     keys = jax.random.split(rng, num_samples)
     if chunk_size == 0:
@@ -158,17 +185,63 @@ def _tail_samples(
     return jax.lax.map(one_sample, keys, batch_size=chunk_size)
 
 
-_mc_dropout_samples = jax.jit(_tail_samples, static_argnums=(0, 1, 2, 3))
+_mc_dropout_samples = jax.jit(_tail_samples, static_argnums=(0, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _mc_dropout_statistics(
     model: M2UNet, num_samples: int, chunk_size: int, variables, images, rng
 ):
-    samples = _tail_samples(
-        model, num_samples, chunk_size, _STATISTICS_INPUTS, variables, images, rng
+    """The statistics of T samples, with everything that does not depend on the dropout key
+    computed once: the trunk always; with `mc_dropout_blocks == 0` also the heads up to their
+    last-layer dropout (`M2UNet.sample_hidden`), so a sample is only the dropout, the output
+    layers and the score. Chunks accumulate moments (`_combine`), never `[T, ...]` maps."""
+    image_hw = images.shape[1:3]
+    trunk_state, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
+    if model.mc_dropout_blocks == 0:
+        hidden = model.apply(variables, trunk_state, image_hw=image_hw, method=M2UNet.sample_hidden)
+        method = M2UNet.sample_outputs
+    else:
+        hidden, method = trunk_state, M2UNet.stochastic_tail
+
+    def quantities(keys):  # [n] keys → per-sample quantities with a leading axis n
+        def one_sample(key):
+            outputs = model.apply(
+                variables,
+                hidden,
+                image_hw=image_hw,
+                train=True,
+                rngs={"dropout": key},
+                method=method,
+            )
+            outputs = outputs if method is M2UNet.sample_outputs else outputs[0]
+            return _sample_quantities(outputs, model.score_kwargs)
+
+        return jax.vmap(one_sample)(keys)
+
+    keys = jax.random.split(rng, num_samples)
+    if chunk_size == 0:
+        return _statistics(_moments(quantities(keys)))
+    num_chunks, remainder = divmod(num_samples, chunk_size)
+    first = _moments(quantities(keys[:chunk_size]))
+
+    def accumulate(moments, chunk_keys):
+        return _combine(moments, _moments(quantities(chunk_keys))), None
+
+    # (Raw uint32 keys carry a trailing key axis: keep it.)
+    chunked = keys[chunk_size : num_chunks * chunk_size].reshape(
+        (num_chunks - 1, chunk_size) + keys.shape[1:]
     )
-    return sample_statistics(samples, model.score_kwargs)
+    moments, _ = jax.lax.scan(accumulate, _as_float_count(first), chunked)
+    if remainder:
+        moments = _combine(moments, _moments(quantities(keys[num_chunks * chunk_size :])))
+    return _statistics(moments)
+
+
+def _as_float_count(moments: tuple) -> tuple:
+    """The loop carry's count as a float32 array (it grows by `chunk_size` per step)."""
+    count, means, squares = moments
+    return jnp.float32(count), means, squares
 
 
 def stack_members(members: list[dict]) -> dict:

@@ -113,6 +113,53 @@ def test_chunked_mc_statistics_equal_one_vmap(images):
         uncertainty.mc_dropout_predict(model, variables, images, rng, num_samples, chunk_size=-1)
 
 
+@pytest.mark.parametrize(
+    "heads",
+    [dict(detail_channels=8), dict(detail_channels=8, pixel_head_recon=True)],
+    ids=["detail", "compare_recon"],
+)
+def test_hoisted_heads_give_the_samples_of_the_whole_tail(images, heads):
+    # With mc_dropout_blocks=0 the statistics run the heads up to their dropout once
+    # (M2UNet.sample_hidden) and only the output layers per sample: they must equal the
+    # statistics of the whole stochastic tail run per sample with the same keys (the
+    # demo's and cpu_real's heads: a detail path; and the pixel head comparing with the recon).
+    model = build(dropout_rate=0.3, scales=(1.0,), det_strides=(8,), mc_dropout_blocks=0, **heads)
+    variables = {"params": random_params(model, images, seed=4)}
+    rng, num_samples = jax.random.key(5), 5
+    whole_tail = uncertainty.mc_dropout_samples(model, variables, images, rng, num_samples)
+    reference = uncertainty.sample_statistics(whole_tail, model.score_kwargs)
+    assert np.all(np.asarray(reference["score_var"]) > 0)  # dropout really samples
+    for chunk_size in (0, 2):  # one vmap; chunks of 2 of 5 (two loop steps and a remainder)
+        hoisted = uncertainty.mc_dropout_predict(
+            model, variables, images, rng, num_samples, chunk_size=chunk_size
+        )
+        for name, value in reference.items():
+            np.testing.assert_allclose(
+                hoisted[name], value, atol=1e-6, rtol=0, err_msg=f"{name}, chunk {chunk_size}"
+            )
+
+
+def test_combined_moments_equal_the_moments_of_all_samples():
+    # Chan's pairwise update, against numpy's two-pass mean and variance over 2 + 3 + 1 samples.
+    rng = np.random.default_rng(0)
+    values = rng.uniform(size=(6, 4)).astype(np.float32)
+    groups = [values[:2], values[2:5], values[5:]]
+
+    def moments(group):
+        return uncertainty._moments(
+            {"score": jnp.asarray(group), "map": jnp.asarray(group), "score_entropy": group}
+        )
+
+    combined = moments(groups[0])
+    for group in groups[1:]:
+        combined = uncertainty._combine(combined, moments(group))
+    count, means, squares = combined
+    assert count == 6
+    np.testing.assert_allclose(means["score"], values.mean(0), atol=1e-7)
+    np.testing.assert_allclose(squares["map"] / count, values.var(0), atol=1e-7)
+    np.testing.assert_allclose(means["score_entropy"], values.mean(0), atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def deterministic():
     """A dropout-free model and its jitted plain forward (shared: one compile)."""
