@@ -29,12 +29,13 @@ from PIL import Image, ImageDraw
 from m2u_jax import class_names as class_names_lib
 from m2u_jax import review
 from m2u_jax.data import decode, records
+from m2u_jax.export.interface import OUTPUT_NAMES
 from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 
 TILING_MODES = ("auto", "on", "off")
 OVERLAY_MIN_SIDE = 256  # overlays of smaller images are enlarged to about this side
 # Forward of a batch `[N, S, S, C]` float32 in [0, 1] → the seven arrays of
-# `m2u_jax.export.graph.OUTPUT_NAMES`, as a dict.
+# `m2u_jax.export.interface.OUTPUT_NAMES`, as a dict.
 Forward = Callable[[np.ndarray], dict]
 
 
@@ -202,7 +203,7 @@ class Predictor:
     """Runs a model on images and decides accept / reject / review (module docstring).
 
     Build with `from_workdir` or `from_onnx`; the constructor takes any `forward` (a batch of
-    model-size images → the arrays of `m2u_jax.export.graph.OUTPUT_NAMES`)."""
+    model-size images → the arrays of `m2u_jax.export.interface.OUTPUT_NAMES`)."""
 
     def __init__(
         self,
@@ -487,8 +488,6 @@ def _class_names(thresholds: dict, num_classes: int) -> tuple[str, ...]:
 
 def _jax_forward(inference) -> Forward:
     import jax
-
-    from m2u_jax.export.graph import OUTPUT_NAMES
 
     jitted = jax.jit(inference)
 

@@ -29,7 +29,7 @@ from configs import tiny
 from m2u_jax import model as model_lib
 from m2u_jax import review, run_checkpoint, uncertainty, vit
 from m2u_jax.cli import export as convert_cli
-from m2u_jax.export import convert, onnx_graph, onnx_runner, parity, trt_check
+from m2u_jax.export import convert, interface, onnx_graph, onnx_runner, parity, trt_check
 from m2u_jax.export import graph as export_graph
 from m2u_jax.export.jax2tf_export import unflatten_params
 from m2u_jax.train_state import TrainState
@@ -168,7 +168,7 @@ def _reference(config, params, mc_samples):
         model, export_params = export_graph.build_export_model(config.model, params)
         fn = export_graph.make_inference_fn(model, export_params, num_mc_samples=mc_samples)
         _REFERENCES[mc_samples] = jax.jit(
-            lambda images: dict(zip(export_graph.OUTPUT_NAMES, fn(images)))
+            lambda images: dict(zip(interface.OUTPUT_NAMES, fn(images)))
         )
     return _REFERENCES[mc_samples]
 
@@ -312,7 +312,7 @@ def test_cli_exports_checkpoint_static_batch_with_parity(
     assert [(entry.domain, entry.version) for entry in model.opset_import] == [("", 17)]
     assert model.graph.input[0].name == "images"
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 32, 32, 3]
-    assert [value.name for value in model.graph.output] == list(export_graph.OUTPUT_NAMES)
+    assert [value.name for value in model.graph.output] == list(interface.OUTPUT_NAMES)
     types = [value.type.tensor_type.elem_type for value in model.graph.output]
     assert types == [TensorProto.FLOAT] * 5 + [TensorProto.INT32] * 2
     equations = [
@@ -424,7 +424,7 @@ def test_jax2tf_backend_static_and_dynamic_in_one_subprocess(config, params, tmp
             assert batch["boxes"]["matched"] == sum(batch["jax_num_boxes"])
         model = onnx.load(job["output"])
         assert model.ir_version == 8
-        assert [value.name for value in model.graph.output] == list(export_graph.OUTPUT_NAMES)
+        assert [value.name for value in model.graph.output] == list(interface.OUTPUT_NAMES)
     assert reports[1]["parity"]["batches"][1]["max_abs_diff"]["uncertainty"] <= 1e-6
 
 

@@ -14,6 +14,7 @@ from m2u_jax import model as model_lib
 from m2u_jax import predictions as predictions_lib
 from m2u_jax import run_checkpoint, uncertainty
 from m2u_jax.export import graph as export_graph
+from m2u_jax.export import interface
 
 
 def _params(config, seed):
@@ -30,7 +31,7 @@ def test_exported_ensemble_equals_ensemble_predict():
     outputs = jax.jit(export_graph.make_inference_fn(model, first_export, members=[second_export]))(
         images
     )
-    named = dict(zip(export_graph.OUTPUT_NAMES, outputs))
+    named = dict(zip(interface.OUTPUT_NAMES, outputs))
     stats = uncertainty.ensemble_predict(
         model, uncertainty.stack_members([first_export, second_export]), images
     )

@@ -396,10 +396,9 @@ def test_onnx_tools_name_a_foreign_model_a_list_of_thresholds_and_a_pickled_arra
     import numpy as np
     from PIL import Image
 
-    from m2u_jax.export import graph, onnx_runner
+    from m2u_jax.export import interface
 
-    assert onnx_runner.OUTPUT_NAMES == graph.OUTPUT_NAMES  # the runner's copy is current
-    model = _write_onnx(tmp_path / "model.onnx", graph.OUTPUT_NAMES)
+    model = _write_onnx(tmp_path / "model.onnx", interface.OUTPUT_NAMES)
     image = tmp_path / "part.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
     thresholds = tmp_path / "thresholds.json"
@@ -437,9 +436,9 @@ def test_onnx_tools_name_a_foreign_model_a_list_of_thresholds_and_a_pickled_arra
                    ("m2u-predict", "a file"), ("m2u-predict", "under a file")],
 )  # fmt: skip
 def test_onnx_tools_name_an_out_of_the_wrong_kind_before_the_model_runs(tool, kind, tmp_path):
-    from m2u_jax.export import graph
+    from m2u_jax.export import interface
 
-    model = _write_onnx(tmp_path / "model.onnx", graph.OUTPUT_NAMES)
+    model = _write_onnx(tmp_path / "model.onnx", interface.OUTPUT_NAMES)
     image = tmp_path / "part.png"
     image.write_bytes(b"never read: the --out check comes first")
     (tmp_path / "notes").write_text("notes")

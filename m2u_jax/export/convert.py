@@ -35,7 +35,7 @@ from m2u_jax import model as model_lib
 from m2u_jax import run_checkpoint
 from m2u_jax.class_names import default_class_names
 from m2u_jax.export import graph as export_graph
-from m2u_jax.export import onnx_runner, parity, trt_check
+from m2u_jax.export import interface, onnx_runner, parity, trt_check
 from m2u_jax.export.onnx_graph import (
     BATCH_DIM,
     OPSET,
@@ -281,8 +281,8 @@ def export_jax2onnx(
         inputs=[shape],
         opset=OPSET,
         model_name="m2u_inspectnet",
-        input_names=[export_graph.INPUT_NAME],
-        output_names=list(export_graph.OUTPUT_NAMES),
+        input_names=[interface.INPUT_NAME],
+        output_names=list(interface.OUTPUT_NAMES),
     )
 
 
@@ -526,7 +526,7 @@ def convert_many(
             input="images [N,H,W,C] float32 in [0,1], channels-last, normalised inside",
             normalization=json.dumps(input_normalization(model32.num_channels)),
             class_names=json.dumps(default_class_names(int(config.model.num_defect_classes))),
-            outputs=",".join(export_graph.OUTPUT_NAMES),
+            outputs=",".join(interface.OUTPUT_NAMES),
         )
         metadata.update(extra_metadata or {})  # its class_names replace the default ones
         model = finalize(raw, metadata)
@@ -562,9 +562,7 @@ def _saved_model_parity(backend_report, reference, images, job, score_threshold)
         candidate = {name: archive[name] for name in archive.files}
     os.remove(path)
     count = len(candidate["image_score"])
-    expected = dict(
-        zip(export_graph.OUTPUT_NAMES, (np.asarray(v) for v in reference(images[:count])))
-    )
+    expected = dict(zip(interface.OUTPUT_NAMES, (np.asarray(v) for v in reference(images[:count]))))
     report = parity.compare_outputs(
         expected, candidate, fp16=bool(job["fp16"]), score_threshold=score_threshold
     )

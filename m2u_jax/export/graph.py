@@ -1,7 +1,7 @@
 """The exported inference function, shared by both ONNX backends (jax2onnx and jax2tf).
 
 `make_inference_fn(model, params, num_mc_samples=T)` returns a pure function: images
-`[N, H, W, C]` float32 in [0, 1] → the seven arrays of `OUTPUT_NAMES`, in that order:
+`[N, H, W, C]` float32 in [0, 1] → the seven arrays of `interface.OUTPUT_NAMES`, in that order:
 anomaly_map `[N, H, W]`, image_score `[N]`, uncertainty `[N]` (MC variance of the image score;
 zeros for T = 1), boxes `[N, M, 4]` (x0, y0, x1, y1 pixels, zero past num_boxes), box_scores
 `[N, M]`, box_classes `[N, M]` int32, num_boxes `[N]` int32; M = `model.det_max_detections`.
@@ -27,20 +27,10 @@ from m2u_jax import boxes
 from m2u_jax import model as model_lib
 from m2u_jax.vit import unroll_scanned_params
 
-INPUT_NAME = "images"
 # Attention forms of the exported graph (`model.attention`): 'matmul' exports as MatMul +
 # Transpose, faster in ONNX Runtime's CPU provider; 'einsum' as two explicit-letter Einsums,
 # the form of earlier exports. Both parse in TensorRT 8.5+ (no `...` in Einsum).
 EXPORT_ATTENTION_FORMS = ("matmul", "einsum")
-OUTPUT_NAMES = (
-    "anomaly_map",
-    "image_score",
-    "uncertainty",
-    "boxes",
-    "box_scores",
-    "box_classes",
-    "num_boxes",
-)
 
 
 def export_model_config(
@@ -155,7 +145,7 @@ def make_inference_fn(
         `uncertainty.ensemble_predict`); the boxes are those of `params`.
 
     Returns:
-      `fn(images [N, H, W, C] f32) -> tuple` of the seven arrays in `OUTPUT_NAMES` order.
+      `fn(images [N, H, W, C] f32) -> tuple` of the seven arrays in `interface.OUTPUT_NAMES` order.
     """
     inference = inference_with_params(model, num_mc_samples=num_mc_samples, mc_seed=mc_seed)
     if not members:

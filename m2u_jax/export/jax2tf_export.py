@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from m2u_jax.export import graph as export_graph
+from m2u_jax.export import interface
 from m2u_jax.export.onnx_graph import OPSET
 
 # TensorFlow, tf2onnx and jax2tf are imported in the functions that use them: tf2onnx is
@@ -130,7 +131,7 @@ def _export_job(job: dict, model, params, mc_seed: int, check_images) -> dict:
     @tf.function(autograph=False, input_signature=[signature])
     def serve(images):
         outputs = converted(module.params, images)
-        return dict(zip(export_graph.OUTPUT_NAMES, outputs))
+        return dict(zip(interface.OUTPUT_NAMES, outputs))
 
     module.serve = serve
     start = time.perf_counter()

@@ -4,7 +4,7 @@
 opset 17 (jax2onnx emits the opset-18 input form), stale shape annotations cleared, CastLike
 (TensorRT ≥ 10 only) as Cast, boolean Where run on int32 (ONNX Runtime's CPU Where has no bool
 kernel), cast/layout nodes of constants folded (constant conv weights; float16 weights stored
-as float16), input `images` and outputs `graph.OUTPUT_NAMES` with a symbolic batch named
+as float16), input `images` and outputs `interface.OUTPUT_NAMES` with a symbolic batch named
 `batch`, dead nodes and unused initializers removed, IR version 8, `m2u.*` metadata.
 `rename_outputs` maps tf2onnx's tensor names to the output names. Raises `ExportError`.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from m2u_jax.export.graph import INPUT_NAME, OUTPUT_NAMES
+from m2u_jax.export.interface import INPUT_NAME, OUTPUT_NAMES
 
 OPSET = 17
 IR_VERSION = 8

@@ -30,6 +30,7 @@ from PIL import Image
 from m2u_jax import review
 from m2u_jax.class_names import class_name, default_class_names
 from m2u_jax.data import decode, records
+from m2u_jax.export.interface import OUTPUT_NAMES
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_NAMES = {
@@ -47,17 +48,6 @@ UNCERTAINTY_MEASURE = "score_var"
 RANGE_TOLERANCE = 1e-6
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_BATCH = 8
-# The outputs of an exported model (`m2u_jax.export.graph.OUTPUT_NAMES`, without importing
-# JAX); `model_info` refuses a model of another graph in one line.
-OUTPUT_NAMES = (
-    "anomaly_map",
-    "image_score",
-    "uncertainty",
-    "boxes",
-    "box_scores",
-    "box_classes",
-    "num_boxes",
-)
 
 
 # ----------------------------------------------------------------------------- session

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from m2u_jax.data import records, synthetic
-from m2u_jax.export.graph import OUTPUT_NAMES
+from m2u_jax.export.interface import OUTPUT_NAMES
 from m2u_jax.modalities import split_list
 
 FP32_TOLERANCE = {"anomaly_map": 1e-4, "image_score": 1e-4, "uncertainty": 1e-4}
@@ -197,7 +197,7 @@ def check_parity(
     score_threshold: float,
 ) -> dict:
     """Runs `session` (ONNX Runtime) and `reference_fn` (jitted JAX, images → the seven outputs
-    as a tuple in `graph.OUTPUT_NAMES` order) on the first `b` images for every `b` in
+    as a tuple in `interface.OUTPUT_NAMES` order) on the first `b` images for every `b` in
     `batch_sizes` and compares them. Returns {'passed', 'batches': [per-batch reports]}."""
     batches = []
     for batch_size in batch_sizes:
