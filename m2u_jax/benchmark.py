@@ -17,6 +17,12 @@ JSON file); `run_benchmark(config, modes)` returns the results dict. Modes:
   `data.root`, or a synthetic set written to a temporary folder when that does not exist.
 - `onnx`: the exported inference graph (`m2u_jax.export`, as `m2u-export` writes it) in ONNX
   Runtime against the same function jitted in JAX on the same batch.
+- `tiled`: inference at real resolution through `m2u_jax.predictor.Predictor`, JAX against
+  ONNX Runtime (one dynamic-batch export): at the model input, batch-1 latency and images/s at
+  `eval.batch_size`; then one `--tile-image-size` square image predicted with tiling on
+  (overlapping model-size tiles, `eval.batch_size` at a time, maps stitched, boxes merged):
+  `tiles`, `tiled_ms` per backend, `onnx_over_jax`, `flops_ratio_of_tiles` and
+  `tiling_overhead` (`bench_tiled`).
 - `torch`: a PyTorch reference of the same backbone (m2u_jax/torch_reference.py) against the JAX
   backbone; skipped (with the reason in the JSON) when torch is not importable.
 - `compile`: lowering and XLA compile time of the train step with `model.scan_blocks` False and
@@ -43,6 +49,7 @@ machines that have only jax/flax/optax/orbax.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -52,7 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -67,7 +74,7 @@ from m2u_jax import model as model_lib
 from m2u_jax.export import graph as export_graph
 from m2u_jax.modalities import num_channels
 
-MODES = ("train", "infer", "mc", "pipeline", "onnx", "torch", "compile", "edge")
+MODES = ("train", "infer", "mc", "pipeline", "onnx", "tiled", "torch", "compile", "edge")
 # Edge projection (`edge` mode): the GPU's FP16 peak on its CUDA cores, FLOP/s = 2 x 2 x cores x
 # boost clock (an FMA is 2 FLOPs; FP16 runs at twice the FP32 rate on Volta / Ampere). Tensor
 # cores are left out on purpose: a model 64-384 wide at batch 1 does not keep them fed.
@@ -83,6 +90,11 @@ EDGE_DEVICES = {
 # (the same graph reaches 27-33 % of the measured CPU matmul peak here: docs/performance.md).
 EDGE_UTILIZATION = 0.3
 DEFAULT_MODES = ("train", "infer", "mc")
+# `tiled` mode: the Predictor's default tile overlap, and the targets the JSON is checked
+# against (issue 17: ORT within 1.2x of JAX either way, tiling overhead <= 1.3).
+TILE_OVERLAP = 0.25
+BACKEND_RATIO_TARGET = 1.2
+TILING_OVERHEAD_TARGET = 1.3
 
 
 class Settings:
@@ -100,6 +112,7 @@ class Settings:
         onnx_path: str | None = None,
         unrolled_threefry: bool = False,
         mc_chunk: int | None = None,
+        tile_image_size: int = 1024,
     ):
         if warmup < 1 or repeats < 1 or steps_per_repeat < 1 or pipeline_batches < 1:
             raise ValueError(
@@ -107,6 +120,8 @@ class Settings:
             )
         if mc_chunk is not None and mc_chunk < 0:
             raise ValueError(f"--mc-chunk {mc_chunk} must be >= 0 (0 = all samples at once)")
+        if tile_image_size < 1:
+            raise ValueError(f"--tile-image-size {tile_image_size} must be >= 1")
         self.warmup = warmup
         self.repeats = repeats
         self.steps_per_repeat = steps_per_repeat
@@ -116,6 +131,7 @@ class Settings:
         self.onnx_path = onnx_path
         self.unrolled_threefry = unrolled_threefry
         self.mc_chunk = mc_chunk
+        self.tile_image_size = tile_image_size
 
 
 # ----------------------------------------------------------------------------- config
@@ -538,10 +554,35 @@ def bench_pipeline(config: ml_collections.ConfigDict, settings: Settings) -> dic
     )
 
 
+def _onnx_unavailable() -> dict | None:
+    """The JSON of a skipped ONNX mode when the `export` extra is not importable, else None."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from m2u_jax.export import convert, parity  # noqa: F401
+    except ImportError as error:
+        return dict(skipped=True, reason=f"ONNX export/runtime not importable: {error}")
+    return None
+
+
+@contextlib.contextmanager
+def _exported_onnx(
+    config: ml_collections.ConfigDict, variables: dict, settings: Settings, batch: int | None
+) -> Iterator[tuple[str, dict]]:
+    """Yields (path, report) of the inference graph exported as `m2u-export` writes it
+    (`export.convert.convert`: jax2onnx, default options, T = 1; `batch` images, None =
+    dynamic) to `settings.onnx_path`, or to a temporary folder removed on exit."""
+    from m2u_jax.export import convert
+
+    with tempfile.TemporaryDirectory() as workdir:
+        path = settings.onnx_path or os.path.join(workdir, "model.onnx")
+        yield path, convert.convert(config, variables, path, batch=batch, parity_count=2)
+
+
 def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
-    """ONNX Runtime (CPU provider) on the exported inference graph (`export.convert.convert`,
-    jax2onnx backend, default export options, T = 1, fixed batch) against the same function
-    jitted in JAX, on the same images, timed alternately (`time_pair`).
+    """ONNX Runtime (CPU provider) on the exported inference graph (`_exported_onnx`, fixed
+    batch) against the same function jitted in JAX, on the same images, timed alternately
+    (`time_pair`).
 
     The main numbers use ONNX Runtime's default session, whose idle worker threads spin
     waiting for the next operator; `without_spinning` repeats the pair with
@@ -549,12 +590,13 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     spinning threads take cores from everything else, the next JAX call included (demo, batch
     32, 2 cores: at load ~1.7 spinning made ORT 1.2x faster and JAX 1.4x slower; at load ~4 it
     made ORT 1.8x slower)."""
-    try:  # optional: the `export` extra
-        import onnxruntime
+    skipped = _onnx_unavailable()
+    if skipped:
+        return skipped
+    import onnxruntime
 
-        from m2u_jax.export import convert, parity
-    except ImportError as error:
-        return dict(skipped=True, reason=f"ONNX export/runtime not importable: {error}")
+    from m2u_jax.export import parity
+
     _, variables = build(config)
     batch_size = int(config.eval.batch_size)
     export_model, export_params = export_graph.build_export_model(config.model, variables["params"])
@@ -563,9 +605,7 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         export_graph.make_inference_fn(export_model, export_params), images
     )
     host_images = np.asarray(images)
-    with tempfile.TemporaryDirectory() as workdir:
-        onnx_path = settings.onnx_path or os.path.join(workdir, "model.onnx")
-        report = convert.convert(config, variables, onnx_path, batch=batch_size, parity_count=2)
+    with _exported_onnx(config, variables, settings, batch_size) as (onnx_path, report):
 
         def onnxruntime_against_jax(allow_spinning: bool) -> tuple[dict, list[str]]:
             # One session at a time: it is freed (threads and all) when this returns.
@@ -600,6 +640,113 @@ def bench_onnx(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         attention=export_graph.export_model_config(config.model).attention,
         export_passed_checks=bool(report.get("passed")),
         onnx_nodes=report.get("num_nodes"),
+    )
+
+
+def bench_tiled(config: ml_collections.ConfigDict, settings: Settings) -> dict:
+    """Inference at real resolution through `m2u_jax.predictor.Predictor`, JAX against ONNX
+    Runtime (CPU provider, default session), each pair timed alternately (`time_pair`);
+    `onnx_over_jax` ratios are ORT time / JAX time.
+
+    Both predictors run the export graph (`export.graph.make_inference_fn`, T = 1) with the
+    same thresholds and box merging: JAX through `Predictor.from_params` (the forward
+    `Predictor.from_workdir` builds), ORT through `Predictor.from_onnx` on one dynamic-batch
+    export (`_exported_onnx`), so every batch (a last partial batch of tiles too) runs
+    unpadded on both.
+
+    - native: each backend's `Predictor.forward` on host images at the model input (S px):
+      `latency_ms_batch1`, and `batch_ms` / `images_per_sec` at B = `eval.batch_size`.
+    - tiled: `Predictor.predict` of one `settings.tile_image_size` square image (H = W pixels)
+      with tiling on (`TILE_OVERLAP`, B tiles per forward): cropping, the batches, stitching
+      and box merging, as a user's call runs them: `tiles`, `tiled_ms`.
+    - `flops_ratio_of_tiles` = tiles x S^2 / (H x W): the model FLOPs of the tiled call over
+      those of the image's own pixels at the model's FLOPs per pixel (> 1: the overlaps are
+      computed twice).
+    - `tiling_overhead` = tiled_ms / (tiles x batch_ms / B): the tiled call's time over what
+      as many model-size images cost in full batches (1: tiling costs nothing beyond its
+      tiles' FLOPs; target <= TILING_OVERHEAD_TARGET).
+    """
+    skipped = _onnx_unavailable()
+    if skipped:
+        return skipped
+    import onnxruntime
+
+    from m2u_jax import predictor as predictor_lib
+    from m2u_jax.export import onnx_runner
+
+    _, variables = build(config)
+    size, batch_size = int(config.data.image_size), int(config.eval.batch_size)
+    side = int(settings.tile_image_size)
+    channels = num_channels(config.data.modalities)
+    rng = np.random.default_rng(1)
+    batch = rng.random((batch_size, size, size, channels), dtype=np.float32)
+    image = rng.random((side, side, channels), dtype=np.float32)
+    with _exported_onnx(config, variables, settings, None) as (onnx_path, report):
+        # A random model has no calibrated thresholds; they only pick the decision.
+        onnx_predictor = predictor_lib.Predictor.from_onnx(
+            onnx_path,
+            thresholds=onnx_runner.DEFAULT_THRESHOLDS,
+            providers=["CPUExecutionProvider"],
+        )
+        jax_predictor = predictor_lib.Predictor.from_params(
+            config, variables["params"], thresholds=onnx_predictor.thresholds
+        )
+        predictors = dict(jax=jax_predictor, onnxruntime=onnx_predictor)
+
+        def paired(call: Callable[[predictor_lib.Predictor], object]) -> dict:
+            return time_pair(lambda: call(onnx_predictor), lambda: call(jax_predictor), settings)
+
+        def predict_tiled(predictor: predictor_lib.Predictor) -> predictor_lib.Prediction:
+            return predictor.predict(
+                [image], batch_size=batch_size, tiling="on", overlap=TILE_OVERLAP
+            )[0]
+
+        pairs = dict(
+            batch1=paired(lambda predictor: predictor.forward(batch[:1])),
+            batch=paired(lambda predictor: predictor.forward(batch)),
+            tiled=paired(predict_tiled),
+        )
+        predictions = {name: predict_tiled(predictor) for name, predictor in predictors.items()}
+    tiles = predictions["jax"].tiles
+    backends = {}
+    for name, key in (("onnxruntime", "numerator_median_s"), ("jax", "denominator_median_s")):
+        batch_ms, tiled_ms = 1e3 * pairs["batch"][key], 1e3 * pairs["tiled"][key]
+        overhead = tiled_ms / (tiles * batch_ms / batch_size)
+        backends[name] = dict(
+            latency_ms_batch1=1e3 * pairs["batch1"][key],
+            batch_ms=batch_ms,
+            images_per_sec=batch_size / pairs["batch"][key],
+            tiled_ms=tiled_ms,
+            tiling_overhead=overhead,
+            tiling_overhead_within_target=overhead <= TILING_OVERHEAD_TARGET,
+        )
+    onnx_over_jax = {part: pair["ratio"] for part, pair in pairs.items()}
+    return dict(
+        image_size=size,
+        batch_size=batch_size,
+        tile_image_size=side,
+        overlap=TILE_OVERLAP,
+        tiles=tiles,
+        flops_ratio_of_tiles=tiles * size**2 / side**2,
+        jax=backends["jax"],
+        onnxruntime=backends["onnxruntime"],
+        onnx_over_jax=onnx_over_jax,
+        backends_within_target={
+            part: max(ratio, 1.0 / ratio) <= BACKEND_RATIO_TARGET
+            for part, ratio in onnx_over_jax.items()
+        },
+        targets=dict(
+            slower_over_faster=BACKEND_RATIO_TARGET, tiling_overhead=TILING_OVERHEAD_TARGET
+        ),
+        anomaly_map_max_abs_difference=float(
+            np.max(np.abs(predictions["jax"].anomaly_map - predictions["onnxruntime"].anomaly_map))
+        ),
+        image_score_abs_difference=abs(
+            predictions["jax"].image_score - predictions["onnxruntime"].image_score
+        ),
+        onnx_batch="dynamic",
+        onnxruntime_version=onnxruntime.__version__,
+        export_passed_checks=bool(report.get("passed")),
     )
 
 
@@ -773,6 +920,8 @@ def run_benchmark(
             results["pipeline"] = bench_pipeline(config, settings)
         elif mode == "onnx":
             results["onnx"] = bench_onnx(config, settings)
+        elif mode == "tiled":
+            results["tiled"] = bench_tiled(config, settings)
         elif mode == "torch":
             results["torch"] = bench_torch(config, settings)
         elif mode == "compile":

@@ -238,7 +238,6 @@ class Predictor:
         # JAX only for this backend: the ONNX predictor must import without it.
         from m2u_jax import config as config_lib
         from m2u_jax import run_checkpoint
-        from m2u_jax.export import graph
 
         config = config_lib.load_run_config(workdir)
         calibrated = load_thresholds(
@@ -247,9 +246,32 @@ class Predictor:
             else os.path.join(workdir, "eval", "thresholds.json")
         )
         params, step = run_checkpoint.restore_params(config, workdir, step)
-        members = [graph.prepare_params(m) for m in run_checkpoint.restore_members(config)]
+        return cls.from_params(
+            config,
+            params,
+            thresholds=calibrated,
+            members=run_checkpoint.restore_members(config),
+            source=f"{workdir} step {step}",
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        config,
+        params,
+        *,
+        thresholds: dict,
+        members: Sequence = (),
+        source: str = "params in memory",
+    ) -> Predictor:
+        """The model of `config` with `params` (a checkpoint's params tree) on JAX, running the
+        exported inference function with the `thresholds` dict's `num_mc_samples` (default 1)
+        MC-dropout samples, or the deep ensemble of `members` (params trees) when given."""
+        from m2u_jax.export import graph
+
+        members = [graph.prepare_params(member) for member in members]
         model, params = graph.build_export_model(config.model, params)
-        samples = 1 if members else int(calibrated.get("num_mc_samples", 1))
+        samples = 1 if members else int(thresholds.get("num_mc_samples", 1))
         forward = _jax_forward(
             graph.make_inference_fn(model, params, num_mc_samples=samples, members=members)
         )
@@ -257,10 +279,10 @@ class Predictor:
             forward,
             image_size=int(config.data.image_size),
             modalities=split_list(config.data.modalities),
-            thresholds=calibrated,
-            class_names=_class_names(calibrated, int(config.model.num_defect_classes)),
+            thresholds=thresholds,
+            class_names=_class_names(thresholds, int(config.model.num_defect_classes)),
             box_iou_threshold=float(config.model.det_iou_threshold),
-            source=f"{workdir} step {step}",
+            source=source,
         )
 
     @classmethod

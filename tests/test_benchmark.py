@@ -184,6 +184,8 @@ def test_load_config_settings_and_overrides():
 def test_unknown_mode_and_bad_batch_are_rejected():
     with pytest.raises(ValueError, match="unknown mode"):
         benchmark.run_benchmark(tiny.get_config(), ("train", "warp"))
+    with pytest.raises(ValueError, match="--tile-image-size 0"):
+        benchmark.Settings(tile_image_size=0)
     with pytest.raises(config_lib.ConfigError, match="train.batch_size"):
         benchmark.run_benchmark(tiny.get_config(), ("torch",), batch_size=3)
 
@@ -245,3 +247,41 @@ def test_edge_mode_projects_from_the_exported_graph_flops():
     for name, peak in benchmark.EDGE_DEVICES.items():
         projected = edge["t1"]["projected_images_per_sec"][name]
         assert projected == pytest.approx(0.3 * peak / expected)
+
+
+def test_tiled_mode_times_the_predictor_on_both_backends(tmp_path, capsys):
+    """JAX and ONNX Runtime through the Predictor at the model input (32 px) and on an 80 px
+    image tiled with the Predictor's own tiling: the CLI's JSON and table, in process."""
+    from m2u_jax.predictor import tile_origins
+
+    out = tmp_path / "tiled.json"
+    argv = ["--config", str(REPO_ROOT / "configs" / "tiny.py"), "--modes", "tiled"]
+    argv += ["--tile-image-size", "80", "--warmup", "1", "--repeats", "2", "--out", str(out)]
+    tensorflow_before = "tensorflow" in sys.modules  # an earlier test may have imported it
+    assert benchmark_cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    tiled = results["tiled"]
+    tiles = len(tile_origins(80, 32, benchmark.TILE_OVERLAP)) ** 2
+    assert tiled["tiles"] == tiles == 9  # 3 x 3 tiles of 32 px at origins 0, 24, 48
+    assert (tiled["image_size"], tiled["batch_size"], tiled["tile_image_size"]) == (32, 8, 80)
+    assert tiled["flops_ratio_of_tiles"] == pytest.approx(9 * 32**2 / 80**2)
+    for backend in ("jax", "onnxruntime"):
+        part = tiled[backend]
+        for key in ("latency_ms_batch1", "batch_ms", "images_per_sec", "tiled_ms"):
+            assert _finite_positive(part[key]), f"{backend}.{key} = {part[key]!r}"
+        assert part["images_per_sec"] == pytest.approx(8 / (part["batch_ms"] / 1e3))
+        # Tiled time over the time of as many model-size images in full batches.
+        per_image_ms = part["batch_ms"] / tiled["batch_size"]
+        assert part["tiling_overhead"] == pytest.approx(part["tiled_ms"] / (tiles * per_image_ms))
+        assert part["tiling_overhead_within_target"] == (part["tiling_overhead"] <= 1.3)
+    for part in ("batch1", "batch", "tiled"):
+        assert _finite_positive(tiled["onnx_over_jax"][part])
+        assert isinstance(tiled["backends_within_target"][part], bool)
+    # Both backends ran the same graph on the same tiles and stitched the same map.
+    assert tiled["anomaly_map_max_abs_difference"] < 1e-3
+    assert tiled["image_score_abs_difference"] < 1e-4
+    assert tiled["export_passed_checks"] is True and tiled["onnx_batch"] == "dynamic"
+    assert results["tensorflow_imported"] is tensorflow_before  # the mode imports none
+    assert "tiled 80x80 (9 tiles)" in stdout and "(ORT/JAX time" in stdout
+    assert "tiling overhead (target <= 1.3)" in stdout

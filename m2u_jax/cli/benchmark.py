@@ -5,6 +5,7 @@
     m2u-benchmark --config configs/benchmark.py:B256_bf16 --modes compile
     m2u-benchmark --config configs/tiny.py --config.model.scan_blocks=True ...
     m2u-benchmark --workdir runs/demo --modes infer,mc   # a trained run's model
+    m2u-benchmark --config configs/cpu_real.py --config.model.num_defect_classes=5 --modes tiled
 
 The command line of `m2u_jax.benchmark.run_benchmark` (its docstring: the modes, what each
 times, the method): prints a table and writes the results as JSON (`--out`). The config is
@@ -89,11 +90,13 @@ def format_table(results: dict) -> str:
         rows.append(("pipeline images/s", _fmt(pipe["images_per_sec"])))
         if "ratio_to_train" in pipe:
             rows.append(("pipeline / train images/s", _fmt(pipe["ratio_to_train"], "x", digits=2)))
-    for name in ("onnx", "torch"):
+    for name in ("onnx", "tiled", "torch"):
         if name in results:
             part = results[name]
             if part.get("skipped"):
                 rows.append((name, f"skipped: {part['reason']}"))
+            elif name == "tiled":
+                rows += _tiled_rows(part)
             elif name == "onnx":
                 rows.append(("onnxruntime images/s", _fmt(part["images_per_sec"])))
                 rows.append(("jax (same graph) images/s", _fmt(part["jax_images_per_sec"])))
@@ -121,6 +124,31 @@ def format_table(results: dict) -> str:
     )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _tiled_rows(tiled: dict) -> list[tuple[str, str]]:
+    """The `tiled` mode's table lines: each 'jax X, ORT Y (ORT/JAX time r)'."""
+    jax_part, onnx_part, ratios = tiled["jax"], tiled["onnxruntime"], tiled["onnx_over_jax"]
+
+    def both(key: str, part: str, unit: str, digits: int) -> str:
+        return (
+            f"jax {_fmt(jax_part[key], unit, digits=digits)}, "
+            f"ORT {_fmt(onnx_part[key], unit, digits=digits)} "
+            f"(ORT/JAX time {_fmt(ratios[part], 'x', digits=2)})"
+        )
+
+    side, size, batch = tiled["tile_image_size"], tiled["image_size"], tiled["batch_size"]
+    return [
+        (f"{size} px latency batch 1", both("latency_ms_batch1", "batch1", " ms", 2)),
+        (f"{size} px images/s (batch {batch})", both("images_per_sec", "batch", "", 1)),
+        (f"tiled {side}x{side} ({tiled['tiles']} tiles)", both("tiled_ms", "tiled", " ms", 1)),
+        (
+            f"tiling overhead (target <= {tiled['targets']['tiling_overhead']:g})",
+            f"jax {_fmt(jax_part['tiling_overhead'], 'x', digits=2)}, "
+            f"ORT {_fmt(onnx_part['tiling_overhead'], 'x', digits=2)}; "
+            f"tile FLOP ratio {_fmt(tiled['flops_ratio_of_tiles'], 'x', digits=2)}",
+        ),
+    ]
 
 
 def _json_safe(value):
@@ -172,6 +200,12 @@ def _parse(argv):
         "against the configured eval.mc_chunk_size",
     )
     parser.add_argument(
+        "--tile-image-size",
+        type=int,
+        default=1024,
+        help="tiled mode: side in pixels of the square image predicted with tiling",
+    )
+    parser.add_argument(
         "--unrolled-threefry",
         action="store_true",
         help="m2u_jax.cpu_prng.install(): loop-free dropout RNG on CPU (same bits)",
@@ -199,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             onnx_path=args.onnx_path,
             unrolled_threefry=args.unrolled_threefry,
             mc_chunk=args.mc_chunk,
+            tile_image_size=args.tile_image_size,
         )
         modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
         results = benchmark.run_benchmark(
