@@ -1,6 +1,9 @@
-"""Test-wide setup: 8 fake CPU devices so sharding is exercised, quiet TensorFlow."""
+"""Test-wide setup: 8 fake CPU devices so sharding is exercised, quiet TensorFlow, and one
+persistent XLA compilation cache for the whole run."""
 
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere (subprocesses inherit it). 8 fake CPU devices, as
 # `make test` sets; and XLA's CPU backend without its expensive LLVM passes: the tests' programs
@@ -13,6 +16,23 @@ if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent compilation cache for the run: the pytest process that loads this first makes
+# the folder, and the xdist workers and every subprocess (train.py, eval.py, the study tools)
+# inherit it through the environment, so the tiny programs that many tests and subprocesses
+# compile (the tiny config's train steps, evaluation, export) compile once per run. Programs
+# that compile in under 0.2 s (eager ops, small tests) are not worth a file each.
+_CACHE_CREATED = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _CACHE_CREATED:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="m2u-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+    """The process that made the cache folder removes it (xdist workers share it)."""
+    if _CACHE_CREATED and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 import pytest  # noqa: E402
@@ -32,17 +52,3 @@ def tiny_synthetic_root(tmp_path_factory):
         root, categories="fabric", image_size=32, num_train=16, num_test_good=2, num_test_defect=1
     )
     return str(root)
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in one folder per session, on for the module: the
-    tiny programs that several modules train and evaluate (test_evaluate, test_studies,
-    test_validation) compile once."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / "xla_compilation_cache"))
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    cache.reset_cache()

@@ -50,13 +50,12 @@ def test_exported_ensemble_equals_ensemble_predict():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, compilation_cache):
+def two_runs(tmp_path_factory):
     """Two tiny runs (seeds 0 and 1); the first names the second in eval.ensemble_workdirs and
     is evaluated with it."""
     from m2u_jax import evaluate, trainer
     from m2u_jax.data import synthetic
 
-    del compilation_cache
     root = tmp_path_factory.mktemp("ensemble_data")
     synthetic.generate(
         root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2

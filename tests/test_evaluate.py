@@ -6,9 +6,8 @@ checkpoint (module fixture). Every metric in metrics.json is recomputed from the
 per-image predictions with scikit-learn / scipy / slow references, the saved predictions are
 checked against a fresh forward pass, and the review queue against the calibrated policy.
 
-The run uses a persistent XLA compilation cache in the session's temp folder (shared with
-tests/test_studies.py, which trains the same programs) and removes it from jax's config at the
-end of the module.
+The run compiles the same programs as tests/test_studies.py (the test run's persistent
+compilation cache, tests/conftest.py, serves both).
 """
 
 import json
@@ -291,11 +290,10 @@ def tiny_run_config(root):
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(tmp_path_factory, compilation_cache):
+def evaluated_run(tmp_path_factory):
     from m2u_jax import trainer
     from m2u_jax.data import synthetic
 
-    del compilation_cache
     root = tmp_path_factory.mktemp("eval_data")
     # 4 good + 2 per defect kind in test: validation gets 1 good + 1 of each kind.
     synthetic.generate(

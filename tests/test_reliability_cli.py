@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tests.commands import subprocess_env
 from tests.data_trees import write_defect_classes
 
 pytestmark = pytest.mark.slow  # runs the command-line tools in subprocesses
@@ -23,13 +24,7 @@ def _run(*args, timeout=240, env=None, prefix=()):
     """(exit code, last non-empty stderr line, stderr) of `python ARGS` in the checkout. `env`:
     changes to the environment (None removes a variable); `prefix`: a command to run it under
     (`_unprivileged`)."""
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    environment["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    for key, value in (env or {}).items():
-        if value is None:
-            environment.pop(key, None)
-        else:
-            environment[key] = value
+    environment = subprocess_env(**(env or {}))
     result = subprocess.run(
         [*prefix, sys.executable, *args],
         cwd=_REPO,
@@ -234,7 +229,7 @@ def trained_run(tmp_path_factory, tiny_synthetic_root):
         "train.py", "--config", _TINY, "--workdir", str(workdir),
         f"--config.data.root={tiny_synthetic_root}", "--config.train.pretrain_steps=2",
         "--config.train.finetune_steps=2", "--config.train.checkpoint_every=2",
-        env={"XLA_FLAGS": os.environ["XLA_FLAGS"]}, timeout=900,
+        timeout=900,
     )  # fmt: skip
     assert code == 0, stderr[-3000:]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]

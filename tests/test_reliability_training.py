@@ -5,10 +5,10 @@ damaged newest checkpoints (kept aside), and a full disk stops the run in one li
 earlier checkpoints intact.
 
 The kill test runs train.py three times (reference, killed, resumed) on the tiny config with
-fine-tuning only (4 steps, a checkpoint every step), sharing one persistent compilation cache.
+fine-tuning only (4 steps, a checkpoint every step); the test run's compilation cache
+(tests/conftest.py) compiles their programs once.
 """
 
-import os
 import pathlib
 import shutil
 import signal
@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.commands import subprocess_env
+
 pytestmark = pytest.mark.slow  # kills and resumes training runs
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,19 +34,6 @@ _OVERRIDES = (
     f"--config.train.keep_checkpoints={_STEPS}",
     "--config.eval.after_training=false",
 )
-
-
-def _env(cache_dir):
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-        " --xla_llvm_disable_expensive_passes=true",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    return env
 
 
 def _command(workdir, data_root):
@@ -60,11 +49,11 @@ def _command(workdir, data_root):
     ]
 
 
-def _train(workdir, data_root, cache_dir):
+def _train(workdir, data_root):
     result = subprocess.run(
         _command(workdir, data_root),
         cwd=_REPO,
-        env=_env(cache_dir),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -100,15 +89,14 @@ def _assert_bit_identical(actual, expected):
 @pytest.fixture(scope="module")
 def runs(tiny_synthetic_root, tmp_path_factory):
     """(reference workdir, killed-then-resumed workdir, kill report, resume stderr)."""
-    cache_dir = tmp_path_factory.mktemp("reliability_jax_cache")
     reference = tmp_path_factory.mktemp("reference")
-    _train(reference, tiny_synthetic_root, cache_dir)
+    _train(reference, tiny_synthetic_root)
 
     killed = tmp_path_factory.mktemp("killed")
     process = subprocess.Popen(
         _command(killed, tiny_synthetic_root),
         cwd=_REPO,
-        env=_env(cache_dir),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -126,7 +114,7 @@ def runs(tiny_synthetic_root, tmp_path_factory):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     complete_at_kill = _finished_steps(killed)
-    resumed = _train(killed, tiny_synthetic_root, cache_dir)
+    resumed = _train(killed, tiny_synthetic_root)
     return reference, killed, (seen, complete_at_kill), resumed.stderr
 
 
@@ -185,13 +173,12 @@ def test_nan_in_a_batch_stops_naming_step_and_term_with_the_last_checkpoint_inta
     runs, tiny_synthetic_root, tmp_path
 ):
     reference, _, _, _ = runs
-    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
     workdir = tmp_path / "nan_run"
     command = _command(workdir, tiny_synthetic_root)
     result = subprocess.run(
         [command[0], "-c", _POISONED_TRAIN, *command[1:]],
         cwd=_REPO,
-        env=_env(cache_dir),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -220,23 +207,22 @@ def _damage(workdir, step, what):
         (folder / "meta" / "metadata").write_text("{garbage")
 
 
-def _run_train(workdir, data_root, cache_dir, script=None):
+def _run_train(workdir, data_root, script=None):
     command = _command(workdir, data_root)
     if script is not None:  # train.py under a patch
         command = [command[0], "-c", script, *command[1:]]
     return subprocess.run(
-        command, cwd=_REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=600
+        command, cwd=_REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
     )
 
 
 def test_resume_falls_back_past_corrupt_newest_checkpoints(runs, tiny_synthetic_root, tmp_path):
     reference, _, _, _ = runs
-    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
     workdir = tmp_path / "corrupt_run"
     shutil.copytree(reference, workdir)
     _damage(workdir, 4, "arrays")
     _damage(workdir, 3, "meta")
-    result = _run_train(workdir, tiny_synthetic_root, cache_dir)
+    result = _run_train(workdir, tiny_synthetic_root)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     warnings_ = [line for line in result.stderr.splitlines() if "is unreadable" in line]
@@ -255,12 +241,11 @@ def test_resume_falls_back_past_corrupt_newest_checkpoints(runs, tiny_synthetic_
 
 def test_resume_without_an_intact_checkpoint_stops_in_one_line(runs, tiny_synthetic_root, tmp_path):
     reference, _, _, _ = runs
-    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
     workdir = tmp_path / "all_corrupt_run"
     shutil.copytree(reference, workdir)
     for step in range(1, _STEPS + 1):
         _damage(workdir, step, "meta" if step % 2 else "arrays")
-    result = _run_train(workdir, tiny_synthetic_root, cache_dir)
+    result = _run_train(workdir, tiny_synthetic_root)
     assert result.returncode == 2, result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -300,9 +285,8 @@ def test_disk_full_during_a_checkpoint_save_stops_in_one_line_with_earlier_ones_
     runs, tiny_synthetic_root, tmp_path
 ):
     reference, _, _, _ = runs
-    cache_dir = next(reference.parent.glob("reliability_jax_cache*"))
     workdir = tmp_path / "disk_full_run"
-    result = _run_train(workdir, tiny_synthetic_root, cache_dir, script=_DISK_FULL_TRAIN)
+    result = _run_train(workdir, tiny_synthetic_root, script=_DISK_FULL_TRAIN)
     assert result.returncode == 1, result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
     lines = [line for line in result.stderr.splitlines() if "cannot write" in line]

@@ -4,8 +4,8 @@ Helpers on hand-made numbers, then both tools for real on a tiny synthetic datas
 tiny config (a couple of steps per run): the limited-data study at two fractions and the whole
 baseline table (full model, autoencoder, detection head, frozen encoder + linear SVM).
 
-Runs share the persistent XLA compilation cache of the session's temp folder with
-tests/test_evaluate.py (same tiny programs), which is removed from jax's config afterwards.
+Runs share the test run's persistent XLA compilation cache (tests/conftest.py) with
+tests/test_evaluate.py (same tiny programs).
 """
 
 import json
@@ -198,8 +198,7 @@ def study_config(root, pretrain_steps=0):
     return config
 
 
-def test_limited_data_study_on_tiny(study_data, compilation_cache, tmp_path):
-    del compilation_cache
+def test_limited_data_study_on_tiny(study_data, tmp_path):
     workdir = str(tmp_path / "study")
     rows = limited_data_study.run_study(study_config(study_data), workdir, (1.0, 0.5))
     # 4 defect kinds x 3 labelled training defects; half of 3 rounds to 2 per kind.
@@ -230,8 +229,7 @@ def test_limited_data_study_on_tiny(study_data, compilation_cache, tmp_path):
         assert np.asarray(image.convert("L")).std() > 10
 
 
-def test_baseline_table_on_tiny(study_data, compilation_cache, tmp_path):
-    del compilation_cache
+def test_baseline_table_on_tiny(study_data, tmp_path):
     workdir = str(tmp_path / "baselines")
     rows = baseline_table.run_table(study_config(study_data, pretrain_steps=2), workdir)
     assert [row["method"] for row in rows] == list(baseline_table.METHODS)
@@ -297,8 +295,7 @@ def test_quality_study_run_specs():
     assert config.data.root == "/x/parts" and config.eval.after_training is False
 
 
-def test_quality_study_curve_on_tiny(study_data, compilation_cache, tmp_path):
-    del compilation_cache
+def test_quality_study_curve_on_tiny(study_data, tmp_path):
     config = study_config(study_data)
     config.train.finetune_steps = 4
     config.eval.feature_memory_size = 64

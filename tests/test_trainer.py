@@ -7,7 +7,6 @@ uninterrupted one.
 """
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -28,6 +27,7 @@ from configs import tiny
 from m2u_jax import config as config_lib
 from m2u_jax import run_checkpoint, sharding, trainer
 from m2u_jax.train_state import TrainState
+from tests.commands import subprocess_env
 
 pytestmark = pytest.mark.slow  # trains the tiny config in subprocesses (train.py)
 
@@ -456,22 +456,6 @@ def test_nan_loss_stops_with_the_step_and_the_term(finetune_eight_devices, tmp_p
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _train_env(cache_dir):
-    """Environment of a train.py subprocess: 8 fake devices, fast-compiling XLA, and a
-    persistent compilation cache shared by the runs of this module (the resumed run then
-    compiles nothing)."""
-    env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-        " --xla_llvm_disable_expensive_passes=true",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    return env
-
-
 # ------------------------------------------------------- model.num_defect_classes from the data
 
 _FIVE_KINDS = ("crack", "hole", "pit", "scratch", "stain")
@@ -548,7 +532,7 @@ def test_a_changed_architecture_key_stops_before_config_json_is_rewritten(tmp_pa
     assert json.loads((workdir / "config.json").read_text())["model"]["det_score_threshold"] == 0.5
 
 
-def _train(workdir, data_root, cache_dir, *overrides):
+def _train(workdir, data_root, *overrides):
     command = [
         sys.executable,
         str(_REPO / "train.py"),
@@ -560,7 +544,7 @@ def _train(workdir, data_root, cache_dir, *overrides):
         *overrides,
     ]
     result = subprocess.run(
-        command, cwd=_REPO, env=_train_env(cache_dir), capture_output=True, text=True, timeout=600
+        command, cwd=_REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -604,15 +588,14 @@ _RUN_OVERRIDES = (
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_synthetic_root, tmp_path_factory):
-    """An uninterrupted train.py run of the tiny config: (workdir, compilation cache dir)."""
+    """An uninterrupted train.py run of the tiny config: (workdir, its CompletedProcess)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
-    cache_dir = tmp_path_factory.mktemp("jax_cache")
-    result = _train(workdir, tiny_synthetic_root, cache_dir, *_RUN_OVERRIDES)
-    return workdir, cache_dir, result
+    result = _train(workdir, tiny_synthetic_root, *_RUN_OVERRIDES)
+    return workdir, result
 
 
 def test_run_leaves_checkpoints_events_config_and_metrics(tiny_run, tiny_synthetic_root):
-    workdir, _, result = tiny_run
+    workdir, result = tiny_run
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["pretrain_method"] == "mocov3"
     assert config["data"]["root"] == tiny_synthetic_root
@@ -653,7 +636,7 @@ def test_run_leaves_checkpoints_events_config_and_metrics(tiny_run, tiny_synthet
 def test_tensorboard_events_hold_the_losses(tiny_run):
     import tensorflow as tf
 
-    workdir, _, _ = tiny_run
+    workdir, _ = tiny_run
     tags = set()
     for path in workdir.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -662,7 +645,7 @@ def test_tensorboard_events_hold_the_losses(tiny_run):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_run, tiny_synthetic_root, tmp_path):
-    workdir, cache_dir, _ = tiny_run
+    workdir, _ = tiny_run
     # An interrupted run: the same directory as it was right after the checkpoint of step 2
     # (mid-pretraining), i.e. later checkpoints and log lines never written.
     resumed = tmp_path / "resumed"
@@ -674,7 +657,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tiny_synthetic_root, 
     (resumed / "metrics.jsonl").write_text(
         "".join(json.dumps(record) + "\n" for record in records if record["step"] <= 2)
     )
-    result = _train(resumed, tiny_synthetic_root, cache_dir, *_RUN_OVERRIDES)
+    result = _train(resumed, tiny_synthetic_root, *_RUN_OVERRIDES)
     assert "resuming from checkpoint 2" in result.stderr
     assert _checkpoint_steps(resumed) == [2, 4, 6, 8]
 
@@ -696,7 +679,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tiny_synthetic_root, 
 
 
 def test_restore_params_reads_only_the_params_of_either_stage(tiny_run):
-    workdir, _, _ = tiny_run
+    workdir, _ = tiny_run
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.train.learning_rate = 123.0  # optimizer keys do not matter: no optimizer is built
     params, step = run_checkpoint.restore_params(config, str(workdir))
@@ -713,7 +696,7 @@ def test_restore_params_reads_only_the_params_of_either_stage(tiny_run):
 
 
 def test_restore_params_names_an_unreadable_checkpoint_and_the_intact_ones(tiny_run, tmp_path):
-    workdir, _, _ = tiny_run
+    workdir, _ = tiny_run
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged)
     for path in (damaged / "checkpoints" / "8" / "state" / "d").iterdir():

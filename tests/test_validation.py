@@ -81,11 +81,10 @@ def test_validation_keys_are_checked(overrides, message):
 
 
 @pytest.fixture(scope="module")
-def validated_run(tmp_path_factory, compilation_cache):
+def validated_run(tmp_path_factory):
     from m2u_jax import evaluate, trainer
     from m2u_jax.data import synthetic
 
-    del compilation_cache
     root = tmp_path_factory.mktemp("validation_data")
     # 4 good + 2 per defect kind in test: validation gets 1 good + 1 of each kind.
     synthetic.generate(

@@ -2,7 +2,6 @@
 predict from the run directory alone (no override repeated)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,16 +9,21 @@ import sys
 import onnx
 import pytest
 
+from tests.commands import subprocess_env
+
 pytestmark = pytest.mark.slow  # trains, evaluates and exports in subprocesses
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     result = subprocess.run(
-        [sys.executable, *args], cwd=_REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args],
+        cwd=_REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
