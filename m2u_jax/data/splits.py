@@ -231,11 +231,10 @@ def make_info(data_config, records: Sequence[SampleRecord], splits: dict) -> Dat
     )
 
 
-def load_splits(config) -> tuple[dict[str, list[SampleRecord]], DatasetInfo]:
-    """Discovers `config.data` and applies its protocol: (split -> records, DatasetInfo)."""
+def config_splits(records: list[SampleRecord], config) -> dict[str, list[SampleRecord]]:
+    """`assign_splits` with `config`'s protocol, seed and fractions."""
     data = config.data
-    records = discover(data)
-    splits = assign_splits(
+    return assign_splits(
         records,
         protocol=data.protocol,
         seed=int(config.seed),
@@ -243,7 +242,13 @@ def load_splits(config) -> tuple[dict[str, list[SampleRecord]], DatasetInfo]:
         test_fraction=float(data.test_fraction),
         labeled_fraction=float(data.labeled_fraction),
     )
-    return splits, make_info(data, records, splits)
+
+
+def load_splits(config) -> tuple[dict[str, list[SampleRecord]], DatasetInfo]:
+    """Discovers `config.data` and applies its protocol: (split -> records, DatasetInfo)."""
+    records = discover(config.data)
+    splits = config_splits(records, config)
+    return splits, make_info(config.data, records, splits)
 
 
 def load_dataset_info(config) -> DatasetInfo:

@@ -24,7 +24,7 @@ from m2u_jax.config import ConfigError, validate
 from m2u_jax.modalities import split_list
 from m2u_jax.data import decode
 from m2u_jax.data.records import DataError, SampleRecord, apply_skip_policy
-from m2u_jax.data.splits import SPLITS, assign_splits, discover_config, make_info
+from m2u_jax.data.splits import SPLITS, config_splits, discover_config, make_info
 
 
 def _count_boxes(record: SampleRecord) -> tuple[int, list[str], str | None]:
@@ -55,14 +55,7 @@ def summarize(config) -> dict:
     records = apply_skip_policy(discovery, data.skip_bad_files)
     if not records:
         raise DataError(f"{data.root}: no usable images found")
-    splits = assign_splits(
-        records,
-        protocol=data.protocol,
-        seed=int(config.seed),
-        val_fraction=float(data.val_fraction),
-        test_fraction=float(data.test_fraction),
-        labeled_fraction=float(data.labeled_fraction),
-    )
+    splits = config_splits(records, config)
     info = make_info(data, records, splits)
     workers = max(1, min(8, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
