@@ -114,7 +114,8 @@ class AnomalyDecoder(TokenGeometry):
 
     Dropout sits only before the output convs (last-layer dropout): under MC dropout
     everything before it does not depend on the dropout key, so it runs once (`part='hidden'`)
-    and T samples repeat only the 1×1 convs and the upsampling (`part='output'`).
+    and T samples repeat only the 1×1 convs and the upsampling (`part='output'`, without the
+    reconstruction).
     """
 
     channels: int = 64
@@ -132,6 +133,7 @@ class AnomalyDecoder(TokenGeometry):
         detail: dict[int, jax.Array] | None = None,
         images: jax.Array | None = None,
         part: str = "all",
+        with_recon: bool = True,
     ):
         """The token grid `inputs` `[B, h, w, D]` → (recon, pixel_logits).
 
@@ -144,13 +146,15 @@ class AnomalyDecoder(TokenGeometry):
 
         `part` splits the call at the dropout, for MC dropout: 'hidden' returns the maps right
         before it (`{'features', 'pixel_path'}`, deterministic: `train` is unused); 'output'
-        takes that dict as `inputs` and runs dropout and the output layers; 'all' is both."""
+        takes that dict as `inputs` and runs dropout and the output layers; 'all' is both.
+        `with_recon=False` (MC dropout's statistics) skips the reconstruction where the pixel
+        logits do not read it and returns None for it; the pixel logits are the same."""
         if part not in ("all", "hidden", "output"):
             raise ValueError(f"AnomalyDecoder part={part!r}: expected 'all', 'hidden' or 'output'")
         hidden = inputs if part == "output" else self._hidden(inputs, image_hw, detail)
         if part == "hidden":
             return hidden
-        return self._output(hidden, image_hw, train=train, images=images)
+        return self._output(hidden, image_hw, train=train, images=images, with_recon=with_recon)
 
     def _hidden(self, grid, image_hw, detail) -> dict:
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -185,31 +189,38 @@ class AnomalyDecoder(TokenGeometry):
         return dict(features=features, pixel_path=pixel_path)
 
     def _output(
-        self, hidden: dict, image_hw, *, train: bool, images
-    ) -> tuple[jax.Array, jax.Array]:
+        self, hidden: dict, image_hw, *, train: bool, images, with_recon: bool = True
+    ) -> tuple[jax.Array | None, jax.Array]:
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         features, pixel_path = hidden["features"], hidden["pixel_path"]
         stride = image_hw[0] // features.shape[1]
         dropout = nn.Dropout(self.dropout_rate)  # one module, an independent mask per call
-        features = dropout(features, deterministic=not train)
         if pixel_path is None:
+            features = dropout(features, deterministic=not train)
             maps = nn.Conv(self.image_channels + 1, (1, 1), name="out", **conv)(features)
         else:
-            recon_maps = nn.Conv(self.image_channels, (1, 1), name="out", **conv)(features)
+            if with_recon or self.compare_recon:
+                features = dropout(features, deterministic=not train)
+                recon_maps = nn.Conv(self.image_channels, (1, 1), name="out", **conv)(features)
+            else:
+                # Without the reconstruction, only draw this mask's key (an empty mask), so
+                # the pixel path's mask below is the one a full call draws with the same key.
+                dropout(features[..., :0], deterministic=not train)
+                recon_maps = None
             if self.compare_recon:
                 pixel_path = self._compare(pixel_path, recon_maps, images, stride)
             pixel_path = dropout(pixel_path, deterministic=not train)
             logit_map = nn.Conv(1, (1, 1), name="pixel_out", **conv)(pixel_path)
-            # Upsampled apart (the same values as together: the filter is per channel), so a
-            # caller that drops `recon` (MC dropout's statistics) drops its work and its mask.
-            maps = (recon_maps, logit_map)
-        if not isinstance(maps, tuple):
-            maps = (maps[..., : self.image_channels], maps[..., self.image_channels :])
+            parts = [logit_map] if recon_maps is None else [recon_maps, logit_map]
+            maps = jnp.concatenate(parts, axis=-1)
         while stride > 1:
-            maps = tuple(upsample2x_bilinear(part) for part in maps)
+            maps = upsample2x_bilinear(maps)
             stride //= 2
-        recon_logits, pixel_logits = (part.astype(jnp.float32) for part in maps)
-        return jax.nn.sigmoid(recon_logits), pixel_logits[..., 0]
+        maps = maps.astype(jnp.float32)
+        pixel_logits = maps[..., -1]
+        if maps.shape[-1] == 1:  # the logit map only
+            return None, pixel_logits
+        return jax.nn.sigmoid(maps[..., : self.image_channels]), pixel_logits
 
     def _compare(
         self, pixel_path: jax.Array, recon_maps: jax.Array, images: jax.Array, stride: int

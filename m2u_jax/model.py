@@ -258,18 +258,19 @@ class M2UNet(nn.Module):
         return dict(decoder=decoder, embedding=self._pool(tokens, lengths), images=images)
 
     def sample_outputs(self, hidden: dict, *, image_hw: tuple[int, int], train: bool) -> dict:
-        """`sample_hidden`'s pytree → `pixel_logits`, `image_logits`, `type_logits` (and
-        `recon`) exactly as `stochastic_tail` computes them with the same dropout key."""
-        recon, pixel_logits = self.anomaly_decoder(
-            hidden["decoder"], image_hw, train=train, images=hidden["images"], part="output"
+        """`sample_hidden`'s pytree → `pixel_logits`, `image_logits`, `type_logits` as
+        `stochastic_tail` computes them with the same dropout key (no reconstruction: the
+        statistics do not read it)."""
+        _, pixel_logits = self.anomaly_decoder(
+            hidden["decoder"],
+            image_hw,
+            train=train,
+            images=hidden["images"],
+            part="output",
+            with_recon=False,
         )
         image_logits, type_logits = self.image_head(hidden["embedding"], train=train)
-        return dict(
-            recon=recon,
-            pixel_logits=pixel_logits,
-            image_logits=image_logits,
-            type_logits=type_logits,
-        )
+        return dict(pixel_logits=pixel_logits, image_logits=image_logits, type_logits=type_logits)
 
     @staticmethod
     def _unpack(trunk_state):
