@@ -285,3 +285,23 @@ def test_tiled_mode_times_the_predictor_on_both_backends(tmp_path, capsys):
     assert results["tensorflow_imported"] is tensorflow_before  # the mode imports none
     assert "tiled 80x80 (9 tiles)" in stdout and "(ORT/JAX time" in stdout
     assert "tiling overhead (target <= 1.3)" in stdout
+
+
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    # tools/gpu_check.sh is the one command a lent GPU runs; its dry form (configs/tiny.py, one
+    # repeat) runs the same steps here, so a broken script is found before device time is spent.
+    out = tmp_path / "gpu_check"
+    completed = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "gpu_check.sh")],
+        env=dict(os.environ, GPU_CHECK_DRY="1", PYTHON=sys.executable, OUT=str(out)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "devices: [CpuDevice(id=0)" in (out / "devices.txt").read_text()
+    results = json.loads((out / "tiny.json").read_text())
+    assert _finite_positive(results["infer"]["images_per_sec"])
+    assert _finite_positive(results["mc"]["cost_ratio"])
+    assert results["mc"]["num_samples"] == tiny.get_config().eval.num_mc_samples
+    assert "== tiny: configs/tiny.py (infer,mc)" in completed.stdout
