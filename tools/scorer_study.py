@@ -1,0 +1,210 @@
+"""Anomaly scorers compared on one trained run: which map finds the defects best.
+
+    python tools/scorer_study.py --workdir runs/quality/mt_unsup [--step N] [--out FILE.md]
+
+On the run's test split, each scorer gives an anomaly map per image; the table reports image
+AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC and AUPRO:
+
+- `pixel head`: the model's anomaly map (what evaluation reports);
+- `reconstruction error`: mean |input − reconstruction| over channels;
+- `memory: tokens`, `memory: tokens + detail`, `memory: detail`: nearest-neighbour distance to
+  a memory of defect-free training patches (`m2u_jax.feature_memory`) over the fused token grid
+  (stride `patch_stride`), the token grid with the detail stem's maps pooled to its stride, or
+  the detail maps at stride 4 (stride-2 map pooled in); each part L2-normalised before joining;
+- `A + B`: maps standardised by the mean and standard deviation of their pixels on the
+  defect-free *validation* images, then summed (no test label is used).
+
+Detail-stem scorers need `model.detail_channels > 0` and are skipped otherwise. The numbers
+choose `eval.feature_memory_size` and the default scorer in docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # `python tools/scorer_study.py` from anywhere
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m2u_jax import evaluate, feature_memory, run_checkpoint, scoring  # noqa: E402
+from m2u_jax import metrics as metrics_lib  # noqa: E402
+from m2u_jax import model as model_lib  # noqa: E402
+from m2u_jax import predictions as predictions_lib  # noqa: E402
+
+PIXEL_HEAD, RECON_ERROR = "pixel head", "reconstruction error"
+MEMORY_SETS = {  # scorer name → feature set of `_features`
+    "memory: tokens": "tokens",
+    "memory: tokens + detail": "tokens_detail",
+    "memory: detail": "detail",
+}
+FUSIONS = (
+    (PIXEL_HEAD, "memory: tokens"),
+    (PIXEL_HEAD, "memory: tokens + detail"),
+    (PIXEL_HEAD, "memory: detail"),
+    (PIXEL_HEAD, RECON_ERROR),
+)
+IMAGE_SCORE_SMOOTHING = 5
+
+
+def _mean_pool(maps: jax.Array, factor: int) -> jax.Array:
+    """`[B, H, W, C]` → `[B, H/factor, W/factor, C]` (mean over factor×factor cells)."""
+    if factor == 1:
+        return maps
+    window = (1, factor, factor, 1)
+    return jax.lax.reduce_window(maps, 0.0, jax.lax.add, window, window, "VALID") / factor**2
+
+
+def _unit(features: jax.Array) -> jax.Array:
+    return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-6)
+
+
+def _neighbourhood_mean(grid: jax.Array) -> jax.Array:
+    """3×3 neighbourhood mean with clipped borders (as `feature_memory.patch_features`)."""
+    ones = jnp.ones(grid.shape[:3] + (1,), grid.dtype)
+    window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
+    summed = jax.lax.reduce_window(grid, 0.0, jax.lax.add, window, strides, "SAME")
+    return summed / jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, "SAME")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(model, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """images → the pixel-head map, the reconstruction error and the memory feature sets."""
+    outputs, aux = model.apply(variables, images, train=False)
+    images = images.astype(jnp.float32)
+    recon_error = jnp.mean(jnp.abs(outputs["recon"].astype(jnp.float32) - images), axis=-1)
+    tokens = aux["fine_grid"].astype(jnp.float32)
+    result = {
+        PIXEL_HEAD: jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32)),
+        RECON_ERROR: recon_error,
+        "tokens": _neighbourhood_mean(tokens),
+    }
+    if model.detail_channels > 0:
+        state, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
+        detail = {stride: maps.astype(jnp.float32) for stride, maps in state["detail"].items()}
+        token_stride = images.shape[1] // tokens.shape[1]
+        pooled = [_unit(_mean_pool(maps, token_stride // s)) for s, maps in detail.items()]
+        result["tokens_detail"] = _neighbourhood_mean(jnp.concatenate([_unit(tokens)] + pooled, -1))
+        fine = [_unit(_mean_pool(maps, 4 // s)) for s, maps in detail.items() if s <= 4]
+        result["detail"] = _neighbourhood_mean(jnp.concatenate(fine, -1))
+    return result
+
+
+def standardise(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`maps` minus the mean of `reference`'s pixels, divided by their standard deviation."""
+    return (maps - reference.mean()) / (reference.std() + 1e-12)
+
+
+def scorer_metrics(labels, masks, maps: np.ndarray) -> dict[str, float]:
+    """Image AUROC (max of the mean-filtered map), pixel AUROC and AUPRO of `[N, H, W]` maps."""
+    smoothed = scoring.smooth_maps(maps.astype(np.float32), IMAGE_SCORE_SMOOTHING)
+    scores = smoothed.reshape(len(smoothed), -1).max(axis=1)
+    return {
+        "image_auroc": metrics_lib.image_auroc(labels, scores),
+        "pixel_auroc": metrics_lib.pixel_auroc(masks, maps),
+        "aupro": metrics_lib.aupro(masks, maps, evaluate.AUPRO_FPR_LIMIT),
+    }
+
+
+def run_study(config, workdir: str, step: int | None = None) -> tuple[int, dict[str, dict]]:
+    """(checkpoint step, {scorer: metrics}) for every scorer of the module docstring."""
+    params, step = run_checkpoint.restore_params(config, workdir, step)
+    model = model_lib.build_model(config.model)
+    variables = {"params": params}
+
+    def predict(images, batch_index):
+        del batch_index
+        return predictions_lib.to_host(_features(model, variables, jnp.asarray(images)))
+
+    splits = {
+        name: predictions_lib.collect_split(config, name, predict, keep_maps=name == "test")
+        for name in ("train", "validation", "test")
+    }
+    train, validation, test = splits["train"], splits["validation"], splits["test"]
+    good_train, good_validation = train["labels"] == 0, validation["labels"] == 0
+    maps = {
+        name: {"validation": validation[name], "test": test[name]}
+        for name in (PIXEL_HEAD, RECON_ERROR)
+    }
+    image_hw = test[PIXEL_HEAD].shape[1:]
+    for scorer, key in MEMORY_SETS.items():
+        if key not in train or not good_train.any():
+            continue
+        bank = jnp.asarray(
+            feature_memory.build_bank(
+                [train[key][good_train]], int(config.eval.feature_memory_size) or 16384, config.seed
+            )
+        )
+        maps[scorer] = {}
+        for split_name in ("validation", "test"):
+            features = splits[split_name][key]
+            grids = [
+                feature_memory.nearest_distances(bank, jnp.asarray(features[i : i + 32]))
+                for i in range(0, len(features), 32)
+            ]
+            maps[scorer][split_name] = feature_memory.upsample_maps(np.concatenate(grids), image_hw)
+    results = {
+        name: scorer_metrics(test["labels"], test["masks"], pair["test"])
+        for name, pair in maps.items()
+    }
+    if good_validation.any():
+        for parts in FUSIONS:
+            if all(part in maps for part in parts):
+                fused = sum(
+                    standardise(maps[p]["test"], maps[p]["validation"][good_validation])
+                    for p in parts
+                )
+                results[" + ".join(parts)] = scorer_metrics(test["labels"], test["masks"], fused)
+    return step, results
+
+
+def markdown(step: int, workdir: str, results: dict[str, dict]) -> str:
+    lines = [
+        f"Run `{workdir}`, checkpoint {step}, test split.",
+        "",
+        f"| scorer | image AUROC (max {IMAGE_SCORE_SMOOTHING}×{IMAGE_SCORE_SMOOTHING}) "
+        "| pixel AUROC | AUPRO |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        cells = " | ".join(f"{row[key]:.3f}" for key in ("image_auroc", "pixel_auroc", "aupro"))
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv) -> int:
+    del argv
+    from m2u_jax import config as config_lib
+
+    try:
+        config = config_lib.load_run_config(_WORKDIR.value)
+        config_lib.validate(config)
+        step = None if _STEP.value in ("", None) else int(_STEP.value)
+        step, results = run_study(config, _WORKDIR.value, step)
+    except (ValueError, FileNotFoundError, config_lib.ConfigError) as error:
+        print(f"scorer_study.py: {error}", file=sys.stderr)
+        return 2
+    text = markdown(step, _WORKDIR.value, results)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w", encoding="utf-8") as file:
+            file.write(text)
+        with open(os.path.splitext(_OUT.value)[0] + ".json", "w", encoding="utf-8") as file:
+            json.dump({"step": step, "results": results}, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
+    _STEP = flags.DEFINE_string("step", "", "Checkpoint step ('' = the newest fine-tuned one).")
+    _OUT = flags.DEFINE_string("out", "", "Also write the table here (and FILE.json).")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
