@@ -1,4 +1,4 @@
-"""Tests of the study tools (limited data, baseline table, quality, scorers).
+"""Tests of tools/limited_data_study.py, tools/baseline_table.py and tools/quality_study.py.
 
 Helpers on hand-made numbers, then both tools for real on a tiny synthetic dataset with the
 tiny config (a couple of steps per run): the limited-data study at two fractions and the whole
@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from tools import baseline_table, limited_data_study, quality_study, scorer_study
+from tools import baseline_table, limited_data_study, quality_study
 
 pytestmark = pytest.mark.slow  # trains the study tools' runs
 
@@ -332,40 +332,3 @@ def test_quality_report_replaces_only_the_generated_block(tmp_path):
         f"# Analysis\n\n{quality_study.BEGIN_MARK}\ntable two\n{quality_study.END_MARK}\n"
         "What limits it.\n"
     )
-
-
-def test_standardise_uses_the_reference_pixels():
-    reference = np.array([[1.0, 3.0], [1.0, 3.0]])  # mean 2, std 1
-    maps = np.array([[[2.0, 4.0], [0.0, 2.0]]])
-    np.testing.assert_allclose(scorer_study.standardise(maps, reference), [[[0, 2], [-2, 0]]])
-
-
-def test_scorer_study_on_tiny(study_data, tmp_path):
-    from m2u_jax import evaluate, trainer
-
-    config = study_config(study_data)
-    config.model.detail_channels = 8
-    config.model.pixel_head_recon = True
-    config.eval.feature_memory_size = 64
-    config.eval.num_mc_samples = 1
-    workdir = str(tmp_path / "scorers")
-    trainer.train(config, workdir)
-    evaluated = evaluate.evaluate(config, workdir, with_speed=False)
-    step, results = scorer_study.run_study(config, workdir)
-    assert step == 2
-    expected = {
-        "pixel head",
-        "reconstruction error",
-        "memory: tokens",
-        "memory: tokens + detail",
-        "memory: detail",
-    } | {" + ".join(parts) for parts in scorer_study.FUSIONS}
-    assert set(results) == expected
-    # The pixel head's maps are evaluation's: same pixel AUROC and AUPRO.
-    assert results["pixel head"]["pixel_auroc"] == pytest.approx(evaluated["pixel"]["auroc"])
-    assert results["pixel head"]["aupro"] == pytest.approx(evaluated["pixel"]["aupro"])
-    for row in results.values():
-        for value in row.values():
-            assert 0.0 <= value <= 1.0
-    text = scorer_study.markdown(step, workdir, results)
-    assert text.count("\n| ") == len(expected) + 1  # header + one row per scorer
