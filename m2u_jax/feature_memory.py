@@ -28,10 +28,15 @@ def patch_features(model, variables, images: jax.Array) -> jax.Array:
     """images `[B, H, W, C]` in [0, 1] → `[B, gh, gw, D]` float32 patch features (the fine
     token grid, 3×3 neighbourhood mean with clipped borders)."""
     _, aux = model.apply(variables, images, train=False)
-    grid = aux["fine_grid"].astype(jnp.float32)
-    summed = jax.lax.reduce_window(grid, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
-    ones = jnp.ones(grid.shape[:3] + (1,), jnp.float32)
-    counts = jax.lax.reduce_window(ones, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    return neighbourhood_mean(aux["fine_grid"].astype(jnp.float32))
+
+
+def neighbourhood_mean(grid: jax.Array) -> jax.Array:
+    """`[B, gh, gw, D]` → the mean over each 3×3 neighbourhood (borders clipped), same shape."""
+    window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
+    summed = jax.lax.reduce_window(grid, 0.0, jax.lax.add, window, strides, "SAME")
+    ones = jnp.ones(grid.shape[:3] + (1,), grid.dtype)
+    counts = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, "SAME")
     return summed / counts
 
 

@@ -5,17 +5,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from m2u_jax.data import synthetic
 from tools import scorer_study
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scorer_data")
-    synthetic.generate(
-        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=5
-    )
-    return str(root)
 
 
 def test_standardise_uses_the_reference_pixels():
@@ -25,11 +15,11 @@ def test_standardise_uses_the_reference_pixels():
 
 
 @pytest.mark.slow  # trains a run
-def test_scorer_study_on_tiny(tiny_root, tmp_path):
+def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
     from m2u_jax import evaluate, trainer
 
     config = tiny.get_config()
-    config.data.root = tiny_root
+    config.data.root = tiny_synthetic_root
     config.train.pretrain_steps = 0
     config.train.finetune_steps = 2
     config.train.checkpoint_every = 2

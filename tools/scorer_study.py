@@ -14,8 +14,9 @@ AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC 
 - `A + B`: maps standardised by the mean and standard deviation of their pixels on the
   defect-free *validation* images, then summed (no test label is used).
 
-Detail-stem scorers need `model.detail_channels > 0` and are skipped otherwise. The numbers
-choose `eval.feature_memory_size` and the default scorer in docs/quality.md.
+Detail-stem scorers need `model.detail_channels > 0` and are skipped otherwise. Memories hold
+`eval.feature_memory_size` patches (`DEFAULT_MEMORY_SIZE` when the run had it off). The numbers
+back the choice of the default scorer in docs/quality.md.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ FUSIONS = (
     (PIXEL_HEAD, RECON_ERROR),
 )
 IMAGE_SCORE_SMOOTHING = 5
+DEFAULT_MEMORY_SIZE = 16384  # cpu_real's eval.feature_memory_size
 
 
 def _mean_pool(maps: jax.Array, factor: int) -> jax.Array:
@@ -62,37 +64,38 @@ def _mean_pool(maps: jax.Array, factor: int) -> jax.Array:
 
 
 def _unit(features: jax.Array) -> jax.Array:
+    """Each feature vector scaled to unit length (so joined parts weigh alike)."""
     return features / (jnp.linalg.norm(features, axis=-1, keepdims=True) + 1e-6)
-
-
-def _neighbourhood_mean(grid: jax.Array) -> jax.Array:
-    """3×3 neighbourhood mean with clipped borders (as `feature_memory.patch_features`)."""
-    ones = jnp.ones(grid.shape[:3] + (1,), grid.dtype)
-    window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
-    summed = jax.lax.reduce_window(grid, 0.0, jax.lax.add, window, strides, "SAME")
-    return summed / jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, "SAME")
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _features(model, variables, images: jax.Array) -> dict[str, jax.Array]:
     """images → the pixel-head map, the reconstruction error and the memory feature sets."""
-    outputs, aux = model.apply(variables, images, train=False)
+    # The trunk once: its detail maps feed both the heads and the detail feature sets.
+    state, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
+    outputs, aux = model.apply(
+        variables,
+        state,
+        image_hw=images.shape[1:3],
+        train=False,
+        method=model_lib.M2UNet.stochastic_tail,
+    )
     images = images.astype(jnp.float32)
     recon_error = jnp.mean(jnp.abs(outputs["recon"].astype(jnp.float32) - images), axis=-1)
     tokens = aux["fine_grid"].astype(jnp.float32)
     result = {
         PIXEL_HEAD: jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32)),
         RECON_ERROR: recon_error,
-        "tokens": _neighbourhood_mean(tokens),
+        "tokens": feature_memory.neighbourhood_mean(tokens),
     }
     if model.detail_channels > 0:
-        state, _ = model.apply(variables, images, method=model_lib.M2UNet.trunk)
         detail = {stride: maps.astype(jnp.float32) for stride, maps in state["detail"].items()}
         token_stride = images.shape[1] // tokens.shape[1]
         pooled = [_unit(_mean_pool(maps, token_stride // s)) for s, maps in detail.items()]
-        result["tokens_detail"] = _neighbourhood_mean(jnp.concatenate([_unit(tokens)] + pooled, -1))
+        joined = jnp.concatenate([_unit(tokens)] + pooled, -1)
+        result["tokens_detail"] = feature_memory.neighbourhood_mean(joined)
         fine = [_unit(_mean_pool(maps, 4 // s)) for s, maps in detail.items() if s <= 4]
-        result["detail"] = _neighbourhood_mean(jnp.concatenate(fine, -1))
+        result["detail"] = feature_memory.neighbourhood_mean(jnp.concatenate(fine, -1))
     return result
 
 
@@ -112,7 +115,7 @@ def scorer_metrics(labels, masks, maps: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_study(config, workdir: str, step: int | None = None) -> tuple[int, dict[str, dict]]:
+def run_study(config, workdir: str, step: int | str | None = None) -> tuple[int, dict[str, dict]]:
     """(checkpoint step, {scorer: metrics}) for every scorer of the module docstring."""
     params, step = run_checkpoint.restore_params(config, workdir, step)
     model = model_lib.build_model(config.model)
@@ -136,11 +139,8 @@ def run_study(config, workdir: str, step: int | None = None) -> tuple[int, dict[
     for scorer, key in MEMORY_SETS.items():
         if key not in train or not good_train.any():
             continue
-        bank = jnp.asarray(
-            feature_memory.build_bank(
-                [train[key][good_train]], int(config.eval.feature_memory_size) or 16384, config.seed
-            )
-        )
+        size = int(config.eval.feature_memory_size) or DEFAULT_MEMORY_SIZE
+        bank = jnp.asarray(feature_memory.build_bank([train[key][good_train]], size, config.seed))
         maps[scorer] = {}
         for split_name in ("validation", "test"):
             features = splits[split_name][key]
@@ -185,7 +185,11 @@ def main(argv) -> int:
     try:
         config = config_lib.load_run_config(_WORKDIR.value)
         config_lib.validate(config)
-        step = None if _STEP.value in ("", None) else int(_STEP.value)
+        step = _STEP.value or None
+        if step not in (None, "best"):
+            if not step.isdigit():
+                raise ValueError(f"--step={step!r}: expected a step number or 'best'")
+            step = int(step)
         step, results = run_study(config, _WORKDIR.value, step)
     except (ValueError, FileNotFoundError, config_lib.ConfigError) as error:
         print(f"scorer_study.py: {error}", file=sys.stderr)
@@ -204,7 +208,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
-    _STEP = flags.DEFINE_string("step", "", "Checkpoint step ('' = the newest fine-tuned one).")
+    _STEP = flags.DEFINE_string("step", "", "Checkpoint step or 'best' ('' = the run's default).")
     _OUT = flags.DEFINE_string("out", "", "Also write the table here (and FILE.json).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
