@@ -1,6 +1,7 @@
 """The environment of the project's command-line tools run as subprocesses in tests."""
 
 import os
+import re
 
 
 def subprocess_env(**changes) -> dict:
@@ -14,3 +15,15 @@ def subprocess_env(**changes) -> dict:
         else:
             environment[name] = str(value)
     return environment
+
+
+def one_device_env(**changes) -> dict:
+    """`subprocess_env` with one CPU device, as a laptop runs the tools: for subprocess tests of
+    what does not depend on the mesh (command lines, kill and resume, error paths). The sharded
+    paths are tested in-process on 8 devices (tests/test_trainer.py) and across processes
+    (tests/test_multihost.py); one device compiles and checkpoints a third faster."""
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
+    flags = f"{flags.strip()} --xla_force_host_platform_device_count=1".strip()
+    return subprocess_env(**{"XLA_FLAGS": flags, **changes})

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.commands import subprocess_env
+from tests.commands import one_device_env, subprocess_env
 from tests.data_trees import write_defect_classes
 
 pytestmark = pytest.mark.slow  # runs the command-line tools in subprocesses
@@ -229,7 +229,7 @@ def trained_run(tmp_path_factory, tiny_synthetic_root):
         "train.py", "--config", _TINY, "--workdir", str(workdir),
         f"--config.data.root={tiny_synthetic_root}", "--config.train.pretrain_steps=2",
         "--config.train.finetune_steps=2", "--config.train.checkpoint_every=2",
-        timeout=900,
+        timeout=900, env={"XLA_FLAGS": one_device_env()["XLA_FLAGS"]},  # as on a laptop
     )  # fmt: skip
     assert code == 0, stderr[-3000:]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]

@@ -5,8 +5,9 @@ damaged newest checkpoints (kept aside), and a full disk stops the run in one li
 earlier checkpoints intact.
 
 The kill test runs train.py three times (reference, killed, resumed) on the tiny config with
-fine-tuning only (4 steps, a checkpoint every step); the test run's compilation cache
-(tests/conftest.py) compiles their programs once.
+fine-tuning only (4 steps, a checkpoint every step), on one CPU device as on a laptop (the
+sharded resume is tests/test_trainer.py's); the test run's compilation cache (tests/conftest.py)
+compiles their programs once.
 """
 
 import pathlib
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.commands import subprocess_env
+from tests.commands import one_device_env
 
 pytestmark = pytest.mark.slow  # kills and resumes training runs
 
@@ -53,7 +54,7 @@ def _train(workdir, data_root):
     result = subprocess.run(
         _command(workdir, data_root),
         cwd=_REPO,
-        env=subprocess_env(),
+        env=one_device_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -96,7 +97,7 @@ def runs(tiny_synthetic_root, tmp_path_factory):
     process = subprocess.Popen(
         _command(killed, tiny_synthetic_root),
         cwd=_REPO,
-        env=subprocess_env(),
+        env=one_device_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -178,7 +179,7 @@ def test_nan_in_a_batch_stops_naming_step_and_term_with_the_last_checkpoint_inta
     result = subprocess.run(
         [command[0], "-c", _POISONED_TRAIN, *command[1:]],
         cwd=_REPO,
-        env=subprocess_env(),
+        env=one_device_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -212,7 +213,7 @@ def _run_train(workdir, data_root, script=None):
     if script is not None:  # train.py under a patch
         command = [command[0], "-c", script, *command[1:]]
     return subprocess.run(
-        command, cwd=_REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600
+        command, cwd=_REPO, env=one_device_env(), capture_output=True, text=True, timeout=600
     )
 
 

@@ -9,7 +9,7 @@ import sys
 import onnx
 import pytest
 
-from tests.commands import subprocess_env
+from tests.commands import one_device_env
 
 pytestmark = pytest.mark.slow  # trains, evaluates and exports in subprocesses
 
@@ -20,7 +20,7 @@ def _run(*args, timeout=600):
     result = subprocess.run(
         [sys.executable, *args],
         cwd=_REPO,
-        env=subprocess_env(),
+        env=one_device_env(),  # a laptop's one CPU device
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -325,11 +325,14 @@ def make_train_dataset(
             return {**batch, "clean_images": batch["images"]}
         return augment.apply_anomalies(batch, params, synthetic_type)
 
-    dataset = stream.map(fetch, num_parallel_calls=parallel, deterministic=True)
-    dataset = dataset.filter(lambda example, ok, key: ok)
-    dataset = dataset.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    # The functions branch on Python values only, so tf.data traces them as written: AutoGraph's
+    # source rewrite would add seconds to every training start (the augmentations are long).
+    plain = tf.autograph.experimental.do_not_convert
+    dataset = stream.map(plain(fetch), num_parallel_calls=parallel, deterministic=True)
+    dataset = dataset.filter(plain(lambda example, ok, key: ok))
+    dataset = dataset.map(plain(prepare), num_parallel_calls=parallel, deterministic=True)
     dataset = dataset.batch(local_batch, drop_remainder=True)
-    dataset = dataset.map(augment_batch, num_parallel_calls=parallel, deterministic=True)
+    dataset = dataset.map(plain(augment_batch), num_parallel_calls=parallel, deterministic=True)
     dataset = dataset.prefetch(max(int(config.data.prefetch), 1))
     options = tf.data.Options()
     options.deterministic = True
