@@ -52,3 +52,11 @@ def tiny_synthetic_root(tmp_path_factory):
         root, categories="fabric", image_size=32, num_train=16, num_test_good=2, num_test_defect=1
     )
     return str(root)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first (stable otherwise): xdist hands out whole files in
+    collection order, so the long ones start at once and the short ones fill the end, instead
+    of one worker finishing a long file alone after the other ran out of work."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
