@@ -349,6 +349,7 @@ def mc_fn(model, num_samples: int, chunk_size: int) -> Callable:
 def bench_train(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """The fine-tuning train step (trainer.build_finetune_stage) on an in-memory batch."""
     mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    config = config_lib.resolve_detach_aux_heads(config)  # the step train.py would run
     model = model_lib.build_model(config.model)
     stage = trainer.build_finetune_stage(config, model, mesh, jax.random.PRNGKey(config.seed))
     batch_size = int(config.train.batch_size)

@@ -24,6 +24,7 @@ from m2u_jax.modalities import MODALITY_CHANNELS, split_list
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
 THRESHOLD_RULES = ("f1", "fpr", "auto")
+DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
 # Validation metrics that `train.best_metric` may keep the best checkpoint by (higher is better).
 BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
@@ -249,6 +250,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if not 0.0 < config.eval.target_fpr < 1.0:
         raise ConfigError(f"eval.target_fpr={config.eval.target_fpr} must be in (0, 1)")
+    if model.detach_aux_heads not in DETACH_AUX_HEADS:
+        raise ConfigError(
+            f"model.detach_aux_heads={model.detach_aux_heads!r} is not one of {DETACH_AUX_HEADS}"
+        )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")
     if not 0.0 <= model.image_score_topk <= 1.0:
@@ -291,6 +296,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                     f"{key}={batch} is not divisible by the {num_devices} devices; "
                     f"pick a multiple of {num_devices}"
                 )
+
+
+def resolve_detach_aux_heads(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with `model.detach_aux_heads='auto'` made 'always' under the unsupervised
+    protocol (the detection and image heads' targets are then synthetic anomalies, and their
+    gradients cost the anomaly map quality: docs/quality.md) and 'never' otherwise."""
+    if config.model.detach_aux_heads != "auto":
+        return config
+    copy = config.copy_and_resolve_references()
+    unsupervised = config.data.protocol == "unsupervised"
+    copy.model.detach_aux_heads = "always" if unsupervised else "never"
+    return copy
 
 
 def with_run_num_defect_classes(

@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.decoder_channels = 64  # Channels of the upsampling decoder of the anomaly branch.
     model.detail_channels = 0  # Full-res conv stem for pixel logits and boxes (skips); 0 = off.
     model.pixel_head_recon = False  # Pixel head also sees [input, recon] (DRAEM); needs detail.
+    # Detection and image heads train on stop-gradient trunk features, so the trunk learns from
+    # the reconstruction and the anomaly map alone; 'auto' = under the unsupervised protocol,
+    # where those heads' targets are synthetic anomalies (docs/quality.md).
+    model.detach_aux_heads = "auto"  # 'always' | 'never' | 'auto'.
     model.det_channels = 128  # Channels of the YOLO-style detection CNN (neck and shared head).
     model.num_defect_classes = 4  # Defect classes of the detection / type heads; 0 = from data.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.

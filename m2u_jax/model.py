@@ -102,6 +102,7 @@ class M2UNet(nn.Module):
     decoder_channels: int = 64
     detail_channels: int = 0
     pixel_head_recon: bool = False
+    detach_aux_heads: bool = False
     det_channels: int = 128
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
@@ -226,8 +227,11 @@ class M2UNet(nn.Module):
         recon, pixel_logits = self.anomaly_decoder(
             fine_grid, image_hw, train=train, detail=detail, images=images
         )
-        det = self.detection_head(fine_grid, image_hw, train=train, detail=detail)
-        image_logits, type_logits = self.image_head(embedding, train=train)
+        head_inputs = (fine_grid, detail, embedding)
+        if self.detach_aux_heads:  # the same outputs; only the trunk's gradients change
+            head_inputs = jax.lax.stop_gradient(head_inputs)
+        det = self.detection_head(head_inputs[0], image_hw, train=train, detail=head_inputs[1])
+        image_logits, type_logits = self.image_head(head_inputs[2], train=train)
         outputs = dict(
             recon=recon,
             pixel_logits=pixel_logits,
@@ -418,6 +422,9 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         decoder_channels=int(model_config.decoder_channels),
         detail_channels=int(model_config.detail_channels),
         pixel_head_recon=bool(model_config.pixel_head_recon),
+        # 'auto' is resolved by the trainer (config.resolve_detach_aux_heads); anywhere else the
+        # forward pass is the same either way, so unresolved means off.
+        detach_aux_heads=model_config.get("detach_aux_heads", "never") == "always",
         det_channels=int(model_config.det_channels),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),

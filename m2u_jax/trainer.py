@@ -778,6 +778,7 @@ def train(
 
     requested = int(config.model.num_defect_classes)
     config = splits_lib.with_data_num_defect_classes(config)
+    config = config_lib.resolve_detach_aux_heads(config)  # written resolved to config.json
     if requested == 0:
         logging.info(
             "model.num_defect_classes=0: %d class(es) from the data",

@@ -151,6 +151,20 @@ def test_zero_defect_classes_come_from_the_run_config(tmp_path):
     assert resolved.model.num_defect_classes == 5 and config.model.num_defect_classes == 0
 
 
+def test_detach_aux_heads_auto_follows_the_protocol():
+    config = default.get_config()
+    assert config.model.detach_aux_heads == "auto"
+    for protocol, resolved in (("unsupervised", "always"), ("supervised", "never")):
+        config.data.protocol = protocol
+        copy = config_lib.resolve_detach_aux_heads(config)
+        assert copy.model.detach_aux_heads == resolved and config.model.detach_aux_heads == "auto"
+    config.model.detach_aux_heads = "never"  # set: kept under either protocol
+    assert config_lib.resolve_detach_aux_heads(config) is config
+    config.model.detach_aux_heads = "yes"
+    with pytest.raises(config_lib.ConfigError, match=r"model.detach_aux_heads='yes' is not one"):
+        config_lib.validate(config)
+
+
 def test_split_list_and_channels():
     assert split_list(" bottle, cable,,") == ("bottle", "cable")
     assert split_list("") == ()

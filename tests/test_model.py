@@ -189,6 +189,54 @@ def test_gradients_are_finite_and_reach_every_module(setup, images):
         assert float(jnp.abs(jax.tree.leaves(backbone[name])[0]).sum()) > 0, name
 
 
+def test_detached_aux_heads_keep_the_outputs_and_stop_their_gradients_at_the_trunk(images):
+    """`detach_aux_heads`: identical outputs; the detection and image-head losses no longer
+    reach the backbone or the detail stem, but still train their own heads; the anomaly map's
+    loss reaches the trunk either way."""
+    config = tiny_model_config(detail_channels=8)
+    attached = model_lib.build_model(config)
+    config.detach_aux_heads = "always"
+    detached = model_lib.build_model(config)
+    assert (attached.detach_aux_heads, detached.detach_aux_heads) == (False, True)
+    params = random_params(attached, images, seed=5)
+
+    def losses(model, params):
+        outputs, _ = model.apply({"params": params}, images, train=False)
+        det = outputs["det"]
+        aux = (
+            jnp.mean(outputs["image_logits"] ** 2)
+            + jnp.mean(outputs["type_logits"] ** 2)
+            + jnp.mean(det["obj_logits"] ** 2)
+            + jnp.mean(det["box_ltrb"])
+            + jnp.mean(det["cls_logits"] ** 2)
+        )
+        return aux, jnp.mean(jax.nn.softplus(outputs["pixel_logits"])), outputs
+
+    @jax.jit
+    def run(params):
+        result = {}
+        for name, model in (("attached", attached), ("detached", detached)):
+            aux_grads = jax.grad(lambda p, m=model: losses(m, p)[0])(params)
+            pixel_grads = jax.grad(lambda p, m=model: losses(m, p)[1])(params)
+            result[name] = (aux_grads, pixel_grads, losses(model, params)[2])
+        return result
+
+    def norm(tree):
+        return float(np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(tree))))
+
+    result = run(params)
+    jax.tree.map(np.testing.assert_array_equal, result["attached"][2], result["detached"][2])
+    for trunk in ("backbone", "detail_stem"):
+        assert norm(result["attached"][0][trunk]) > 1e-4, trunk
+        assert norm(result["detached"][0][trunk]) == 0.0, trunk
+        assert norm(result["detached"][1][trunk]) > 1e-4, trunk  # the anomaly map still trains it
+    for head in ("detection_head", "image_head"):
+        assert norm(result["detached"][0][head]) > 1e-4, head
+        jax.tree.map(
+            np.testing.assert_array_equal, result["attached"][0][head], result["detached"][0][head]
+        )
+
+
 # Measured max |bf16 - f32| on the tiny model, batch 8, over 3 random parameter draws and the
 # real init: pixel probabilities <= 2.9e-3, recon <= 2.4e-3, image probability <= 1.7e-3
 # (box distances <= 0.6 % relative). Documented tolerance: 2e-2 on probabilities and recon.

@@ -41,9 +41,11 @@ def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
         "memory: detail",
     } | {" + ".join(parts) for parts in scorer_study.FUSIONS}
     assert set(results) == expected
-    # The pixel head's maps are evaluation's: same pixel AUROC and AUPRO.
-    assert results["pixel head"]["pixel_auroc"] == pytest.approx(evaluated["pixel"]["auroc"])
-    assert results["pixel head"]["aupro"] == pytest.approx(evaluated["pixel"]["aupro"])
+    # The pixel head's maps are evaluation's: same pixel AUROC and AUPRO (the study runs the
+    # trunk and the tail as two calls, equal to the whole forward within float rounding).
+    pixel = results["pixel head"]
+    assert pixel["pixel_auroc"] == pytest.approx(evaluated["pixel"]["auroc"], abs=1e-5)
+    assert pixel["aupro"] == pytest.approx(evaluated["pixel"]["aupro"], abs=1e-5)
     for row in results.values():
         for value in row.values():
             assert 0.0 <= value <= 1.0

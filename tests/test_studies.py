@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from tools import baseline_table, limited_data_study, quality_study
+from tools import baseline_table, defect_type_table, limited_data_study, quality_study
 
 pytestmark = pytest.mark.slow  # trains the study tools' runs
 
@@ -170,6 +170,40 @@ def test_svm_is_skipped_without_defect_free_training_images(tmp_path):
     table = baseline_table.markdown_table([row], note)
     assert "| Frozen self-supervised encoder + linear SVM | n/a | n/a | n/a | n/a |" in table
     assert "the test split has 0 defect-free and 2 defective images" in table
+
+
+def test_defect_type_table_by_hand():
+    paths = np.array(["p0", "p1", "p2", "p3", "p4"])
+    predictions = {
+        "test/paths": paths,
+        "test/labels": np.array([0, 0, 1, 1, 1]),
+        "test/defect_names": np.array(["good", "good", "crack", "crack", "hole"]),
+        "test/image_score": np.array([0.1, 0.5, 0.4, 0.9, 0.2]),
+    }
+    masks = {
+        "p2": [[1, 0], [0, 0]], "p3": [[0, 0], [0, 1]], "p4": [[1, 1], [0, 0]],
+        "p0": [[0, 0], [0, 0]], "p1": [[0, 0], [0, 0]],
+    }  # fmt: skip
+    maps = {
+        "p2": [[0.9, 0.1], [0.2, 0.3]], "p3": [[0.5, 0.4], [0.3, 0.2]],
+        "p4": [[0.8, 0.6], [0.7, 0.1]], "p0": [[0.0, 0.0], [0.0, 0.0]],
+        "p1": [[0.0, 0.0], [0.0, 0.0]],
+    }  # fmt: skip
+    order = paths[::-1]  # the pixel archive in another order: matched by path
+    pixel_maps = {
+        "paths": order,
+        "masks": np.array([masks[p] for p in order], np.float32),
+        "anomaly_map": np.array([maps[p] for p in order], np.float32),
+    }
+    rows = defect_type_table.per_type_rows(predictions, pixel_maps)
+    # crack: scores {0.4, 0.9} against good {0.1, 0.5}: 3 of 4 pairs. Pixels: positives 0.9 and
+    # 0.2 against 0.1 0.2 0.3 0.5 0.4 0.3: 6 + 1 + a tie = 7.5 of 12. hole: 1 of 2; 3 of 4.
+    assert rows == [
+        dict(defect="crack", images=2, image_auroc=0.75, pixel_auroc=0.625, mask_area=0.25),
+        dict(defect="hole", images=1, image_auroc=0.5, pixel_auroc=0.75, mask_area=0.5),
+    ]
+    table = defect_type_table.markdown(rows)
+    assert "| crack | 2 | 0.750 | 0.625 | 25.0 % |" in table
 
 
 # ----------------------------------------------------------------------------- real runs
