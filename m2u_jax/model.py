@@ -227,11 +227,13 @@ class M2UNet(nn.Module):
         recon, pixel_logits = self.anomaly_decoder(
             fine_grid, image_hw, train=train, detail=detail, images=images
         )
-        head_inputs = (fine_grid, detail, embedding)
+        head_grid, head_detail, head_embedding = fine_grid, detail, embedding
         if self.detach_aux_heads:  # the same outputs; only the trunk's gradients change
-            head_inputs = jax.lax.stop_gradient(head_inputs)
-        det = self.detection_head(head_inputs[0], image_hw, train=train, detail=head_inputs[1])
-        image_logits, type_logits = self.image_head(head_inputs[2], train=train)
+            head_grid, head_detail, head_embedding = jax.lax.stop_gradient(
+                (fine_grid, detail, embedding)
+            )
+        det = self.detection_head(head_grid, image_hw, train=train, detail=head_detail)
+        image_logits, type_logits = self.image_head(head_embedding, train=train)
         outputs = dict(
             recon=recon,
             pixel_logits=pixel_logits,
@@ -424,7 +426,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         pixel_head_recon=bool(model_config.pixel_head_recon),
         # 'auto' is resolved by the trainer (config.resolve_detach_aux_heads); anywhere else the
         # forward pass is the same either way, so unresolved means off.
-        detach_aux_heads=model_config.get("detach_aux_heads", "never") == "always",
+        detach_aux_heads=model_config.detach_aux_heads == "always",
         det_channels=int(model_config.det_channels),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),

@@ -4,7 +4,7 @@ trained run with a detail stem (its own module, so the test runs beside tests/te
 import numpy as np
 import pytest
 
-from configs import tiny
+from tests.test_evaluate import tiny_run_config
 from tools import scorer_study
 
 
@@ -18,12 +18,7 @@ def test_standardise_uses_the_reference_pixels():
 def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
     from m2u_jax import evaluate, trainer
 
-    config = tiny.get_config()
-    config.data.root = tiny_synthetic_root
-    config.train.pretrain_steps = 0
-    config.train.finetune_steps = 2
-    config.train.checkpoint_every = 2
-    config.model.det_score_threshold = 0.0
+    config = tiny_run_config(tiny_synthetic_root)
     config.model.detail_channels = 8
     config.model.pixel_head_recon = True
     config.eval.feature_memory_size = 64
