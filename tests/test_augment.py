@@ -25,10 +25,12 @@ def test_mask_bounding_boxes():
     np.testing.assert_array_equal(valid.numpy(), [True, True, False])
 
 
-def _params(labels, prob=1.0, channels=3, seed=0):
+def _params(labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA):
     base = tf.constant([seed, 1], tf.int64)
     per_example = [
-        augment.sample_anomaly_params(augment.fold_key(base, i), tf.constant(label), prob, channels)
+        augment.sample_anomaly_params(
+            augment.fold_key(base, i), tf.constant(label), prob, channels, max_beta
+        )
         for i, label in enumerate(labels)
     ]
     return tf.nest.map_structure(lambda *xs: tf.stack(xs), *per_example)
@@ -39,7 +41,7 @@ def _with_kinds(params, kinds):
     out = dict(params)
     out["kind"] = tf.constant(kinds, tf.int32)
     u16 = params["uniforms"][:, 16]
-    out["beta"] = tf.where(out["kind"] == augment.KIND_CUTPASTE, 0.0, augment._MAX_BETA * u16)
+    out["beta"] = tf.where(out["kind"] == augment.KIND_CUTPASTE, 0.0, augment.MAX_BETA * u16)
     return out
 
 
@@ -269,6 +271,12 @@ def test_kind_mix_ops_and_opacity_distribution(many_params):
     assert noise.min() >= 0 and noise.max() <= 0.8
     assert abs(noise.mean() - 0.4) < 0.05
     assert np.mean(noise < 0.1) > 0.05 and np.mean(noise > 0.7) > 0.05
+    # data.synthetic_max_beta scales the same draws: fainter anomalies, nothing else changes.
+    faint = _params([0] * 40, seed=5, max_beta=0.95)
+    np.testing.assert_allclose(
+        faint["beta"].numpy(), many_params["beta"].numpy()[:40] * 0.95 / 0.8, rtol=1e-6
+    )
+    np.testing.assert_array_equal(faint["kind"].numpy(), kinds[:40])
     # Half of the defect-free images stay clean, defective ones always do.
     half = _params([0] * 200 + [1] * 20, prob=0.5, seed=2)["apply"].numpy()
     assert 0.4 < half[:200].mean() < 0.6 and not half[200:].any()

@@ -24,7 +24,8 @@ One kind per anomaly:
   so that cells are at least 4 pixels, plus an octave at twice the frequency and half the
   weight; rotated by a random angle, standardised per image and thresholded at a random level
   (0.4-2.4 standard deviations), so blobs of many sizes and counts occur. Inside it the image
-  is blended with a texture, `beta * image + (1 - beta) * texture` with beta ~ U(0, 0.8).
+  is blended with a texture, `beta * image + (1 - beta) * texture` with beta ~ U(0, 0.8)
+  (`data.synthetic_max_beta`).
   The texture source, per anomaly:
   - the image itself, rotated, scaled (0.5-1.5) and shifted (20 % of all anomalies);
   - another good image of the batch, the next one in batch order (cyclic), warped the same
@@ -65,7 +66,7 @@ _MAX_NOISE_EXPONENT = 5
 _MIN_CELL_PIXELS = 4
 _FINE_OCTAVE_WEIGHT = 0.5
 _THRESHOLD_RANGE = (0.4, 2.4)  # standard deviations of the mask noise
-_MAX_BETA = 0.8
+MAX_BETA = 0.8  # DRAEM's largest image weight inside a mask (data.synthetic_max_beta)
 _PATTERN_LATTICE = 17  # smooth-noise patterns: up to 16 cells
 # Photometric ops of a texture (3 of them per texture); the linear ones (gain, invert, contrast,
 # brightness, desaturate) apply first, as one affine map, then gamma, posterize, solarize.
@@ -94,7 +95,7 @@ def _lattice_sizes() -> tuple[int, int]:
 
 
 def sample_anomaly_params(
-    key: tf.Tensor, label: tf.Tensor, prob: float, num_channels: int
+    key: tf.Tensor, label: tf.Tensor, prob: float, num_channels: int, max_beta: float = MAX_BETA
 ) -> dict[str, tf.Tensor]:
     """Random parameters of one example's synthetic anomaly (per-example, stateless).
 
@@ -103,6 +104,7 @@ def sample_anomaly_params(
       label: scalar int, 0 for a defect-free image (only those get anomalies).
       prob: probability of an anomaly on a defect-free image.
       num_channels: C of the image.
+      max_beta: beta ~ U(0, max_beta); the closer to 1, the subtler the faintest anomalies.
 
     Returns:
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
@@ -126,7 +128,7 @@ def sample_anomaly_params(
     ops = op_draws <= tf.sort(op_draws)[_NUM_TEXTURE_OPS - 1]  # the 3 smallest draws
     boundaries = tf.constant([sum(_KIND_PROBS[: i + 1]) for i in range(len(_KIND_PROBS) - 1)])
     kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
-    beta = tf.where(tf.equal(kind, KIND_CUTPASTE), 0.0, _MAX_BETA * uniforms[16])
+    beta = tf.where(tf.equal(kind, KIND_CUTPASTE), 0.0, max_beta * uniforms[16])
     return {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
         "kind": kind,

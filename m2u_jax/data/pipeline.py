@@ -286,6 +286,7 @@ def make_train_dataset(
         return example, tf.ensure_shape(ok, []), key
 
     prob = float(config.data.synthetic_anomaly_prob)
+    max_beta = float(config.data.synthetic_max_beta)
     flips = bool(config.data.random_flips)
     crop = int(config.data.train_crop)
     rgb_offset = _rgb_offset(modalities)
@@ -311,7 +312,9 @@ def make_train_dataset(
         if flips:
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
-        params = augment.sample_anomaly_params(key, example["labels"], prob, channels)
+        params = augment.sample_anomaly_params(
+            key, example["labels"], prob, channels, max_beta
+        )
         return example, params
 
     def augment_batch(batch, params):
