@@ -54,6 +54,19 @@ def tiny_synthetic_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def tiny_eval_root(tmp_path_factory):
+    """A tiny synthetic dataset for evaluation tests (one category, 32x32): 8 good training
+    images; 4 good and 2 per defect kind in test, so validation gets 1 good + 1 of each kind."""
+    from m2u_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("tiny_eval")
+    synthetic.generate(
+        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2
+    )
+    return str(root)
+
+
 def pytest_collection_modifyitems(config, items):
     """Modules with slow tests first (stable otherwise): xdist hands out whole files in
     collection order, so the long ones start at once and the short ones fill the end, instead

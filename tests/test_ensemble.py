@@ -15,6 +15,7 @@ from m2u_jax import predictions as predictions_lib
 from m2u_jax import run_checkpoint, uncertainty
 from m2u_jax.export import graph as export_graph
 from m2u_jax.export import interface
+from tests.runs import tiny_run_config
 
 
 def _params(config, seed):
@@ -50,25 +51,14 @@ def test_exported_ensemble_equals_ensemble_predict():
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, tiny_eval_root):
     """Two tiny runs (seeds 0 and 1); the first names the second in eval.ensemble_workdirs and
     is evaluated with it."""
     from m2u_jax import evaluate, trainer
-    from m2u_jax.data import synthetic
 
-    root = tmp_path_factory.mktemp("ensemble_data")
-    synthetic.generate(
-        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2
-    )
     configs, workdirs = [], []
     for seed in (1, 0):  # the member first: the main run's config.json names it
-        config = tiny.get_config()
-        config.seed = seed
-        config.data.root = str(root)
-        config.train.pretrain_steps = 0
-        config.train.finetune_steps = 2
-        config.train.checkpoint_every = 2
-        config.model.det_score_threshold = 0.0
+        config = tiny_run_config(tiny_eval_root, seed=seed)
         if workdirs:
             config.eval.ensemble_workdirs = workdirs[0]
         workdir = str(tmp_path_factory.mktemp(f"ensemble_run_{seed}"))

@@ -26,8 +26,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from configs import tiny
 from m2u_jax import evaluate, metrics, predictions, report, review, run_checkpoint, uncertainty
+from tests.runs import tiny_run_config
 
 pytestmark = pytest.mark.slow  # trains and evaluates a tiny run
 
@@ -276,31 +276,12 @@ def test_review_reason():
 # ----------------------------------------------------------------------------- real run
 
 
-def tiny_run_config(root):
-    """The tiny config as tests/test_studies.py trains it (same programs: shared cache)."""
-    config = tiny.get_config()
-    config.data.root = str(root)
-    config.train.pretrain_steps = 0
-    config.train.finetune_steps = 2
-    config.train.checkpoint_every = 2
-    # Every post-NMS box is kept, so the untrained detector still yields boxes to score.
-    config.model.det_score_threshold = 0.0
-    config.eval.after_training = False  # evaluated explicitly below
-    return config
-
-
 @pytest.fixture(scope="module")
-def evaluated_run(tmp_path_factory):
+def evaluated_run(tmp_path_factory, tiny_eval_root):
     from m2u_jax import trainer
-    from m2u_jax.data import synthetic
 
-    root = tmp_path_factory.mktemp("eval_data")
-    # 4 good + 2 per defect kind in test: validation gets 1 good + 1 of each kind.
-    synthetic.generate(
-        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2
-    )
     workdir = str(tmp_path_factory.mktemp("eval_run"))
-    config = tiny_run_config(root)
+    config = tiny_run_config(tiny_eval_root)
     config.eval.num_overlays = NUM_OVERLAYS
     trainer.train(config, workdir)
     result = evaluate.evaluate(config, workdir)

@@ -4,7 +4,7 @@ trained run with a detail stem (its own module, so the test runs beside tests/te
 import numpy as np
 import pytest
 
-from tests.test_evaluate import tiny_run_config
+from tests.runs import tiny_run_config
 from tools import scorer_study
 
 

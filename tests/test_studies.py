@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from tests.runs import tiny_run_config
 from tools import baseline_table, defect_type_table, limited_data_study, quality_study
 
 pytestmark = pytest.mark.slow  # trains the study tools' runs
@@ -221,20 +222,9 @@ def study_data(tmp_path_factory):
     return str(root)
 
 
-def study_config(root, pretrain_steps=0):
-    """The tiny config as tests/test_evaluate.py trains it (same compiled programs)."""
-    config = tiny.get_config()
-    config.data.root = root
-    config.train.pretrain_steps = pretrain_steps
-    config.train.finetune_steps = 2
-    config.train.checkpoint_every = 2
-    config.model.det_score_threshold = 0.0
-    return config
-
-
 def test_limited_data_study_on_tiny(study_data, tmp_path):
     workdir = str(tmp_path / "study")
-    rows = limited_data_study.run_study(study_config(study_data), workdir, (1.0, 0.5))
+    rows = limited_data_study.run_study(tiny_run_config(study_data), workdir, (1.0, 0.5))
     # 4 defect kinds x 3 labelled training defects; half of 3 rounds to 2 per kind.
     assert [row["train_defects"] for row in rows] == [12, 8]
     assert [row["train_images"] for row in rows] == [20, 16]
@@ -265,7 +255,7 @@ def test_limited_data_study_on_tiny(study_data, tmp_path):
 
 def test_baseline_table_on_tiny(study_data, tmp_path):
     workdir = str(tmp_path / "baselines")
-    rows = baseline_table.run_table(study_config(study_data, pretrain_steps=2), workdir)
+    rows = baseline_table.run_table(tiny_run_config(study_data, pretrain_steps=2), workdir)
     assert [row["method"] for row in rows] == list(baseline_table.METHODS)
     by_method = {row["method"]: row for row in rows}
     for row in rows:
@@ -330,7 +320,7 @@ def test_quality_study_run_specs():
 
 
 def test_quality_study_curve_on_tiny(study_data, tmp_path):
-    config = study_config(study_data)
+    config = tiny_run_config(study_data)
     config.train.finetune_steps = 4
     config.eval.feature_memory_size = 64
     spec = f"tiny=mvtec_ad:{study_data}:unsupervised"

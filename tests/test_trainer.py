@@ -28,6 +28,7 @@ from m2u_jax import config as config_lib
 from m2u_jax import run_checkpoint, sharding, trainer
 from m2u_jax.train_state import TrainState
 from tests.commands import subprocess_env
+from tests.runs import tiny_run_config
 
 pytestmark = pytest.mark.slow  # trains the tiny config in subprocesses (train.py)
 
@@ -468,13 +469,10 @@ def _five_kind_run_config(root, protocol, num_defect_classes):
 
     if not root.exists():
         write_defect_classes(root, _FIVE_KINDS)
-    config = tiny.get_config()
+    config = tiny_run_config(root, finetune_steps=0)
     config.data.format = "mask_folder"
-    config.data.root = str(root)
     config.data.protocol = protocol
     config.model.num_defect_classes = num_defect_classes
-    config.train.pretrain_steps = 0
-    config.train.finetune_steps = 0
     return config
 
 

@@ -13,6 +13,7 @@ import pytest
 from configs import tiny
 from m2u_jax import config as config_lib
 from m2u_jax import run_checkpoint, validation
+from tests.runs import tiny_run_config
 
 
 def _split(with_masks=True):
@@ -81,21 +82,11 @@ def test_validation_keys_are_checked(overrides, message):
 
 
 @pytest.fixture(scope="module")
-def validated_run(tmp_path_factory):
+def validated_run(tmp_path_factory, tiny_eval_root):
     from m2u_jax import evaluate, trainer
-    from m2u_jax.data import synthetic
 
-    root = tmp_path_factory.mktemp("validation_data")
-    # 4 good + 2 per defect kind in test: validation gets 1 good + 1 of each kind.
-    synthetic.generate(
-        root, categories="fabric", image_size=32, num_train=8, num_test_good=4, num_test_defect=2
-    )
     workdir = tmp_path_factory.mktemp("validated_run")
-    config = tiny.get_config()
-    config.data.root = str(root)
-    config.train.pretrain_steps = 0
-    config.train.finetune_steps = 4
-    config.train.checkpoint_every = 2
+    config = tiny_run_config(tiny_eval_root, finetune_steps=4)
     config.train.keep_checkpoints = 5
     config.train.validate_every = 1
     config.train.best_metric = "pixel_auroc"
