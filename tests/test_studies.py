@@ -320,8 +320,7 @@ def test_quality_study_run_specs():
 
 
 def test_quality_study_curve_on_tiny(study_data, tmp_path):
-    config = tiny_run_config(study_data)
-    config.train.finetune_steps = 4
+    config = tiny_run_config(study_data, finetune_steps=4)
     config.eval.feature_memory_size = 64
     spec = f"tiny=mvtec_ad:{study_data}:unsupervised"
     runs = [quality_study.parse_run(spec, "")]
