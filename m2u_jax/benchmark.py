@@ -348,7 +348,7 @@ def mc_fn(model, num_samples: int, chunk_size: int) -> Callable:
 
 def bench_train(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     """The fine-tuning train step (trainer.build_finetune_stage) on an in-memory batch."""
-    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    mesh = sharding.config_mesh(config)
     config = config_lib.resolve_detach_aux_heads(config)  # the step train.py would run
     model = model_lib.build_model(config.model)
     stage = trainer.build_finetune_stage(config, model, mesh, jax.random.PRNGKey(config.seed))
@@ -364,7 +364,7 @@ def bench_train(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 
     timing = time_calls(one_step, settings, settings.steps_per_repeat)
     step_s = timing["median_s"]
-    num_devices = jax.device_count()
+    num_devices = mesh.size
     flops = flops_lib.compiled_flops(program.compiled)
     loss = float(jax.device_get(holder[0].metric_sums["loss"]))
     result = dict(
@@ -812,7 +812,7 @@ def bench_edge(config: ml_collections.ConfigDict) -> dict:
 def bench_compile(config: ml_collections.ConfigDict) -> dict:
     """Lower + compile seconds of the fine-tuning train step, `model.scan_blocks` False and
     True, from abstract (shape-only) state and batch: nothing is allocated or run."""
-    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    mesh = sharding.config_mesh(config)
     batch = synthetic_batch(config, 1)
     batch_size = int(config.train.batch_size)
     abstract_batch = {

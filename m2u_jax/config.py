@@ -136,6 +136,7 @@ NUMERIC_RANGES = {
     "train.temperature": _POSITIVE,
     "train.moco_momentum": _UNIT,
     "train.mesh_fsdp": _AT_LEAST_1,
+    "train.mesh_devices": _AT_LEAST_0,
     "train.checkpoint_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1,
@@ -290,6 +291,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"train.grad_accum_steps={train.grad_accum_steps}"
         )
     if num_devices is not None:
+        # `num_devices`: the devices jax sees; the mesh spans `train.mesh_devices` of them (0: all).
+        requested = int(train.mesh_devices)
+        if requested > num_devices:
+            raise ConfigError(
+                f"train.mesh_devices={requested}: only {num_devices} devices are available"
+            )
+        num_devices = requested or num_devices
         for key in ("train.batch_size", "eval.batch_size"):
             batch = actual[key]
             if batch % num_devices:

@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     train.mesh_fsdp = 1  # Size of the 'fsdp' mesh axis that shards parameters (1 = pure data).
+    train.mesh_devices = 0  # Mesh devices: 0 = all of every process; N = first N of one process.
     train.checkpoint_every = 500  # Steps between orbax checkpoints (and one at the end).
     train.keep_checkpoints = 3  # Checkpoints kept.
     train.log_every = 50  # Steps between metric logs (the only host syncs).

@@ -31,9 +31,9 @@ BOX_KEYS = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
 
 
 def eval_batch_sharding(config: ml_collections.ConfigDict):
-    """Sharding of an evaluation batch over every device (the trainer's mesh); checks that
-    `eval.batch_size` splits evenly."""
-    mesh = sharding.make_mesh(config.train.mesh_fsdp)
+    """Sharding of an evaluation batch over the trainer's mesh (`sharding.config_mesh`); checks
+    that `eval.batch_size` splits evenly."""
+    mesh = sharding.config_mesh(config)
     batch = int(config.eval.batch_size)
     if batch % mesh.size:
         raise ValueError(

@@ -1,6 +1,7 @@
 """The device mesh and the shardings of train states and batches.
 
-One `Mesh` spans every device of every host with two axes:
+One `Mesh` spans every device of every host (or, with `train.mesh_devices` N, the first N devices
+of a single process) with two axes:
 
 - `'data'`: pure data parallelism (parameters replicated along it);
 - `'fsdp'` (size `train.mesh_fsdp`): batch *and* parameter sharding. Each big array of the
@@ -29,6 +30,29 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 # Arrays smaller than this (elements) stay replicated even with fsdp > 1: sharding a LayerNorm
 # scale saves nothing and costs an all-gather per use.
 DEFAULT_MIN_FSDP_SIZE = 2**14
+
+
+def mesh_devices(count: int = 0) -> list[jax.Device]:
+    """The devices of the run's mesh: every device of every process (`count` 0) or the first
+    `count` of one process (`train.mesh_devices`). Raises ValueError naming the key when there are
+    fewer devices, or several processes (each must feed its own devices)."""
+    devices = jax.devices()
+    if count == 0:
+        return list(devices)
+    if count < 0 or count > len(devices):
+        raise ValueError(f"train.mesh_devices={count}: this process sees {len(devices)} devices")
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"train.mesh_devices={count} needs a single process; with "
+            f"{jax.process_count()} processes use 0 (every device)"
+        )
+    return list(devices[:count])
+
+
+def config_mesh(config) -> Mesh:
+    """The mesh of a run: `train.mesh_fsdp` over `mesh_devices(train.mesh_devices)`."""
+    train = config.train
+    return make_mesh(train.mesh_fsdp, mesh_devices(train.mesh_devices))
 
 
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

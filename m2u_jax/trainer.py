@@ -589,7 +589,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
         "?" if flops is None else f"{flops / 1e9:.4g}",
         "unknown (MFU null)" if peak is None else f"{peak:.3g} FLOP/s",
     )
-    num_devices = jax.device_count()
+    num_devices = run.mesh.size
     profile_start, profile_stop = train.profile_steps
     last_scalars: dict = {}
     interval_start, interval_steps = time.perf_counter(), 0
@@ -749,11 +749,12 @@ def train(
     """
     config_lib.validate(config, num_devices=jax.device_count())
     train = config.train
-    if train.batch_size % (train.grad_accum_steps * jax.device_count()):
+    num_devices = int(train.mesh_devices) or jax.device_count()
+    if train.batch_size % (train.grad_accum_steps * num_devices):
         raise config_lib.ConfigError(
             f"train.batch_size={train.batch_size} must split into train.grad_accum_steps="
             f"{train.grad_accum_steps} micro-batches that each divide over the "
-            f"{jax.device_count()} devices"
+            f"{num_devices} devices"
         )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
@@ -765,7 +766,7 @@ def train(
                 f"train.pretrain_method={train.pretrain_method!r}: use one of "
                 f"{contrastive.PRETRAIN_METHODS}"
             )
-        mesh = sharding.make_mesh(train.mesh_fsdp)
+        mesh = sharding.config_mesh(config)
         probe = config.model.copy_and_resolve_references()
         probe.num_defect_classes = max(1, int(probe.num_defect_classes))  # 0: from the data
         model_lib.build_model(probe)
@@ -791,8 +792,9 @@ def train(
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     logging.info(
-        "mesh %s over %d devices on %d processes (%s)",
+        "mesh %s over %d of %d devices on %d processes (%s)",
         dict(mesh.shape),
+        mesh.size,
         jax.device_count(),
         jax.process_count(),
         jax.devices()[0].device_kind,

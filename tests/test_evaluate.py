@@ -331,6 +331,19 @@ def test_writes_every_output(evaluated_run):
     )
 
 
+def test_the_run_trains_and_evaluates_on_the_devices_its_config_names(evaluated_run):
+    # tests/runs.py: train.mesh_devices=1 of the 8 fake devices.
+    config = evaluated_run["config"]
+    assert config.train.mesh_devices == 1 and jax.device_count() == 8
+    assert predictions.eval_batch_sharding(config).mesh.devices.size == 1
+    lines = open(os.path.join(evaluated_run["workdir"], "metrics.jsonl")).read().splitlines()
+    record = json.loads(lines[-1])
+    # Batch 8 on one device: all 8 images per step count for that device.
+    np.testing.assert_allclose(
+        record["finetune/images_per_sec_per_device"], record["finetune/steps_per_sec"] * 8
+    )
+
+
 def test_metrics_json_has_the_documented_layout(evaluated_run):
     saved = evaluated_run["json"]
     assert list(saved) == ["image", "pixel", "detection", "uncertainty", "speed", "per_category"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from m2u_jax import sharding
+from m2u_jax import config as config_lib
+from m2u_jax import default_config, sharding
 
 
 def test_eight_fake_devices():
@@ -28,6 +29,30 @@ def test_make_mesh_rejects_non_divisor():
 def test_make_mesh_on_a_device_subset():
     mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+
+
+def test_config_mesh_spans_train_mesh_devices():
+    config = default_config.get_config()
+    assert sharding.config_mesh(config).devices.size == 8  # 0: every device
+    config.train.mesh_devices, config.train.mesh_fsdp = 2, 2
+    mesh = sharding.config_mesh(config)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2}
+    assert list(mesh.devices.flat) == jax.devices()[:2]
+    config.train.mesh_devices = 9
+    with pytest.raises(ValueError, match="train.mesh_devices=9: this process sees 8 devices"):
+        sharding.config_mesh(config)
+
+
+def test_validate_checks_batches_against_the_mesh_devices():
+    config = default_config.get_config()
+    config.train.batch_size, config.eval.batch_size = 6, 6
+    with pytest.raises(config_lib.ConfigError, match="batch_size=6 is not divisible by the 8"):
+        config_lib.validate(config, num_devices=8)
+    config.train.mesh_devices = 2
+    config_lib.validate(config, num_devices=8)  # 6 splits over 2 devices
+    config.train.mesh_devices = 16
+    with pytest.raises(config_lib.ConfigError, match="train.mesh_devices=16: only 8 devices"):
+        config_lib.validate(config, num_devices=8)
 
 
 @pytest.mark.parametrize(
