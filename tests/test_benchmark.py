@@ -20,6 +20,7 @@ from configs import tiny
 from m2u_jax import benchmark
 from m2u_jax import config as config_lib
 from m2u_jax.cli import benchmark as benchmark_cli
+from tests.commands import one_device_env
 
 pytestmark = pytest.mark.slow  # runs the benchmark command end to end
 
@@ -293,7 +294,8 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu_check"
     completed = subprocess.run(
         ["bash", str(REPO_ROOT / "tools" / "gpu_check.sh")],
-        env=dict(os.environ, GPU_CHECK_DRY="1", PYTHON=sys.executable, OUT=str(out)),
+        # One device, as on the one lent GPU.
+        env=one_device_env(GPU_CHECK_DRY="1", PYTHON=sys.executable, OUT=str(out)),
         capture_output=True,
         text=True,
         timeout=600,

@@ -72,7 +72,7 @@ def test_two_processes_train_the_tiny_config(tiny_synthetic_root, tmp_path):
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     for index, log in enumerate(logs):
         assert f"process {index} of 2, 2 local / 4 global devices" in log
-        assert "mesh {'data': 4, 'fsdp': 1} over 4 devices on 2 processes" in log
+        assert "mesh {'data': 4, 'fsdp': 1} over 4 of 4 devices on 2 processes" in log
         assert "pretrain step 2/2 (global 2/2)" in log
     # Process 0 writes the logs; the checkpoint holds both processes' shards.
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
