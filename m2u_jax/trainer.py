@@ -749,13 +749,6 @@ def train(
     """
     config_lib.validate(config, num_devices=jax.device_count())
     train = config.train
-    num_devices = int(train.mesh_devices) or jax.device_count()
-    if train.batch_size % (train.grad_accum_steps * num_devices):
-        raise config_lib.ConfigError(
-            f"train.batch_size={train.batch_size} must split into train.grad_accum_steps="
-            f"{train.grad_accum_steps} micro-batches that each divide over the "
-            f"{num_devices} devices"
-        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
     # Keys that only the builders check (method, mesh, variant, dtypes, ...), before the data is
@@ -767,6 +760,12 @@ def train(
                 f"{contrastive.PRETRAIN_METHODS}"
             )
         mesh = sharding.config_mesh(config)
+        if train.batch_size % (train.grad_accum_steps * mesh.size):
+            raise ValueError(
+                f"train.batch_size={train.batch_size} must split into train.grad_accum_steps="
+                f"{train.grad_accum_steps} micro-batches that each divide over the "
+                f"{mesh.size} devices"
+            )
         probe = config.model.copy_and_resolve_references()
         probe.num_defect_classes = max(1, int(probe.num_defect_classes))  # 0: from the data
         model_lib.build_model(probe)

@@ -511,6 +511,22 @@ def test_matching_defect_classes_pass(tmp_path):
     assert _written_num_classes(tmp_path / "run") == 5
 
 
+def test_micro_batches_must_divide_over_the_mesh_devices(tmp_path):
+    config = _five_kind_run_config(tmp_path / "plates", "supervised", 0)
+    config.train.grad_accum_steps = 2  # micro-batches of 4
+    config.train.mesh_devices = 8
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^train\.batch_size=8 must split into train\.grad_accum_steps=2 micro-batches "
+        r"that each divide over the 8 devices$",
+    ):
+        trainer.train(config, str(tmp_path / "eight"))
+    assert not (tmp_path / "eight").exists()
+    config.train.mesh_devices = 4  # 4 per micro-batch on 4 devices: it runs
+    trainer.train(config, str(tmp_path / "four"))
+    assert _written_num_classes(tmp_path / "four") == 5
+
+
 def test_a_changed_architecture_key_stops_before_config_json_is_rewritten(tmp_path):
     config = _five_kind_run_config(tmp_path / "plates", "supervised", 5)
     workdir = tmp_path / "run"
