@@ -25,6 +25,7 @@ DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
 THRESHOLD_RULES = ("f1", "fpr", "auto")
 DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
+DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
 # Validation metrics that `train.best_metric` may keep the best checkpoint by (higher is better).
 BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
@@ -129,6 +130,7 @@ NUMERIC_RANGES = {
     "train.pretrain_steps": _AT_LEAST_0,
     "train.finetune_steps": _AT_LEAST_0,
     "train.learning_rate": _POSITIVE,
+    "train.seg_focal_alpha": _UNIT,
     "train.warmup_steps": _AT_LEAST_0,
     "train.weight_decay": _AT_LEAST_0,
     "train.grad_clip_norm": _AT_LEAST_0,
@@ -255,6 +257,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if model.detach_aux_heads not in DETACH_AUX_HEADS:
         raise ConfigError(
             f"model.detach_aux_heads={model.detach_aux_heads!r} is not one of {DETACH_AUX_HEADS}"
+        )
+    if config.train.det_obj_target not in DET_OBJ_TARGETS:
+        raise ConfigError(
+            f"train.det_obj_target={config.train.det_obj_target!r} is not one of {DET_OBJ_TARGETS}"
         )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from m2u_jax import boxes as box_ops
+from m2u_jax.config import DET_OBJ_TARGETS
 
 LOSS_TERMS = ("recon", "seg_focal", "seg_dice", "cls", "det_obj", "det_cls", "det_box")
 
@@ -42,6 +43,19 @@ def sigmoid_focal_loss(
         alpha=None if alpha is None or alpha < 0 else alpha,
         gamma=gamma,
     )
+
+
+def quality_focal_loss(logits: jax.Array, targets: jax.Array, beta: float = 2.0) -> jax.Array:
+    """Elementwise quality focal loss (Li et al. 2020, GFL) → same shape as `logits`, float32:
+    BCE(logits, targets) · |targets − sigmoid(logits)|^beta, for soft targets in [0, 1].
+
+    Hand-written because optax's focal loss with a soft target is not minimised at
+    p = target (its (1 − p_t)^gamma factor stays positive there); this one is, for any target.
+    """
+    logits = logits.astype(jnp.float32)
+    targets = targets.astype(jnp.float32)
+    distance = jnp.abs(targets - jax.nn.sigmoid(logits))
+    return optax.sigmoid_binary_cross_entropy(logits, targets) * distance**beta
 
 
 def iou_loss(pred_xyxy: jax.Array, target_xyxy: jax.Array, kind: str = "giou") -> jax.Array:
@@ -232,6 +246,7 @@ def detection_loss(
     focal_alpha: float | None = 0.25,
     focal_gamma: float = 2.0,
     box_loss_kind: str = "giou",
+    obj_target: str = "binary",
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -241,7 +256,10 @@ def detection_loss(
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
     Targets come from `boxes.assign_targets`. With P = max(number of positives, 1) over the
     (global) batch and P_known the same over positives of a known class:
-      det_obj = Σ focal(obj) over all anchors / P,
+      det_obj = Σ focal(obj) over all anchors / P with `obj_target='binary'` (target 1 on
+        positives); with 'iou' the positives' target is the IoU of their predicted box with the
+        assigned box (no gradient through it) and the loss `quality_focal_loss`, so the box
+        score ranks boxes by how well they fit,
       det_cls = Σ focal(cls) over positives of a known class and all K classes / P_known,
       det_box = Σ (1 - GIoU) over positives / P.
     Returns {'det_obj', 'det_cls', 'det_box'}.
@@ -259,14 +277,20 @@ def detection_loss(
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
     num_known = jnp.maximum(jnp.sum(targets["cls_weights"]), 1.0)
 
-    obj_loss = sigmoid_focal_loss(
-        det["obj_logits"], targets["obj_targets"], focal_alpha, focal_gamma
-    )
+    if obj_target not in DET_OBJ_TARGETS:
+        raise ValueError(f"obj_target={obj_target!r} is not one of {DET_OBJ_TARGETS}")
+    pred_boxes = box_ops.decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
+    if obj_target == "iou":
+        fit = jax.lax.stop_gradient(box_ops.box_iou(pred_boxes, targets["box_targets"]))
+        obj_loss = quality_focal_loss(det["obj_logits"], fg_mask * fit)
+    else:
+        obj_loss = sigmoid_focal_loss(
+            det["obj_logits"], targets["obj_targets"], focal_alpha, focal_gamma
+        )
     cls_loss = sigmoid_focal_loss(
         det["cls_logits"], targets["cls_targets"], focal_alpha, focal_gamma
     )
     cls_loss = jnp.sum(cls_loss, axis=-1) * targets["cls_weights"]
-    pred_boxes = box_ops.decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
     box_loss = iou_loss(pred_boxes, targets["box_targets"], box_loss_kind) * fg_mask
     return {
         "det_obj": jnp.sum(obj_loss) / num_positives,
@@ -282,7 +306,11 @@ def _require(mapping: Mapping, keys: tuple[str, ...], what: str) -> None:
 
 
 def multitask_loss(
-    outputs: Mapping, batch: Mapping, weights: Mapping[str, float]
+    outputs: Mapping,
+    batch: Mapping,
+    weights: Mapping[str, float],
+    det_obj_target: str = "binary",
+    seg_focal_alpha: float = 0.25,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -294,13 +322,15 @@ def multitask_loss(
       weights: `config.train.loss_weights`, exactly the keys of `LOSS_TERMS`.
     Terms:
       recon: `reconstruction_loss(recon, clean_images, recon_valid)`;
-      seg_focal: pixel focal loss on `pixel_logits` vs `masks`, mean over pixels;
+      seg_focal: pixel focal loss on `pixel_logits` vs `masks`, mean over pixels, defect pixels
+        weighted `seg_focal_alpha` and normal ones 1 − it (`train.seg_focal_alpha`);
       seg_dice: `dice_loss(pixel_logits, masks)`, mean over images;
       cls: image focal loss on `image_logits` vs `labels`, mean over images, plus — when the
         batch has `defect_types` — the softmax cross-entropy of `type_logits` [B, K+1] against
         them, skipping images whose type is -1 (unknown) (both are image-level
         classification, so they share one weight);
-      det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)`.
+      det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)` with
+        `obj_target=det_obj_target` (`train.det_obj_target`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -315,7 +345,9 @@ def multitask_loss(
     )
     terms = {
         "recon": reconstruction_loss(outputs["recon"], batch["clean_images"], batch["recon_valid"]),
-        "seg_focal": jnp.mean(sigmoid_focal_loss(outputs["pixel_logits"], batch["masks"])),
+        "seg_focal": jnp.mean(
+            sigmoid_focal_loss(outputs["pixel_logits"], batch["masks"], seg_focal_alpha)
+        ),
         "seg_dice": jnp.mean(dice_loss(outputs["pixel_logits"], batch["masks"])),
     }
     cls_loss = jnp.mean(sigmoid_focal_loss(outputs["image_logits"], batch["labels"]))
@@ -331,7 +363,7 @@ def multitask_loss(
         )[:, 0]
         cls_loss = cls_loss - jnp.sum(picked * known) / jnp.maximum(jnp.sum(known), 1.0)
     terms["cls"] = cls_loss
-    terms.update(detection_loss(outputs["det"], batch))
+    terms.update(detection_loss(outputs["det"], batch, obj_target=det_obj_target))
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).
     total = sum(jnp.asarray(weights[name], jnp.float32) * terms[name] for name in LOSS_TERMS)
     return total, terms

@@ -242,13 +242,15 @@ def pretrain_loss_fn(config: ml_collections.ConfigDict, network: contrastive.Con
 def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     """`(params, ema_params, batch, rng) -> (total, terms)`: `losses.multitask_loss`."""
     weights = {name: float(value) for name, value in config.train.loss_weights.items()}
+    det_obj_target = config.train.det_obj_target
+    seg_focal_alpha = float(config.train.seg_focal_alpha)
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
         outputs, _ = model.apply(
             {"params": params}, batch["images"], train=True, rngs={"dropout": rng}
         )
-        return losses.multitask_loss(outputs, batch, weights)
+        return losses.multitask_loss(outputs, batch, weights, det_obj_target, seg_focal_alpha)
 
     return loss_fn
 

@@ -165,6 +165,17 @@ def test_detach_aux_heads_auto_follows_the_protocol():
         config_lib.validate(config)
 
 
+def test_det_obj_target_is_one_of_its_values():
+    config = default.get_config()
+    assert config.train.det_obj_target == "binary"
+    config.train.det_obj_target = "iou"
+    config_lib.validate(config)
+    config.train.det_obj_target = "soft"
+    message = r"train.det_obj_target='soft' is not one of \('binary', 'iou'\)"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
 def test_split_list_and_channels():
     assert split_list(" bottle, cable,,") == ("bottle", "cable")
     assert split_list("") == ()

@@ -288,6 +288,66 @@ def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
     np.testing.assert_allclose(perfect_terms["det_box"], 0.0, atol=1e-5)
 
 
+def test_quality_focal_loss_hand_computed_and_minimised_at_the_target():
+    logits = jnp.array([0.0, 0.0, math.log(3.0)])
+    targets = jnp.array([0.5, 1.0, 0.0])
+    # BCE · |t − p|²: p = 0.5 at the target 0.5 costs nothing; (ln 2)(0.5²); (ln 4)(0.75²).
+    expected = [0.0, 0.25 * LN2, 0.5625 * math.log(4.0)]
+    np.testing.assert_allclose(losses.quality_focal_loss(logits, targets), expected, rtol=1e-6)
+    # Unlike the focal loss with a soft target, the minimum over the logit is at p = target.
+    target = 0.3
+    slope = jax.grad(lambda x: losses.quality_focal_loss(x, jnp.float32(target)))
+    assert abs(float(slope(jnp.float32(math.log(target / (1 - target)))))) < 1e-6
+    focal_slope = jax.grad(lambda x: losses.sigmoid_focal_loss(x, jnp.float32(target), None))
+    assert abs(float(focal_slope(jnp.float32(math.log(target / (1 - target)))))) > 1e-2
+
+
+def test_iou_objectness_targets_the_fit_of_the_predicted_box():
+    num_classes = 3
+    points, strides = _det_points(16, (4, 8))
+    batch = _box_batch()
+    targets = box_ops.assign_targets(
+        points, strides, batch["boxes"], batch["box_classes"], batch["box_valid"], num_classes
+    )
+    fg = targets["fg_mask"]
+    confident = jnp.where(fg > 0, 10.0, -10.0)  # sure of every positive, of no negative
+    perfect_ltrb = jnp.where(
+        fg[..., None] > 0, box_ops.encode_ltrb(points, targets["box_targets"]), 0.0
+    )
+    det = {
+        "points": points,
+        "strides": strides,
+        "obj_logits": confident,
+        "cls_logits": jnp.zeros(fg.shape + (num_classes,)),
+        "box_ltrb": perfect_ltrb,
+    }
+    loss = jax.jit(losses.detection_loss, static_argnames=("obj_target",))
+    # Boxes that fit (IoU 1): the confident objectness is right, the loss ~ 0.
+    assert float(loss(det, batch, obj_target="iou")["det_obj"]) < 1e-3
+    # Zero distances decode to zero-area boxes (IoU 0): every positive's target is 0, so each
+    # costs BCE(10, 0) · σ(10)² ≈ 10 and det_obj (normalised by the positives) ≈ 10.
+    misfit = dict(det, box_ltrb=jnp.zeros_like(perfect_ltrb))
+    per_positive = (10.0 + math.log1p(math.exp(-10.0))) / (1.0 + math.exp(-10.0)) ** 2
+    np.testing.assert_allclose(
+        loss(misfit, batch, obj_target="iou")["det_obj"], per_positive, rtol=1e-3
+    )
+    # The binary target does not look at the boxes: both cost the same there.
+    np.testing.assert_allclose(
+        loss(misfit, batch, obj_target="binary")["det_obj"],
+        loss(det, batch, obj_target="binary")["det_obj"],
+        rtol=1e-6,
+    )
+    # The IoU is a target, not a path for gradients into the boxes.
+    box_grad = jax.grad(
+        lambda ltrb: losses.detection_loss(dict(det, box_ltrb=ltrb), batch, obj_target="iou")[
+            "det_obj"
+        ]
+    )(perfect_ltrb * 0.9)
+    assert float(jnp.max(jnp.abs(box_grad))) == 0.0
+    with pytest.raises(ValueError, match="obj_target='iou2' is not one of"):
+        losses.detection_loss(det, batch, obj_target="iou2")
+
+
 def _fake_outputs_and_batch(rng, num_classes=3, size=16):
     points, strides = _det_points(size, (4, 8))
     num_anchors = points.shape[0]
@@ -373,6 +433,19 @@ def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(grad)), path
     assert np.any(grads["det"]["box_ltrb"] != 0) and np.any(grads["recon"] != 0)
+
+
+def test_seg_focal_alpha_weighs_defect_and_normal_pixels():
+    outputs, batch = _fake_outputs_and_batch(np.random.default_rng(6))
+    outputs = dict(outputs, pixel_logits=jnp.zeros_like(outputs["pixel_logits"]))
+    weights = dict(default_config.get_config().train.loss_weights)
+    defect_fraction = float(np.mean(batch["masks"]))  # 64 of 512 pixels
+    assert defect_fraction == 0.125
+    for alpha in (0.25, 0.5, 0.9):
+        _, terms = losses.multitask_loss(outputs, batch, weights, seg_focal_alpha=alpha)
+        # At logit 0 every pixel costs (1 − 0.5)² ln 2 times its alpha weight.
+        expected = 0.25 * LN2 * (alpha * defect_fraction + (1 - alpha) * (1 - defect_fraction))
+        np.testing.assert_allclose(terms["seg_focal"], expected, rtol=1e-5)
 
 
 def test_multitask_loss_rejects_wrong_weights_and_missing_keys():
