@@ -98,11 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
             det_box=2.0,  # Detection IoU (GIoU) loss.
         )
     )
-    # 'iou': a positive point's objectness learns the IoU of its predicted box with the target
-    # (quality focal loss), so box scores rank boxes by fit.
     # Focal alpha of the pixel loss: defect pixels weigh alpha, normal ones 1 - alpha (RetinaNet's
     # 0.25 favours normal pixels; DRAEM weighs both alike, i.e. 0.5 at twice the loss weight).
     train.seg_focal_alpha = 0.25  # Weight of defect pixels in the pixel focal loss, in [0, 1].
+    # 'iou': a positive point's objectness learns the IoU of its predicted box with the target
+    # (quality focal loss), so box scores rank boxes by fit.
     train.det_obj_target = "binary"  # Objectness target on positives: 'binary' (1) | 'iou'.
     train.mesh_fsdp = 1  # Size of the 'fsdp' mesh axis that shards parameters (1 = pure data).
     train.mesh_devices = 0  # Mesh devices: 0 = all of every process; N = first N of one process.
