@@ -373,6 +373,30 @@ ARCHITECTURE_KEYS = (
 )
 
 
+def _read_run_json(path: str) -> dict:
+    """The dict in a run's config.json; ConfigError naming the file when it is unreadable, not
+    JSON (e.g. left empty by a crash), or has no 'model' section."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            written = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not a readable JSON config: {error}") from None
+    if not isinstance(written, dict) or not isinstance(written.get("model"), dict):
+        raise ConfigError(f"{path} is not a run config (no 'model' section)")
+    return written
+
+
+def write_run_json(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `config` to WORKDIR/config.json atomically (a temporary file renamed over it), so
+    another process of the same run, or a crash mid-write, never leaves a partial file."""
+    path = os.path.join(workdir, "config.json")
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        file.write("\n")
+    os.replace(temporary, path)
+
+
 def check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises ConfigError naming the first `ARCHITECTURE_KEYS` key whose value differs from the
     run's WORKDIR/config.json (when there is one); `num_defect_classes=0` (from the data) is
@@ -380,8 +404,7 @@ def check_same_architecture(config: ml_collections.ConfigDict, workdir: str) -> 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as file:
-        written = _flatten(ml_collections.ConfigDict(json.load(file)))
+    written = _flatten(ml_collections.ConfigDict(_read_run_json(path)))
     wanted = _flatten(config)
     for key in ARCHITECTURE_KEYS:
         old, new = written.get(key), wanted.get(key)
@@ -402,17 +425,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     defaults no longer have are dropped, JSON lists become tuples where the default is one.
     Raises ConfigError naming the file when it is missing or not a run config."""
     path = os.path.join(workdir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as file:
-            written = json.load(file)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         raise ConfigError(
             f"{path} does not exist: not a run directory of train.py (or pass --config FILE)"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path} is not a readable JSON config: {error}") from None
-    if not isinstance(written, dict) or not isinstance(written.get("model"), dict):
-        raise ConfigError(f"{path} is not a run config (no 'model' section)")
+        )
+    written = _read_run_json(path)
     config = default_config.get_config()
     defaults = _flatten(config)
     for key, value in _flatten(ml_collections.ConfigDict(written)).items():

@@ -721,9 +721,7 @@ def _initial_state(stage: Stage, manager, meta: dict | None) -> tuple[TrainState
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as file:
-            file.write(config.to_json_best_effort(indent=2, sort_keys=True))
-            file.write("\n")
+        config_lib.write_run_json(config, workdir)
 
 
 def train(

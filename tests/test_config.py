@@ -1,6 +1,7 @@
 """Every config has exactly the default's keys; validate() rejects bad values with the key name."""
 
 import importlib
+import json
 import pathlib
 
 import ml_collections
@@ -215,7 +216,7 @@ def test_every_numeric_range_key_exists_in_the_default():
 
 def _write_run_config(workdir, config) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    config_lib.write_run_json(config, str(workdir))
 
 
 def test_load_run_config_gives_back_the_trained_config(tmp_path):
@@ -270,6 +271,21 @@ def test_an_architecture_key_that_differs_from_the_run_is_named(tmp_path):
     config_lib.check_same_architecture(config, str(tmp_path))
     config.model.patch_size = 4
     with pytest.raises(config_lib.ConfigError, match=r"^model\.patch_size=4 but the run in "):
+        config_lib.check_same_architecture(config, str(tmp_path))
+
+
+def test_run_json_is_written_whole_and_a_damaged_one_is_named(tmp_path):
+    config = config_lib.config_from_file("configs/tiny.py")
+    config_lib.write_run_json(config, str(tmp_path))
+    config_lib.write_run_json(config, str(tmp_path))  # replaces the file, leaves nothing beside
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["patch_size"] == (
+        config.model.patch_size
+    )
+    # An empty file (what a reader of a plain open-"w"-write could see from another process of
+    # the same run, which made the two-process test fail in CI) is one named error.
+    (tmp_path / "config.json").write_text("")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.json is not a readable JSON config"):
         config_lib.check_same_architecture(config, str(tmp_path))
 
 
