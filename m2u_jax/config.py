@@ -131,6 +131,7 @@ NUMERIC_RANGES = {
     "train.finetune_steps": _AT_LEAST_0,
     "train.learning_rate": _POSITIVE,
     "train.seg_focal_alpha": _UNIT,
+    "train.ema_decay": _UNIT_OPEN_TOP,
     "train.warmup_steps": _AT_LEAST_0,
     "train.weight_decay": _AT_LEAST_0,
     "train.grad_clip_norm": _AT_LEAST_0,
@@ -370,6 +371,9 @@ ARCHITECTURE_KEYS = (
     "model.num_defect_classes",
     "model.det_strides",
     "model.projection_dim",
+    # Not the model, but the checkpoint layout: with a decay > 0 each fine-tuning checkpoint also
+    # holds the params' EMA, which resuming and evaluation read.
+    "train.ema_decay",
 )
 
 

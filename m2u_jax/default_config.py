@@ -104,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 'iou': a positive point's objectness learns the IoU of its predicted box with the target
     # (quality focal loss), so box scores rank boxes by fit.
     train.det_obj_target = "binary"  # Objectness target on positives: 'binary' (1) | 'iou'.
+    # An exponential moving average of the fine-tuning params, kept beside them in each
+    # checkpoint; it does not change training. Evaluation, validation, export and prediction use
+    # it (eval.use_ema). Its momentum warms up as min(decay, (1 + t) / (10 + t)).
+    train.ema_decay = 0.0  # Decay of the fine-tuning params' EMA, in [0, 1); 0 = off.
     train.mesh_fsdp = 1  # Size of the 'fsdp' mesh axis that shards parameters (1 = pure data).
     train.mesh_devices = 0  # Mesh devices: 0 = all of every process; N = first N of one process.
     train.checkpoint_every = 500  # Steps between orbax checkpoints (and one at the end).
@@ -128,4 +132,5 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.feature_memory_size = 0  # >0: also score with a kNN memory of this many patches.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
+    evaluation.use_ema = True  # Use the params' EMA when the run kept one (train.ema_decay > 0).
     return config

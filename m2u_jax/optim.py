@@ -85,6 +85,13 @@ def make_optimizer(
     return adamw, schedule
 
 
+def ema_momentum(decay: float, step: jax.Array) -> jax.Array:
+    """Momentum of the fine-tuning params' EMA at `step`: min(decay, (1 + t) / (10 + t)), so the
+    first updates are not averaged with the random initialisation (TF's num_updates rule)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
 def momentum_schedule(base_momentum: float, step: jax.Array, total_steps: int) -> jax.Array:
     """MoCo v3 key-encoder momentum: cosine from `base_momentum` at step 0 to 1.0 at the end.
 

@@ -366,7 +366,8 @@ def restore_params(
     checkpoint of `stage`: 'finetune' gives the M2UNet params, 'pretrain' the contrastive
     encoder's (the backbone subtree of the M2UNet params). `step='best'` takes the params that
     validated best (WORKDIR/best, `save_best`), and so does `step=None` for a run trained with
-    `train.best_metric` that kept some. Every leaf is placed with `sharding`
+    `train.best_metric` that kept some. A run with `train.ema_decay` > 0 gives the params' EMA
+    (unless `eval.use_ema` is false). Every leaf is placed with `sharding`
     (default: the first device). Raises FileNotFoundError / ValueError naming the folder, the
     step and the problem (no checkpoint, unknown step, other stage, shapes not of config.model).
     """
@@ -438,14 +439,23 @@ def restore_params(
         if stage == "pretrain":  # the projector and predictor are not needed downstream
             abstract = {"encoder": abstract["encoder"]}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract)
+        # A fine-tuning checkpoint of a run with train.ema_decay > 0 also holds the params' EMA,
+        # which is what evaluation uses (eval.use_ema); WORKDIR/best keeps the chosen ones.
+        use_ema = (
+            stage == "finetune"
+            and subdir == "checkpoints"
+            and float(config.train.get("ema_decay", 0.0)) > 0
+            and config.eval.get("use_ema", True)
+        )
+        key = "ema_params" if use_ema else "params"
         try:
             restored = manager.restore(
                 step,
                 args=ocp.args.Composite(
                     **{
                         _STATE: ocp.args.PyTreeRestore(
-                            item={"params": abstract},
-                            restore_args={"params": restore_args},
+                            item={key: abstract},
+                            restore_args={key: restore_args},
                             partial_restore=True,
                         )
                     }
@@ -467,7 +477,7 @@ def restore_params(
             ) from None
     finally:
         manager.close()
-    params = restored["params"]
+    params = restored[key]
     if on_host:
         params = jax.device_get(params)
     return (params if stage == "finetune" else params["encoder"]), step

@@ -392,11 +392,19 @@ def build_finetune_stage(
     else:
         overlay, where = None, ""
 
+    decay = float(train.ema_decay)
+
     def init_fn(init_rng, overlay):
         params = init_params(init_rng)
         if overlay is not None:
             params = overlay_params(params, overlay, where)
-        return TrainState.create(params, optimizer, jax.random.fold_in(init_rng, 1), metric_names)
+        return TrainState.create(
+            params,
+            optimizer,
+            jax.random.fold_in(init_rng, 1),
+            metric_names,
+            ema_params=params if decay > 0 else None,
+        )
 
     init_state, abstract_state, state_shardings = _sharded_init(
         init_fn, mesh, compiler_options, fsdp_min_size, rng, overlay
@@ -406,6 +414,7 @@ def build_finetune_stage(
         optimizer,
         mesh=mesh,
         grad_accum_steps=train.grad_accum_steps,
+        ema_momentum=(lambda step: optim.ema_momentum(decay, step)) if decay > 0 else None,
     )
     return Stage(
         "finetune",
@@ -666,11 +675,20 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
     return state, last_scalars
 
 
+def deployed_params(config: ml_collections.ConfigDict, state: TrainState):
+    """The fine-tuning params that evaluation uses: the EMA when the run keeps one
+    (`train.ema_decay` > 0) and `eval.use_ema`, else the trained params themselves."""
+    if state.ema_params is not None and config.eval.use_ema:
+        return state.ema_params
+    return state.params
+
+
 def _validate(run: _Run, state: TrainState, global_step: int, stage_step: int) -> None:
     """One validation pass: `val/*` scalars in the log, and the params kept in WORKDIR/best
     when they beat the best so far on `train.best_metric`."""
     start = time.perf_counter()
-    values = run.validate(state.params)
+    params = deployed_params(run.config, state)
+    values = run.validate(params)
     run.metric_log.write(global_step, {f"val/{name}": value for name, value in values.items()})
     logging.info(
         "validation at finetune step %d (global %d, %.1fs): %s",
@@ -700,7 +718,7 @@ def _validate(run: _Run, state: TrainState, global_step: int, stage_step: int) -
             "metric": metric,
             "value": value,
         }
-        run_checkpoint.save_best(run.best_manager, global_step, state.params, meta)
+        run_checkpoint.save_best(run.best_manager, global_step, params, meta)
         logging.info("best %s so far (%.4f): params of step %d kept", metric, value, global_step)
         run.best_value = value
 

@@ -191,6 +191,7 @@ def test_split_list_and_channels():
         ("data.val_fraction", 1.5, "'data.val_fraction'=1.5 is outside its range [0, 1)"),
         ("eval.batch_size", -2, "'eval.batch_size'=-2 is outside its range [1, inf)"),
         ("model.dropout_rate", 1.0, "'model.dropout_rate'=1.0 is outside its range [0, 1)"),
+        ("train.ema_decay", 1.0, "'train.ema_decay'=1.0 is outside its range [0, 1)"),
         ("train.learning_rate", 0.0, "'train.learning_rate'=0.0 is outside its range (0, inf)"),
         ("eval.review_budget", float("nan"), "'eval.review_budget'=nan is outside"),
         ("train.loss_weights.recon", -1.0, "'train.loss_weights.recon'=-1.0 is outside"),

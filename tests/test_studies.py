@@ -330,8 +330,10 @@ def test_quality_study_curve_on_tiny(study_data, tmp_path):
     assert [row["finetune_step"] for row in curve] == [2, 4]
     # Training time grows along the run; each checkpoint's numbers are its own metrics.json.
     assert 0 < curve[0]["train_minutes"] < curve[1]["train_minutes"]
+    curve_dir = pathlib.Path(workdir) / "tiny" / "curve"
     for row in curve:
-        saved = json.load(open(os.path.join(workdir, "tiny", "curve", f"step_{row['step']}.json")))
+        (path,) = curve_dir.glob(f"step_{row['step']}-*.json")
+        saved = json.load(open(path))
         assert row["image_auroc"] == pytest.approx(saved["metrics"]["image"]["auroc"])
         assert saved["metrics"]["feature_knn"]["bank_size"] == 64
         assert set(row["score_variants"]) >= {"mix", "max_s9", "classifier"}
@@ -341,6 +343,16 @@ def test_quality_study_curve_on_tiny(study_data, tmp_path):
     # A second call only re-reads the cached evaluations.
     again = quality_study.run_matrix(config, workdir, runs, curve_points=2)
     assert again[0]["curve"] == curve
+    assert len(list(curve_dir.glob("step_*.json"))) == 2
+    # Other evaluation settings are evaluated afresh, not read from the cache: with the image
+    # score set to the 9x9-smoothed map maximum, the AUROC is that score variant's.
+    config.model.image_score_smoothing = 9
+    config.model.image_score_topk = 0.0
+    config.model.image_score_classifier = 0.0
+    rescored = quality_study.run_matrix(config, workdir, runs, curve_points=2)
+    assert len(list(curve_dir.glob("step_*.json"))) == 4
+    for row in rescored[0]["curve"]:
+        assert row["image_auroc"] == pytest.approx(row["score_variants"]["max_s9"], abs=1e-6)
 
 
 def test_quality_report_replaces_only_the_generated_block(tmp_path):

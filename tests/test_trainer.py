@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from m2u_jax import config as config_lib
-from m2u_jax import run_checkpoint, sharding, trainer
+from m2u_jax import optim, run_checkpoint, sharding, trainer
 from m2u_jax.train_state import TrainState
 from tests.commands import fake_devices_env
 from tests.runs import tiny_run_config
@@ -433,6 +433,61 @@ def test_finetune_loss_decreases_on_a_fixed_batch(finetune_eight_devices):
         "grad_norm",
     }
     assert int(state.nonfinite_step) == -1
+
+
+def test_ema_momentum_warms_up_to_the_decay():
+    steps = jnp.array([0, 10, 90, 10_000])
+    # min(decay, (1 + t) / (10 + t)): 1/10, 11/20, 91/100, then the decay itself.
+    np.testing.assert_allclose(optim.ema_momentum(0.99, steps), [0.1, 0.55, 0.91, 0.99], rtol=1e-6)
+
+
+def test_params_ema_follows_the_training_without_changing_it(finetune_eight_devices, tmp_path):
+    config, mesh, stage, pretrained = finetune_eight_devices
+    ema_config = config.copy_and_resolve_references()
+    ema_config.train.ema_decay = 0.5
+    ema_stage = _build_stage(
+        ema_config, mesh, "finetune", pretrained_encoder=pretrained, fsdp_min_size=4096
+    )
+    batch = sharding.host_batch_to_global(_finetune_batch(), mesh)
+    plain, with_ema = stage.init_state(), ema_stage.init_state()
+    assert plain.ema_params is None
+    _assert_trees_close(jax.device_get(with_ema.ema_params), jax.device_get(plain.params), 0, 0)
+    expected = jax.device_get(plain.params)
+    for step in range(3):
+        plain, with_ema = stage.train_step(plain, batch), ema_stage.train_step(with_ema, batch)
+        # The EMA is a bystander: the trained params are bit-identical to a run without it.
+        _assert_trees_close(jax.device_get(with_ema.params), jax.device_get(plain.params), 0, 0)
+        momentum = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18.., 0.25
+        expected = jax.tree.map(
+            lambda ema, online, m=momentum: m * ema + (1 - m) * online,
+            expected,
+            jax.device_get(plain.params),
+        )
+    _assert_trees_close(jax.device_get(with_ema.ema_params), expected, rtol=1e-5, atol=1e-6)
+    assert trainer.deployed_params(ema_config, with_ema) is with_ema.ema_params
+    ema_config.eval.use_ema = False
+    assert trainer.deployed_params(ema_config, with_ema) is with_ema.params
+    assert trainer.deployed_params(config, plain) is plain.params
+    # The one params-only restore reads the EMA from a fine-tuning checkpoint, unless told not to.
+    manager = run_checkpoint.make_manager(str(tmp_path), keep=1)
+    run_checkpoint.save(manager, 3, with_ema, {"stage": "finetune", "stage_step": 3})
+    manager.wait_until_finished()
+    manager.close()
+    ema_config.eval.use_ema = True
+    restored, step = run_checkpoint.restore_params(ema_config, str(tmp_path))
+    assert step == 3
+    _assert_trees_close(restored, jax.device_get(with_ema.ema_params), 0, 0)
+    ema_config.eval.use_ema = False
+    restored, _ = run_checkpoint.restore_params(ema_config, str(tmp_path))
+    _assert_trees_close(restored, jax.device_get(with_ema.params), 0, 0)
+    assert any(  # and the two differ, so the restores above are not vacuous
+        not np.allclose(a, b)
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(with_ema.params)),
+            jax.tree.leaves(jax.device_get(with_ema.ema_params)),
+            strict=True,
+        )
+    )
 
 
 def test_nan_loss_stops_with_the_step_and_the_term(finetune_eight_devices, tmp_path):

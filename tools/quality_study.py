@@ -12,14 +12,16 @@ run.
 
 Each run trains with `trainer.train` into WORKDIR/NAME (resumable: a finished run
 is only re-evaluated), keeps `--curve_points` evenly spaced fine-tuning checkpoints and
-evaluates each (`evaluate.evaluate(step=...)`), so the report shows quality against the CPU
-minutes spent up to that checkpoint (`train_seconds` in the checkpoint meta, pretraining
-included) — whether a run is still rising (budget-limited) or flat (design-limited). The
-report is a table per run plus one summary table, and WORKDIR/quality.json holds every number.
+evaluates each (`evaluate.evaluate(step=...)`, cached per model/eval settings), so the report
+shows quality against the CPU minutes spent up to that checkpoint (`train_seconds` in the
+checkpoint meta, pretraining included) — whether a run is still rising (budget-limited) or
+flat (design-limited). The report is a table per run plus one summary table, and
+WORKDIR/quality.json holds every number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -112,9 +114,21 @@ def _value(metrics: dict, section: str, key: str) -> float:
     return math.nan if value is None else float(value)
 
 
+def evaluation_key(config: ml_collections.ConfigDict) -> str:
+    """8 hex digits naming the `model.*` and `eval.*` values an evaluation depends on, so a cached
+    evaluation is reused only under the same values (a changed `--config.eval.*` re-evaluates)."""
+    from m2u_jax import config as config_lib
+
+    flat = config_lib._flatten(config)
+    chosen = {key: flat[key] for key in sorted(flat) if key.startswith(("model.", "eval."))}
+    text = json.dumps(chosen, sort_keys=True, default=list)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
 def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict]:
     """Evaluates every kept fine-tuning checkpoint of `run_dir`; one row per checkpoint with
-    step, train_minutes, eval_minutes and the `COLUMNS` (cached in RUN_DIR/curve/)."""
+    step, train_minutes, eval_minutes and the `COLUMNS` (cached in RUN_DIR/curve/ per
+    `evaluation_key`)."""
     from m2u_jax import evaluate, report, run_checkpoint
 
     manager = run_checkpoint.make_manager(run_dir, 1000, async_save=False)
@@ -125,9 +139,10 @@ def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict
     curve_dir = os.path.join(run_dir, "curve")
     os.makedirs(curve_dir, exist_ok=True)
     rows = []
+    settings = evaluation_key(config)
     for meta in metas:
         step = int(meta["global_step"])
-        cached = os.path.join(curve_dir, f"step_{step}.json")
+        cached = os.path.join(curve_dir, f"step_{step}-{settings}.json")
         if os.path.exists(cached):
             with open(cached, encoding="utf-8") as file:
                 record = json.load(file)
@@ -140,7 +155,7 @@ def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict
             # Keep each checkpoint's full report next to its numbers.
             shutil.copytree(
                 os.path.join(run_dir, "eval"),
-                os.path.join(curve_dir, f"eval_step_{step}"),
+                os.path.join(curve_dir, f"eval_step_{step}-{settings}"),
                 dirs_exist_ok=True,
             )
         metrics = record["metrics"]
