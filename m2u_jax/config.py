@@ -114,6 +114,7 @@ NUMERIC_RANGES = {
     "data.max_boxes": _AT_LEAST_1,
     "data.synthetic_anomaly_prob": _UNIT,
     "data.synthetic_max_beta": _UNIT_OPEN_TOP,
+    "data.synthetic_shading": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),
     "data.prefetch": _AT_LEAST_1,
     "model.patch_size": _AT_LEAST_1,

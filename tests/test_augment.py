@@ -25,11 +25,11 @@ def test_mask_bounding_boxes():
     np.testing.assert_array_equal(valid.numpy(), [True, True, False])
 
 
-def _params(labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA):
+def _params(labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA, shading=0.0):
     base = tf.constant([seed, 1], tf.int64)
     per_example = [
         augment.sample_anomaly_params(
-            augment.fold_key(base, i), tf.constant(label), prob, channels, max_beta
+            augment.fold_key(base, i), tf.constant(label), prob, channels, max_beta, shading
         )
         for i, label in enumerate(labels)
     ]
@@ -280,6 +280,55 @@ def test_kind_mix_ops_and_opacity_distribution(many_params):
     # Half of the defect-free images stay clean, defective ones always do.
     half = _params([0] * 200 + [1] * 20, prob=0.5, seed=2)["apply"].numpy()
     assert 0.4 < half[:200].mean() < 0.6 and not half[200:].any()
+
+
+def test_shading_kind_share_regions_and_soft_gain_change():
+    params = _params([0] * 400, seed=5, shading=0.3)
+    kinds = params["kind"].numpy()
+    frequencies = np.bincount(kinds, minlength=6) / len(kinds)
+    # 0.3 shading, the other kinds share the rest in their usual proportions (SE <= 0.023).
+    np.testing.assert_allclose(
+        frequencies, [*(0.7 * np.array(augment._KIND_PROBS)), 0.3], atol=0.07
+    )
+    np.testing.assert_array_equal(params["beta"].numpy()[kinds == augment.KIND_SHADING], 0)
+    assert augment.KIND_SHADING not in _params([0] * 400, seed=5)["kind"].numpy()
+
+    chosen = np.flatnonzero(kinds == augment.KIND_SHADING)[:40]
+    shading = tf.nest.map_structure(lambda value: tf.gather(value, chosen), params)
+    value = 0.5
+    images = np.full((len(chosen), 64, 64, 3), value, np.float32)
+    batch = _batch([0] * len(chosen), size=64, images=images)
+    out = _numpy(augment.apply_anomalies(batch, shading, shading=True))
+    again = _numpy(augment.apply_anomalies(batch, shading, shading=True))
+    assert out["images"].tobytes() == again["images"].tobytes()  # deterministic
+    assert _check_contract(batch, shading, out) >= 36  # changes only inside the mask
+    uniforms = shading["uniforms"].numpy()
+    # The drawn gain change: 4-25 %, darker or brighter.
+    change = (0.04 + 0.21 * uniforms[:, 2]) * np.sign(uniforms[:, 3] - 0.5)
+    assert (change < 0).sum() >= 8 and (change > 0).sum() >= 8
+    relative = out["images"][..., 0] / value - 1.0  # change x soft weight, per pixel
+    areas, fading, steps = [], [], []
+    for i in range(len(chosen)):
+        mask = out["masks"][i] > 0
+        if not mask.any():
+            continue
+        areas.append(mask.mean())
+        np.testing.assert_array_equal(relative[i][~mask], 0)
+        inside = relative[i][mask]
+        assert np.all(inside * change[i] >= -1e-6)  # one sign, the drawn one
+        # Every region reaches the full change in its interior ...
+        np.testing.assert_allclose(np.abs(inside).max(), abs(change[i]), rtol=1e-4)
+        # ... and fades in from its edge: part of it below half the change, and the largest
+        # step between neighbouring pixels a fraction of the full change.
+        fading.append(np.mean(np.abs(inside) < 0.5 * abs(change[i])))
+        rows, cols = np.diff(relative[i], axis=0), np.diff(relative[i], axis=1)
+        steps.append(max(np.abs(rows).max(), np.abs(cols).max()) / abs(change[i]))
+    assert np.percentile(fading, 10) > 0.1, fading
+    assert np.median(steps) < 0.75, steps
+    # Large regions (2 or 4 noise cells, threshold 0-1.5 standard deviations: Gaussian tails
+    # of 50 % to 7 %).
+    assert 0.15 < np.mean(areas) < 0.4, np.mean(areas)
+    assert np.percentile(areas, 90) > 0.3
 
 
 def test_flat_colour_opacity_blend(many_params):

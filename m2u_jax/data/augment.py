@@ -35,6 +35,11 @@ One kind per anomaly:
   - a flat random colour (15 %).
   Each texture gets 3 of 8 photometric ops: per-channel gain, inversion, contrast, brightness,
   desaturation, gamma, posterize, solarize.
+- Shading (`data.synthetic_shading` of the anomalies, 0 by default): the image's gain changes
+  by 4-25 %, darker or brighter, under a large noise region (2 or 4 cells per axis, threshold
+  0-1.5 standard deviations) with a soft edge: a stain, a coating or an uneven surface, which
+  the opaque-edged textures do not teach. The change fades in from the mask's edge, so it
+  stays inside the mask, which is the whole changed region.
 
 The result: `masks` = the anomaly's mask, `labels` = 1 and one box with `box_classes` = -1 (the
 type is unknown: objectness and box losses only). `defect_types` is 1 (the class-agnostic
@@ -58,9 +63,15 @@ import math
 
 import tensorflow as tf
 
-# Anomaly kinds and their probabilities (CutPaste, then the noise-shaped textures by source).
-KIND_CUTPASTE, KIND_SELF, KIND_OTHER, KIND_PATTERN, KIND_FLAT = range(5)
+# Anomaly kinds and their probabilities (CutPaste, then the noise-shaped textures by source);
+# KIND_SHADING takes `data.synthetic_shading` of the anomalies and the others share the rest.
+KIND_CUTPASTE, KIND_SELF, KIND_OTHER, KIND_PATTERN, KIND_FLAT, KIND_SHADING = range(6)
 _KIND_PROBS = (0.25, 0.2, 0.2, 0.2, 0.15)
+# Shading: 2 or 4 mask-noise cells per axis (no fine octave), a threshold of 0-1.5 standard deviations (large
+# regions), an edge that fades in over the lower half of the field's rise, a gain change of 4-25 %.
+_SHADING_THRESHOLD_RANGE = (0.0, 1.5)
+_SHADING_EDGE = 0.5
+_SHADING_GAIN_RANGE = (0.04, 0.25)
 # Mask noise: 2^k cells per axis, k in 1.._MAX_NOISE_EXPONENT, cells of >= _MIN_CELL_PIXELS.
 _MAX_NOISE_EXPONENT = 5
 _MIN_CELL_PIXELS = 4
@@ -95,7 +106,12 @@ def _lattice_sizes() -> tuple[int, int]:
 
 
 def sample_anomaly_params(
-    key: tf.Tensor, label: tf.Tensor, prob: float, num_channels: int, max_beta: float = MAX_BETA
+    key: tf.Tensor,
+    label: tf.Tensor,
+    prob: float,
+    num_channels: int,
+    max_beta: float = MAX_BETA,
+    shading: float = 0.0,
 ) -> dict[str, tf.Tensor]:
     """Random parameters of one example's synthetic anomaly (per-example, stateless).
 
@@ -105,6 +121,8 @@ def sample_anomaly_params(
       prob: probability of an anomaly on a defect-free image.
       num_channels: C of the image.
       max_beta: beta ~ U(0, max_beta); the closer to 1, the subtler the faintest anomalies.
+      shading: the fraction of anomalies that are `KIND_SHADING` (0: none, and the draws of
+        every other kind are exactly those without the option).
 
     Returns:
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
@@ -126,9 +144,13 @@ def sample_anomaly_params(
     colours = tf.random.stateless_uniform([2, num_channels], fold_key(key, 4))
     op_draws = tf.random.stateless_uniform([len(_OPS)], fold_key(key, 5))
     ops = op_draws <= tf.sort(op_draws)[_NUM_TEXTURE_OPS - 1]  # the 3 smallest draws
-    boundaries = tf.constant([sum(_KIND_PROBS[: i + 1]) for i in range(len(_KIND_PROBS) - 1)])
+    probs = [(1.0 - shading) * p for p in _KIND_PROBS] if shading > 0 else list(_KIND_PROBS)
+    cumulative = [sum(probs[: i + 1]) for i in range(len(probs))]
+    # The last texture kind ends at 1 - shading; without shading there is no boundary there.
+    boundaries = tf.constant(cumulative if shading > 0 else cumulative[:-1])
     kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
-    beta = tf.where(tf.equal(kind, KIND_CUTPASTE), 0.0, max_beta * uniforms[16])
+    opaque = tf.logical_or(tf.equal(kind, KIND_CUTPASTE), tf.equal(kind, KIND_SHADING))
+    beta = tf.where(opaque, 0.0, max_beta * uniforms[16])
     return {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
         "kind": kind,
@@ -318,16 +340,27 @@ def _noise_cells(uniforms: tf.Tensor, size: int) -> tf.Tensor:
     return tf.pow(2.0, exponents)
 
 
-def _noise_masks(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
-    """Thresholded, rotated two-octave smooth noise: `[n, size, size]` bool."""
+def _noise_masks(params: dict[str, tf.Tensor], size: int, shading: bool = False):
+    """Thresholded, rotated two-octave smooth noise: `[n, size, size]` bool. With `shading`,
+    (masks, weights): the `KIND_SHADING` images' noise is coarse and their threshold low, and
+    `weights [n, size, size]` rise smoothly from 0 on a mask's edge to 1 in its interior (0
+    outside);
+    the other images' masks are the same either way."""
     uniforms = params["uniforms"]
     cells = _noise_cells(uniforms, size)
+    if shading:
+        is_shading = tf.equal(params["kind"], KIND_SHADING)
+        coarse_cells = tf.pow(2.0, 1.0 + tf.floor(tf.minimum(uniforms[:, 17:19], 0.999999) * 2))
+        cells = tf.where(is_shading[:, None], coarse_cells, cells)
     max_exponent = _noise_exponent_limit(size)
     coarse_points, fine_points = 2**max_exponent + 1, 2 ** (max_exponent + 1) + 1
     coarse = params["noise_coarse"][:, :coarse_points, :coarse_points]
     fine = params["noise_fine"][:, :fine_points, :fine_points]
     field = _smooth_noise(coarse, cells[:, 0], cells[:, 1], size)
-    field += _FINE_OCTAVE_WEIGHT * _smooth_noise(fine, 2 * cells[:, 0], 2 * cells[:, 1], size)
+    fine_weight = _FINE_OCTAVE_WEIGHT
+    if shading:  # a smooth region: no fine octave
+        fine_weight = tf.where(is_shading, 0.0, _FINE_OCTAVE_WEIGHT)[:, None, None]
+    field += fine_weight * _smooth_noise(fine, 2 * cells[:, 0], 2 * cells[:, 1], size)
     center = tf.fill(tf.shape(uniforms)[:1], (size - 1) / 2)
     angle = (uniforms[:, 19] - 0.5) * math.pi
     rotation = _similarity_transform(center, center, center, center, angle, 1.0)
@@ -336,7 +369,19 @@ def _noise_masks(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
     mean, variance = tf.nn.moments(field, axes=[1, 2])
     low, high = _THRESHOLD_RANGE
     threshold = mean + (low + (high - low) * uniforms[:, 11]) * tf.sqrt(variance)
-    return field > threshold[:, None, None]
+    if not shading:
+        return field > threshold[:, None, None]
+    low, high = _SHADING_THRESHOLD_RANGE
+    shading_threshold = mean + (low + (high - low) * uniforms[:, 11]) * tf.sqrt(variance)
+    threshold = tf.where(is_shading, shading_threshold, threshold)
+    masks = field > threshold[:, None, None]
+    # The field's height above the threshold as a fraction of its peak, through a smoothstep:
+    # 0 on the mask's edge (and outside), 1 from `_SHADING_EDGE` of the peak height up, so
+    # every region reaches its full change and fades out over the lower part of its slope.
+    height = field - threshold[:, None, None]
+    peak = tf.reduce_max(height, axis=[1, 2], keepdims=True)
+    t = tf.clip_by_value(height / tf.maximum(_SHADING_EDGE * peak, 1e-6), 0.0, 1.0)
+    return masks, t * t * (3.0 - 2.0 * t)
 
 
 def _waves(frequency, angle, phase, size: int) -> tf.Tensor:
@@ -449,7 +494,7 @@ def _pasted_content(
 
 
 def _synthesize(
-    images: tf.Tensor, sources: tf.Tensor, params: dict[str, tf.Tensor]
+    images: tf.Tensor, sources: tf.Tensor, params: dict[str, tf.Tensor], shading: bool = False
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """All anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
 
@@ -497,12 +542,25 @@ def _synthesize(
         tf.abs(sin * dx + cos * dy) <= patch_h[:, None, None] / 2
     )
     is_cut = cutpaste[:, None, None]
-    masks = (is_cut & rectangles) | (~is_cut & _noise_masks(params, size))
+    if shading:
+        noise_masks, soft = _noise_masks(params, size, shading=True)
+    else:
+        noise_masks = _noise_masks(params, size)
+    masks = (is_cut & rectangles) | (~is_cut & noise_masks)
 
     patch = _pasted_content(warped, _patterns(params, size), params)
     # beta * image + (1 - beta) * patch inside the mask (beta = 0 for CutPaste: opaque).
     weight = tf.cast(masks, tf.float32)[..., None] * (1.0 - params["beta"])[:, None, None, None]
-    return tf.clip_by_value(images + (patch - images) * weight, 0.0, 1.0), masks
+    out = tf.clip_by_value(images + (patch - images) * weight, 0.0, 1.0)
+    if not shading:
+        return out, masks
+    # Shading: the image's gain changes by +-(4-25 %) under a soft-edged large region, as a
+    # stain, a coating or an uneven surface does (CutPaste's unused draws 2-3 set the change).
+    low, high = _SHADING_GAIN_RANGE
+    change = (low + (high - low) * uniforms[:, 2]) * tf.sign(uniforms[:, 3] - 0.5)
+    shaded = tf.clip_by_value(images * (1.0 + change[:, None, None, None] * soft[..., None]), 0, 1)
+    is_shading = tf.cast(tf.equal(kind, KIND_SHADING), tf.float32)[:, None, None, None]
+    return out + is_shading * (shaded - out), masks
 
 
 def _other_good_images(labels: tf.Tensor) -> tf.Tensor:
@@ -518,7 +576,10 @@ def _other_good_images(labels: tf.Tensor) -> tf.Tensor:
 
 
 def apply_anomalies(
-    batch: dict[str, tf.Tensor], params: dict[str, tf.Tensor], synthetic_type: int = -1
+    batch: dict[str, tf.Tensor],
+    params: dict[str, tf.Tensor],
+    synthetic_type: int = -1,
+    shading: bool = False,
 ) -> dict:
     """Pastes synthetic anomalies into a batch (where `params['apply']`).
 
@@ -532,6 +593,8 @@ def apply_anomalies(
       params: batched `sample_anomaly_params` output.
       synthetic_type: `defect_types` of an anomaly: -1 (unknown type) or, when the class map
         is the single class-agnostic 'defect' (unsupervised protocol), its id 1.
+      shading: whether `params` may hold `KIND_SHADING` anomalies (`data.synthetic_shading` >
+        0); without, their ops are not built.
 
     Returns:
       The batch with `images`, `masks`, `labels`, `defect_types`, `boxes`, `box_classes`,
@@ -544,7 +607,7 @@ def apply_anomalies(
     others = tf.gather(tf.cast(_other_good_images(batch["labels"]), selected.dtype), selected)
     sources = tf.where(tf.equal(chosen["kind"], KIND_OTHER), others, selected)
     new_images, new_masks = _synthesize(
-        tf.gather(images, selected), tf.gather(images, sources), chosen
+        tf.gather(images, selected), tf.gather(images, sources), chosen, shading
     )
     boxes, nonempty = mask_bounding_boxes(new_masks)
     # A noise threshold above the whole field leaves an image unchanged: it stays good.

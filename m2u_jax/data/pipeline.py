@@ -287,6 +287,7 @@ def make_train_dataset(
 
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
+    shading = float(config.data.synthetic_shading)
     flips = bool(config.data.random_flips)
     crop = int(config.data.train_crop)
     rgb_offset = _rgb_offset(modalities)
@@ -313,7 +314,7 @@ def make_train_dataset(
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(
-            key, example["labels"], prob, channels, max_beta
+            key, example["labels"], prob, channels, max_beta, shading
         )
         return example, params
 
@@ -326,7 +327,7 @@ def make_train_dataset(
             }
         if prob <= 0:
             return {**batch, "clean_images": batch["images"]}
-        return augment.apply_anomalies(batch, params, synthetic_type)
+        return augment.apply_anomalies(batch, params, synthetic_type, shading > 0)
 
     # The functions branch on Python values only, so tf.data traces them as written: AutoGraph's
     # source rewrite would add seconds to every training start (the augmentations are long).
