@@ -378,6 +378,12 @@ ARCHITECTURE_KEYS = (
 )
 
 
+def uses_params_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether evaluation, validation, export and prediction take the fine-tuning params' EMA:
+    the run keeps one (`train.ema_decay` > 0) and `eval.use_ema` asks for it."""
+    return float(config.train.ema_decay) > 0 and bool(config.eval.use_ema)
+
+
 def _read_run_json(path: str) -> dict:
     """The dict in a run's config.json; ConfigError naming the file when it is unreadable, not
     JSON (e.g. left empty by a crash), or has no 'model' section."""

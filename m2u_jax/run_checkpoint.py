@@ -442,10 +442,7 @@ def restore_params(
         # A fine-tuning checkpoint of a run with train.ema_decay > 0 also holds the params' EMA,
         # which is what evaluation uses (eval.use_ema); WORKDIR/best keeps the chosen ones.
         use_ema = (
-            stage == "finetune"
-            and subdir == "checkpoints"
-            and float(config.train.get("ema_decay", 0.0)) > 0
-            and config.eval.get("use_ema", True)
+            stage == "finetune" and subdir == "checkpoints" and config_lib.uses_params_ema(config)
         )
         key = "ema_params" if use_ema else "params"
         try:

@@ -676,9 +676,9 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, offset: int, start_st
 
 
 def deployed_params(config: ml_collections.ConfigDict, state: TrainState):
-    """The fine-tuning params that evaluation uses: the EMA when the run keeps one
-    (`train.ema_decay` > 0) and `eval.use_ema`, else the trained params themselves."""
-    if state.ema_params is not None and config.eval.use_ema:
+    """The fine-tuning params that evaluation uses: the EMA when `config_lib.uses_params_ema`,
+    else the trained params themselves."""
+    if config_lib.uses_params_ema(config):
         return state.ema_params
     return state.params
 

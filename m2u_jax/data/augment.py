@@ -67,8 +67,9 @@ import tensorflow as tf
 # KIND_SHADING takes `data.synthetic_shading` of the anomalies and the others share the rest.
 KIND_CUTPASTE, KIND_SELF, KIND_OTHER, KIND_PATTERN, KIND_FLAT, KIND_SHADING = range(6)
 _KIND_PROBS = (0.25, 0.2, 0.2, 0.2, 0.15)
-# Shading: 2 or 4 mask-noise cells per axis (no fine octave), a threshold of 0-1.5 standard deviations (large
-# regions), an edge that fades in over the lower half of the field's rise, a gain change of 4-25 %.
+# Shading: 2 or 4 mask-noise cells per axis (no fine octave), a threshold of 0-1.5 standard
+# deviations (large regions), an edge that fades in over the lower half of the field's rise, a
+# gain change of 4-25 %.
 _SHADING_THRESHOLD_RANGE = (0.0, 1.5)
 _SHADING_EDGE = 0.5
 _SHADING_GAIN_RANGE = (0.04, 0.25)
@@ -344,8 +345,7 @@ def _noise_masks(params: dict[str, tf.Tensor], size: int, shading: bool = False)
     """Thresholded, rotated two-octave smooth noise: `[n, size, size]` bool. With `shading`,
     (masks, weights): the `KIND_SHADING` images' noise is coarse and their threshold low, and
     `weights [n, size, size]` rise smoothly from 0 on a mask's edge to 1 in its interior (0
-    outside);
-    the other images' masks are the same either way."""
+    outside); the other images' masks are the same either way."""
     uniforms = params["uniforms"]
     cells = _noise_cells(uniforms, size)
     if shading:
