@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2u_jax.config import ASSIGN_FALLBACKS
+
 EPS = 1e-7
 
 
@@ -138,6 +140,7 @@ def assign_targets(
     *,
     center_radius: float = 2.5,
     scale_range_factor: float = 4.0,
+    fallback: str = "nearest",
 ) -> dict[str, jax.Array]:
     """Anchor-free (FCOS / YOLOX centre sampling) assignment of ground-truth boxes to points.
 
@@ -150,6 +153,7 @@ def assign_targets(
       num_classes: K.
       center_radius: centre-sampling radius in units of the anchor's stride.
       scale_range_factor: sets the per-level size ranges (below).
+      fallback: what a box without a candidate takes (`ASSIGN_FALLBACKS`, below).
 
     Rules. Point `a` is a candidate for valid box `g` when all three hold:
       1. it lies strictly inside the box;
@@ -162,8 +166,11 @@ def assign_targets(
          go to coarse levels (FCOS uses f = 8 for its 800-px images; our images are small).
     A valid box with no candidate (a tiny box between anchor points, or one that lost all its
     points to the rules above) takes the finest-level point nearest to its centre, so every box
-    is learned. A point that is a candidate for several boxes takes the smallest-area one (ties:
-    the lower box index).
+    is learned. With `fallback='inside'` it first takes every point of any level that meets
+    rules 1 and 2: a long thin box (a scratch) is sent by its far edge to a coarse level whose
+    points miss its narrow band, while finer levels have a row of points inside it. A point
+    that is a candidate for several boxes takes the smallest-area one (ties: the lower box
+    index).
 
     Returns a dict of float32 arrays:
       `obj_targets` `[B, A]` (1 for positives), `cls_targets` `[B, A, K]` one-hot (all zero for
@@ -199,7 +206,13 @@ def assign_targets(
         farthest_edge <= upper[None, :, None]
     )
 
-    candidate = inside_box & inside_center & in_scale_range & valid[:, None, :]
+    if fallback not in ASSIGN_FALLBACKS:
+        raise ValueError(f"fallback={fallback!r} is not one of {ASSIGN_FALLBACKS}")
+    near_inside = inside_box & inside_center & valid[:, None, :]
+    candidate = near_inside & in_scale_range
+    if fallback == "inside":
+        no_candidate = ~jnp.any(candidate, axis=1)  # [B, G]
+        candidate = candidate | (near_inside & no_candidate[:, None, :])
 
     # Fallback for boxes without any candidate: the nearest finest-level point to the centre.
     center_distance_sq = jnp.sum(offset_from_center**2, axis=-1)  # [B, A, G]

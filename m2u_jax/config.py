@@ -26,6 +26,7 @@ DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 THRESHOLD_RULES = ("f1", "fpr", "auto")
 DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
+ASSIGN_FALLBACKS = ("nearest", "inside")  # `train.det_fallback` (boxes.assign_targets)
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
 # Validation metrics that `train.best_metric` may keep the best checkpoint by (higher is better).
 BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
@@ -263,6 +264,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.train.det_obj_target not in DET_OBJ_TARGETS:
         raise ConfigError(
             f"train.det_obj_target={config.train.det_obj_target!r} is not one of {DET_OBJ_TARGETS}"
+        )
+    if config.train.det_fallback not in ASSIGN_FALLBACKS:
+        raise ConfigError(
+            f"train.det_fallback={config.train.det_fallback!r} is not one of {ASSIGN_FALLBACKS}"
         )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")

@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 'iou': a positive point's objectness learns the IoU of its predicted box with the target
     # (quality focal loss), so box scores rank boxes by fit.
     train.det_obj_target = "binary"  # Objectness target on positives: 'binary' (1) | 'iou'.
+    # A box that no level's size range gives a point (a long thin scratch: too long for the fine
+    # levels, too narrow for a coarse level's points) takes 'nearest': the finest-level point
+    # nearest its centre, or 'inside': every point inside it near its centre, on any level.
+    train.det_fallback = "nearest"  # Positives of a box without candidates: 'nearest' | 'inside'.
     # An exponential moving average of the fine-tuning params, kept beside them in each
     # checkpoint; it does not change training. Evaluation, validation, export and prediction use
     # it (eval.use_ema). Its momentum warms up as min(decay, (1 + t) / (10 + t)).

@@ -247,6 +247,7 @@ def detection_loss(
     focal_gamma: float = 2.0,
     box_loss_kind: str = "giou",
     obj_target: str = "binary",
+    assign_fallback: str = "nearest",
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -254,8 +255,9 @@ def detection_loss(
       det: head outputs (docs/interfaces.md): `obj_logits` `[B, A]`, `cls_logits` `[B, A, K]`,
         `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`.
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
-    Targets come from `boxes.assign_targets`. With P = max(number of positives, 1) over the
-    (global) batch and P_known the same over positives of a known class:
+    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`). With P = max(number
+    of positives, 1) over the (global) batch and P_known the same over positives of a known
+    class:
       det_obj = Σ focal(obj) over all anchors / P with `obj_target='binary'` (target 1 on
         positives); with 'iou' the positives' target is the IoU of their predicted box with the
         assigned box (no gradient through it) and the loss `quality_focal_loss`, so the box
@@ -272,6 +274,7 @@ def detection_loss(
         batch["box_classes"],
         batch["box_valid"],
         num_classes,
+        fallback=assign_fallback,
     )
     fg_mask = targets["fg_mask"]
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
@@ -311,6 +314,7 @@ def multitask_loss(
     weights: Mapping[str, float],
     det_obj_target: str = "binary",
     seg_focal_alpha: float = 0.25,
+    det_fallback: str = "nearest",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -330,7 +334,8 @@ def multitask_loss(
         them, skipping images whose type is -1 (unknown) (both are image-level
         classification, so they share one weight);
       det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)` with
-        `obj_target=det_obj_target` (`train.det_obj_target`).
+        `obj_target=det_obj_target` (`train.det_obj_target`) and `assign_fallback=det_fallback`
+        (`train.det_fallback`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -363,7 +368,11 @@ def multitask_loss(
         )[:, 0]
         cls_loss = cls_loss - jnp.sum(picked * known) / jnp.maximum(jnp.sum(known), 1.0)
     terms["cls"] = cls_loss
-    terms.update(detection_loss(outputs["det"], batch, obj_target=det_obj_target))
+    terms.update(
+        detection_loss(
+            outputs["det"], batch, obj_target=det_obj_target, assign_fallback=det_fallback
+        )
+    )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).
     total = sum(jnp.asarray(weights[name], jnp.float32) * terms[name] for name in LOSS_TERMS)
     return total, terms

@@ -244,13 +244,16 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     weights = {name: float(value) for name, value in config.train.loss_weights.items()}
     det_obj_target = config.train.det_obj_target
     seg_focal_alpha = float(config.train.seg_focal_alpha)
+    det_fallback = config.train.det_fallback
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
         outputs, _ = model.apply(
             {"params": params}, batch["images"], train=True, rngs={"dropout": rng}
         )
-        return losses.multitask_loss(outputs, batch, weights, det_obj_target, seg_focal_alpha)
+        return losses.multitask_loss(
+            outputs, batch, weights, det_obj_target, seg_focal_alpha, det_fallback
+        )
 
     return loss_fn
 

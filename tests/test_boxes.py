@@ -181,6 +181,35 @@ def test_assign_targets_scale_range_factor_moves_boxes_between_levels():
     assert coarse_fg[strides == 8].sum() == 0 and coarse_fg[strides == 16].sum() == 4
 
 
+def test_assign_targets_inside_fallback_gives_a_thin_box_its_row_of_points():
+    points, strides = _two_level_points()
+    boxes = np.array([[[2, 10, 62, 14], [0, 0, 16, 16]]], np.float32)  # a scratch; a small box
+    classes, valid = np.array([[1, 0]], np.int32), np.ones((1, 2), np.float32)
+    assign = jax.jit(box_ops.assign_targets, static_argnames=("num_classes", "fallback"))
+    nearest = assign(points, strides, boxes, classes, valid, num_classes=2)
+    inside = assign(points, strides, boxes, classes, valid, num_classes=2, fallback="inside")
+
+    def positives(targets, cls):
+        on = (np.asarray(targets["fg_mask"][0]) == 1) & (
+            np.asarray(targets["cls_targets"][0, :, cls]) == 1
+        )
+        return sorted((*points[a].tolist(), float(strides[a])) for a in np.flatnonzero(on))
+
+    # The scratch's stride-8 points at y = 12 have farthest edges 34..58 > 4 * 8 (too long for the
+    # fine level), and no stride-16 point lies in its 4-px band: no candidate. 'nearest' gives it
+    # the finest point nearest its centre (32, 12): (28, 12) and (36, 12) tie, the first wins.
+    assert positives(nearest, 1) == [(28.0, 12.0, 8.0)]
+    # 'inside': every point inside it within 2.5 strides (20 px) of its centre, on any level.
+    assert positives(inside, 1) == [(x, 12.0, 8.0) for x in (20.0, 28.0, 36.0, 44.0)]
+    scratch_points = np.asarray(inside["cls_targets"][0, :, 1]) == 1
+    np.testing.assert_array_equal(inside["box_targets"][0, scratch_points], [[2, 10, 62, 14]] * 4)
+    # A box with candidates is untouched: its four stride-8 points either way.
+    small = [(x, y, 8.0) for x in (4.0, 12.0) for y in (4.0, 12.0)]
+    assert positives(nearest, 0) == positives(inside, 0) == sorted(small)
+    with pytest.raises(ValueError, match="fallback='all'"):
+        box_ops.assign_targets(points, strides, boxes, classes, valid, 2, fallback="all")
+
+
 def _reference_nms(boxes, scores, classes, max_detections, iou_threshold, score_threshold):
     """Textbook greedy NMS on one image (NumPy, explicit loops)."""
 

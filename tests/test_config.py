@@ -166,13 +166,29 @@ def test_detach_aux_heads_auto_follows_the_protocol():
         config_lib.validate(config)
 
 
-def test_det_obj_target_is_one_of_its_values():
+@pytest.mark.parametrize(
+    "key,default_value,other,message",
+    [
+        (
+            "det_obj_target",
+            "binary",
+            "iou",
+            r"train.det_obj_target='soft' is not one of \('binary', 'iou'\)",
+        ),
+        (
+            "det_fallback",
+            "nearest",
+            "inside",
+            r"train.det_fallback='soft' is not one of \('nearest', 'inside'\)",
+        ),
+    ],
+)
+def test_detection_choices_are_one_of_their_values(key, default_value, other, message):
     config = default.get_config()
-    assert config.train.det_obj_target == "binary"
-    config.train.det_obj_target = "iou"
+    assert config.train[key] == default_value
+    config.train[key] = other
     config_lib.validate(config)
-    config.train.det_obj_target = "soft"
-    message = r"train.det_obj_target='soft' is not one of \('binary', 'iou'\)"
+    config.train[key] = "soft"
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config)
 
