@@ -338,6 +338,19 @@ def test_quality_study_curve_on_tiny(study_data, tmp_path):
         assert saved["metrics"]["feature_knn"]["bank_size"] == 64
         assert set(row["score_variants"]) >= {"mix", "max_s9", "classifier"}
     text = quality_study.markdown(results, "note")
+    summary = quality_study.summary_table(results)
+    cells = [cell.strip() for cell in summary[2].split("|")[1:-1]]
+    last = curve[-1]
+    assert cells == [
+        "tiny",
+        f"`{study_data}` (mvtec_ad)",
+        "unsupervised",
+        "1",
+        f"{last['train_minutes']:.1f}",
+        *(quality_study._cell(last[column]) for column, *_ in quality_study.COLUMNS),
+    ]
+    assert cells[5] == f"{last['image_auroc']:.3f}"
+    assert "\n".join(summary) in text
     assert "### tiny: quality against CPU minutes" in text
     assert text.count("\n| 2 |") == 1 and text.count("\n| 4 |") == 1
     # A second call only re-reads the cached evaluations.
@@ -367,3 +380,9 @@ def test_quality_report_replaces_only_the_generated_block(tmp_path):
         f"# Analysis\n\n{quality_study.BEGIN_MARK}\ntable two\n{quality_study.END_MARK}\n"
         "What limits it.\n"
     )
+    # The README's block is replaced the same way; a file without the marks is left alone.
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    with pytest.raises(ValueError, match="README.md has no .* block to replace"):
+        quality_study.write_report(str(readme), "summary\n", require_marks=True)
+    assert readme.read_text() == "# Project\n"
