@@ -41,6 +41,7 @@ def get_config():
     # Objectness learns the IoU of each predicted box (quality focal loss): NEU-DET mAP@0.5
     # 0.38 -> 0.42 at the same steps (docs/quality.md).
     config.train.det_obj_target = "iou"
+    config.train.det_fallback = "inside"
     config.train.pretrain_steps = 200
     config.train.finetune_steps = 1600
     config.train.batch_size = 32

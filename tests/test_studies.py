@@ -21,7 +21,13 @@ from PIL import Image
 
 from configs import tiny
 from tests.runs import tiny_run_config
-from tools import baseline_table, defect_type_table, limited_data_study, quality_study
+from tools import (
+    assignment_table,
+    baseline_table,
+    defect_type_table,
+    limited_data_study,
+    quality_study,
+)
 
 pytestmark = pytest.mark.slow  # trains the study tools' runs
 
@@ -386,3 +392,36 @@ def test_quality_report_replaces_only_the_generated_block(tmp_path):
     with pytest.raises(ValueError, match="README.md has no .* block to replace"):
         quality_study.write_report(str(readme), "summary\n", require_marks=True)
     assert readme.read_text() == "# Project\n"
+
+
+def test_assignment_table_counts_positives_per_box_under_each_fallback():
+    # 64 px, strides 8 and 16 (tests/test_boxes.py works the same boxes out by hand): the thin
+    # box gets one positive with 'nearest' and its row of four with 'inside'; the small box
+    # keeps its four stride-8 points either way.
+    images = [
+        (["scratch", "spot"], np.array([[2, 10, 62, 14], [0, 0, 16, 16]], np.float32)),
+        (["spot"], np.array([[0, 0, 16, 16]], np.float32)),
+    ]
+    rows = assignment_table.class_rows(images, 64, (8, 16))
+    assert rows == [
+        dict(
+            defect="scratch",
+            boxes=1,
+            median_nearest=1.0,
+            single_nearest=1.0,
+            median_inside=4.0,
+            single_inside=0.0,
+            gains_inside=1.0,
+        ),
+        dict(
+            defect="spot",
+            boxes=2,
+            median_nearest=4.0,
+            single_nearest=0.0,
+            median_inside=4.0,
+            single_inside=0.0,
+            gains_inside=0.0,
+        ),
+    ]
+    table = assignment_table.markdown(rows)
+    assert "| scratch | 1 | 1 | 100.0% | 4 | 0.0% | 100.0% |" in table

@@ -1,0 +1,114 @@
+"""Positives per annotated box under the detection target assignment, per defect class.
+
+    python tools/assignment_table.py --config configs/cpu_real.py --config.data.format=voc \
+        --config.data.root=../shared/data/neu_det --config.data.protocol=supervised
+
+Reads the training split's annotated boxes (VOC records; no image is decoded), scales them to
+the model's input as the pipeline does (per axis to `data.image_size`), and runs
+`boxes.assign_targets` at the head's points (`model.det_strides`) with each `train.det_fallback`.
+Per class: the boxes, the median positives per box and the share of boxes left with a single
+positive under each fallback, and the share that 'inside' gives more positives (boxes that no
+level's size range took).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # `python tools/assignment_table.py` from anywhere
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m2u_jax import boxes as box_ops  # noqa: E402
+from m2u_jax import heads  # noqa: E402
+from m2u_jax.config import ASSIGN_FALLBACKS  # noqa: E402
+
+
+def positives_per_box(boxes: np.ndarray, image_size: int, strides, fallback: str) -> np.ndarray:
+    """Positive points of each of one image's `[G, 4]` boxes (pixels at `image_size`)."""
+    points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
+    targets = _assign(points, point_strides, boxes[None], fallback=fallback)
+    fg = np.asarray(targets["fg_mask"][0]) > 0
+    assigned = np.asarray(targets["box_targets"][0])[fg]  # [P, 4]
+    return np.array([np.all(assigned == box, axis=-1).sum() for box in boxes], np.int64)
+
+
+@functools.partial(jax.jit, static_argnames=("fallback",))
+def _assign(points, point_strides, boxes, *, fallback):
+    count = boxes.shape[1]
+    classes = np.zeros((1, count), np.int32)
+    return box_ops.assign_targets(
+        points, point_strides, boxes, classes, np.ones((1, count), np.float32), 1, fallback=fallback
+    )
+
+
+def class_rows(image_boxes, image_size: int, strides) -> list[dict]:
+    """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class."""
+    counts = {fallback: collections.defaultdict(list) for fallback in ASSIGN_FALLBACKS}
+    for names, boxes in image_boxes:
+        for fallback in ASSIGN_FALLBACKS:
+            for name, count in zip(names, positives_per_box(boxes, image_size, strides, fallback)):
+                counts[fallback][name].append(int(count))
+    rows = []
+    for name in sorted(counts["nearest"]):
+        nearest = np.array(counts["nearest"][name])
+        inside = np.array(counts["inside"][name])
+        rows.append(
+            dict(
+                defect=name,
+                boxes=len(nearest),
+                median_nearest=float(np.median(nearest)),
+                single_nearest=float(np.mean(nearest == 1)),
+                median_inside=float(np.median(inside)),
+                single_inside=float(np.mean(inside == 1)),
+                gains_inside=float(np.mean(inside > nearest)),
+            )
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| defect | boxes | positives per box, 'nearest' (median) | one positive | "
+        "'inside' (median) | one positive | more positives with 'inside' |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['defect']} | {row['boxes']} | {row['median_nearest']:g} | "
+            f"{row['single_nearest']:.1%} | {row['median_inside']:g} | "
+            f"{row['single_inside']:.1%} | {row['gains_inside']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv) -> int:
+    del argv
+    from m2u_jax.data import splits
+
+    config = _CONFIG.value
+    split_records, _ = splits.load_splits(config)
+    size = int(config.data.image_size)
+    image_boxes = []
+    for record in split_records["train"]:
+        if not record.boxes:
+            continue
+        scale = np.array([size / record.width, size / record.height] * 2, np.float32)
+        boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4) * scale
+        image_boxes.append((list(record.box_names), boxes))
+    print(markdown(class_rows(image_boxes, size, config.model.det_strides)))
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
