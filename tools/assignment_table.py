@@ -29,9 +29,8 @@ from m2u_jax import heads  # noqa: E402
 from m2u_jax.config import ASSIGN_FALLBACKS  # noqa: E402
 
 
-def positives_per_box(boxes: np.ndarray, image_size: int, strides, fallback: str) -> np.ndarray:
-    """Positive points of each of one image's `[G, 4]` boxes (pixels at `image_size`)."""
-    points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
+def positives_per_box(boxes: np.ndarray, points, point_strides, fallback: str) -> np.ndarray:
+    """Positive points of each of one image's `[G, 4]` boxes at the head's points."""
     targets = _assign(points, point_strides, boxes[None], fallback=fallback)
     fg = np.asarray(targets["fg_mask"][0]) > 0
     assigned = np.asarray(targets["box_targets"][0])[fg]  # [P, 4]
@@ -50,9 +49,11 @@ def _assign(points, point_strides, boxes, *, fallback):
 def class_rows(image_boxes, image_size: int, strides) -> list[dict]:
     """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class."""
     counts = {fallback: collections.defaultdict(list) for fallback in ASSIGN_FALLBACKS}
+    points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
     for names, boxes in image_boxes:
         for fallback in ASSIGN_FALLBACKS:
-            for name, count in zip(names, positives_per_box(boxes, image_size, strides, fallback)):
+            positives = positives_per_box(boxes, points, point_strides, fallback)
+            for name, count in zip(names, positives):
                 counts[fallback][name].append(int(count))
     rows = []
     for name in sorted(counts["nearest"]):
@@ -89,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv) -> int:
     del argv
-    from m2u_jax.data import splits
+    from m2u_jax.data import decode, splits
 
     config = _CONFIG.value
     split_records, _ = splits.load_splits(config)
@@ -98,8 +99,7 @@ def main(argv) -> int:
     for record in split_records["train"]:
         if not record.boxes:
             continue
-        scale = np.array([size / record.width, size / record.height] * 2, np.float32)
-        boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4) * scale
+        boxes = decode.scale_boxes(record.boxes, record.width, record.height, size)
         image_boxes.append((list(record.box_names), boxes))
     print(markdown(class_rows(image_boxes, size, config.model.det_strides)))
     return 0

@@ -386,6 +386,13 @@ def boxes_from_mask(mask: np.ndarray, threshold: float = 0.5, min_pixels: int = 
     return boxes[order]
 
 
+def scale_boxes(boxes, width: int, height: int, image_size: int) -> np.ndarray:
+    """xyxy boxes in a `width` x `height` image → `[G, 4]` float32 in the S x S input frame
+    (per axis: the image is resized without keeping its aspect ratio)."""
+    scale = np.array([image_size / width, image_size / height] * 2, np.float32)
+    return np.asarray(boxes, np.float32).reshape(-1, 4) * scale
+
+
 def mask_from_boxes(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
     """Fills boxes into a `[height, width]` bool mask: pixels whose centre lies in a box, and at
     least one pixel per box (VOC data has no pixel masks; this is the documented stand-in)."""
@@ -475,8 +482,7 @@ def decode_record(
     image = np.concatenate(planes, axis=-1)
     width, height = native_size
     if record.boxes is not None:  # Annotated boxes (VOC): scale to the S x S frame.
-        scale = np.array([image_size / width, image_size / height] * 2, np.float32)
-        boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4) * scale
+        boxes = scale_boxes(record.boxes, width, height, image_size)
         classes = np.array([box_class_of[name] for name in record.box_names], np.int32)
         mask = mask_from_boxes(boxes, image_size, image_size)
     else:
