@@ -8,6 +8,7 @@ Runs share the test run's persistent XLA compilation cache (tests/conftest.py) w
 tests/test_evaluate.py (same tiny programs).
 """
 
+import copy
 import json
 import math
 import os
@@ -358,6 +359,11 @@ def test_quality_study_curve_on_tiny(study_data, tmp_path):
     assert cells[5] == f"{last['image_auroc']:.3f}"
     assert "\n".join(summary) in text
     assert "### tiny: quality against CPU minutes" in text
+    assert "Image AUROC of each score reduction (last checkpoint): " in text
+    # A set without good test images (NEU-DET) has no image AUROC: no line of n/a's.
+    without_good = copy.deepcopy(results)
+    without_good[0]["curve"][-1]["score_variants"] = dict.fromkeys(last["score_variants"])
+    assert "score reduction" not in quality_study.markdown(without_good, "note")
     assert text.count("\n| 2 |") == 1 and text.count("\n| 4 |") == 1
     # A second call only re-reads the cached evaluations.
     again = quality_study.run_matrix(config, workdir, runs, curve_points=2)

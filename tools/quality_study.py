@@ -243,7 +243,7 @@ def markdown(results: list[dict], note: str) -> str:
             cells += [_cell(row[column]) for column, *_ in COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
         variants = result["curve"][-1]["score_variants"] if result["curve"] else {}
-        if variants:
+        if any(_cell(value) != "n/a" for value in variants.values()):  # none without good images
             lines += ["", "Image AUROC of each score reduction (last checkpoint): "]
             lines[-1] += ", ".join(f"{name} {_cell(v)}" for name, v in variants.items())
         rule = result["curve"][-1]["threshold_rule"] if result["curve"] else "?"
