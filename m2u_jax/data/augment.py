@@ -79,6 +79,7 @@ _MIN_CELL_PIXELS = 4
 _FINE_OCTAVE_WEIGHT = 0.5
 _THRESHOLD_RANGE = (0.4, 2.4)  # standard deviations of the mask noise
 MAX_BETA = 0.8  # DRAEM's largest image weight inside a mask (data.synthetic_max_beta)
+GRAY_TOLERANCE = 2.0 / 255.0  # largest channel spread of a gray image (data.synthetic_match_gray)
 _PATTERN_LATTICE = 17  # smooth-noise patterns: up to 16 cells
 # Photometric ops of a texture (3 of them per texture); the linear ones (gain, invert, contrast,
 # brightness, desaturate) apply first, as one affine map, then gamma, posterize, solarize.
@@ -494,7 +495,11 @@ def _pasted_content(
 
 
 def _synthesize(
-    images: tf.Tensor, sources: tf.Tensor, params: dict[str, tf.Tensor], shading: bool = False
+    images: tf.Tensor,
+    sources: tf.Tensor,
+    params: dict[str, tf.Tensor],
+    shading: bool = False,
+    match_gray: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """All anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
 
@@ -549,6 +554,13 @@ def _synthesize(
     masks = (is_cut & rectangles) | (~is_cut & noise_masks)
 
     patch = _pasted_content(warped, _patterns(params, size), params)
+    if match_gray and images.shape[-1] > 1:
+        # A gray image (a grayscale file replicated to RGB) gets a gray anomaly: a coloured one
+        # would be found by its colour alone, a cue that no real defect on such an image has.
+        spread = tf.reduce_max(images, axis=-1) - tf.reduce_min(images, axis=-1)
+        gray = tf.reduce_max(spread, axis=[1, 2]) <= GRAY_TOLERANCE
+        weight = tf.cast(gray, tf.float32)[:, None, None, None]
+        patch += weight * (tf.reduce_mean(patch, axis=-1, keepdims=True) - patch)
     # beta * image + (1 - beta) * patch inside the mask (beta = 0 for CutPaste: opaque).
     weight = tf.cast(masks, tf.float32)[..., None] * (1.0 - params["beta"])[:, None, None, None]
     out = tf.clip_by_value(images + (patch - images) * weight, 0.0, 1.0)
@@ -580,6 +592,7 @@ def apply_anomalies(
     params: dict[str, tf.Tensor],
     synthetic_type: int = -1,
     shading: bool = False,
+    match_gray: bool = False,
 ) -> dict:
     """Pastes synthetic anomalies into a batch (where `params['apply']`).
 
@@ -595,6 +608,9 @@ def apply_anomalies(
         is the single class-agnostic 'defect' (unsupervised protocol), its id 1.
       shading: whether `params` may hold `KIND_SHADING` anomalies (`data.synthetic_shading` >
         0); without, their ops are not built.
+      match_gray: on a gray image (every pixel's channels within `GRAY_TOLERANCE`) the pasted
+        content is made gray too, its channels replaced by their mean
+        (`data.synthetic_match_gray`); the draws, masks and opacity are unchanged.
 
     Returns:
       The batch with `images`, `masks`, `labels`, `defect_types`, `boxes`, `box_classes`,
@@ -607,7 +623,7 @@ def apply_anomalies(
     others = tf.gather(tf.cast(_other_good_images(batch["labels"]), selected.dtype), selected)
     sources = tf.where(tf.equal(chosen["kind"], KIND_OTHER), others, selected)
     new_images, new_masks = _synthesize(
-        tf.gather(images, selected), tf.gather(images, sources), chosen, shading
+        tf.gather(images, selected), tf.gather(images, sources), chosen, shading, match_gray
     )
     boxes, nonempty = mask_bounding_boxes(new_masks)
     # A noise threshold above the whole field leaves an image unchanged: it stays good.

@@ -288,6 +288,7 @@ def make_train_dataset(
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
     shading = float(config.data.synthetic_shading)
+    match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
     crop = int(config.data.train_crop)
     rgb_offset = _rgb_offset(modalities)
@@ -327,7 +328,7 @@ def make_train_dataset(
             }
         if prob <= 0:
             return {**batch, "clean_images": batch["images"]}
-        return augment.apply_anomalies(batch, params, synthetic_type, shading > 0)
+        return augment.apply_anomalies(batch, params, synthetic_type, shading > 0, match_gray)
 
     # The functions branch on Python values only, so tf.data traces them as written: AutoGraph's
     # source rewrite would add seconds to every training start (the augmentations are long).
