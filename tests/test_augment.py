@@ -415,8 +415,9 @@ def test_every_texture_source_pastes_what_it_says():
 
 def test_gray_images_get_gray_anomalies_and_colour_images_keep_theirs():
     # Images 0-3 gray (a grayscale file replicated to RGB), 4-7 the same with a colour cast;
-    # every kind of anomaly on each, with the per-channel gain as the one photometric op. With `match_gray` a gray image's pasted content is the mean of the channels
-    # the same draws give without it; masks and every colour image are unchanged.
+    # every kind of anomaly on each, with the per-channel gain as the one photometric op. With
+    # `match_gray` a gray image's pasted content is the mean of the channels the same draws
+    # give without it; masks and every colour image are unchanged.
     size, rng = 32, np.random.default_rng(7)
     gray = np.repeat(rng.uniform(0.2, 0.8, (4, size, size, 1)), 3, axis=-1)
     cast = np.clip(gray + np.array([0.05, 0.0, -0.05]), 0, 1)
@@ -441,11 +442,11 @@ def test_gray_images_get_gray_anomalies_and_colour_images_keep_theirs():
         spread = np.ptp(matched["images"][i], axis=-1)
         assert spread.max() <= 1e-6  # still gray, inside the mask too
         # Inside the mask: beta * image + (1 - beta) * content, so the content is recovered
-        # from each output and compared: the matched one is the mean of the free one's channels.
+        # from each output: the matched one is the mean of the free one's channels.
         content = (matched["images"][i][mask] - beta[i] * images[i][mask]) / (1 - beta[i])
         free_content = (free["images"][i][mask] - beta[i] * images[i][mask]) / (1 - beta[i])
         np.testing.assert_allclose(content[:, 0], free_content.mean(axis=-1), atol=1e-4)
-    # Without it, the per-channel gains, colours and patterns colour the gray images' anomalies.
+    # Without it, per-channel gains, colours and patterns colour the gray images' anomalies.
     assert min(np.ptp(free["images"][i], axis=-1).max() for i in range(4)) > 0.05
 
 
