@@ -21,7 +21,7 @@ def get_config():
     config.data.synthetic_anomaly_prob = 0.5
     config.data.random_flips = True
     # Gray anomalies on gray images (Magnetic-tile, NEU-DET are grayscale files): colour is no
-    # cue a real defect there has (docs/quality.md: AUPRO 0.414 -> 0.450, one run).
+    # cue a real defect there has (docs/quality.md: one run, within the run-to-run spread).
     config.data.synthetic_match_gray = True
     config.model.variant = "tiny"
     config.model.patch_size = 8

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_anomaly_prob = 0.5  # Probability that a training image gets a synthetic anomaly.
     data.synthetic_max_beta = 0.8  # Image weight in a synthetic anomaly ~ U(0, this); 1 = faint.
     data.synthetic_shading = 0.0  # Fraction of anomalies that are soft-edged gain changes.
-    data.synthetic_match_gray = False  # Gray anomalies on gray images (channels all equal).
+    data.synthetic_match_gray = False  # Gray anomalies on gray images (channels within 2/255).
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
     data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
