@@ -33,14 +33,15 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	touch $@
 
 # Two pytest-xdist workers, whole files each (module fixtures train once): compiling is mostly
-# single-threaded, so two processes keep both cores busy (about 1.8x faster on 2 cores).
+# single-threaded, so two processes keep both cores busy (about 1.8x faster on 2 cores). Files go
+# out in tests/conftest.py's order (costliest first), not xdist's default by number of tests.
 TEST_WORKERS ?= 2
 test: setup setup-jax2tf
-	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The inner loop: every test but those marked slow (training runs, exports, subprocesses).
 test-fast: setup
-	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
