@@ -67,10 +67,8 @@ def tiny_eval_root(tmp_path_factory):
     return str(root)
 
 
-# Test files in the order of what they cost one worker in `make test` (seconds, from
-# `pytest --durations` on the 2-core machine, 2026-12-04): trainer 200, reliability_training 177,
-# convert_to_onnx 170, reliability_cli 140, studies 125, benchmark 87, workflow 79, evaluate 50,
-# multihost 47, scorer_study 37, ensemble 35, validation 30. The order only moves wall time.
+# Test files in the order of what they cost one worker in `make test`, from `pytest --durations`
+# (the figures: docs/testing.md). The order only moves wall time, never a result.
 _COSTLIEST_FIRST = (
     "test_trainer",
     "test_reliability_training",
