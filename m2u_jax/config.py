@@ -237,6 +237,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"model.patch_stride={model.patch_stride} must be in [1, model.patch_size="
             f"{model.patch_size}]"
         )
+    if not 0.0 <= data.random_scale < 1.0:
+        raise ConfigError(f"data.random_scale={data.random_scale} must be in [0, 1) (0 = off)")
     if data.train_crop < 0 or data.train_crop > data.image_size:
         raise ConfigError(
             f"data.train_crop={data.train_crop} must be 0 (off) or in [1, data.image_size="

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_shading = 0.0  # Fraction of anomalies that are soft-edged gain changes.
     data.synthetic_match_gray = False  # Gray anomalies on gray images (channels within 2/255).
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
+    data.random_scale = 0.0  # Fine-tuning: zoom image, mask, boxes by U(1 - this, 1 + this).
     data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.

@@ -104,6 +104,17 @@ def test_negative_mc_chunk_size():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_random_scale_outside_zero_one_is_named(value):
+    config = default.get_config()
+    config.data.random_scale = value
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value) == f"data.random_scale={value} must be in [0, 1) (0 = off)"
+    config.data.random_scale = 0.5
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

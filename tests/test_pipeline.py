@@ -3,6 +3,7 @@
 Runs with 8 fake CPU devices (tests/conftest.py).
 """
 
+import itertools
 import logging
 import re
 
@@ -326,6 +327,111 @@ def test_crop_example_keeps_image_mask_boxes_and_labels_consistent():
     unknown = {**example, "masks": np.zeros((8, 8), np.float32), "box_valid": np.zeros(3)}
     kept = augment.crop_example(unknown, 4, 4, 4)
     assert int(kept["labels"]) == 1 and int(kept["defect_types"]) == 3
+
+
+def _zoom_case():
+    image = np.random.default_rng(0).uniform(size=(16, 16, 2)).astype(np.float32)
+    mask = np.zeros((16, 16), np.float32)
+    mask[4:8, 4:8] = 1.0  # defect at rows/cols 4-7
+    return {
+        "images": image,
+        "masks": mask,
+        "boxes": np.array([[4, 4, 8, 8], [0, 0, 0, 0]], np.float32),
+        "box_classes": np.array([2, 0], np.int32),
+        "box_valid": np.array([1, 0], np.float32),
+        "labels": np.int32(1),
+        "defect_types": np.int32(3),
+    }
+
+
+def _zoom(example, zoom, x0, y0):
+    from m2u_jax.data import augment
+
+    args = (np.float32(zoom), np.float32(x0), np.float32(y0))
+    return {k: np.asarray(v) for k, v in augment.zoom_example(example, *args).items()}
+
+
+def test_zoom_example_keeps_image_mask_boxes_and_labels_consistent():
+    example = _zoom_case()
+    image = example["images"]
+    # Zoom 1 at the origin is the identity.
+    same = _zoom(example, 1.0, 0.0, 0.0)
+    np.testing.assert_allclose(same["images"], image, atol=1e-6)
+    np.testing.assert_array_equal(same["masks"], example["masks"])
+    np.testing.assert_allclose(same["boxes"], example["boxes"], atol=1e-5)
+    # Zoom 2 about the window at 0.25: output pixel j samples input pixel 3.75 + j / 2, so the
+    # defect's pixels 4-7 (edges 3.5-7.5) land on pixels 0-7 and box edges [4, 8) on [0, 8).
+    enlarged = _zoom(example, 2.0, 0.25, 0.25)
+    rows = np.flatnonzero(enlarged["masks"].any(axis=1))
+    np.testing.assert_array_equal(rows, np.arange(8))
+    np.testing.assert_allclose(enlarged["boxes"], [[0, 0, 8, 8], [0, 0, 0, 0]], atol=1e-5)
+    # Output pixel 1 samples input position 4.25 on both axes.
+    w = 0.25
+    expected = (
+        (1 - w) * (1 - w) * image[4, 4]
+        + w * (1 - w) * (image[5, 4] + image[4, 5])
+        + w * w * image[5, 5]
+    )
+    np.testing.assert_allclose(enlarged["images"][1, 1], expected, atol=1e-5)
+    assert enlarged["labels"] == 1 and enlarged["defect_types"] == 3
+    # Zoom 1/2 with a margin of half the image: input pixel p lands on (p + 7.5) / 2, so the
+    # image fills pixels 4-11 and the border is the image's own mean colour.
+    shrunk = _zoom(example, 0.5, -0.5, -0.5)
+    np.testing.assert_allclose(shrunk["images"][0, 0], image.mean(axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(shrunk["images"][15, 15], image.mean(axis=(0, 1)), atol=1e-6)
+    rows = np.flatnonzero(shrunk["masks"].any(axis=1))
+    np.testing.assert_array_equal(rows, [6, 7])  # edges (3.5 + 7.5) / 2 = 5.5 to 7.5
+    np.testing.assert_allclose(shrunk["boxes"][0], [6, 6, 8, 8], atol=1e-5)
+    # A window away from the defect: a good example, its box padding.
+    away = _zoom(example, 2.0, 0.5, 0.5)
+    assert away["masks"].max() == 0 and away["box_valid"].sum() == 0
+    assert away["labels"] == 0 and away["defect_types"] == 0
+    np.testing.assert_array_equal(away["boxes"], np.zeros((2, 4)))
+
+
+def test_sample_zoom_draws_in_range_windows_deterministically():
+    from m2u_jax.data import augment
+
+    key = np.array([0, 1], np.int64)
+    draws = np.array(
+        [[float(v) for v in augment.sample_zoom(augment.fold_key(key, i), 0.5)] for i in range(400)]
+    )
+    zoom, x0, y0 = draws.T
+    assert zoom.min() >= 0.5 and zoom.max() <= 1.5 and abs(zoom.mean() - 1.0) < 0.05
+    side = 1.0 / zoom
+    zoom_in = zoom >= 1.0  # the window stays inside the image, or holds all of it
+    for start in (x0, y0):
+        end = start + side
+        assert (start[zoom_in] >= -1e-6).all() and (end[zoom_in] <= 1 + 1e-6).all()
+        assert (start[~zoom_in] <= 1e-6).all() and (end[~zoom_in] >= 1 - 1e-6).all()
+    again = [float(v) for v in augment.sample_zoom(augment.fold_key(key, 7), 0.5)]
+    np.testing.assert_array_equal(again, draws[7])
+
+
+def test_random_scale_batches_keep_boxes_on_their_masks(synthetic_root):
+    from m2u_jax.data import augment
+
+    def batches(random_scale):
+        config = _config(synthetic_root, random_scale=random_scale, synthetic_anomaly_prob=0.0)
+        config.data.protocol = "supervised"
+        return list(itertools.islice(pipeline.make_train_dataset(config)[0].as_numpy_iterator(), 4))
+
+    plain, zoomed = batches(0.0), batches(0.5)
+    masked = 0
+    for batch in plain + zoomed:
+        assert batch["images"].shape == plain[0]["images"].shape
+        assert set(np.unique(batch["masks"])) <= {0.0, 1.0}
+        boxes, valid = augment.mask_bounding_boxes(batch["masks"] > 0.5)
+        for i in np.flatnonzero(np.asarray(valid)):
+            # The boxes of an image's defects span its mask's bounding box, to a pixel.
+            own = batch["boxes"][i][batch["box_valid"][i] > 0]
+            hull = [*own[:, :2].min(axis=0), *own[:, 2:].max(axis=0)]
+            np.testing.assert_allclose(hull, np.asarray(boxes)[i], atol=1.0)
+            masked += 1
+    assert masked > 4
+    batch = zoomed[0]
+    plain = plain[0]
+    assert not np.allclose(batch["images"], plain["images"])  # the same examples, zoomed
 
 
 def test_train_crop_gives_crop_sized_batches_from_every_window(synthetic_root):

@@ -261,7 +261,56 @@ def crop_example(
     out["masks"] = tf.ensure_shape(example["masks"][y0 : y0 + crop, x0 : x0 + crop], [crop, crop])
     boxes = example["boxes"]
     shift = tf.cast(tf.stack([x0, y0, x0, y0]), boxes.dtype)
-    clipped = tf.clip_by_value(boxes - shift, 0.0, float(crop))
+    return _fit_boxes_and_labels(example, out, boxes - shift, crop)
+
+
+def sample_zoom(key: tf.Tensor, max_change: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(zoom, x0, y0) scalars for `zoom_example` (stateless): zoom ~ U(1 - c, 1 + c) for
+    `max_change` c, and the window's top-left corner (normalised) uniform over the positions
+    where the window stays inside the image (zoom > 1) or holds the whole image (zoom < 1)."""
+    uniforms = tf.random.stateless_uniform([3], fold_key(key, 18))
+    zoom = 1.0 - max_change + 2.0 * max_change * uniforms[0]
+    slack = 1.0 - 1.0 / zoom  # > 0: room inside the image; < 0: margin around it
+    low, high = tf.minimum(slack, 0.0), tf.maximum(slack, 0.0)
+    origin = low + (high - low) * uniforms[1:]
+    return zoom, origin[0], origin[1]
+
+
+def zoom_example(
+    example: dict[str, tf.Tensor], zoom: tf.Tensor, x0: tf.Tensor, y0: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Rescales one example by `zoom` about the window at (x0, y0) (normalised, side 1 / zoom),
+    keeping image, mask, boxes and labels consistent: scale augmentation for fine-tuning.
+
+    Output pixel j samples input pixel x0 * (S - 1) + j / zoom (bilinear), so zoom > 1 enlarges
+    a part of the image and zoom < 1 shrinks the whole image into a border of its own mean
+    colour (no mirrored content that could hold an unlabelled copy of a defect). Masks are
+    resampled and thresholded at 0.5; boxes move with the same map and are clipped to the image,
+    with the box and label rules of `crop_example`. Other keys pass through.
+    """
+    out = dict(example)
+    images, masks = example["images"], example["masks"]
+    size = images.shape[0]
+    side = 1.0 / zoom
+    window = tf.stack([y0, x0, y0 + side, x0 + side])[None]
+    mean = tf.reduce_mean(images, axis=(0, 1))
+
+    def resample(values):
+        return tf.image.crop_and_resize(values[None], window, [0], [size, size])[0]
+
+    out["images"] = resample(images - mean) + mean  # outside the image: 0 + mean
+    out["masks"] = tf.cast(resample(masks[..., None])[..., 0] > 0.5, masks.dtype)
+    # Box edges (x1 = first column, x2 = last + 1) through the pixel-centre map above.
+    boxes = example["boxes"]
+    origin = tf.cast(tf.stack([x0, y0, x0, y0]), boxes.dtype) * (size - 1)
+    moved = (boxes - 0.5 - origin) * tf.cast(zoom, boxes.dtype) + 0.5
+    return _fit_boxes_and_labels(example, out, moved, size)
+
+
+def _fit_boxes_and_labels(example, out, boxes, size):
+    """Clips the moved `boxes` to the `size`-pixel result `out`; a box left without area
+    becomes padding, and a localised defect that left the image makes the example good."""
+    clipped = tf.clip_by_value(boxes, 0.0, float(size))
     kept = (
         (example["box_valid"] > 0)
         & (clipped[:, 2] - clipped[:, 0] >= 1.0)

@@ -291,6 +291,7 @@ def make_train_dataset(
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
     crop = int(config.data.train_crop)
+    scale_change = float(config.data.random_scale)
     rgb_offset = _rgb_offset(modalities)
     # Class-agnostic (unsupervised): an anomaly is a 'defect' (type 1); else its type is unknown.
     synthetic_type = 1 if info.protocol == "unsupervised" else -1
@@ -311,6 +312,8 @@ def make_train_dataset(
                 ]
             )
             return {"images": example["images"]}, {"views": views}
+        if scale_change > 0:
+            example = augment.zoom_example(example, *augment.sample_zoom(key, scale_change))
         if flips:
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
