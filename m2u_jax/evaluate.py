@@ -172,6 +172,17 @@ def pixel_metrics(test: Mapping) -> dict:
     }
 
 
+def pixel_smoothing_variants(test: Mapping, widths=(5, 9, 17)) -> dict[str, dict[str, float]]:
+    """`{s{w}: {auroc, aupro}}`: the pixel metrics of the test maps mean-filtered with a w×w
+    window (`scoring.smooth_maps`): whether a map spread over its neighbourhood (as
+    PatchCore-style methods blur theirs) covers regions that the head flags in part."""
+    variants = {}
+    for width in widths:
+        smoothed = scoring.smooth_maps(np.asarray(test["anomaly_map"], np.float32), width)
+        variants[f"s{width}"] = pixel_metrics({"masks": test["masks"], "anomaly_map": smoothed})
+    return variants
+
+
 def score_variant_aurocs(test: Mapping) -> dict[str, float]:
     """Image AUROC of each map-to-score reduction of `scoring.score_variants` on the test
     split (the comparison behind `model.image_score_*`; docs/quality.md)."""
@@ -586,7 +597,7 @@ def evaluate(
     image["score_variants"] = score_variant_aurocs(test)
     metrics = {
         "image": image,
-        "pixel": pixel_metrics(test),
+        "pixel": {**pixel_metrics(test), "smoothing_variants": pixel_smoothing_variants(test)},
         "detection": detection_metrics(test, context.class_names, context.class_agnostic),
         "uncertainty": uncertainty,
         "speed": speed,

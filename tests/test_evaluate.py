@@ -361,7 +361,8 @@ def test_metrics_json_has_the_documented_layout(evaluated_run):
     # 'mix' recomputes the model's own rule (½ top-1 % of the map + ½ classifier) from the
     # kept maps and probabilities: the same AUROC as the deterministic image score.
     assert variants["mix"] == pytest.approx(saved["image"]["auroc"], abs=1e-6)
-    assert set(saved["pixel"]) == {"auroc", "aupro"}
+    assert set(saved["pixel"]) == {"auroc", "aupro", "smoothing_variants"}
+    assert set(saved["pixel"]["smoothing_variants"]) == {"s5", "s9", "s17"}
     assert set(saved["detection"]) == {"map50", "map", "per_class_ap50"}
     # Unsupervised protocol: class-agnostic boxes, one 'all' class.
     assert list(saved["detection"]["per_class_ap50"]) == ["all"]
@@ -452,6 +453,19 @@ def test_metrics_equal_reference_computations(evaluated_run):
     assert maps.shape == masks.shape == (7, 32, 32)
     assert saved["pixel"]["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
     assert saved["pixel"]["aupro"] == pytest.approx(_reference_aupro(masks, maps), abs=1e-6)
+    # The 5x5 mean filter by hand (windows clipped at the borders): each pixel averages the
+    # in-image pixels within 2 rows and 2 columns of it.
+    padded = np.pad(maps.astype(np.float64), ((0, 0), (2, 2), (2, 2)))
+    counts = np.pad(np.ones(maps.shape[1:]), 2)
+    window_sum = (
+        lambda a: sum(  # noqa: E731
+            a[..., dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)
+        )
+    )
+    smoothed = window_sum(padded) / window_sum(counts)
+    s5 = saved["pixel"]["smoothing_variants"]["s5"]
+    assert s5["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), smoothed.ravel()), abs=1e-4)
+    assert s5["aupro"] == pytest.approx(_reference_aupro(masks, smoothed), abs=1e-4)
 
     predictions, ground_truth = evaluate.box_lists(test)
     assert sum(int(p["valid"].sum()) for p in predictions) > 0  # the boxes were really scored

@@ -360,6 +360,8 @@ def test_quality_study_curve_on_tiny(study_data, tmp_path):
     assert "\n".join(summary) in text
     assert "### tiny: quality against CPU minutes" in text
     assert "Image AUROC of each score reduction (last checkpoint): " in text
+    s9 = last["pixel_smoothing"]["s9"]
+    assert f"s9 {quality_study._cell(s9['auroc'])} / {quality_study._cell(s9['aupro'])}" in text
     # A set without good test images (NEU-DET) has no image AUROC: no line of n/a's.
     without_good = copy.deepcopy(results)
     without_good[0]["curve"][-1]["score_variants"] = dict.fromkeys(last["score_variants"])

@@ -170,6 +170,7 @@ def evaluate_curve(config: ml_collections.ConfigDict, run_dir: str) -> list[dict
         for column, section, key, _ in COLUMNS:
             row[column] = _value(metrics, section, key)
         row["score_variants"] = metrics.get("image", {}).get("score_variants", {})
+        row["pixel_smoothing"] = metrics.get("pixel", {}).get("smoothing_variants", {})
         rows.append(row)
     return rows
 
@@ -246,6 +247,12 @@ def markdown(results: list[dict], note: str) -> str:
         if any(_cell(value) != "n/a" for value in variants.values()):  # none without good images
             lines += ["", "Image AUROC of each score reduction (last checkpoint): "]
             lines[-1] += ", ".join(f"{name} {_cell(v)}" for name, v in variants.items())
+        smoothing = result["curve"][-1].get("pixel_smoothing", {}) if result["curve"] else {}
+        if smoothing:  # written by evaluations since data.random_scale's commit
+            lines += ["", "Pixel AUROC / AUPRO of the map mean-filtered w×w (last checkpoint): "]
+            lines[-1] += ", ".join(
+                f"{name} {_cell(v['auroc'])} / {_cell(v['aupro'])}" for name, v in smoothing.items()
+            )
         rule = result["curve"][-1]["threshold_rule"] if result["curve"] else "?"
         lines += ["", f"Accuracy uses the `{rule}` threshold rule on validation."]
     return "\n".join(lines) + "\n"
