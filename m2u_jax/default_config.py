@@ -139,5 +139,6 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.feature_memory_size = 0  # >0: also score with a kNN memory of this many patches.
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
+    evaluation.figures = True  # eval/plots and eval/overlays PNGs; off: tables and arrays only.
     evaluation.use_ema = True  # Use the params' EMA when the run kept one (train.ema_decay > 0).
     return config

@@ -17,7 +17,8 @@
   jitted inference, deterministic and MC dropout) and `per_category` (accuracy at the image
   threshold). NaN is written as null.
 - `report.md` with the tables, `plots/*.png` (ROC, PR, PRO, reliability, review budget,
-  per-category bars) and `overlays/*.png` (worst test images and the review queue).
+  per-category bars) and `overlays/*.png` (worst test images and the review queue), unless
+  `eval.figures` is off.
 - `review_queue.jsonl` — one line per test image the review policy sends to a person.
 - `thresholds.json` — the review policy calibrated on validation for `eval.review_budget`
   (its score threshold by the same threshold rule) and the class names, for the exporter and
@@ -504,8 +505,11 @@ def evaluate(
     out_dir = os.path.join(os.path.abspath(workdir), "eval")
     plots_dir = os.path.join(out_dir, "plots")
     overlays_dir = os.path.join(out_dir, "overlays")
-    os.makedirs(plots_dir, exist_ok=True)
-    os.makedirs(overlays_dir, exist_ok=True)
+    figures = bool(config.eval.figures)
+    os.makedirs(out_dir, exist_ok=True)
+    if figures:
+        os.makedirs(plots_dir, exist_ok=True)
+        os.makedirs(overlays_dir, exist_ok=True)
     predict_batch = predictions_lib.make_model_predict_fn(
         config, model, variables, batch_sharding, ensemble=ensemble
     )
@@ -635,29 +639,10 @@ def evaluate(
             file.write(json.dumps(report_lib.to_json_value(line), allow_nan=False) + "\n")
     predictions_lib.save_predictions(out_dir, {"validation": validation, "test": test})
 
-    plots = _write_plots(plots_dir, test, metrics)
-    overlays = report_lib.plot_overlays(
-        worst.items(),
-        overlays_dir,
-        "worst",
-        "Worst test images (highest image-level cross-entropy)",
-        context.class_names,
-        lambda row: (
-            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): "
-            f"score {float(row['image_score']):.3f}, threshold {image['threshold']:.3f}"
-        ),
-    )
-    overlays += report_lib.plot_overlays(
-        queued.items(),
-        overlays_dir,
-        "review",
-        "Review queue (most uncertain first)",
-        context.class_names,
-        lambda row: (
-            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): MC score "
-            f"{float(row['score_mean']):.3f} ± {math.sqrt(max(float(row['score_var']), 0)):.3f}"
-        ),
-    )
+    # Matplotlib figures cost seconds per evaluation (more than the tiny model's predictions):
+    # `eval.figures` off skips them for scripted evaluations that read only the numbers.
+    plots = _write_plots(plots_dir, test, metrics) if figures else {}
+    overlays = _write_overlays(overlays_dir, worst, queued, image, context) if figures else []
     run = {
         "workdir": os.path.abspath(workdir),
         "checkpoint step": step,
@@ -728,3 +713,31 @@ def _write_plots(plots_dir: str, test: Mapping, metrics: Mapping) -> dict:
         metrics["per_category"], os.path.join(plots_dir, "per_category.png")
     )
     return plots
+
+
+def _write_overlays(overlays_dir: str, worst, queued, image: Mapping, context) -> list[dict]:
+    """The worst test images and the review queue drawn over their inputs (`worst`, `queued`:
+    the evaluation's row selections)."""
+    overlays = report_lib.plot_overlays(
+        worst.items(),
+        overlays_dir,
+        "worst",
+        "Worst test images (highest image-level cross-entropy)",
+        context.class_names,
+        lambda row: (
+            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): "
+            f"score {float(row['image_score']):.3f}, threshold {image['threshold']:.3f}"
+        ),
+    )
+    overlays += report_lib.plot_overlays(
+        queued.items(),
+        overlays_dir,
+        "review",
+        "Review queue (most uncertain first)",
+        context.class_names,
+        lambda row: (
+            f"{os.path.basename(str(row['paths']))} ({row['defect_names']}): MC score "
+            f"{float(row['score_mean']):.3f} ± {math.sqrt(max(float(row['score_var']), 0)):.3f}"
+        ),
+    )
+    return overlays

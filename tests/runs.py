@@ -17,4 +17,7 @@ def tiny_run_config(root, *, pretrain_steps=0, finetune_steps=2, seed=0):
     # One device: these runs test what a run writes and reads, not the sharding (8 devices in
     # tests/test_trainer.py, test_sharding.py, test_multihost.py); one device compiles faster.
     config.train.mesh_devices = 1
+    # No matplotlib figures: they cost more than the tiny model's predictions, and only
+    # tests/test_evaluate.py checks them (it turns them on).
+    config.eval.figures = False
     return config

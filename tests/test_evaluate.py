@@ -13,6 +13,7 @@ compilation cache, tests/conftest.py, serves both).
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -283,6 +284,7 @@ def evaluated_run(tmp_path_factory, tiny_eval_root):
     workdir = str(tmp_path_factory.mktemp("eval_run"))
     config = tiny_run_config(tiny_eval_root)
     config.eval.num_overlays = NUM_OVERLAYS
+    config.eval.figures = True  # tests/runs.py turns them off; this module checks them
     trainer.train(config, workdir)
     result = evaluate.evaluate(config, workdir)
     out_dir = os.path.join(workdir, "eval")
@@ -329,6 +331,22 @@ def test_writes_every_output(evaluated_run):
         f"| accuracy | {report.format_value(evaluated_run['metrics']['image']['accuracy'])} |"
         in (markdown)
     )
+
+
+def test_without_figures_the_numbers_and_report_stay_and_no_png_is_drawn(evaluated_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(evaluated_run["workdir"], workdir, ignore=shutil.ignore_patterns("eval"))
+    config = evaluated_run["config"].copy_and_resolve_references()
+    config.eval.figures = False
+    evaluate.evaluate(config, str(workdir), with_speed=False)
+    out_dir = workdir / "eval"
+    assert not (out_dir / "plots").exists() and not (out_dir / "overlays").exists()
+    assert not list(out_dir.rglob("*.png"))
+    saved = json.load(open(out_dir / "metrics.json"))
+    for section in ("image", "pixel", "detection", "uncertainty", "per_category"):
+        assert saved[section] == evaluated_run["json"][section], section
+    markdown = (out_dir / "report.md").read_text()
+    assert "| accuracy |" in markdown and ".png)" not in markdown
 
 
 def test_the_run_trains_and_evaluates_on_the_devices_its_config_names(evaluated_run):

@@ -92,6 +92,7 @@ def validated_run(tmp_path_factory, tiny_eval_root):
     config.train.best_metric = "pixel_auroc"
     config.train.learning_rate = 3e-3  # the maps move between validations
     config.model.det_score_threshold = 0.0
+    config.eval.figures = True  # the overlays go to TensorBoard too (checked below)
     trainer.train(config, str(workdir), make_validator=validation.make_validator)
     metrics = evaluate.evaluate(config, str(workdir), with_speed=False)
     return config, workdir, metrics
