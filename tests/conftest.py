@@ -72,15 +72,15 @@ def tiny_eval_root(tmp_path_factory):
 _COSTLIEST_FIRST = (
     "test_trainer",
     "test_reliability_training",
+    "test_studies",
     "test_convert_to_onnx",
     "test_reliability_cli",
-    "test_studies",
-    "test_benchmark",
     "test_workflow",
+    "test_benchmark",
+    "test_ensemble",
     "test_evaluate",
     "test_multihost",
     "test_scorer_study",
-    "test_ensemble",
     "test_validation",
 )
 
