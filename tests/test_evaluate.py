@@ -475,11 +475,10 @@ def test_metrics_equal_reference_computations(evaluated_run):
     # in-image pixels within 2 rows and 2 columns of it.
     padded = np.pad(maps.astype(np.float64), ((0, 0), (2, 2), (2, 2)))
     counts = np.pad(np.ones(maps.shape[1:]), 2)
-    window_sum = (
-        lambda a: sum(  # noqa: E731
-            a[..., dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)
-        )
-    )
+
+    def window_sum(a):
+        return sum(a[..., dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5))
+
     smoothed = window_sum(padded) / window_sum(counts)
     s5 = saved["pixel"]["smoothing_variants"]["s5"]
     assert s5["auroc"] == pytest.approx(roc_auc_score(masks.ravel(), smoothed.ravel()), abs=1e-4)

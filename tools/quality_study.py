@@ -248,7 +248,7 @@ def markdown(results: list[dict], note: str) -> str:
             lines += ["", "Image AUROC of each score reduction (last checkpoint): "]
             lines[-1] += ", ".join(f"{name} {_cell(v)}" for name, v in variants.items())
         smoothing = result["curve"][-1].get("pixel_smoothing", {}) if result["curve"] else {}
-        if smoothing:  # written by evaluations since data.random_scale's commit
+        if smoothing:  # cached evaluations from before 2026-12-04 lack it
             lines += ["", "Pixel AUROC / AUPRO of the map mean-filtered w×w (last checkpoint): "]
             lines[-1] += ", ".join(
                 f"{name} {_cell(v['auroc'])} / {_cell(v['aupro'])}" for name, v in smoothing.items()
