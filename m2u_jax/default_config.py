@@ -140,5 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_overlays = 8  # Overlays written per group (worst cases, review queue).
     evaluation.after_training = True  # train.py evaluates its final checkpoint into DIR/eval.
     evaluation.figures = True  # eval/plots and eval/overlays PNGs; off: tables and arrays only.
+    # The comparisons behind the image-score and map-smoothing defaults (docs/quality.md):
+    # image AUROC of every score reduction and pixel metrics of mean-filtered maps.
+    evaluation.variant_metrics = False  # Also write them into metrics.json (quality study: on).
     evaluation.use_ema = True  # Use the params' EMA when the run kept one (train.ema_decay > 0).
     return config

@@ -10,7 +10,9 @@
   used: 'f1' = F1-optimal, 'fpr' = at most `eval.target_fpr` of the good validation images
   rejected; 'auto' takes 'f1' when validation holds a good image and at least
   `AUTO_F1_MIN_DEFECTIVE` = 5 defective ones, else 'fpr'), `pixel` (AUROC, AUPRO up to FPR
-  0.3), `detection` (COCO mAP@0.5, mAP@[.5:.95], AP@0.5 per class; class-agnostic under the
+  0.3; with `eval.variant_metrics`, also `image.score_variants` and `pixel.smoothing_variants`:
+  the comparisons behind the image-score and smoothing defaults), `detection` (COCO mAP@0.5,
+  mAP@[.5:.95], AP@0.5 per class; class-agnostic under the
   unsupervised protocol or a single class), `uncertainty` (ECE with 15 bins, AUROC of the
   uncertainty for catching wrong decisions, review budgets 0.5/1/2/5/10 %, decisions at the
   same rule's threshold of the MC mean score), `speed` (images/s and batch-1 latency of the
@@ -598,10 +600,13 @@ def evaluate(
     if with_speed:
         logging.info("measuring inference speed")
         speed = measure_speed(config, model, variables, batch_sharding)
-    image["score_variants"] = score_variant_aurocs(test)
+    pixel = pixel_metrics(test)
+    if config.eval.variant_metrics:  # a few more AUROC / AUPRO passes over the test maps
+        image["score_variants"] = score_variant_aurocs(test)
+        pixel["smoothing_variants"] = pixel_smoothing_variants(test)
     metrics = {
         "image": image,
-        "pixel": {**pixel_metrics(test), "smoothing_variants": pixel_smoothing_variants(test)},
+        "pixel": pixel,
         "detection": detection_metrics(test, context.class_names, context.class_agnostic),
         "uncertainty": uncertainty,
         "speed": speed,

@@ -285,6 +285,7 @@ def evaluated_run(tmp_path_factory, tiny_eval_root):
     config = tiny_run_config(tiny_eval_root)
     config.eval.num_overlays = NUM_OVERLAYS
     config.eval.figures = True  # tests/runs.py turns them off; this module checks them
+    config.eval.variant_metrics = True  # off by default; checked here
     trainer.train(config, workdir)
     result = evaluate.evaluate(config, workdir)
     out_dir = os.path.join(workdir, "eval")
@@ -333,18 +334,24 @@ def test_writes_every_output(evaluated_run):
     )
 
 
-def test_without_figures_the_numbers_and_report_stay_and_no_png_is_drawn(evaluated_run, tmp_path):
+def test_without_figures_and_variants_the_other_numbers_and_the_report_stay(
+    evaluated_run, tmp_path
+):
     workdir = tmp_path / "run"
     shutil.copytree(evaluated_run["workdir"], workdir, ignore=shutil.ignore_patterns("eval"))
     config = evaluated_run["config"].copy_and_resolve_references()
     config.eval.figures = False
+    config.eval.variant_metrics = False
     evaluate.evaluate(config, str(workdir), with_speed=False)
     out_dir = workdir / "eval"
     assert not (out_dir / "plots").exists() and not (out_dir / "overlays").exists()
     assert not list(out_dir.rglob("*.png"))
     saved = json.load(open(out_dir / "metrics.json"))
+    expected = json.loads(json.dumps(evaluated_run["json"]))
+    # Only the two comparison entries go; every other number is the same.
+    del expected["image"]["score_variants"], expected["pixel"]["smoothing_variants"]
     for section in ("image", "pixel", "detection", "uncertainty", "per_category"):
-        assert saved[section] == evaluated_run["json"][section], section
+        assert saved[section] == expected[section], section
     markdown = (out_dir / "report.md").read_text()
     assert "| accuracy |" in markdown and ".png)" not in markdown
 

@@ -107,6 +107,8 @@ def run_config(
     # Every curve checkpoint stays, plus the pretraining one.
     copy.train.keep_checkpoints = max(int(copy.train.keep_checkpoints), curve_points + 2)
     copy.eval.after_training = False
+    # The curve rows carry the score-reduction and map-smoothing comparisons.
+    copy.eval.variant_metrics = True
     return copy
 
 
