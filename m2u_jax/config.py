@@ -27,6 +27,8 @@ THRESHOLD_RULES = ("f1", "fpr", "auto")
 DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
 ASSIGN_FALLBACKS = ("nearest", "inside")  # `train.det_fallback` (boxes.assign_targets)
+# `data.synthetic_coarsest_cells`: fewest mask-noise cells per axis (1 = DRAEM's range).
+COARSEST_CELLS = (1, 2)
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
 # Validation metrics that `train.best_metric` may keep the best checkpoint by (higher is better).
 BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
@@ -259,6 +261,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if not 0.0 < config.eval.target_fpr < 1.0:
         raise ConfigError(f"eval.target_fpr={config.eval.target_fpr} must be in (0, 1)")
+    if data.synthetic_coarsest_cells not in COARSEST_CELLS:
+        raise ConfigError(
+            f"data.synthetic_coarsest_cells={data.synthetic_coarsest_cells} "
+            f"is not one of {COARSEST_CELLS}"
+        )
     if model.detach_aux_heads not in DETACH_AUX_HEADS:
         raise ConfigError(
             f"model.detach_aux_heads={model.detach_aux_heads!r} is not one of {DETACH_AUX_HEADS}"

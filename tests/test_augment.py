@@ -1,5 +1,7 @@
 """Synthetic anomalies and contrastive views as TF ops (m2u_jax.data.augment)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -25,11 +27,19 @@ def test_mask_bounding_boxes():
     np.testing.assert_array_equal(valid.numpy(), [True, True, False])
 
 
-def _params(labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA, shading=0.0):
+def _params(
+    labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA, shading=0.0, coarsest=2
+):
     base = tf.constant([seed, 1], tf.int64)
     per_example = [
         augment.sample_anomaly_params(
-            augment.fold_key(base, i), tf.constant(label), prob, channels, max_beta, shading
+            augment.fold_key(base, i),
+            tf.constant(label),
+            prob,
+            channels,
+            max_beta,
+            shading,
+            coarsest,
         )
         for i, label in enumerate(labels)
     ]
@@ -225,14 +235,39 @@ def test_noise_cells_cover_the_scales_with_cells_of_at_least_4_pixels():
     draws = (np.arange(1000, dtype=np.float32) + 0.5) / 1000
     uniforms = np.zeros((1000, augment._NUM_ANOMALY_UNIFORMS), np.float32)
     uniforms[:, 17], uniforms[:, 18] = draws, draws[::-1]
-    for size, most in [(16, 4), (32, 8), (64, 16), (128, 32), (256, 32), (512, 32)]:
-        cells = augment._noise_cells(tf.constant(uniforms), size).numpy()
-        scales = [2**k for k in range(1, int(np.log2(most)) + 1)]
+    sizes = [(16, 4), (32, 8), (64, 16), (128, 32), (256, 32), (512, 32)]
+    # min_exponent 1 (the default, 2 cells at the coarsest) or 0 (DRAEM's range, from 1 cell).
+    for (size, most), min_exponent in itertools.product(sizes, (1.0, 0.0)):
+        cells = augment._noise_cells(tf.constant(uniforms), size, min_exponent).numpy()
+        scales = [2**k for k in range(int(min_exponent), int(np.log2(most)) + 1)]
         assert sorted(np.unique(cells)) == scales, size
         assert size / cells.max() >= 4
         # 2^k with k uniform: every scale equally often, per axis.
         counts = np.array([(cells[:, 0] == scale).sum() for scale in scales])
         assert np.all(np.abs(counts - 1000 / len(scales)) <= 1), (size, counts)
+
+
+def test_one_coarsest_cell_makes_larger_regions_from_the_same_draws(many_params):
+    size = 64
+    coarse_params = _params([0] * 400, seed=5, coarsest=1)
+    # Only the scale mapping changes: every draw is the same.
+    for key in ("uniforms", "kind", "beta", "noise_coarse", "noise_fine"):
+        np.testing.assert_array_equal(coarse_params[key].numpy(), many_params[key].numpy())
+    assert coarse_params["min_exponent"].numpy().tolist() == [0.0] * 400
+    assert many_params["min_exponent"].numpy().tolist() == [1.0] * 400
+    cells_2 = augment._noise_cells(many_params["uniforms"], size, 1.0).numpy()
+    cells_1 = augment._noise_cells(coarse_params["uniforms"], size, 0.0).numpy()
+    # 1..16 cells instead of 2..16 (5 scales instead of 4, per axis): 1/5 of each axis at 1.
+    assert abs((cells_1 == 1).mean() - 0.2) < 0.06 and (cells_2 == 1).sum() == 0
+    assert np.all(cells_1 <= cells_2)
+    area_2 = augment._noise_masks(many_params, size).numpy().mean(axis=(1, 2))
+    area_1 = augment._noise_masks(coarse_params, size).numpy().mean(axis=(1, 2))
+    # The threshold is per image in standard deviations, so the mean area barely moves, but a
+    # single cell makes regions of up to about half the image: the largest masks grow.
+    assert np.percentile(area_1, 95) > np.percentile(area_2, 95)
+    assert area_1.max() < 0.75
+    with pytest.raises(ValueError, match="coarsest_cells=4"):
+        _params([0], coarsest=4)
 
 
 def test_noise_mask_areas_and_scales(many_params):

@@ -104,6 +104,17 @@ def test_negative_mc_chunk_size():
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize("value", [0, 3, 4])
+def test_coarsest_mask_cells_other_than_one_or_two_are_named(value):
+    config = default.get_config()
+    config.data.synthetic_coarsest_cells = value
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value) == f"data.synthetic_coarsest_cells={value} is not one of (1, 2)"
+    config.data.synthetic_coarsest_cells = 1
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_random_scale_outside_zero_one_is_named(value):
     config = default.get_config()

@@ -20,7 +20,8 @@ One kind per anomaly:
   the image, rotated by up to +-45 degrees, given a new brightness and contrast, and pasted,
   opaque, at another place. Its mask is the rotated rectangle, exactly.
 - Noise-shaped foreign texture (75 %). The mask: smooth value noise (Perlin's quintic fade
-  between random lattice values) with 2^k cells per axis, k drawn per axis from 1..5 and capped
+  between random lattice values) with 2^k cells per axis, k drawn per axis from 1..5 (0..5 with
+  `data.synthetic_coarsest_cells=1`, DRAEM's range: regions up to half the image) and capped
   so that cells are at least 4 pixels, plus an octave at twice the frequency and half the
   weight; rotated by a random angle, standardised per image and thresholded at a random level
   (0.4-2.4 standard deviations), so blobs of many sizes and counts occur. Inside it the image
@@ -63,6 +64,8 @@ import math
 
 import tensorflow as tf
 
+from m2u_jax.config import COARSEST_CELLS
+
 # Anomaly kinds and their probabilities (CutPaste, then the noise-shaped textures by source);
 # KIND_SHADING takes `data.synthetic_shading` of the anomalies and the others share the rest.
 KIND_CUTPASTE, KIND_SELF, KIND_OTHER, KIND_PATTERN, KIND_FLAT, KIND_SHADING = range(6)
@@ -73,7 +76,8 @@ _KIND_PROBS = (0.25, 0.2, 0.2, 0.2, 0.15)
 _SHADING_THRESHOLD_RANGE = (0.0, 1.5)
 _SHADING_EDGE = 0.5
 _SHADING_GAIN_RANGE = (0.04, 0.25)
-# Mask noise: 2^k cells per axis, k in 1.._MAX_NOISE_EXPONENT, cells of >= _MIN_CELL_PIXELS.
+# Mask noise: 2^k cells per axis, k in log2(data.synthetic_coarsest_cells).._MAX_NOISE_EXPONENT,
+# cells of >= _MIN_CELL_PIXELS.
 _MAX_NOISE_EXPONENT = 5
 _MIN_CELL_PIXELS = 4
 _FINE_OCTAVE_WEIGHT = 0.5
@@ -114,6 +118,7 @@ def sample_anomaly_params(
     num_channels: int,
     max_beta: float = MAX_BETA,
     shading: float = 0.0,
+    coarsest_cells: int = 2,
 ) -> dict[str, tf.Tensor]:
     """Random parameters of one example's synthetic anomaly (per-example, stateless).
 
@@ -125,12 +130,14 @@ def sample_anomaly_params(
       max_beta: beta ~ U(0, max_beta); the closer to 1, the subtler the faintest anomalies.
       shading: the fraction of anomalies that are `KIND_SHADING` (0: none, and the draws of
         every other kind are exactly those without the option).
+      coarsest_cells: the fewest mask-noise cells per axis, 1 or 2 (`COARSEST_CELLS`); the
+        draws are the same either way, only their mapping to scales changes.
 
     Returns:
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
       `kind` (int32, `KIND_*`), `beta` (the image's weight inside the mask; 0 for CutPaste),
       `ops` (`[8]` bool, the texture's photometric ops), `uniforms` (`[31]`, see the layout
-      above), `gains` `[C]`, `colours` `[2, C]`, and the noise lattices `noise_coarse`,
+      above), `min_exponent` (log2 of `coarsest_cells`, f32), `gains` `[C]`, `colours` `[2, C]`, and the noise lattices `noise_coarse`,
       `noise_fine`, `noise_pattern` (square, values in [0, 1)).
     """
     uniforms = tf.random.stateless_uniform([_NUM_ANOMALY_UNIFORMS], fold_key(key, 0))
@@ -153,12 +160,15 @@ def sample_anomaly_params(
     kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
     opaque = tf.logical_or(tf.equal(kind, KIND_CUTPASTE), tf.equal(kind, KIND_SHADING))
     beta = tf.where(opaque, 0.0, max_beta * uniforms[16])
+    if coarsest_cells not in COARSEST_CELLS:
+        raise ValueError(f"coarsest_cells={coarsest_cells} is not one of {COARSEST_CELLS}")
     return {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
         "kind": kind,
         "beta": beta,
         "ops": ops,
         "uniforms": uniforms,
+        "min_exponent": tf.constant(math.log2(coarsest_cells), tf.float32),
         "gains": gains,
         "colours": colours,
         **lattices,
@@ -384,10 +394,12 @@ def _noise_exponent_limit(size: int) -> int:
     return min(_MAX_NOISE_EXPONENT, limit)
 
 
-def _noise_cells(uniforms: tf.Tensor, size: int) -> tf.Tensor:
-    """Mask-noise cells per axis, `[n, 2]` (y, x): 2^k, k uniform in 1.._noise_exponent_limit."""
-    max_exponent = _noise_exponent_limit(size)
-    exponents = 1.0 + tf.floor(tf.minimum(uniforms[:, 17:19], 0.999999) * max_exponent)
+def _noise_cells(uniforms: tf.Tensor, size: int, min_exponent=1.0) -> tf.Tensor:
+    """Mask-noise cells per axis, `[n, 2]` (y, x): 2^k, k uniform in
+    `min_exponent` (0 or 1; scalar or `[n]`) .. `_noise_exponent_limit`."""
+    min_exponent = tf.reshape(tf.cast(min_exponent, tf.float32), [-1, 1])
+    scales = _noise_exponent_limit(size) + 1.0 - min_exponent
+    exponents = min_exponent + tf.floor(tf.minimum(uniforms[:, 17:19], 0.999999) * scales)
     return tf.pow(2.0, exponents)
 
 
@@ -397,7 +409,7 @@ def _noise_masks(params: dict[str, tf.Tensor], size: int, shading: bool = False)
     `weights [n, size, size]` rise smoothly from 0 on a mask's edge to 1 in its interior (0
     outside); the other images' masks are the same either way."""
     uniforms = params["uniforms"]
-    cells = _noise_cells(uniforms, size)
+    cells = _noise_cells(uniforms, size, params.get("min_exponent", 1.0))
     if shading:
         is_shading = tf.equal(params["kind"], KIND_SHADING)
         coarse_cells = tf.pow(2.0, 1.0 + tf.floor(tf.minimum(uniforms[:, 17:19], 0.999999) * 2))

@@ -288,6 +288,7 @@ def make_train_dataset(
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
     shading = float(config.data.synthetic_shading)
+    coarsest_cells = int(config.data.synthetic_coarsest_cells)
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
     crop = int(config.data.train_crop)
@@ -318,7 +319,7 @@ def make_train_dataset(
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(
-            key, example["labels"], prob, channels, max_beta, shading
+            key, example["labels"], prob, channels, max_beta, shading, coarsest_cells
         )
         return example, params
 
