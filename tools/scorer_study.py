@@ -6,6 +6,9 @@ On the run's test split, each scorer gives an anomaly map per image; the table r
 AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC and AUPRO:
 
 - `pixel head`: the model's anomaly map (what evaluation reports);
+- `pixel head, tiled` (runs trained on `data.train_crop` crops only): the same head run on
+  overlapping crop-size tiles of the image and stitched (`m2u_jax.predictor`'s tiling, overlap
+  `TILE_OVERLAP`), so the model sees the scale and positions it was trained at;
 - `reconstruction error`: mean |input − reconstruction| over channels;
 - `memory: tokens`, `memory: tokens + detail`, `memory: detail`: nearest-neighbour distance to
   a memory of defect-free training patches (`m2u_jax.feature_memory`) over the fused token grid
@@ -38,8 +41,11 @@ from m2u_jax import evaluate, feature_memory, run_checkpoint, scoring  # noqa: E
 from m2u_jax import metrics as metrics_lib  # noqa: E402
 from m2u_jax import model as model_lib  # noqa: E402
 from m2u_jax import predictions as predictions_lib  # noqa: E402
+from m2u_jax import predictor as predictor_lib  # noqa: E402
 
 PIXEL_HEAD, RECON_ERROR = "pixel head", "reconstruction error"
+TILED_PIXEL_HEAD = "pixel head, tiled"
+TILE_OVERLAP = 0.25  # the Predictor's default
 MEMORY_SETS = {  # scorer name → feature set of `_features`
     "memory: tokens": "tokens",
     "memory: tokens + detail": "tokens_detail",
@@ -99,6 +105,23 @@ def _features(model, variables, images: jax.Array) -> dict[str, jax.Array]:
     return result
 
 
+def tiled_anomaly_maps(model, variables, images: np.ndarray, tile: int) -> np.ndarray:
+    """`[B, S, S]` anomaly maps of `images [B, S, S, C]` predicted on overlapping `tile`-pixel
+    tiles (one batch of B x tiles) and stitched with the Predictor's blending."""
+    size = images.shape[1]
+    starts = predictor_lib.tile_origins(size, tile, TILE_OVERLAP)
+    origins = [(top, left) for top in starts for left in starts]
+    crops = np.concatenate([images[:, t : t + tile, x : x + tile] for t, x in origins])
+    maps = np.asarray(model_lib.predict(model, variables, jnp.asarray(crops))["anomaly_map"])
+    maps = maps.reshape(len(origins), len(images), tile, tile)  # tile-major, as concatenated
+    return np.stack(
+        [
+            predictor_lib.stitch(list(maps[:, i]), origins, size, size, TILE_OVERLAP)
+            for i in range(len(images))
+        ]
+    )
+
+
 def standardise(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """`maps` minus the mean of `reference`'s pixels, divided by their standard deviation."""
     return (maps - reference.mean()) / (reference.std() + 1e-12)
@@ -121,19 +144,31 @@ def run_study(config, workdir: str, step: int | str | None = None) -> tuple[int,
     model = model_lib.build_model(config.model)
     variables = {"params": params}
 
-    def predict(images, batch_index):
-        del batch_index
-        return predictions_lib.to_host(_features(model, variables, jnp.asarray(images)))
+    tile = int(config.data.train_crop)
+
+    def predictor_for(split: str):
+        def predict(images, batch_index):
+            del batch_index
+            result = predictions_lib.to_host(_features(model, variables, jnp.asarray(images)))
+            if tile and split != "train":  # the memories read the train split, maps do not
+                images = np.asarray(images, np.float32)
+                result[TILED_PIXEL_HEAD] = tiled_anomaly_maps(model, variables, images, tile)
+            return result
+
+        return predict
 
     splits = {
-        name: predictions_lib.collect_split(config, name, predict, keep_maps=name == "test")
+        name: predictions_lib.collect_split(
+            config, name, predictor_for(name), keep_maps=name == "test"
+        )
         for name in ("train", "validation", "test")
     }
     train, validation, test = splits["train"], splits["validation"], splits["test"]
     good_train, good_validation = train["labels"] == 0, validation["labels"] == 0
     maps = {
         name: {"validation": validation[name], "test": test[name]}
-        for name in (PIXEL_HEAD, RECON_ERROR)
+        for name in (PIXEL_HEAD, RECON_ERROR, TILED_PIXEL_HEAD)
+        if name in test
     }
     image_hw = test[PIXEL_HEAD].shape[1:]
     for scorer, key in MEMORY_SETS.items():
