@@ -137,9 +137,12 @@ def sample_anomaly_params(
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
       `kind` (int32, `KIND_*`), `beta` (the image's weight inside the mask; 0 for CutPaste),
       `ops` (`[8]` bool, the texture's photometric ops), `uniforms` (`[31]`, see the layout
-      above), `min_exponent` (log2 of `coarsest_cells`, f32), `gains` `[C]`, `colours` `[2, C]`, and the noise lattices `noise_coarse`,
-      `noise_fine`, `noise_pattern` (square, values in [0, 1)).
+      above), `min_exponent` (log2 of `coarsest_cells`, f32), `gains` `[C]`, `colours`
+      `[2, C]`, and the noise lattices `noise_coarse`, `noise_fine`, `noise_pattern` (square,
+      values in [0, 1)).
     """
+    if coarsest_cells not in COARSEST_CELLS:
+        raise ValueError(f"coarsest_cells={coarsest_cells} is not one of {COARSEST_CELLS}")
     uniforms = tf.random.stateless_uniform([_NUM_ANOMALY_UNIFORMS], fold_key(key, 0))
     coarse, fine = _lattice_sizes()
     lattices = {
@@ -160,8 +163,6 @@ def sample_anomaly_params(
     kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
     opaque = tf.logical_or(tf.equal(kind, KIND_CUTPASTE), tf.equal(kind, KIND_SHADING))
     beta = tf.where(opaque, 0.0, max_beta * uniforms[16])
-    if coarsest_cells not in COARSEST_CELLS:
-        raise ValueError(f"coarsest_cells={coarsest_cells} is not one of {COARSEST_CELLS}")
     return {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
         "kind": kind,
