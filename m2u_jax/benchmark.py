@@ -92,7 +92,6 @@ EDGE_UTILIZATION = 0.3
 DEFAULT_MODES = ("train", "infer", "mc")
 # `tiled` mode: the Predictor's default tile overlap, and the targets the JSON is checked
 # against (issue 17: ORT within 1.2x of JAX either way, tiling overhead <= 1.3).
-TILE_OVERLAP = 0.25
 BACKEND_RATIO_TARGET = 1.2
 TILING_OVERHEAD_TARGET = 1.3
 
@@ -658,8 +657,8 @@ def bench_tiled(config: ml_collections.ConfigDict, settings: Settings) -> dict:
     - native: each backend's `Predictor.forward` on host images at the model input (S px):
       `latency_ms_batch1`, and `batch_ms` / `images_per_sec` at B = `eval.batch_size`.
     - tiled: `Predictor.predict` of one `settings.tile_image_size` square image (H = W pixels)
-      with tiling on (`TILE_OVERLAP`, B tiles per forward): cropping, the batches, stitching
-      and box merging, as a user's call runs them: `tiles`, `tiled_ms`.
+      with tiling on (`predictor.TILE_OVERLAP`, B tiles per forward): cropping, the batches,
+      stitching and box merging, as a user's call runs them: `tiles`, `tiled_ms`.
     - `flops_ratio_of_tiles` = tiles x S^2 / (H x W): the model FLOPs of the tiled call over
       those of the image's own pixels at the model's FLOPs per pixel (> 1: the overlaps are
       computed twice).
@@ -699,7 +698,7 @@ def bench_tiled(config: ml_collections.ConfigDict, settings: Settings) -> dict:
 
         def predict_tiled(predictor: predictor_lib.Predictor) -> predictor_lib.Prediction:
             return predictor.predict(
-                [image], batch_size=batch_size, tiling="on", overlap=TILE_OVERLAP
+                [image], batch_size=batch_size, tiling="on", overlap=predictor_lib.TILE_OVERLAP
             )[0]
 
         pairs = dict(
@@ -726,7 +725,7 @@ def bench_tiled(config: ml_collections.ConfigDict, settings: Settings) -> dict:
         image_size=size,
         batch_size=batch_size,
         tile_image_size=side,
-        overlap=TILE_OVERLAP,
+        overlap=predictor_lib.TILE_OVERLAP,
         tiles=tiles,
         flops_ratio_of_tiles=tiles * size**2 / side**2,
         jax=backends["jax"],

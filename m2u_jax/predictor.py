@@ -138,6 +138,9 @@ def _resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- tiling
 
 
+TILE_OVERLAP = 0.25  # default fraction of a tile shared with each neighbour
+
+
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets of tiles of `tile` pixels covering `length` with at least `overlap`
     (fraction of a tile) shared by neighbours; the last tile ends at `length`."""
@@ -348,7 +351,7 @@ class Predictor:
         *,
         batch_size: int = 8,
         tiling: str = "off",
-        overlap: float = 0.25,
+        overlap: float = TILE_OVERLAP,
     ) -> list[Prediction]:
         """Predictions for image paths or `[H, W, C]` float arrays in [0, 1] (module
         docstring). `tiling`: 'off' resizes every image, 'auto' tiles images larger than the
@@ -358,7 +361,7 @@ class Predictor:
         )
 
     def iter_predict(
-        self, inputs, *, batch_size: int = 8, tiling: str = "off", overlap: float = 0.25
+        self, inputs, *, batch_size: int = 8, tiling: str = "off", overlap: float = TILE_OVERLAP
     ) -> Iterator[Prediction]:
         """`predict`, one image at a time (for progress bars over long folders)."""
         if tiling not in TILING_MODES:

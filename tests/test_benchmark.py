@@ -253,7 +253,7 @@ def test_edge_mode_projects_from_the_exported_graph_flops():
 def test_tiled_mode_times_the_predictor_on_both_backends(tmp_path, capsys):
     """JAX and ONNX Runtime through the Predictor at the model input (32 px) and on an 80 px
     image tiled with the Predictor's own tiling: the CLI's JSON and table, in process."""
-    from m2u_jax.predictor import tile_origins
+    from m2u_jax.predictor import TILE_OVERLAP, tile_origins
 
     out = tmp_path / "tiled.json"
     argv = ["--config", str(REPO_ROOT / "configs" / "tiny.py"), "--modes", "tiled"]
@@ -263,7 +263,7 @@ def test_tiled_mode_times_the_predictor_on_both_backends(tmp_path, capsys):
     stdout = capsys.readouterr().out
     results = json.loads(out.read_text())
     tiled = results["tiled"]
-    tiles = len(tile_origins(80, 32, benchmark.TILE_OVERLAP)) ** 2
+    tiles = len(tile_origins(80, 32, TILE_OVERLAP)) ** 2
     assert tiled["tiles"] == tiles == 9  # 3 x 3 tiles of 32 px at origins 0, 24, 48
     assert (tiled["image_size"], tiled["batch_size"], tiled["tile_image_size"]) == (32, 8, 80)
     assert tiled["flops_ratio_of_tiles"] == pytest.approx(9 * 32**2 / 80**2)

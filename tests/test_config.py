@@ -104,25 +104,23 @@ def test_negative_mc_chunk_size():
         config_lib.validate(config)
 
 
-@pytest.mark.parametrize("value", [0, 3, 4])
-def test_coarsest_mask_cells_other_than_one_or_two_are_named(value):
+@pytest.mark.parametrize(
+    "section, key, value, message, good",
+    [
+        ("data", "synthetic_coarsest_cells", 0, "is not one of (1, 2)", 1),
+        ("data", "synthetic_coarsest_cells", 3, "is not one of (1, 2)", 1),
+        ("data", "synthetic_coarsest_cells", 4, "is not one of (1, 2)", 1),
+        ("data", "random_scale", -0.1, "must be in [0, 1) (0 = off)", 0.5),
+        ("data", "random_scale", 1.0, "must be in [0, 1) (0 = off)", 0.5),
+    ],
+)
+def test_a_data_option_out_of_its_set_is_named_in_one_line(section, key, value, message, good):
     config = default.get_config()
-    config.data.synthetic_coarsest_cells = value
+    config[section][key] = value
     with pytest.raises(config_lib.ConfigError) as raised:
         config_lib.validate(config)
-    assert str(raised.value) == f"data.synthetic_coarsest_cells={value} is not one of (1, 2)"
-    config.data.synthetic_coarsest_cells = 1
-    config_lib.validate(config)
-
-
-@pytest.mark.parametrize("value", [-0.1, 1.0])
-def test_random_scale_outside_zero_one_is_named(value):
-    config = default.get_config()
-    config.data.random_scale = value
-    with pytest.raises(config_lib.ConfigError) as raised:
-        config_lib.validate(config)
-    assert str(raised.value) == f"data.random_scale={value} must be in [0, 1) (0 = off)"
-    config.data.random_scale = 0.5
+    assert str(raised.value) == f"{section}.{key}={value} {message}"
+    config[section][key] = good
     config_lib.validate(config)
 
 

@@ -31,7 +31,7 @@ def test_tiled_maps_are_the_tiles_maps_stitched():
     whole = scorer_study.tiled_anomaly_maps(model, variables, images, 32)
     np.testing.assert_allclose(whole, head(images), atol=1e-6)
     # 16-px tiles at overlap 0.25: origins 0, 8, 16 per axis (stride 12, spread evenly).
-    assert predictor.tile_origins(32, 16, scorer_study.TILE_OVERLAP) == [0, 8, 16]
+    assert predictor.tile_origins(32, 16, predictor.TILE_OVERLAP) == [0, 8, 16]
     tiled = scorer_study.tiled_anomaly_maps(model, variables, images, 16)
     assert tiled.shape == (2, 32, 32)
     first, last = head(images[:, :16, :16]), head(images[:, 16:, 16:])

@@ -8,7 +8,7 @@ AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC 
 - `pixel head`: the model's anomaly map (what evaluation reports);
 - `pixel head, tiled` (runs trained on `data.train_crop` crops only): the same head run on
   overlapping crop-size tiles of the image and stitched (`m2u_jax.predictor`'s tiling, overlap
-  `TILE_OVERLAP`), so the model sees the scale and positions it was trained at;
+  `predictor.TILE_OVERLAP`), so the model sees the scale and positions it was trained at;
 - `reconstruction error`: mean |input − reconstruction| over channels;
 - `memory: tokens`, `memory: tokens + detail`, `memory: detail`: nearest-neighbour distance to
   a memory of defect-free training patches (`m2u_jax.feature_memory`) over the fused token grid
@@ -45,7 +45,6 @@ from m2u_jax import predictor as predictor_lib  # noqa: E402
 
 PIXEL_HEAD, RECON_ERROR = "pixel head", "reconstruction error"
 TILED_PIXEL_HEAD = "pixel head, tiled"
-TILE_OVERLAP = 0.25  # the Predictor's default
 MEMORY_SETS = {  # scorer name → feature set of `_features`
     "memory: tokens": "tokens",
     "memory: tokens + detail": "tokens_detail",
@@ -109,14 +108,14 @@ def tiled_anomaly_maps(model, variables, images: np.ndarray, tile: int) -> np.nd
     """`[B, S, S]` anomaly maps of `images [B, S, S, C]` predicted on overlapping `tile`-pixel
     tiles (one batch of B x tiles) and stitched with the Predictor's blending."""
     size = images.shape[1]
-    starts = predictor_lib.tile_origins(size, tile, TILE_OVERLAP)
+    starts = predictor_lib.tile_origins(size, tile, predictor_lib.TILE_OVERLAP)
     origins = [(top, left) for top in starts for left in starts]
     crops = np.concatenate([images[:, t : t + tile, x : x + tile] for t, x in origins])
     maps = np.asarray(model_lib.predict(model, variables, jnp.asarray(crops))["anomaly_map"])
     maps = maps.reshape(len(origins), len(images), tile, tile)  # tile-major, as concatenated
     return np.stack(
         [
-            predictor_lib.stitch(list(maps[:, i]), origins, size, size, TILE_OVERLAP)
+            predictor_lib.stitch(list(maps[:, i]), origins, size, size, predictor_lib.TILE_OVERLAP)
             for i in range(len(images))
         ]
     )
