@@ -625,6 +625,8 @@ def evaluate(
         # The uncertainty's source: T MC-dropout samples, or (T = 1) E ensemble members.
         "num_mc_samples": 1 if members else int(config.eval.num_mc_samples),
         "ensemble_members": 1 + len(members),
+        # The scores were means over this many flipped views (model.test_time_flips).
+        "test_time_flips": int(config.model.test_time_flips),
         "image_decision_threshold": image["threshold"],
         "mc_decision_threshold": mc_threshold,
         "threshold_rule": image["threshold_rule"],

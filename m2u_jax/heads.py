@@ -246,6 +246,10 @@ class AnomalyDecoder(TokenGeometry):
         return nn.silu(nn.Conv(width, (3, 3), name="compare_merge", **conv)(merged))
 
 
+# The detection outputs with a leading batch axis; `points` and `strides` are per anchor.
+PER_IMAGE_DET_KEYS = ("obj_logits", "cls_logits", "box_ltrb")
+
+
 class DetectionHead(TokenGeometry):
     """YOLO-style anchor-free head at `strides` (≥ 1 level; pixels).
 

@@ -16,7 +16,9 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
 - `method=M2UNet.embed`: images → pooled backbone embedding `[B, D]` only (contrastive
   pretraining; skips the heads).
 - `method=M2UNet.predict` or `predict(model, variables, images)`: deterministic inference →
-  anomaly map, image score and post-processed boxes.
+  anomaly map, image score and post-processed boxes. With `test_time_flips` > 1 the anomaly,
+  image and type probabilities are the means over the image and its flips (`flip_views`,
+  `merge_flip_views`); the boxes are the unflipped image's.
 
 Image score (`image_score`): `(1 - w) * map score + w * sigmoid(image_logits)` with
 w = `image_score_classifier`; the map score is the mean of the top-k pixel probabilities,
@@ -36,6 +38,7 @@ import ml_collections
 
 from m2u_jax import boxes, scoring
 from m2u_jax.heads import (
+    PER_IMAGE_DET_KEYS,
     AnomalyDecoder,
     DetailStem,
     DetectionHead,
@@ -47,6 +50,68 @@ from m2u_jax.modalities import MODALITY_CHANNELS, num_channels, split_list
 from m2u_jax.vit import VARIANTS, Backbone, stream_grids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# `model.test_time_flips` → the views of an image whose predictions are averaged, each as the
+# axes of `[B, H, W, C]` it reverses: 2 = left-right, 1 = up-down. Flips, not 90° turns, so that
+# non-square inputs keep their shape.
+FLIP_VIEWS = {1: ((),), 2: ((), (2,)), 4: ((), (2,), (1,), (1, 2))}
+
+
+def flip_views(images: jax.Array, count: int) -> jax.Array:
+    """images `[B, H, W, C]` → `[count·B, H, W, C]`: the views of `FLIP_VIEWS[count]`, view-major
+    (the images themselves first)."""
+    if count == 1:
+        return images
+    views = [jnp.flip(images, axes) if axes else images for axes in FLIP_VIEWS[count]]
+    # Stacked then reshaped, not concatenated: jax2onnx 0.17 gives a concatenation of symbolic
+    # batches the symbolic batch of one (a dynamic-batch export then fails to split the views).
+    return jnp.stack(views).reshape(-1, *images.shape[1:])
+
+
+def _logsumexp0(values: jax.Array) -> jax.Array:
+    """log Σ exp over axis 0 of finite values. Written out: jax.nn.logsumexp guards infinities
+    with IsInf, which the TensorRT 8.5 ONNX parser rejects."""
+    peak = jax.lax.stop_gradient(jnp.max(values, axis=0))
+    return peak + jnp.log(jnp.sum(jnp.exp(values - peak), axis=0))
+
+
+def _mean_probability_logit(logits: jax.Array) -> jax.Array:
+    """`[V, ...]` logits → the logit of the mean of their sigmoids over V, computed exactly in
+    log space: log mean σ(x) − log mean σ(−x) = LSE log σ(x) − LSE log σ(−x)."""
+    return _logsumexp0(jax.nn.log_sigmoid(logits)) - _logsumexp0(jax.nn.log_sigmoid(-logits))
+
+
+def merge_flip_views(outputs: dict, count: int) -> dict:
+    """The outputs of `flip_views(images, count)` (leading axis count·B) → outputs for the B
+    images: `pixel_logits` (each map flipped back), `image_logits` and `type_logits` are the
+    logits of the views' mean probabilities (float32); every other output (boxes,
+    reconstruction, embedding) is the unflipped view's."""
+    if count == 1:
+        return outputs
+
+    def by_view(value: jax.Array) -> jax.Array:  # [count·B, ...] → [count, B, ...]
+        # -1, not B = count·B // count: the batch may be symbolic (a dynamic-batch export).
+        return value.reshape(count, -1, *value.shape[1:])
+
+    merged = {name: by_view(value)[0] for name, value in outputs.items() if name != "det"}
+    merged["det"] = {
+        name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
+        for name, value in outputs["det"].items()
+    }
+    logits = {
+        name: by_view(outputs[name].astype(jnp.float32))
+        for name in ("pixel_logits", "image_logits", "type_logits")
+    }
+    maps = [
+        jnp.flip(view, axes) if axes else view
+        for view, axes in zip(logits["pixel_logits"], FLIP_VIEWS[count], strict=True)
+    ]
+    merged["pixel_logits"] = _mean_probability_logit(jnp.stack(maps))
+    merged["image_logits"] = _mean_probability_logit(logits["image_logits"])
+    # log of the mean class distribution (softmax ignores the constant log count).
+    log_probs = jax.nn.log_softmax(logits["type_logits"], axis=-1)
+    merged["type_logits"] = _logsumexp0(log_probs) - jnp.log(float(count))
+    return merged
 
 
 def image_score(
@@ -112,6 +177,7 @@ class M2UNet(nn.Module):
     image_score_topk: float = 0.01
     image_score_smoothing: int = 1
     image_score_classifier: float = 0.5
+    test_time_flips: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -325,10 +391,11 @@ class M2UNet(nn.Module):
         """Deterministic inference → `anomaly_map [B, H, W]` (sigmoid of the pixel logits),
         `image_score [B]`, `image_prob [B]` (sigmoid(image_logits)), `type_probs [B, K+1]`,
         and post-processed boxes: `boxes_xyxy [B, M, 4]`, `box_scores [B, M]`,
-        `box_classes [B, M]`, `box_valid [B, M]` (M = det_max_detections)."""
-        outputs, _ = self(images, train=False)
+        `box_classes [B, M]`, `box_valid [B, M]` (M = det_max_detections). With
+        `test_time_flips` > 1 the probabilities are means over the flips (`merge_flip_views`)."""
+        outputs, _ = self(flip_views(images, self.test_time_flips), train=False)
         return predictions_from_outputs(
-            outputs,
+            merge_flip_views(outputs, self.test_time_flips),
             score_kwargs=self.score_kwargs,
             max_detections=self.det_max_detections,
             iou_threshold=self.det_iou_threshold,
@@ -401,6 +468,11 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
             "must be resolved before the model is built (train.py does; eval and export read "
             "the run's config.json)"
         )
+    if model_config.test_time_flips not in FLIP_VIEWS:
+        raise ValueError(
+            f"model.test_time_flips={model_config.test_time_flips!r} is not one of "
+            f"{sorted(FLIP_VIEWS)}"
+        )
     variant = VARIANTS[model_config.variant]
     if not 0 <= model_config.mc_dropout_blocks <= variant["depth"]:
         raise ValueError(
@@ -436,6 +508,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         image_score_topk=float(model_config.image_score_topk),
         image_score_smoothing=int(model_config.image_score_smoothing),
         image_score_classifier=float(model_config.image_score_classifier),
+        test_time_flips=int(model_config.test_time_flips),
         dtype=DTYPES[model_config.dtype],
         param_dtype=DTYPES[model_config.param_dtype],
     )

@@ -251,6 +251,45 @@ def test_inference_fn_mc_statistics_match_uncertainty_module(config, params, ima
     np.testing.assert_allclose(alone["anomaly_map"], outputs["anomaly_map"][2:3], atol=1e-6)
 
 
+def test_flips_in_the_graph_average_the_views_and_pass_parity(config, params, images, tmp_path):
+    flipped = config.copy_and_resolve_references()
+    flipped.model.test_time_flips = 4
+    model, export_params = export_graph.build_export_model(flipped.model, params)
+
+    def exported(mc_samples):
+        fn = export_graph.make_inference_fn(model, export_params, num_mc_samples=mc_samples)
+        return jax.jit(lambda images: dict(zip(interface.OUTPUT_NAMES, fn(images))))
+
+    # T = 1: the graph computes M2UNet.predict with its flips.
+    expected = model_lib.predict(
+        model_lib.build_model(flipped.model), {"params": params}, jnp.asarray(images)
+    )
+    outputs = exported(1)(images)
+    np.testing.assert_allclose(outputs["anomaly_map"], expected["anomaly_map"], atol=1e-6)
+    np.testing.assert_allclose(outputs["image_score"], expected["image_score"], atol=1e-6)
+    np.testing.assert_allclose(outputs["boxes"], expected["boxes_xyxy"], atol=1e-4)
+    # T = 4: a copy's views share its dropout masks, so the map is the mean over the four views
+    # of the flip-free graph's maps, each flipped back; the boxes are the flip-free graph's.
+    outputs = exported(4)(images)
+    plain = _reference(config, params, 4)
+    maps = [
+        plain(images)["anomaly_map"],
+        plain(images[:, :, ::-1])["anomaly_map"][:, :, ::-1],
+        plain(images[:, ::-1])["anomaly_map"][:, ::-1],
+        plain(images[:, ::-1, ::-1])["anomaly_map"][:, ::-1, ::-1],
+    ]
+    np.testing.assert_allclose(outputs["anomaly_map"], sum(maps) / 4, atol=1e-6)
+    assert not np.allclose(outputs["anomaly_map"], maps[0], atol=1e-4)
+    np.testing.assert_allclose(outputs["boxes"], plain(images)["boxes"], atol=1e-4)
+    assert np.all(outputs["uncertainty"] > 1e-7)
+    # ONNX with a dynamic batch: the reshapes by the view count keep the batch free.
+    output = str(tmp_path / "flips.onnx")
+    report = convert.convert(
+        flipped, {"params": params}, output, batch=None, mc_samples=4, parity_count=4
+    )
+    assert report["passed"], report
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -855,6 +894,18 @@ def test_calibration_metadata_reads_thresholds_and_warns(config, tmp_path):
         "calibrated with 1 deep-ensemble member(s) but the graph is exported with 3"
         in (warnings[0])
     )
+    # A graph averaging flips the calibration did not have (files before the key: 1 view).
+    flipped = one_class.copy_and_resolve_references()
+    flipped.test_time_flips = 4
+    _, warnings = convert.calibration_metadata(
+        flipped, workdir=str(run), mc_samples=4, checkpoint_step=8
+    )
+    assert warnings == [
+        f"WARNING: the thresholds in {run / 'eval' / 'thresholds.json'} were calibrated on "
+        "scores averaged over 1 flipped view(s) but the graph averages 4: the score scale "
+        "differs; export with --config.model.test_time_flips=1, or recalibrate with "
+        f"`python eval.py --workdir {run} --config.model.test_time_flips=4`"
+    ]
     # --thresholds FILE overrides the run's file; another T than the export's is a warning.
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(thresholds, score_threshold=0.5, class_names=["crack"])))

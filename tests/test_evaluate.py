@@ -584,7 +584,7 @@ def test_review_queue_follows_the_validation_policy(evaluated_run):
     assert thresholds["uncertainty_threshold"] == pytest.approx(policy["uncertainty_threshold"])
     assert thresholds["uncertainty_measure"] == "score_var"
     assert thresholds["budget"] == config.eval.review_budget
-    assert thresholds["checkpoint_step"] == 2
+    assert thresholds["checkpoint_step"] == 2 and thresholds["test_time_flips"] == 1
     assert thresholds["class_names"] == ["defect"]  # unsupervised: the class-agnostic class
 
     lines = [json.loads(line) for line in open(os.path.join(out_dir, "review_queue.jsonl"))]

@@ -73,6 +73,7 @@ def test_build_model_reads_config():
         ("attention", "flash", "model.attention='flash'"),
         ("posemb", "rope", "model.posemb='rope'"),
         ("mc_dropout_blocks", 3, "model.mc_dropout_blocks=3"),
+        ("test_time_flips", 3, "model.test_time_flips=3 is not one of"),
     ],
 )
 def test_build_model_rejects_bad_values(key, value, message):
@@ -314,6 +315,48 @@ def test_predict(setup, images):
     valid = np.asarray(predictions["box_valid"])
     scores = np.asarray(predictions["box_scores"])
     assert np.all(scores[valid] >= model.det_score_threshold)
+
+
+def test_merge_flip_views_hand_case():
+    """Two views of one 1x2 map: the left-right view's map is flipped back, then the pixel,
+    image and type probabilities are averaged; boxes come from the unflipped view."""
+    pixel = np.log(np.array([[[[0.2 / 0.8, 0.6 / 0.4]]], [[[0.9 / 0.1, 0.4 / 0.6]]]], np.float32))
+    outputs = dict(
+        pixel_logits=jnp.asarray(pixel.reshape(2, 1, 2)),  # view 0: (0.2, 0.6); view 1: (0.9, 0.4)
+        image_logits=jnp.log(jnp.asarray([0.5 / 0.5, 0.9 / 0.1])),  # p = 0.5, 0.9
+        type_logits=jnp.log(jnp.asarray([[0.5, 0.5], [0.1, 0.9]])),  # softmax = these
+        det=dict(box_ltrb=jnp.asarray([[1.0], [2.0]])),
+    )
+    merged = model_lib.merge_flip_views(outputs, 2)
+    # Pixel (0, 0) pairs view 0's 0.2 with view 1's flipped-back 0.4: mean 0.3; (0, 1): 0.75.
+    np.testing.assert_allclose(jax.nn.sigmoid(merged["pixel_logits"]), [[[0.3, 0.75]]], atol=1e-6)
+    np.testing.assert_allclose(jax.nn.sigmoid(merged["image_logits"]), [0.7], atol=1e-6)
+    np.testing.assert_allclose(jax.nn.softmax(merged["type_logits"]), [[0.3, 0.7]], atol=1e-6)
+    np.testing.assert_array_equal(merged["det"]["box_ltrb"], [[1.0]])
+    assert model_lib.merge_flip_views(outputs, 1) is outputs
+
+
+def test_predict_with_flips_averages_the_flipped_images_maps(setup, images):
+    model, variables, forward = setup
+    flipped = model.clone(test_time_flips=4)
+    predictions = model_lib.predict(flipped, variables, images)
+    views = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    maps = [jax.nn.sigmoid(forward(variables, view)[0]["pixel_logits"]) for view in views]
+    maps = [maps[0], maps[1][:, :, ::-1], maps[2][:, ::-1], maps[3][:, ::-1, ::-1]]
+    expected = sum(maps) / 4
+    np.testing.assert_allclose(predictions["anomaly_map"], expected, atol=1e-5)
+    assert not np.allclose(expected, maps[0], atol=1e-3)  # the views do differ
+    plain = model_lib.predict(model, variables, images)
+    np.testing.assert_allclose(predictions["boxes_xyxy"], plain["boxes_xyxy"], atol=1e-5)
+    # The image score is the model's rule applied to the averaged map (top 1 %, half classifier).
+    image_probs = (
+        sum(jax.nn.sigmoid(forward(variables, view)[0]["image_logits"]) for view in views) / 4
+    )
+    k = max(1, round(model.image_score_topk * expected[0].size))
+    top = np.sort(np.asarray(expected).reshape(BATCH, -1), axis=1)[:, -k:].mean(axis=1)
+    np.testing.assert_allclose(
+        predictions["image_score"], 0.5 * top + 0.5 * np.asarray(image_probs), atol=1e-5
+    )
 
 
 # Full-model parameters per variant for configs/default.py with only model.variant changed

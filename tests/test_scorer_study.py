@@ -68,6 +68,7 @@ def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
     expected = {
         "pixel head",
         "pixel head, tiled",
+        "pixel head, 4 flips",
         "reconstruction error",
         "memory: tokens",
         "memory: tokens + detail",
@@ -79,6 +80,13 @@ def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
     pixel = results["pixel head"]
     assert pixel["pixel_auroc"] == pytest.approx(evaluated["pixel"]["auroc"], abs=1e-5)
     assert pixel["aupro"] == pytest.approx(evaluated["pixel"]["aupro"], abs=1e-5)
+    # The flips row is what evaluation reports under model.test_time_flips=4.
+    config.model.test_time_flips = 4
+    flipped = evaluate.evaluate(config, workdir, with_speed=False)
+    flips = results["pixel head, 4 flips"]
+    assert flips["pixel_auroc"] == pytest.approx(flipped["pixel"]["auroc"], abs=1e-5)
+    assert flips["aupro"] == pytest.approx(flipped["pixel"]["aupro"], abs=1e-5)
+    assert flips["pixel_auroc"] != pytest.approx(pixel["pixel_auroc"], abs=1e-6)
     for row in results.values():
         for value in row.values():
             assert 0.0 <= value <= 1.0

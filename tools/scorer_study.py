@@ -9,6 +9,8 @@ AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC 
 - `pixel head, tiled` (runs trained on `data.train_crop` crops only): the same head run on
   overlapping crop-size tiles of the image and stitched (`m2u_jax.predictor`'s tiling, overlap
   `predictor.TILE_OVERLAP`), so the model sees the scale and positions it was trained at;
+- `pixel head, 4 flips`: the mean of the head's maps of the image and its three flips
+  (`model.test_time_flips=4`, whatever the run's own setting);
 - `reconstruction error`: mean |input − reconstruction| over channels;
 - `memory: tokens`, `memory: tokens + detail`, `memory: detail`: nearest-neighbour distance to
   a memory of defect-free training patches (`m2u_jax.feature_memory`) over the fused token grid
@@ -45,6 +47,7 @@ from m2u_jax import predictor as predictor_lib  # noqa: E402
 
 PIXEL_HEAD, RECON_ERROR = "pixel head", "reconstruction error"
 TILED_PIXEL_HEAD = "pixel head, tiled"
+FLIPPED_PIXEL_HEAD = "pixel head, 4 flips"
 MEMORY_SETS = {  # scorer name → feature set of `_features`
     "memory: tokens": "tokens",
     "memory: tokens + detail": "tokens_detail",
@@ -143,12 +146,17 @@ def run_study(config, workdir: str, step: int | str | None = None) -> tuple[int,
     model = model_lib.build_model(config.model)
     variables = {"params": params}
 
+    flipped = model.clone(test_time_flips=4)
     tile = int(config.data.train_crop)
 
     def predictor_for(split: str):
         def predict(images, batch_index):
             del batch_index
             result = predictions_lib.to_host(_features(model, variables, jnp.asarray(images)))
+            if split != "train":
+                result[FLIPPED_PIXEL_HEAD] = np.asarray(
+                    model_lib.predict(flipped, variables, jnp.asarray(images))["anomaly_map"]
+                )
             if tile and split != "train":  # the memories read the train split, maps do not
                 images = np.asarray(images, np.float32)
                 result[TILED_PIXEL_HEAD] = tiled_anomaly_maps(model, variables, images, tile)
@@ -166,7 +174,7 @@ def run_study(config, workdir: str, step: int | str | None = None) -> tuple[int,
     good_train, good_validation = train["labels"] == 0, validation["labels"] == 0
     maps = {
         name: {"validation": validation[name], "test": test[name]}
-        for name in (PIXEL_HEAD, RECON_ERROR, TILED_PIXEL_HEAD)
+        for name in (PIXEL_HEAD, RECON_ERROR, TILED_PIXEL_HEAD, FLIPPED_PIXEL_HEAD)
         if name in test
     }
     image_hw = test[PIXEL_HEAD].shape[1:]

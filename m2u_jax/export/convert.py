@@ -152,8 +152,9 @@ def calibration_metadata(
     (the model then carries no thresholds and the runner refuses it without --thresholds), a
     calibrated T other than the exported `mc_samples` (the variance scale changes with T), a
     calibrated checkpoint other than `checkpoint_step`, another deep-ensemble size than
-    `ensemble_members`. Raises FileNotFoundError for a missing
-    explicit `thresholds_path`, ValueError for a malformed file."""
+    `ensemble_members`, another `model.test_time_flips` than `model_config`'s. Raises
+    FileNotFoundError for a missing explicit `thresholds_path`, ValueError for a malformed
+    file."""
     num_classes = int(model_config.num_defect_classes)
     fallback = default_class_names(num_classes)
     if thresholds_path is None:
@@ -197,6 +198,16 @@ def calibration_metadata(
                 + f"; export with --mc-samples {calibrated_samples}, or recalibrate with "
                 f"`python eval.py --workdir {run} --config.eval.num_mc_samples={mc_samples}`"
             )
+    calibrated_flips = int(data.get("test_time_flips", 1))
+    if calibrated_flips != int(model_config.test_time_flips):
+        warnings.append(
+            f"WARNING: the thresholds in {path} were calibrated on scores averaged over "
+            f"{calibrated_flips} flipped view(s) but the graph averages "
+            f"{model_config.test_time_flips}: the score scale differs; export with "
+            f"--config.model.test_time_flips={calibrated_flips}, or recalibrate with "
+            f"`python eval.py --workdir {run} "
+            f"--config.model.test_time_flips={model_config.test_time_flips}`"
+        )
     calibrated_members = int(data.get("ensemble_members", 1))
     if calibrated_members != int(ensemble_members):
         warnings.append(

@@ -25,6 +25,7 @@ import numpy as np
 
 from m2u_jax import boxes
 from m2u_jax import model as model_lib
+from m2u_jax.heads import PER_IMAGE_DET_KEYS
 from m2u_jax.vit import unroll_scanned_params
 
 # Attention forms of the exported graph (`model.attention`): 'matmul' exports as MatMul +
@@ -176,11 +177,18 @@ def inference_with_params(
     if num_mc_samples < 1:
         raise ValueError(f"--mc-samples must be >= 1, got {num_mc_samples}")
 
+    views = model.test_time_flips
+
     def inference(params: dict, images: jax.Array) -> tuple[jax.Array, ...]:
         variables = {"params": params}
         image_hw = tuple(int(size) for size in images.shape[1:3])
         with fixed_dropout(num_mc_samples, mc_seed):
-            tokens, _ = model.apply(variables, images, train=False, method=model_lib.M2UNet.trunk)
+            tokens, _ = model.apply(
+                variables,
+                model_lib.flip_views(images, views),
+                train=False,
+                method=model_lib.M2UNet.trunk,
+            )
             if num_mc_samples == 1:
                 outputs, _ = model.apply(
                     variables,
@@ -190,7 +198,7 @@ def inference_with_params(
                     method=model_lib.M2UNet.stochastic_tail,
                 )
                 predictions = model_lib.predictions_from_outputs(
-                    outputs,
+                    model_lib.merge_flip_views(outputs, views),
                     score_kwargs=model.score_kwargs,
                     max_detections=model.det_max_detections,
                     iou_threshold=model.det_iou_threshold,
@@ -212,6 +220,7 @@ def inference_with_params(
                     train=True,
                     method=model_lib.M2UNet.stochastic_tail,
                 )
+                outputs = _merge_flips_per_copy(outputs, copies, views)
                 scores = model_lib.image_score(outputs, **model.score_kwargs)
                 scores = _first_axis_copies(scores, copies)[1:]  # [T, N]
                 maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))
@@ -221,7 +230,7 @@ def inference_with_params(
                 # tf2onnx turns into arithmetic with NaN (NaN * 0 = NaN).
                 uncertainty = jnp.mean(jnp.square(scores - image_score), axis=0)
                 det = dict(outputs["det"])
-                for key in ("obj_logits", "cls_logits", "box_ltrb"):
+                for key in PER_IMAGE_DET_KEYS:
                     det[key] = _first_axis_copies(det[key], copies)[0]
                 detections = boxes.postprocess(
                     det,
@@ -246,6 +255,22 @@ def inference_with_params(
         )
 
     return inference
+
+
+def _merge_flips_per_copy(outputs: dict, copies: int, views: int) -> dict:
+    """Tail outputs of `copies` tiled copies of the `views`·N flipped images (copy-major) → the
+    outputs of `copies` copies of the N images, each copy's views merged
+    (`model.merge_flip_views`)."""
+    if views == 1:
+        return outputs
+    # What the MC statistics and the boxes read (the reconstruction and embedding are not).
+    batched = {name: outputs[name] for name in ("pixel_logits", "image_logits", "type_logits")}
+    batched["det"] = {name: outputs["det"][name] for name in PER_IMAGE_DET_KEYS}
+    per_copy = jax.tree.map(lambda value: _first_axis_copies(value, copies), batched)
+    merged = jax.vmap(lambda copy: model_lib.merge_flip_views(copy, views))(per_copy)
+    merged = jax.tree.map(lambda value: value.reshape(-1, *value.shape[2:]), merged)
+    merged["det"].update(points=outputs["det"]["points"], strides=outputs["det"]["strides"])
+    return merged
 
 
 def build_export_model(
