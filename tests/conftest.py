@@ -1,5 +1,6 @@
 """Test-wide setup: 8 fake CPU devices so sharding is exercised, quiet TensorFlow, and one
-persistent XLA compilation cache for the whole run."""
+persistent XLA compilation cache shared by every process of a run (kept between runs by `make
+test`)."""
 
 import os
 import shutil
@@ -17,16 +18,17 @@ if "xla_backend_optimization_level" not in _flags:
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# One persistent compilation cache for the run: the pytest process that loads this first makes
-# the folder, and the xdist workers and every subprocess (train.py, eval.py, the study tools)
-# inherit it through the environment, so the tiny programs that many tests and subprocesses
-# compile (the tiny config's train steps, evaluation, export) compile once per run. Programs
-# that compile in under 0.2 s (eager ops, small tests) are not worth a file each.
+# One persistent compilation cache: the xdist workers and every subprocess (train.py, eval.py,
+# the study tools) inherit it through the environment, so the tiny programs that many tests and
+# subprocesses compile (the tiny config's train steps, evaluation, export) compile once. `make
+# test` names a folder kept between runs (Makefile); without one, the pytest process that loads
+# this first makes a folder for the run and removes it at the end. Programs that compile in under
+# 0.2 s (eager ops, small tests) are not worth a file each.
 _CACHE_CREATED = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _CACHE_CREATED:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="m2u-tests-xla-cache-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_unconfigure(config):
