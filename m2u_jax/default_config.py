@@ -75,8 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.image_score_topk = 0.01  # Fraction of pixels averaged (top-k) for the map-based score.
     model.image_score_smoothing = 1  # Mean-filter width (px) on the map before top-k; 1 = off.
     model.image_score_classifier = 0.5  # Weight of the image head in the score (rest: the map).
-    # Evaluation, Predictor and export average the anomaly, image and type probabilities over
-    # the image and its flips; the boxes and the MC-dropout statistics are the unflipped image's.
+    # Evaluation (MC-dropout and ensemble statistics too), Predictor and export average the
+    # anomaly, image and type probabilities over the image and its flips; boxes: unflipped.
     model.test_time_flips = 1  # 1 = off | 2 = + left-right | 4 = + up-down, both (4x inference).
     model.projection_dim = 128  # Output size of the contrastive projection/predictor MLPs.
 

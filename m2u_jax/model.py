@@ -82,10 +82,11 @@ def _mean_probability_logit(logits: jax.Array) -> jax.Array:
 
 
 def merge_flip_views(outputs: dict, count: int) -> dict:
-    """The outputs of `flip_views(images, count)` (leading axis count·B) → outputs for the B
-    images: `pixel_logits` (each map flipped back), `image_logits` and `type_logits` are the
-    logits of the views' mean probabilities (float32); every other output (boxes,
-    reconstruction, embedding) is the unflipped view's."""
+    """The outputs of `flip_views(images, count)` (leading axis count·B; `pixel_logits`,
+    `image_logits`, `type_logits` and optionally the rest) → outputs for the B images:
+    `pixel_logits` (each map flipped back), `image_logits` and `type_logits` are the logits of
+    the views' mean probabilities (float32); every other output (boxes, reconstruction,
+    embedding) is the unflipped view's."""
     if count == 1:
         return outputs
 
@@ -94,10 +95,11 @@ def merge_flip_views(outputs: dict, count: int) -> dict:
         return value.reshape(count, -1, *value.shape[1:])
 
     merged = {name: by_view(value)[0] for name, value in outputs.items() if name != "det"}
-    merged["det"] = {
-        name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
-        for name, value in outputs["det"].items()
-    }
+    if "det" in outputs:  # (MC-dropout samples of the heads carry no boxes)
+        merged["det"] = {
+            name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
+            for name, value in outputs["det"].items()
+        }
     logits = {
         name: by_view(outputs[name].astype(jnp.float32))
         for name in ("pixel_logits", "image_logits", "type_logits")

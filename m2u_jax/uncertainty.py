@@ -23,6 +23,10 @@ Per image, the statistics treat the image score `p_t` of every sample (see
 - `mutual_info` = H(score_mean) - mean_t H(p_t) (BALD: the epistemic part; ≥ 0),
 and per pixel `map_mean` / `map_var` of the pixel probabilities sigmoid(pixel_logits).
 `type_probs_mean [B, K+1]` is the mean defect-type distribution.
+
+With `model.test_time_flips` F > 1 every sample, and every ensemble member, is the mean over
+the image and its flips (`model.merge_flip_views`), as `M2UNet.predict` and the exported graph
+compute it: the trunk runs on the F·B views, each sample's outputs are merged per image.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from m2u_jax.layers import mean
-from m2u_jax.model import M2UNet, image_score
+from m2u_jax.model import M2UNet, flip_views, image_score, merge_flip_views
 
 _EPS = 1e-6
 # Samples per chunk when the caller does not say (configs/default.py `eval.mc_chunk_size`).
@@ -166,7 +170,10 @@ def _effective_chunk_size(chunk_size: int, num_samples: int) -> int:
 def _tail_samples(model: M2UNet, num_samples: int, chunk_size: int, variables, images, rng):
     """Trunk once (deterministic), then the whole stochastic tail over T dropout keys,
     `chunk_size` at a time (0 = all in one vmap); every output, stacked on a leading T axis."""
-    trunk_state, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
+    flips = model.test_time_flips
+    trunk_state, _ = model.apply(
+        variables, flip_views(images, flips), train=False, method=M2UNet.trunk
+    )
 
     def one_sample(key):
         outputs, _ = model.apply(
@@ -177,7 +184,7 @@ def _tail_samples(model: M2UNet, num_samples: int, chunk_size: int, variables, i
             rngs={"dropout": key},
             method=M2UNet.stochastic_tail,
         )
-        return outputs
+        return merge_flip_views(outputs, flips)
 
     keys = jax.random.split(rng, num_samples)
     if chunk_size == 0:
@@ -197,7 +204,10 @@ def _mc_dropout_statistics(
     last-layer dropout (`M2UNet.sample_hidden`), so a sample is only the dropout, the output
     layers and the score. Chunks accumulate moments (`_combine`), never `[T, ...]` maps."""
     image_hw = images.shape[1:3]
-    trunk_state, _ = model.apply(variables, images, train=False, method=M2UNet.trunk)
+    flips = model.test_time_flips
+    trunk_state, _ = model.apply(
+        variables, flip_views(images, flips), train=False, method=M2UNet.trunk
+    )
     if model.mc_dropout_blocks == 0:
         hidden = model.apply(variables, trunk_state, image_hw=image_hw, method=M2UNet.sample_hidden)
         method = M2UNet.sample_outputs
@@ -215,7 +225,7 @@ def _mc_dropout_statistics(
                 method=method,
             )
             outputs = outputs if method is M2UNet.sample_outputs else outputs[0]
-            return _sample_quantities(outputs, model.score_kwargs)
+            return _sample_quantities(merge_flip_views(outputs, flips), model.score_kwargs)
 
         return jax.vmap(one_sample)(keys)
 
@@ -260,7 +270,10 @@ def ensemble_predict(model: M2UNet, stacked_variables, images: jax.Array) -> dic
 
 @functools.partial(jax.jit, static_argnums=0)
 def _ensemble(model: M2UNet, stacked_variables, images):
-    members = jax.vmap(lambda variables: model.apply(variables, images, train=False)[0])(
-        stacked_variables
-    )
-    return sample_statistics(members, model.score_kwargs)
+    flips = model.test_time_flips
+
+    def member(variables):
+        outputs, _ = model.apply(variables, flip_views(images, flips), train=False)
+        return merge_flip_views(outputs, flips)
+
+    return sample_statistics(jax.vmap(member)(stacked_variables), model.score_kwargs)

@@ -204,6 +204,34 @@ def test_ensemble_predict(images, variables, deterministic):
     assert np.all(np.asarray(mixed["score_var"]) > 0)
 
 
+@pytest.mark.parametrize("heads", ["hoisted", "whole tail"])
+def test_statistics_with_flips_are_those_of_the_flip_averaged_prediction(images, variables, heads):
+    """Without dropout, every MC sample and every (identical) ensemble member is
+    `M2UNet.predict`'s flip-averaged prediction; with dropout, the samples of the raw-sample
+    path are the merged views."""
+    blocks = 0 if heads == "hoisted" else 1
+    model = build(dropout_rate=0.0, test_time_flips=4, mc_dropout_blocks=blocks)
+    predicted = model_lib.predict(model, variables, images)
+    many = uncertainty.mc_dropout_predict(model, variables, images, key(1), 2)
+    np.testing.assert_allclose(many["map_mean"], predicted["anomaly_map"], atol=1e-6)
+    np.testing.assert_allclose(many["score_mean"], predicted["image_score"], atol=1e-6)
+    np.testing.assert_allclose(many["type_probs_mean"], predicted["type_probs"], atol=1e-6)
+    np.testing.assert_allclose(many["score_var"], 0.0, atol=1e-12)
+    plain = model_lib.predict(model.clone(test_time_flips=1), variables, images)
+    assert not np.allclose(many["map_mean"], plain["anomaly_map"], atol=1e-4)
+    if heads == "hoisted":
+        stacked = uncertainty.stack_members([variables["params"], variables["params"]])
+        same = uncertainty.ensemble_predict(model, stacked, images)
+        np.testing.assert_allclose(same["map_mean"], predicted["anomaly_map"], atol=1e-6)
+        np.testing.assert_allclose(same["score_mean"], predicted["image_score"], atol=1e-6)
+    else:
+        samples = uncertainty.mc_dropout_samples(model, variables, images, key(1), 2)
+        np.testing.assert_allclose(
+            jax.nn.sigmoid(samples["pixel_logits"][0]), predicted["anomaly_map"], atol=1e-6
+        )
+        assert samples["det"]["obj_logits"].shape[:2] == (2, BATCH)
+
+
 def test_sample_statistics_hand_case():
     # Two samples, one image, one pixel: probabilities 0.5 and 0.5 vs 0.1 and 0.9.
     image_logits = jnp.asarray([[0.0, np.log(0.1 / 0.9)], [0.0, np.log(0.9 / 0.1)]])
