@@ -44,7 +44,7 @@ def get_config():
     config.model.image_score_classifier = 0.0
     config.model.num_defect_classes = 0  # from the data
     # Inference averages the maps of the image and its three flips (the training flips them
-    # too): Magnetic-tile pixel AUROC +0.008 to +0.037 and NEU-DET's +0.005 on the same
+    # too): Magnetic-tile pixel AUROC +0.008 to +0.039 and NEU-DET's +0.005 on the same
     # checkpoints, for 4x the inference FLOPs (docs/quality.md).
     config.model.test_time_flips = 4
     # Objectness learns the IoU of each predicted box (quality focal loss): NEU-DET mAP@0.5
