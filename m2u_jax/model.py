@@ -432,6 +432,14 @@ def predictions_from_outputs(
     )
 
 
+def views_trunk(model: M2UNet, variables, images: jax.Array):
+    """`M2UNet.trunk` (deterministic) of the `test_time_flips` views of `images`: the trunk state
+    of `flip_views(images, model.test_time_flips)`, whose tail outputs `merge_flip_views`
+    merges (MC dropout, ensembles and the exported graph start here)."""
+    views = flip_views(images, model.test_time_flips)
+    return model.apply(variables, views, train=False, method=M2UNet.trunk)[0]
+
+
 def predict(model: M2UNet, variables, images: jax.Array) -> dict[str, jax.Array]:
     """Jitted `M2UNet.predict`: images `[B, H, W, C]` in [0, 1] → predictions (see there).
     Thresholds come from the model's fields (set from config.model by `build_model`)."""

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from m2u_jax.layers import mean
-from m2u_jax.model import M2UNet, flip_views, image_score, merge_flip_views
+from m2u_jax.model import M2UNet, flip_views, image_score, merge_flip_views, views_trunk
 
 _EPS = 1e-6
 # Samples per chunk when the caller does not say (configs/default.py `eval.mc_chunk_size`).
@@ -171,9 +171,7 @@ def _tail_samples(model: M2UNet, num_samples: int, chunk_size: int, variables, i
     """Trunk once (deterministic), then the whole stochastic tail over T dropout keys,
     `chunk_size` at a time (0 = all in one vmap); every output, stacked on a leading T axis."""
     flips = model.test_time_flips
-    trunk_state, _ = model.apply(
-        variables, flip_views(images, flips), train=False, method=M2UNet.trunk
-    )
+    trunk_state = views_trunk(model, variables, images)
 
     def one_sample(key):
         outputs, _ = model.apply(
@@ -205,9 +203,7 @@ def _mc_dropout_statistics(
     layers and the score. Chunks accumulate moments (`_combine`), never `[T, ...]` maps."""
     image_hw = images.shape[1:3]
     flips = model.test_time_flips
-    trunk_state, _ = model.apply(
-        variables, flip_views(images, flips), train=False, method=M2UNet.trunk
-    )
+    trunk_state = views_trunk(model, variables, images)
     if model.mc_dropout_blocks == 0:
         hidden = model.apply(variables, trunk_state, image_hw=image_hw, method=M2UNet.sample_hidden)
         method = M2UNet.sample_outputs

@@ -183,12 +183,7 @@ def inference_with_params(
         variables = {"params": params}
         image_hw = tuple(int(size) for size in images.shape[1:3])
         with fixed_dropout(num_mc_samples, mc_seed):
-            tokens, _ = model.apply(
-                variables,
-                model_lib.flip_views(images, views),
-                train=False,
-                method=model_lib.M2UNet.trunk,
-            )
+            tokens = model_lib.views_trunk(model, variables, images)
             if num_mc_samples == 1:
                 outputs, _ = model.apply(
                     variables,
