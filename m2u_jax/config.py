@@ -116,6 +116,7 @@ NUMERIC_RANGES = {
     "data.test_fraction": _UNIT_OPEN_TOP,
     "data.max_boxes": _AT_LEAST_1,
     "data.synthetic_anomaly_prob": _UNIT,
+    "data.defect_share": _UNIT_OPEN_TOP,
     "data.synthetic_max_beta": _UNIT_OPEN_TOP,
     "data.synthetic_shading": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),

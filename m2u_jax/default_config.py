@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.modalities = "rgb"  # Comma-separated stacked modalities: rgb,thermal,xray,depth.
     data.protocol = "unsupervised"  # 'unsupervised' (train on good) | 'supervised' (labels).
     data.labeled_fraction = 1.0  # Fraction of the labelled training defects kept (supervised only).
+    data.defect_share = 0.0  # Fine-tuning: oversample real defects to this share; 0 = natural.
     data.val_fraction = 0.2  # Fraction of each split carved out as validation when none exists.
     data.test_fraction = 0.2  # Fraction of each class held out as test when no test split exists.
     data.max_boxes = 16  # Boxes per image, padded (static shapes).

@@ -3,6 +3,7 @@
 Runs with 8 fake CPU devices (tests/conftest.py).
 """
 
+import collections
 import itertools
 import logging
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-pytest.importorskip("tensorflow")
+tf = pytest.importorskip("tensorflow")
 
 from configs import tiny  # noqa: E402
 from m2u_jax.data import decode, pipeline, synthetic  # noqa: E402
@@ -457,3 +458,59 @@ def test_train_crop_gives_crop_sized_batches_from_every_window(synthetic_root):
     # Pretraining views are cut from the crop too.
     views = next(pipeline.make_train_dataset(config, stage="pretrain")[0].as_numpy_iterator())
     assert views["views1"].shape == (8, 16, 16, 3)
+
+
+def test_defect_share_draws_each_real_defect_equally_and_every_good_image_once():
+    labels = [0] * 12 + [1] * 2  # natural defect share 1/7
+    share = pipeline.DefectShare(labels, 0.25)
+    # 12 good images are 75 % of the epoch: 4 defect draws, each of the 2 defects twice.
+    assert (share.draws, share.epoch_length, share.active) == (4, 16, True)
+    order = share.order(tf.constant([3, 1], tf.int64)).numpy()
+    assert np.bincount(order, minlength=14).tolist() == [1] * 12 + [2, 2]
+    again = share.order(tf.constant([3, 1], tf.int64)).numpy()
+    other = share.order(tf.constant([3, 2], tf.int64)).numpy()
+    np.testing.assert_array_equal(order, again)
+    assert not np.array_equal(order, other)
+    assert np.bincount(other, minlength=14).tolist() == [1] * 12 + [2, 2]
+    # 5 draws of 2 defects: counts 3 and 2 (never 4 and 1).
+    uneven = pipeline.DefectShare([0] * 15 + [1] * 2, 0.25)
+    assert uneven.draws == 5
+    counts = np.bincount(uneven.order(tf.constant([0, 0], tf.int64)).numpy(), minlength=17)
+    assert counts[:15].tolist() == [1] * 15 and sorted(counts[15:].tolist()) == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "labels, value",
+    [([0] * 12 + [1] * 2, 0.0), ([0] * 12 + [1] * 6, 0.25), ([0] * 8, 0.5), ([1] * 8, 0.5)],
+)
+def test_defect_share_at_or_below_the_natural_share_changes_nothing(labels, value):
+    share = pipeline.DefectShare(labels, value)
+    assert not share.active
+    assert share.epoch_length == len(labels) and share.draws == sum(labels)
+
+
+def test_defect_share_oversamples_real_defects_in_training_batches(synthetic_root):
+    # 16 good + 8 defective training images (one per category and type): natural share 1/3.
+    config = _config(
+        synthetic_root,
+        protocol="supervised",
+        synthetic_anomaly_prob=0.0,
+        random_flips=False,
+        cache=False,
+    )
+    plain, _ = pipeline.make_train_dataset(config)
+    config.data.defect_share = 0.5
+    shared, _ = pipeline.make_train_dataset(config)
+    # Batches of 8: the plain epoch is 24 examples, the shared one 16 good + 16 defect draws.
+    real = [batch["labels"].sum() for batch in plain.take(6).as_numpy_iterator()]
+    assert sum(real[:3]) == sum(real[3:]) == 8  # each epoch shows each defect once
+    batches = list(shared.take(4).as_numpy_iterator())
+    assert sum(batch["labels"].sum() for batch in batches) == 16  # one epoch of 32
+    good = np.concatenate([batch["clean_images"][batch["labels"] == 0] for batch in batches])
+    assert len(set(_image_keys(good))) == 16  # every good image once
+    defects = np.concatenate([batch["clean_images"][batch["labels"] == 1] for batch in batches])
+    assert sorted(collections.Counter(_image_keys(defects)).values()) == [2] * 8
+    masks = np.concatenate([batch["masks"][batch["labels"] == 1] for batch in batches])
+    assert masks.reshape(16, -1).max(1).min() == 1  # each draw keeps its real mask
+    resumed, _ = pipeline.make_train_dataset(config, start_step=3)
+    np.testing.assert_array_equal(next(resumed.as_numpy_iterator())["images"], batches[3]["images"])

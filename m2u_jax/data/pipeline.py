@@ -8,7 +8,10 @@
 Training (`make_train_iterator`, tf.data, TensorFlow imported lazily):
 
 1. Order: epoch e visits the N training examples in the order of a full random permutation
-   seeded by (config.seed, stage, e) (stateless ops, exact shuffle, no shuffle buffer). The stream is infinite and identical on every host; `start_step` skips
+   seeded by (config.seed, stage, e) (stateless ops, exact shuffle, no shuffle buffer). With
+   `data.defect_share` above the real defects' natural share, fine-tuning epochs draw the
+   labelled defects repeatedly (`DefectShare`). The stream is infinite and identical on every
+   host; `start_step` skips
    `start_step * train.batch_size` entries of this *index* stream, which costs nothing (no
    decoding), so a resumed run continues with exactly the batches it has not seen.
 2. The stream is sharded per host (`shard(jax.process_count(), jax.process_index())`), so each
@@ -66,6 +69,7 @@ from m2u_jax.data.splits import (
 
 __all__ = [
     "DatasetInfo",
+    "DefectShare",
     "ExampleStore",
     "batch_sharding",
     "benchmark_pipeline",
@@ -182,6 +186,59 @@ class ExampleStore:
         )
 
 
+class DefectShare:
+    """How many real defects a fine-tuning epoch draws so that they are `share` of its examples.
+
+    With few labelled defects (a plant's 20 masks beside 500 good parts) a uniform order shows a
+    real defect in about one example of 25, next to synthetic anomalies on half the good ones, so
+    the real masks barely steer training. Oversampling them (each defect drawn about equally
+    often, every good image once per epoch) is the balanced sampling that mixed-supervision
+    defect segmentation relies on. A share at or below the natural one changes nothing: good
+    images are never dropped or repeated.
+
+    Attributes:
+      good, defect: training indices of the good and the defective examples.
+      draws: defective examples per epoch (`len(defect)` when the share changes nothing).
+      epoch_length: examples per epoch, `len(good) + draws`.
+    """
+
+    def __init__(self, labels: Sequence[int], share: float):
+        labels = np.asarray(labels)
+        self.good = np.flatnonzero(labels == 0)
+        self.defect = np.flatnonzero(labels != 0)
+        self.draws = len(self.defect)
+        if share > 0 and len(self.good) and len(self.defect):
+            wanted = int(round(share * len(self.good) / (1.0 - share)))
+            self.draws = max(self.draws, wanted)
+        self.epoch_length = len(self.good) + self.draws
+
+    @property
+    def active(self) -> bool:
+        """Whether the epoch repeats defects (else it is a plain permutation of the examples)."""
+        return self.draws > len(self.defect)
+
+    def order(self, key):
+        """The epoch's example indices (tf.int64, `[epoch_length]`) for a stateless `key`.
+
+        Defects are drawn as whole random permutations of them, repeated and cut to `draws`, so
+        two defects' counts differ by at most one; then everything is shuffled together.
+        """
+        import tensorflow as tf
+
+        from m2u_jax.data import augment
+
+        copies = -(-self.draws // len(self.defect))
+        defect_keys = tf.random.stateless_uniform(
+            [copies, len(self.defect)], augment.fold_key(key, 1)
+        )
+        drawn = tf.gather(tf.constant(self.defect, tf.int64), tf.argsort(defect_keys, axis=1))
+        pool = tf.concat(
+            [tf.constant(self.good, tf.int64), tf.reshape(drawn, [-1])[: self.draws]], 0
+        )
+        keys = tf.random.stateless_uniform([self.epoch_length], augment.fold_key(key, 2))
+        return tf.gather(pool, tf.argsort(keys))
+
+
 def _file_bytes_fn(config):
     if config.data.format != "tfds":
         return None
@@ -254,14 +311,35 @@ def make_train_dataset(
     order_key = augment.fold_key(base_key, _ORDER_STREAM)
     augment_key = augment.fold_key(base_key, _AUGMENT_STREAM)
 
+    share = DefectShare(
+        [record.label for record in records],
+        float(config.data.defect_share) if stage == "finetune" else 0.0,
+    )
+    epoch_length = share.epoch_length
+    if share.active:
+        logger.info(
+            "data.defect_share=%g: each fine-tuning epoch draws %d real defects (%d labelled, "
+            "each %.1f times) beside %d good images",
+            config.data.defect_share,
+            share.draws,
+            len(share.defect),
+            share.draws / len(share.defect),
+            len(share.good),
+        )
+
     def epoch_order(epoch):
-        keys = tf.random.stateless_uniform([num_examples], augment.fold_key(order_key, epoch))
-        order = tf.cast(tf.argsort(keys), tf.int64)
-        epochs = tf.fill([num_examples], epoch)
-        return tf.data.Dataset.from_tensor_slices({"epoch": epochs, "index": order})
+        key = augment.fold_key(order_key, epoch)
+        if share.active:
+            order = share.order(key)
+        else:
+            order = tf.cast(tf.argsort(tf.random.stateless_uniform([num_examples], key)), tf.int64)
+        epochs = tf.fill([epoch_length], epoch)
+        # Position in the epoch: a defect drawn twice gets two augmentation keys.
+        slots = tf.range(epoch_length, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices({"epoch": epochs, "index": order, "slot": slots})
 
     start_example = int(start_step) * global_batch
-    start_epoch, offset = divmod(start_example, num_examples)
+    start_epoch, offset = divmod(start_example, epoch_length)
     stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_order)
     stream = stream.skip(offset).shard(process_count, process_index)
 
@@ -283,6 +361,8 @@ def make_train_dataset(
             "defect_types": tf.ensure_shape(defect_type, []),
         }
         key = augment.fold_key(augment_key, element["epoch"], element["index"])
+        if share.active:
+            key = augment.fold_key(key, element["slot"])
         return example, tf.ensure_shape(ok, []), key
 
     prob = float(config.data.synthetic_anomaly_prob)
