@@ -18,7 +18,8 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
 - `method=M2UNet.predict` or `predict(model, variables, images)`: deterministic inference →
   anomaly map, image score and post-processed boxes. With `test_time_flips` > 1 the anomaly,
   image and type probabilities are the means over the image and its flips (`flip_views`,
-  `merge_flip_views`); the boxes are the unflipped image's.
+  `merge_flip_views`), and so are the dense detection outputs (each view's anchors and box
+  sides mapped back) before boxes are decoded and suppressed.
 
 Image score (`image_score`): `(1 - w) * map score + w * sigmoid(image_logits)` with
 w = `image_score_classifier`; the map score is the mean of the top-k pixel probabilities,
@@ -35,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from m2u_jax import boxes, scoring
 from m2u_jax.heads import (
@@ -81,12 +83,55 @@ def _mean_probability_logit(logits: jax.Array) -> jax.Array:
     return _logsumexp0(jax.nn.log_sigmoid(logits)) - _logsumexp0(jax.nn.log_sigmoid(-logits))
 
 
-def merge_flip_views(outputs: dict, count: int) -> dict:
+# Box distances (left, top, right, bottom) of a flipped view, in the unflipped image's order.
+_LTRB_UNFLIP = {(): (0, 1, 2, 3), (2,): (2, 1, 0, 3), (1,): (0, 3, 2, 1), (1, 2): (2, 3, 0, 1)}
+
+
+def _anchor_unflip(image_hw: tuple[int, int], strides: tuple[int, ...], axes) -> np.ndarray:
+    """Index `[A]` taking a flipped view's anchors (level by level, row-major: `DetectionHead`)
+    to the unflipped image's: anchor a of the image is anchor `index[a]` of the view. Cell
+    centres are symmetric under a flip, so every anchor has its mirror image."""
+    index, offset = [], 0
+    for stride in strides:
+        rows, cols = image_hw[0] // stride, image_hw[1] // stride
+        cells = np.arange(rows * cols).reshape(rows, cols)
+        # axes index [B, H, W, C]: 1 = rows (up-down), 2 = columns (left-right).
+        cells = np.flip(cells, [axis - 1 for axis in axes]) if axes else cells
+        index.append(cells.reshape(-1) + offset)
+        offset += rows * cols
+    return np.concatenate(index)
+
+
+def _merge_flip_detections(det: dict, count: int, image_hw, strides) -> dict:
+    """The dense detection outputs of the views → the image's: each view's anchors mapped back
+    (`_anchor_unflip`) and its box distances swapped back (`_LTRB_UNFLIP`); objectness and
+    class probabilities averaged as the maps are, box distances averaged."""
+    per_view = {
+        name: det[name].reshape(count, -1, *det[name].shape[1:]) for name in PER_IMAGE_DET_KEYS
+    }
+    unflipped = {name: [] for name in PER_IMAGE_DET_KEYS}
+    for view, axes in enumerate(FLIP_VIEWS[count]):
+        index = _anchor_unflip(image_hw, strides, axes)
+        for name in PER_IMAGE_DET_KEYS:
+            values = jnp.take(per_view[name][view], index, axis=1)
+            if name == "box_ltrb":
+                values = jnp.take(values, np.asarray(_LTRB_UNFLIP[axes]), axis=-1)
+            unflipped[name].append(values)
+    merged = dict(det)
+    merged["obj_logits"] = _mean_probability_logit(jnp.stack(unflipped["obj_logits"]))
+    merged["cls_logits"] = _mean_probability_logit(jnp.stack(unflipped["cls_logits"]))
+    merged["box_ltrb"] = jnp.mean(jnp.stack(unflipped["box_ltrb"]), axis=0)
+    return merged
+
+
+def merge_flip_views(outputs: dict, count: int, det_strides: tuple[int, ...] | None = None) -> dict:
     """The outputs of `flip_views(images, count)` (leading axis count·B; `pixel_logits`,
     `image_logits`, `type_logits` and optionally the rest) → outputs for the B images:
     `pixel_logits` (each map flipped back), `image_logits` and `type_logits` are the logits of
-    the views' mean probabilities (float32); every other output (boxes, reconstruction,
-    embedding) is the unflipped view's."""
+    the views' mean probabilities (float32). With `det_strides` (the detection head's), the dense
+    detection outputs are merged the same way, each view's anchors and box sides mapped back
+    (boxes are decoded and suppressed afterwards, as for one view); without, they and every
+    other output (reconstruction, embedding) are the unflipped view's."""
     if count == 1:
         return outputs
 
@@ -96,10 +141,14 @@ def merge_flip_views(outputs: dict, count: int) -> dict:
 
     merged = {name: by_view(value)[0] for name, value in outputs.items() if name != "det"}
     if "det" in outputs:  # (MC-dropout samples of the heads carry no boxes)
-        merged["det"] = {
-            name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
-            for name, value in outputs["det"].items()
-        }
+        if det_strides:
+            image_hw = tuple(outputs["pixel_logits"].shape[1:3])
+            merged["det"] = _merge_flip_detections(outputs["det"], count, image_hw, det_strides)
+        else:
+            merged["det"] = {
+                name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
+                for name, value in outputs["det"].items()
+            }
     logits = {
         name: by_view(outputs[name].astype(jnp.float32))
         for name in ("pixel_logits", "image_logits", "type_logits")
@@ -397,7 +446,7 @@ class M2UNet(nn.Module):
         `test_time_flips` > 1 the probabilities are means over the flips (`merge_flip_views`)."""
         outputs, _ = self(flip_views(images, self.test_time_flips), train=False)
         return predictions_from_outputs(
-            merge_flip_views(outputs, self.test_time_flips),
+            merge_flip_views(outputs, self.test_time_flips, self.det_strides),
             score_kwargs=self.score_kwargs,
             max_detections=self.det_max_detections,
             iou_threshold=self.det_iou_threshold,

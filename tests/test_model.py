@@ -327,13 +327,57 @@ def test_merge_flip_views_hand_case():
         type_logits=jnp.log(jnp.asarray([[0.5, 0.5], [0.1, 0.9]])),  # softmax = these
         det=dict(box_ltrb=jnp.asarray([[1.0], [2.0]])),
     )
-    merged = model_lib.merge_flip_views(outputs, 2)
+    merged = model_lib.merge_flip_views(outputs, 2)  # no detection strides: view 0's boxes
     # Pixel (0, 0) pairs view 0's 0.2 with view 1's flipped-back 0.4: mean 0.3; (0, 1): 0.75.
     np.testing.assert_allclose(jax.nn.sigmoid(merged["pixel_logits"]), [[[0.3, 0.75]]], atol=1e-6)
     np.testing.assert_allclose(jax.nn.sigmoid(merged["image_logits"]), [0.7], atol=1e-6)
     np.testing.assert_allclose(jax.nn.softmax(merged["type_logits"]), [[0.3, 0.7]], atol=1e-6)
     np.testing.assert_array_equal(merged["det"]["box_ltrb"], [[1.0]])
     assert model_lib.merge_flip_views(outputs, 1) is outputs
+
+
+def test_merge_flip_views_maps_each_views_anchors_and_box_sides_back():
+    """One 4x4 image, one level of stride 2 (2x2 anchors, row-major) and 4 views. Each view's
+    anchor (r, c) holds its own index r*2 + c in objectness, class and box outputs; merging
+    must map view anchors back to the image's and swap the flipped box sides."""
+    count, cells = 4, 4
+    p = np.array([0.1, 0.2, 0.3, 0.4], np.float32)  # probability at view anchor 0..3
+    logit = np.log(p / (1 - p))
+    obj = np.tile(logit, (count, 1))  # [4 views, 4 anchors]
+    ltrb = np.stack([np.arange(cells) + 10.0 * side for side in range(4)], -1)  # [4, 4]
+    outputs = dict(
+        pixel_logits=jnp.zeros((count, 4, 4)),
+        image_logits=jnp.zeros((count,)),
+        type_logits=jnp.zeros((count, 2)),
+        det=dict(
+            obj_logits=jnp.asarray(obj),
+            cls_logits=jnp.asarray(obj[..., None]),
+            box_ltrb=jnp.asarray(np.tile(ltrb, (count, 1, 1)), jnp.float32),
+            points=jnp.zeros((cells, 2)),
+            strides=jnp.full((cells,), 2.0),
+        ),
+    )
+    merged = model_lib.merge_flip_views(outputs, count, det_strides=(2,))["det"]
+    # Image anchor 0 (top left) is anchor 0 of view 0, 1 of the left-right view, 2 of the
+    # up-down view and 3 of the double flip: mean probability (0.1 + 0.2 + 0.3 + 0.4) / 4.
+    # Every image anchor sees each view anchor once, so all four means are 0.25.
+    np.testing.assert_allclose(jax.nn.sigmoid(merged["obj_logits"]), [[0.25] * 4], atol=1e-6)
+    np.testing.assert_allclose(
+        jax.nn.sigmoid(merged["cls_logits"][..., 0]), [[0.25] * 4], atol=1e-6
+    )
+    # Box sides of image anchor 0: view 0 gives (0, 10, 20, 30); the left-right view's anchor 1
+    # gives (1, 11, 21, 31) with left and right swapped: (21, 11, 1, 31); the up-down view's
+    # anchor 2: (2, 32, 22, 12); the double flip's anchor 3: (23, 33, 3, 13).
+    expected_0 = np.mean(
+        [[0, 10, 20, 30], [21, 11, 1, 31], [2, 32, 22, 12], [23, 33, 3, 13]], axis=0
+    )
+    np.testing.assert_allclose(merged["box_ltrb"][0, 0], expected_0, atol=1e-6)
+    # Image anchor 3 (bottom right): views' anchors 3, 2, 1, 0.
+    expected_3 = np.mean(
+        [[3, 13, 23, 33], [22, 12, 2, 32], [1, 31, 21, 11], [20, 30, 0, 10]], axis=0
+    )
+    np.testing.assert_allclose(merged["box_ltrb"][0, 3], expected_3, atol=1e-6)
+    np.testing.assert_array_equal(merged["points"], outputs["det"]["points"])
 
 
 def test_predict_with_flips_averages_the_flipped_images_maps(setup, images):
@@ -346,8 +390,18 @@ def test_predict_with_flips_averages_the_flipped_images_maps(setup, images):
     expected = sum(maps) / 4
     np.testing.assert_allclose(predictions["anomaly_map"], expected, atol=1e-5)
     assert not np.allclose(expected, maps[0], atol=1e-3)  # the views do differ
+    # Boxes: the dense detection outputs of the views, merged, then decoded and suppressed.
+    stacked = model_lib.flip_views(images, 4)
+    merged = model_lib.merge_flip_views(forward(variables, stacked)[0], 4, model.det_strides)
+    expected_boxes = model_lib.boxes.postprocess(
+        merged["det"],
+        max_detections=model.det_max_detections,
+        iou_threshold=model.det_iou_threshold,
+        score_threshold=model.det_score_threshold,
+    )
+    np.testing.assert_allclose(predictions["boxes_xyxy"], expected_boxes["boxes_xyxy"], atol=1e-5)
     plain = model_lib.predict(model, variables, images)
-    np.testing.assert_allclose(predictions["boxes_xyxy"], plain["boxes_xyxy"], atol=1e-5)
+    assert not np.allclose(predictions["box_scores"], plain["box_scores"], atol=1e-4)
     # The image score is the model's rule applied to the averaged map (top 1 %, half classifier).
     image_probs = (
         sum(jax.nn.sigmoid(forward(variables, view)[0]["image_logits"]) for view in views) / 4

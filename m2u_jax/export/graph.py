@@ -193,7 +193,7 @@ def inference_with_params(
                     method=model_lib.M2UNet.stochastic_tail,
                 )
                 predictions = model_lib.predictions_from_outputs(
-                    model_lib.merge_flip_views(outputs, views),
+                    model_lib.merge_flip_views(outputs, views, model.det_strides),
                     score_kwargs=model.score_kwargs,
                     max_detections=model.det_max_detections,
                     iou_threshold=model.det_iou_threshold,
@@ -215,7 +215,7 @@ def inference_with_params(
                     train=True,
                     method=model_lib.M2UNet.stochastic_tail,
                 )
-                outputs = _merge_flips_per_copy(outputs, copies, views)
+                outputs = _merge_flips_per_copy(outputs, copies, views, model.det_strides)
                 scores = model_lib.image_score(outputs, **model.score_kwargs)
                 scores = _first_axis_copies(scores, copies)[1:]  # [T, N]
                 maps = jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32))
@@ -252,7 +252,9 @@ def inference_with_params(
     return inference
 
 
-def _merge_flips_per_copy(outputs: dict, copies: int, views: int) -> dict:
+def _merge_flips_per_copy(
+    outputs: dict, copies: int, views: int, det_strides: tuple[int, ...]
+) -> dict:
     """Tail outputs of `copies` tiled copies of the `views`·N flipped images (copy-major) → the
     outputs of `copies` copies of the N images, each copy's views merged
     (`model.merge_flip_views`)."""
@@ -262,7 +264,7 @@ def _merge_flips_per_copy(outputs: dict, copies: int, views: int) -> dict:
     batched = {name: outputs[name] for name in ("pixel_logits", "image_logits", "type_logits")}
     batched["det"] = {name: outputs["det"][name] for name in PER_IMAGE_DET_KEYS}
     per_copy = jax.tree.map(lambda value: _first_axis_copies(value, copies), batched)
-    merged = jax.vmap(lambda copy: model_lib.merge_flip_views(copy, views))(per_copy)
+    merged = jax.vmap(lambda copy: model_lib.merge_flip_views(copy, views, det_strides))(per_copy)
     merged = jax.tree.map(lambda value: value.reshape(-1, *value.shape[2:]), merged)
     merged["det"].update(points=outputs["det"]["points"], strides=outputs["det"]["strides"])
     return merged
