@@ -45,6 +45,7 @@ from m2u_jax.heads import (
     DetailStem,
     DetectionHead,
     ImageHead,
+    anchor_points,
     decoder_start_stride,
 )
 from m2u_jax.layers import ATTENTION_IMPLEMENTATIONS, Dtype, mean
@@ -88,18 +89,17 @@ _LTRB_UNFLIP = {(): (0, 1, 2, 3), (2,): (2, 1, 0, 3), (1,): (0, 3, 2, 1), (1, 2)
 
 
 def _anchor_unflip(image_hw: tuple[int, int], strides: tuple[int, ...], axes) -> np.ndarray:
-    """Index `[A]` taking a flipped view's anchors (level by level, row-major: `DetectionHead`)
-    to the unflipped image's: anchor a of the image is anchor `index[a]` of the view. Cell
-    centres are symmetric under a flip, so every anchor has its mirror image."""
-    index, offset = [], 0
-    for stride in strides:
-        rows, cols = image_hw[0] // stride, image_hw[1] // stride
-        cells = np.arange(rows * cols).reshape(rows, cols)
-        # axes index [B, H, W, C]: 1 = rows (up-down), 2 = columns (left-right).
-        cells = np.flip(cells, [axis - 1 for axis in axes]) if axes else cells
-        index.append(cells.reshape(-1) + offset)
-        offset += rows * cols
-    return np.concatenate(index)
+    """Index `[A]` taking a flipped view's anchors to the unflipped image's: anchor a of the
+    image is anchor `index[a]` of the view, found by mirroring `heads.anchor_points` (the head's
+    own layout). Cell centres are symmetric under a flip, so every anchor has its mirror."""
+    points, point_strides = anchor_points(image_hw, strides)
+    mirrored = points.copy()
+    # axes index [B, H, W, C]: 2 = left-right (x), 1 = up-down (y).
+    for axis in axes:
+        coordinate = 0 if axis == 2 else 1
+        mirrored[:, coordinate] = image_hw[1 - coordinate] - points[:, coordinate]
+    position = {(x, y, s): a for a, (x, y, s) in enumerate(zip(*points.T, point_strides))}
+    return np.array([position[(x, y, s)] for x, y, s in zip(*mirrored.T, point_strides)])
 
 
 def _merge_flip_detections(det: dict, count: int, image_hw, strides) -> dict:
