@@ -181,7 +181,6 @@ def assign_targets(
     strides = strides.astype(jnp.float32)
     boxes = boxes.astype(jnp.float32)
     valid = box_valid > 0  # [B, G]
-    num_anchors = points.shape[0]
 
     # Distances from every point to every box's edges: [B, A, G, 4].
     ltrb = encode_ltrb(points[None, :, None, :], boxes[:, None, :, :])
@@ -214,7 +213,85 @@ def assign_targets(
         no_candidate = ~jnp.any(candidate, axis=1)  # [B, G]
         candidate = candidate | (near_inside & no_candidate[:, None, :])
 
-    # Fallback for boxes without any candidate: the nearest finest-level point to the centre.
+    # Boxes without any candidate: the nearest finest-level point to the centre.
+    candidate = _with_nearest_fallback(candidate, offset_from_center, is_finest, valid)
+    areas = box_area(boxes)  # [B, G]
+    candidate_areas = jnp.where(candidate, areas[:, None, :], jnp.inf)
+    assigned_box = jnp.argmin(candidate_areas, axis=-1)  # [B, A]
+    return _targets_from_assignment(candidate, assigned_box, boxes, box_classes, num_classes)
+
+
+def align_targets(
+    points: jax.Array,
+    strides: jax.Array,
+    boxes: jax.Array,
+    box_classes: jax.Array,
+    box_valid: jax.Array,
+    pred_boxes: jax.Array,
+    pred_obj: jax.Array,
+    pred_cls: jax.Array,
+    *,
+    top_k: int = 10,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+) -> dict[str, jax.Array]:
+    """Task-aligned assignment (TOOD's idea, as YOLOv8 uses it): each box takes the points that
+    predict it best.
+
+    Args:
+      points, strides, boxes, box_classes, box_valid: as in `assign_targets`.
+      pred_boxes: `[B, A, 4]` each point's decoded predicted box (xyxy pixels).
+      pred_obj: `[B, A]` objectness probability; pred_cls: `[B, A, K]` class probabilities.
+
+    Rules. Every point strictly inside valid box `g` is a candidate for it, on any level (no
+    size ranges and no centre square: the predictions choose). Its alignment with `g` is
+    t = s**alpha * IoU**beta, where s = obj * cls[class of g] (obj alone for an unknown class)
+    and IoU is that of its predicted box with `g`. Each box takes its `top_k` candidates of
+    highest t (all of them when it has fewer); a box with no point inside it takes the
+    finest-level point nearest its centre. A point taken by several boxes keeps the one its
+    predicted box overlaps most (ties: the lower box index). The inputs are read as constants
+    (no gradient flows through the assignment).
+
+    Returns the dict of `assign_targets`.
+    """
+    points = points.astype(jnp.float32)
+    boxes = boxes.astype(jnp.float32)
+    pred_boxes = jax.lax.stop_gradient(pred_boxes.astype(jnp.float32))
+    pred_obj = jax.lax.stop_gradient(pred_obj.astype(jnp.float32))
+    pred_cls = jax.lax.stop_gradient(pred_cls.astype(jnp.float32))
+    valid = box_valid > 0  # [B, G]
+    num_anchors = points.shape[0]
+    num_classes = pred_cls.shape[-1]
+
+    ltrb = encode_ltrb(points[None, :, None, :], boxes[:, None, :, :])  # [B, A, G, 4]
+    candidate = (jnp.min(ltrb, axis=-1) > 0) & valid[:, None, :]  # [B, A, G]
+
+    overlap = pairwise_iou(pred_boxes, boxes)  # [B, A, G]
+    class_onehot = jax.nn.one_hot(box_classes, num_classes)  # [B, G, K]; zeros for -1
+    class_prob = jnp.einsum("bak,bgk->bag", pred_cls, class_onehot)
+    class_prob = jnp.where((box_classes >= 0)[:, None, :], class_prob, 1.0)
+    alignment = (pred_obj[..., None] * class_prob) ** alpha * overlap**beta
+    # -1 marks a non-candidate: every candidate's alignment is >= 0, so it ranks first.
+    ranked = jnp.where(candidate, alignment, -1.0).transpose(0, 2, 1)  # [B, G, A]
+    top_values, top_index = jax.lax.top_k(ranked, min(top_k, num_anchors))  # [B, G, k]
+    taken = jax.nn.one_hot(top_index, num_anchors) * (top_values >= 0)[..., None]
+    chosen = (jnp.sum(taken, axis=2) > 0).transpose(0, 2, 1)  # [B, A, G]
+
+    centers = (boxes[..., :2] + boxes[..., 2:]) / 2
+    offset_from_center = jnp.abs(points[None, :, None, :] - centers[:, None, :, :])
+    strides = strides.astype(jnp.float32)
+    is_finest = strides <= jnp.min(strides)
+    chosen = _with_nearest_fallback(chosen, offset_from_center, is_finest, valid)
+    assigned_box = jnp.argmax(jnp.where(chosen, overlap, -1.0), axis=-1)  # [B, A]
+    return _targets_from_assignment(chosen, assigned_box, boxes, box_classes, num_classes)
+
+
+def _with_nearest_fallback(
+    candidate: jax.Array, offset_from_center: jax.Array, is_finest: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """`candidate` `[B, A, G]` plus, for each valid box without a candidate, the finest-level
+    point nearest its centre (`offset_from_center` `[B, A, G, 2]`; ties: the lower index)."""
+    num_anchors = candidate.shape[1]
     center_distance_sq = jnp.sum(offset_from_center**2, axis=-1)  # [B, A, G]
     center_distance_sq = jnp.where(is_finest[None, :, None], center_distance_sq, jnp.inf)
     nearest_point = jnp.argmin(center_distance_sq, axis=1)  # [B, G]
@@ -222,13 +299,19 @@ def assign_targets(
     fallback = (jnp.arange(num_anchors)[None, :, None] == nearest_point[:, None, :]) & (
         needs_fallback[:, None, :]
     )
-    candidate = candidate | fallback
+    return candidate | fallback
 
-    areas = box_area(boxes)  # [B, G]
-    candidate_areas = jnp.where(candidate, areas[:, None, :], jnp.inf)
-    assigned_box = jnp.argmin(candidate_areas, axis=-1)  # [B, A]
+
+def _targets_from_assignment(
+    candidate: jax.Array,
+    assigned_box: jax.Array,
+    boxes: jax.Array,
+    box_classes: jax.Array,
+    num_classes: int,
+) -> dict[str, jax.Array]:
+    """The target arrays of `assign_targets` from the positives (`candidate` `[B, A, G]`, any
+    box) and each point's box index (`assigned_box` `[B, A]`)."""
     fg = jnp.any(candidate, axis=-1)  # [B, A]
-
     assigned_class = jnp.take_along_axis(box_classes, assigned_box, axis=1)  # [B, A]
     known_class = fg & (assigned_class >= 0)
     # one_hot of -1 is all zeros; the mask also clears negatives.

@@ -27,6 +27,7 @@ THRESHOLD_RULES = ("f1", "fpr", "auto")
 DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
 ASSIGN_FALLBACKS = ("nearest", "inside")  # `train.det_fallback` (boxes.assign_targets)
+DET_ASSIGNERS = ("center", "aligned")  # `train.det_assigner`
 # `data.synthetic_coarsest_cells`: fewest mask-noise cells per axis (1 = DRAEM's range).
 COARSEST_CELLS = (1, 2)
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
@@ -274,6 +275,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.train.det_obj_target not in DET_OBJ_TARGETS:
         raise ConfigError(
             f"train.det_obj_target={config.train.det_obj_target!r} is not one of {DET_OBJ_TARGETS}"
+        )
+    if config.train.det_assigner not in DET_ASSIGNERS:
+        raise ConfigError(
+            f"train.det_assigner={config.train.det_assigner!r} is not one of {DET_ASSIGNERS}"
         )
     if config.train.det_fallback not in ASSIGN_FALLBACKS:
         raise ConfigError(

@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
     # levels, too narrow for a coarse level's points) takes 'nearest': the finest-level point
     # nearest its centre, or 'inside': every point inside it near its centre, on any level.
     train.det_fallback = "nearest"  # Positives of a box without candidates: 'nearest' | 'inside'.
+    # Which points learn each box: 'center' (fixed rules: level size ranges and centre sampling,
+    # boxes.assign_targets; det_fallback applies) or 'aligned' (each box takes the 10 points
+    # inside it whose current prediction scores and fits it best, boxes.align_targets).
+    train.det_assigner = "center"  # Detection target assignment: 'center' | 'aligned'.
     # An exponential moving average of the fine-tuning params, kept beside them in each
     # checkpoint; it does not change training. Evaluation, validation, export and prediction use
     # it (eval.use_ema). Its momentum warms up as min(decay, (1 + t) / (10 + t)).

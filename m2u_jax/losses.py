@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from m2u_jax import boxes as box_ops
-from m2u_jax.config import DET_OBJ_TARGETS
+from m2u_jax.config import DET_ASSIGNERS, DET_OBJ_TARGETS
 
 LOSS_TERMS = ("recon", "seg_focal", "seg_dice", "cls", "det_obj", "det_cls", "det_box")
 
@@ -248,6 +248,7 @@ def detection_loss(
     box_loss_kind: str = "giou",
     obj_target: str = "binary",
     assign_fallback: str = "nearest",
+    assigner: str = "center",
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -255,7 +256,9 @@ def detection_loss(
       det: head outputs (docs/interfaces.md): `obj_logits` `[B, A]`, `cls_logits` `[B, A, K]`,
         `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`.
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
-    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`). With P = max(number
+    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`) with
+    `assigner='center'`, or from `boxes.align_targets` on the current predictions with
+    'aligned'. With P = max(number
     of positives, 1) over the (global) batch and P_known the same over positives of a known
     class:
       det_obj = Σ focal(obj) over all anchors / P with `obj_target='binary'` (target 1 on
@@ -267,22 +270,29 @@ def detection_loss(
     Returns {'det_obj', 'det_cls', 'det_box'}.
     """
     num_classes = det["cls_logits"].shape[-1]
-    targets = box_ops.assign_targets(
-        det["points"],
-        det["strides"],
-        batch["boxes"],
-        batch["box_classes"],
-        batch["box_valid"],
-        num_classes,
-        fallback=assign_fallback,
-    )
+    if obj_target not in DET_OBJ_TARGETS:
+        raise ValueError(f"obj_target={obj_target!r} is not one of {DET_OBJ_TARGETS}")
+    if assigner not in DET_ASSIGNERS:
+        raise ValueError(f"assigner={assigner!r} is not one of {DET_ASSIGNERS}")
+    pred_boxes = box_ops.decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
+    box_keys = (batch["boxes"], batch["box_classes"], batch["box_valid"])
+    if assigner == "aligned":
+        targets = box_ops.align_targets(
+            det["points"],
+            det["strides"],
+            *box_keys,
+            pred_boxes,
+            jax.nn.sigmoid(det["obj_logits"].astype(jnp.float32)),
+            jax.nn.sigmoid(det["cls_logits"].astype(jnp.float32)),
+        )
+    else:
+        targets = box_ops.assign_targets(
+            det["points"], det["strides"], *box_keys, num_classes, fallback=assign_fallback
+        )
     fg_mask = targets["fg_mask"]
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
     num_known = jnp.maximum(jnp.sum(targets["cls_weights"]), 1.0)
 
-    if obj_target not in DET_OBJ_TARGETS:
-        raise ValueError(f"obj_target={obj_target!r} is not one of {DET_OBJ_TARGETS}")
-    pred_boxes = box_ops.decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
     if obj_target == "iou":
         fit = jax.lax.stop_gradient(box_ops.box_iou(pred_boxes, targets["box_targets"]))
         obj_loss = quality_focal_loss(det["obj_logits"], fg_mask * fit)
@@ -315,6 +325,7 @@ def multitask_loss(
     det_obj_target: str = "binary",
     seg_focal_alpha: float = 0.25,
     det_fallback: str = "nearest",
+    det_assigner: str = "center",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -334,8 +345,8 @@ def multitask_loss(
         them, skipping images whose type is -1 (unknown) (both are image-level
         classification, so they share one weight);
       det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)` with
-        `obj_target=det_obj_target` (`train.det_obj_target`) and `assign_fallback=det_fallback`
-        (`train.det_fallback`).
+        `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
+        (`train.det_fallback`) and `assigner=det_assigner` (`train.det_assigner`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -370,7 +381,11 @@ def multitask_loss(
     terms["cls"] = cls_loss
     terms.update(
         detection_loss(
-            outputs["det"], batch, obj_target=det_obj_target, assign_fallback=det_fallback
+            outputs["det"],
+            batch,
+            obj_target=det_obj_target,
+            assign_fallback=det_fallback,
+            assigner=det_assigner,
         )
     )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

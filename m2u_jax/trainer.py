@@ -245,6 +245,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     det_obj_target = config.train.det_obj_target
     seg_focal_alpha = float(config.train.seg_focal_alpha)
     det_fallback = config.train.det_fallback
+    det_assigner = config.train.det_assigner
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
@@ -252,7 +253,13 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
             {"params": params}, batch["images"], train=True, rngs={"dropout": rng}
         )
         return losses.multitask_loss(
-            outputs, batch, weights, det_obj_target, seg_focal_alpha, det_fallback
+            outputs,
+            batch,
+            weights,
+            det_obj_target,
+            seg_focal_alpha,
+            det_fallback,
+            det_assigner=det_assigner,
         )
 
     return loss_fn

@@ -210,6 +210,74 @@ def test_assign_targets_inside_fallback_gives_a_thin_box_its_row_of_points():
         box_ops.assign_targets(points, strides, boxes, classes, valid, 2, fallback="all")
 
 
+def test_align_targets_hand_built_case():
+    points, strides = _two_level_points()
+    index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}
+    num_anchors = len(points)
+    boxes = np.zeros((2, 5, 4), np.float32)
+    boxes[0] = [
+        [0, 0, 24, 24],  # 0: class 0; 10 points inside (9 stride-8, 1 stride-16)
+        [16, 16, 40, 40],  # 1: class 1; shares the stride-8 point (20, 20) with box 0
+        [49, 49, 51, 51],  # 2: class 2, no point inside
+        [40, 0, 64, 16],  # 3: unknown class
+        [0, 48, 16, 64],  # 4: padding
+    ]
+    box_classes = np.array([[0, 1, 2, -1, 0], [0, 0, 0, 0, 0]], np.int32)
+    box_valid = np.array([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], np.float32)
+
+    pred_boxes = np.zeros((2, num_anchors, 4), np.float32)  # IoU 0 with every box
+    pred_obj = np.ones((2, num_anchors), np.float32)
+    pred_cls = np.ones((2, num_anchors, 3), np.float32)
+    pred_boxes[0, index[(4, 4, 8)]] = boxes[0, 0]  # box 0: t = 1
+    # Overlaps box 0 (IoU 196 / 956 = 0.205) and box 1 (324 / 828 = 0.391).
+    pred_boxes[0, index[(20, 20, 8)]] = [10, 10, 34, 34]
+    pred_boxes[0, index[(28, 28, 8)]] = boxes[0, 1]  # box 1: t = 1
+    # A perfect box with a class-1 probability of 0.001: t = 0.001 < 0.391**6 = 0.0036.
+    pred_boxes[0, index[(36, 36, 8)]] = boxes[0, 1]
+    pred_cls[0, index[(36, 36, 8)], 1] = 0.001
+    # Box 3 has no class: t = obj * IoU**6, whatever the class probabilities say.
+    pred_boxes[0, index[(44, 4, 8)]] = boxes[0, 3]  # t = 1
+    pred_boxes[0, index[(52, 12, 8)]] = boxes[0, 3]
+    pred_obj[0, index[(52, 12, 8)]] = 0.5  # t = 0.5
+    pred_boxes[0, index[(56, 8, 16)]] = boxes[0, 3]
+    pred_cls[0, index[(56, 8, 16)]] = 0.0  # t = 1
+    pred_boxes[0, index[(4, 52, 8)]] = boxes[0, 4]  # inside the padding box only: ignored
+
+    align = jax.jit(box_ops.align_targets, static_argnames=("top_k",))
+    args = (points, strides, boxes, box_classes, box_valid, pred_boxes, pred_obj, pred_cls)
+    targets = align(*args, top_k=2)
+    expected_box = {
+        index[(4, 4, 8)]: 0,  # box 0's best; its second, (20, 20), went to box 1
+        # Box 1 takes (28, 28) and (20, 20) (t 0.0036 beats the perfect but unsure (36, 36));
+        # (20, 20) is box 0's second choice too and keeps box 1, which its box overlaps more.
+        index[(28, 28, 8)]: 1,
+        index[(20, 20, 8)]: 1,
+        index[(52, 52, 8)]: 2,  # the finest-level point nearest (50, 50)
+        index[(44, 4, 8)]: 3,
+        index[(56, 8, 16)]: 3,
+    }
+    expected_fg = np.zeros((2, num_anchors), np.float32)
+    expected_cls = np.zeros((2, num_anchors, 3), np.float32)
+    expected_boxes = np.zeros((2, num_anchors, 4), np.float32)
+    for anchor, box in expected_box.items():
+        expected_fg[0, anchor] = 1
+        expected_boxes[0, anchor] = boxes[0, box]
+        if box_classes[0, box] >= 0:
+            expected_cls[0, anchor, box_classes[0, box]] = 1
+    np.testing.assert_array_equal(targets["fg_mask"], expected_fg)
+    np.testing.assert_array_equal(targets["obj_targets"], expected_fg)
+    np.testing.assert_array_equal(targets["cls_targets"], expected_cls)
+    np.testing.assert_array_equal(targets["cls_weights"], expected_cls.sum(-1))
+    np.testing.assert_array_equal(targets["box_targets"], expected_boxes)
+
+    # top_k above the number of candidates: every point inside a valid box is a positive.
+    # Boxes 0 and 1 have 10 points inside each, sharing one; box 3 has 7; box 2 its fallback.
+    everything = align(*args, top_k=50)
+    assert float(everything["fg_mask"].sum()) == 10 + 10 - 1 + 7 + 1
+    assert float(everything["fg_mask"][1].sum()) == 0  # no valid box in the second image
+    assert everything["fg_mask"][0, index[(4, 52, 8)]] == 0
+
+
 def _reference_nms(boxes, scores, classes, max_detections, iou_threshold, score_threshold):
     """Textbook greedy NMS on one image (NumPy, explicit loops)."""
 

@@ -201,6 +201,12 @@ def test_detach_aux_heads_auto_follows_the_protocol():
             "inside",
             r"train.det_fallback='soft' is not one of \('nearest', 'inside'\)",
         ),
+        (
+            "det_assigner",
+            "center",
+            "aligned",
+            r"train.det_assigner='soft' is not one of \('center', 'aligned'\)",
+        ),
     ],
 )
 def test_detection_choices_are_one_of_their_values(key, default_value, other, message):

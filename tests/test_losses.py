@@ -288,6 +288,44 @@ def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
     np.testing.assert_allclose(perfect_terms["det_box"], 0.0, atol=1e-5)
 
 
+def test_aligned_assigner_feeds_the_detection_loss():
+    num_classes = 3
+    points, strides = _det_points(16, (4, 8))
+    num_anchors = points.shape[0]
+    batch = _box_batch()
+    rng = np.random.default_rng(0)
+    det = {
+        "points": points,
+        "strides": strides,
+        "obj_logits": jnp.asarray(rng.normal(size=(2, num_anchors)), jnp.float32),
+        "cls_logits": jnp.asarray(rng.normal(size=(2, num_anchors, num_classes)), jnp.float32),
+        "box_ltrb": jnp.asarray(rng.uniform(1, 6, size=(2, num_anchors, 4)), jnp.float32),
+    }
+    pred_boxes = box_ops.decode_boxes(points, det["box_ltrb"])
+    targets = box_ops.align_targets(
+        points,
+        strides,
+        *(batch[k] for k in ("boxes", "box_classes", "box_valid")),
+        pred_boxes,
+        jax.nn.sigmoid(det["obj_logits"]),
+        jax.nn.sigmoid(det["cls_logits"]),
+    )
+    fg = np.asarray(targets["fg_mask"])
+    # Fewer than 10 points inside each box, so each takes them all: box 0 (0, 0, 8, 8) has 4
+    # stride-4 points and the stride-8 point (4, 4); box 1 4 stride-4 points (the stride-8 points
+    # lie on its edges); image 1's box (2, 2, 14, 14) 4 of each stride.
+    assert fg[0].sum() == 9 and fg[1].sum() == 8
+    loss = jax.jit(losses.detection_loss, static_argnames=("assigner",))
+    terms = loss(det, batch, assigner="aligned")
+    expected_obj = losses.sigmoid_focal_loss(det["obj_logits"], targets["obj_targets"])
+    np.testing.assert_allclose(terms["det_obj"], expected_obj.sum() / fg.sum(), rtol=1e-5)
+    expected_box = losses.iou_loss(pred_boxes, targets["box_targets"]) * targets["fg_mask"]
+    np.testing.assert_allclose(terms["det_box"], expected_box.sum() / fg.sum(), rtol=1e-5)
+    assert not np.isclose(float(terms["det_obj"]), float(loss(det, batch)["det_obj"]))
+    with pytest.raises(ValueError, match="assigner='nearest'"):
+        losses.detection_loss(det, batch, assigner="nearest")
+
+
 def test_quality_focal_loss_hand_computed_and_minimised_at_the_target():
     logits = jnp.array([0.0, 0.0, math.log(3.0)])
     targets = jnp.array([0.5, 1.0, 0.0])
