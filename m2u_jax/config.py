@@ -120,6 +120,7 @@ NUMERIC_RANGES = {
     "data.defect_share": _UNIT_OPEN_TOP,
     "data.synthetic_max_beta": _UNIT_OPEN_TOP,
     "data.synthetic_shading": _UNIT,
+    "data.synthetic_band": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),
     "data.prefetch": _AT_LEAST_1,
     "model.patch_size": _AT_LEAST_1,

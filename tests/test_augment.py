@@ -28,7 +28,14 @@ def test_mask_bounding_boxes():
 
 
 def _params(
-    labels, prob=1.0, channels=3, seed=0, max_beta=augment.MAX_BETA, shading=0.0, coarsest=2
+    labels,
+    prob=1.0,
+    channels=3,
+    seed=0,
+    max_beta=augment.MAX_BETA,
+    shading=0.0,
+    coarsest=2,
+    band=0.0,
 ):
     base = tf.constant([seed, 1], tf.int64)
     per_example = [
@@ -40,6 +47,7 @@ def _params(
             max_beta,
             shading,
             coarsest,
+            band,
         )
         for i, label in enumerate(labels)
     ]
@@ -364,6 +372,44 @@ def test_shading_kind_share_regions_and_soft_gain_change():
     # of 50 % to 7 %).
     assert 0.15 < np.mean(areas) < 0.4, np.mean(areas)
     assert np.percentile(areas, 90) > 0.3
+
+
+def test_band_masks_are_a_side_of_a_wavy_line_of_the_drawn_area():
+    plain = _params([0] * 400, seed=3)
+    params = _params([0] * 400, seed=3, band=0.4)
+    assert "band" not in plain
+    for key, value in plain.items():  # the option draws from a stream of its own
+        np.testing.assert_array_equal(params[key].numpy(), value.numpy(), err_msg=key)
+    kinds, banded = params["kind"].numpy(), params["band"].numpy()
+    textures = (kinds != augment.KIND_CUTPASTE) & (kinds != augment.KIND_SHADING)
+    assert not banded[~textures].any()
+    # 0.4 of the ~300 texture anomalies (SE 0.028).
+    assert abs(banded[textures].mean() - 0.4) < 0.09, banded[textures].mean()
+
+    size = 48
+    chosen = np.flatnonzero(banded)[:30]
+    bands = tf.nest.map_structure(lambda value: tf.gather(value, chosen), params)
+    batch = _batch([0] * len(chosen), size=size)
+    out = _numpy(augment.apply_anomalies(batch, bands, band=True))
+    again = _numpy(augment.apply_anomalies(batch, bands, band=True))
+    assert out["images"].tobytes() == again["images"].tobytes()  # deterministic
+    assert _check_contract(batch, bands, out) == len(chosen)  # never empty
+    angle, area, wave = (bands["band_uniforms"].numpy()[:, i] for i in range(3))
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    centre = (size - 1) / 2
+    for i in range(len(chosen)):
+        mask = out["masks"][i] > 0
+        # The drawn share of the image, 10-50 %, to within rounding.
+        np.testing.assert_allclose(mask.mean(), 0.1 + 0.4 * area[i], atol=1.5 / size**2)
+        # Beyond a line: along the line's normal, every masked pixel lies at least as far as
+        # any unmasked one, up to the edge's wave (|wave| <= 4 % of the side).
+        along = (xs - centre) * np.cos(2 * np.pi * angle[i]) + (ys - centre) * np.sin(
+            2 * np.pi * angle[i]
+        )
+        amplitude = 0.04 * size * wave[i]
+        assert along[~mask].max() - along[mask].min() <= 2 * amplitude + 1e-3, i
+    # The waves are not all flat: some edges bend by more than a pixel.
+    assert (0.04 * size * wave > 1).sum() >= 10
 
 
 def test_flat_colour_opacity_blend(many_params):

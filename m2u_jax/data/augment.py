@@ -36,6 +36,11 @@ One kind per anomaly:
   - a flat random colour (15 %).
   Each texture gets 3 of 8 photometric ops: per-channel gain, inversion, contrast, brightness,
   desaturation, gamma, posterize, solarize.
+- Bands (`data.synthetic_band` of the noise-shaped textures, 0 by default): the mask is the
+  part of the image beyond a line at a random angle, 10-50 % of the image, its edge made wavy
+  by smooth noise (up to 4 % of the side): a region that ends in a long, nearly straight
+  boundary, as a coating, a ground band or a worn strip does, where the noise blobs have
+  none. The texture, its ops and the opacity are the kind's.
 - Shading (`data.synthetic_shading` of the anomalies, 0 by default): the image's gain changes
   by 4-25 %, darker or brighter, under a large noise region (2 or 4 cells per axis, threshold
   0-1.5 standard deviations) with a soft edge: a stain, a coating or an uneven surface, which
@@ -76,6 +81,11 @@ _KIND_PROBS = (0.25, 0.2, 0.2, 0.2, 0.15)
 _SHADING_THRESHOLD_RANGE = (0.0, 1.5)
 _SHADING_EDGE = 0.5
 _SHADING_GAIN_RANGE = (0.04, 0.25)
+# Bands: 10-50 % of the image beyond a line; the edge moves by up to 4 % of the side along it,
+# following smooth noise of 4 cells.
+_BAND_AREA_RANGE = (0.1, 0.5)
+_BAND_WAVE = 0.04
+_BAND_WAVE_CELLS = 4.0
 # Mask noise: 2^k cells per axis, k in log2(data.synthetic_coarsest_cells).._MAX_NOISE_EXPONENT,
 # cells of >= _MIN_CELL_PIXELS.
 _MAX_NOISE_EXPONENT = 5
@@ -119,6 +129,7 @@ def sample_anomaly_params(
     max_beta: float = MAX_BETA,
     shading: float = 0.0,
     coarsest_cells: int = 2,
+    band: float = 0.0,
 ) -> dict[str, tf.Tensor]:
     """Random parameters of one example's synthetic anomaly (per-example, stateless).
 
@@ -132,6 +143,8 @@ def sample_anomaly_params(
         every other kind are exactly those without the option).
       coarsest_cells: the fewest mask-noise cells per axis, 1 or 2 (`COARSEST_CELLS`); the
         draws are the same either way, only their mapping to scales changes.
+      band: the fraction of noise-shaped texture anomalies whose mask is a band (0: none, and
+        every draw is exactly that without the option).
 
     Returns:
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
@@ -139,7 +152,8 @@ def sample_anomaly_params(
       `ops` (`[8]` bool, the texture's photometric ops), `uniforms` (`[31]`, see the layout
       above), `min_exponent` (log2 of `coarsest_cells`, f32), `gains` `[C]`, `colours`
       `[2, C]`, and the noise lattices `noise_coarse`, `noise_fine`, `noise_pattern` (square,
-      values in [0, 1)).
+      values in [0, 1)); with `band` > 0 also `band` (bool) and `band_uniforms` `[3]` (angle,
+      area, edge amplitude).
     """
     if coarsest_cells not in COARSEST_CELLS:
         raise ValueError(f"coarsest_cells={coarsest_cells} is not one of {COARSEST_CELLS}")
@@ -163,7 +177,7 @@ def sample_anomaly_params(
     kind = tf.reduce_sum(tf.cast(uniforms[1] >= boundaries, tf.int32))
     opaque = tf.logical_or(tf.equal(kind, KIND_CUTPASTE), tf.equal(kind, KIND_SHADING))
     beta = tf.where(opaque, 0.0, max_beta * uniforms[16])
-    return {
+    params = {
         "apply": tf.logical_and(uniforms[0] < prob, tf.equal(label, 0)),
         "kind": kind,
         "beta": beta,
@@ -174,6 +188,12 @@ def sample_anomaly_params(
         "colours": colours,
         **lattices,
     }
+    if band > 0:
+        # A stream of its own (fold 6), so the other draws do not depend on the option.
+        band_draws = tf.random.stateless_uniform([4], fold_key(key, 6))
+        params["band"] = tf.logical_and(band_draws[0] < band, ~opaque)
+        params["band_uniforms"] = band_draws[1:]
+    return params
 
 
 def _pixel_grid(size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -447,6 +467,30 @@ def _noise_masks(params: dict[str, tf.Tensor], size: int, shading: bool = False)
     return masks, t * t * (3.0 - 2.0 * t)
 
 
+def _band_masks(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
+    """`[n, size, size]` bool: the pixels beyond a line at a random angle, exactly a drawn
+    fraction of the image (10-50 %), the line displaced along its normal by smooth noise."""
+    band_uniforms = params["band_uniforms"]
+    angle = band_uniforms[:, 0] * 2 * math.pi
+    x, y = _pixel_grid(size)
+    center = (size - 1) / 2
+    distance = (x - center) * tf.cos(angle)[:, None, None] + (y - center) * tf.sin(angle)[
+        :, None, None
+    ]
+    cells = tf.fill(tf.shape(angle), _BAND_WAVE_CELLS)
+    points = int(_BAND_WAVE_CELLS) + 1
+    wave = _smooth_noise(params["noise_pattern"][:, :points, :points], cells, cells, size)
+    amplitude = _BAND_WAVE * size * band_uniforms[:, 2]
+    distance += (2.0 * wave - 1.0) * amplitude[:, None, None]
+    # The threshold is the quantile of the distances that leaves the drawn area beyond it.
+    low, high = _BAND_AREA_RANGE
+    area = low + (high - low) * band_uniforms[:, 1]
+    flat = tf.sort(tf.reshape(distance, [-1, size * size]), axis=1)
+    below = tf.cast(tf.round((1.0 - area) * (size * size)), tf.int32)
+    threshold = tf.gather(flat, tf.minimum(below, size * size - 1), batch_dims=1)
+    return distance >= threshold[:, None, None]
+
+
 def _waves(frequency, angle, phase, size: int) -> tf.Tensor:
     """`sin(frequency * (x cos(angle) + y sin(angle)) + phase)` `[n, size, size]` (args `[n]`),
     as sin(a + b) = sin a cos b + cos a sin b of per-row and per-column vectors: the image-sized
@@ -562,6 +606,7 @@ def _synthesize(
     params: dict[str, tf.Tensor],
     shading: bool = False,
     match_gray: bool = False,
+    band: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """All anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
 
@@ -614,6 +659,8 @@ def _synthesize(
     else:
         noise_masks = _noise_masks(params, size)
     masks = (is_cut & rectangles) | (~is_cut & noise_masks)
+    if band:
+        masks = tf.where(params["band"][:, None, None], _band_masks(params, size), masks)
 
     patch = _pasted_content(warped, _patterns(params, size), params)
     if match_gray and images.shape[-1] > 1:
@@ -655,6 +702,7 @@ def apply_anomalies(
     synthetic_type: int = -1,
     shading: bool = False,
     match_gray: bool = False,
+    band: bool = False,
 ) -> dict:
     """Pastes synthetic anomalies into a batch (where `params['apply']`).
 
@@ -673,6 +721,8 @@ def apply_anomalies(
       match_gray: on a gray image (every pixel's channels within `GRAY_TOLERANCE`) the pasted
         content is made gray too, its channels replaced by their mean
         (`data.synthetic_match_gray`); the draws, masks and opacity are unchanged.
+      band: whether `params` holds band draws (`data.synthetic_band` > 0); where `band` is set
+        the mask is `_band_masks`'.
 
     Returns:
       The batch with `images`, `masks`, `labels`, `defect_types`, `boxes`, `box_classes`,
@@ -685,7 +735,12 @@ def apply_anomalies(
     others = tf.gather(tf.cast(_other_good_images(batch["labels"]), selected.dtype), selected)
     sources = tf.where(tf.equal(chosen["kind"], KIND_OTHER), others, selected)
     new_images, new_masks = _synthesize(
-        tf.gather(images, selected), tf.gather(images, sources), chosen, shading, match_gray
+        tf.gather(images, selected),
+        tf.gather(images, sources),
+        chosen,
+        shading,
+        match_gray,
+        band,
     )
     boxes, nonempty = mask_bounding_boxes(new_masks)
     # A noise threshold above the whole field leaves an image unchanged: it stays good.

@@ -368,6 +368,7 @@ def make_train_dataset(
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
     shading = float(config.data.synthetic_shading)
+    band = float(config.data.synthetic_band)
     coarsest_cells = int(config.data.synthetic_coarsest_cells)
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
@@ -399,7 +400,7 @@ def make_train_dataset(
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(
-            key, example["labels"], prob, channels, max_beta, shading, coarsest_cells
+            key, example["labels"], prob, channels, max_beta, shading, coarsest_cells, band
         )
         return example, params
 
@@ -412,7 +413,9 @@ def make_train_dataset(
             }
         if prob <= 0:
             return {**batch, "clean_images": batch["images"]}
-        return augment.apply_anomalies(batch, params, synthetic_type, shading > 0, match_gray)
+        return augment.apply_anomalies(
+            batch, params, synthetic_type, shading > 0, match_gray, band > 0
+        )
 
     # The functions branch on Python values only, so tf.data traces them as written: AutoGraph's
     # source rewrite would add seconds to every training start (the augmentations are long).
