@@ -479,6 +479,8 @@ def _band_masks(params: dict[str, tf.Tensor], size: int) -> tf.Tensor:
     ]
     cells = tf.fill(tf.shape(angle), _BAND_WAVE_CELLS)
     points = int(_BAND_WAVE_CELLS) + 1
+    # The wave reuses a corner of the pattern lattice (no draw of its own); a smooth-noise
+    # pattern pasted into the same band reads those values at its own scale, which is harmless.
     wave = _smooth_noise(params["noise_pattern"][:, :points, :points], cells, cells, size)
     amplitude = _BAND_WAVE * size * band_uniforms[:, 2]
     distance += (2.0 * wave - 1.0) * amplitude[:, None, None]
