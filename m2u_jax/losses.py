@@ -258,9 +258,8 @@ def detection_loss(
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
     Targets come from `boxes.assign_targets` (`fallback=assign_fallback`) with
     `assigner='center'`, or from `boxes.align_targets` on the current predictions with
-    'aligned'. With P = max(number
-    of positives, 1) over the (global) batch and P_known the same over positives of a known
-    class:
+    'aligned'. With P = max(number of positives, 1) over the (global) batch and P_known the
+    same over positives of a known class:
       det_obj = Σ focal(obj) over all anchors / P with `obj_target='binary'` (target 1 on
         positives); with 'iou' the positives' target is the IoU of their predicted box with the
         assigned box (no gradient through it) and the loss `quality_focal_loss`, so the box
