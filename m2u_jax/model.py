@@ -111,11 +111,13 @@ def _merge_flip_detections(det: dict, count: int, image_hw, strides) -> dict:
     }
     unflipped = {name: [] for name in PER_IMAGE_DET_KEYS}
     for view, axes in enumerate(FLIP_VIEWS[count]):
-        index = _anchor_unflip(image_hw, strides, axes)
+        index = _anchor_unflip(image_hw, strides, axes) if axes else None
         for name in PER_IMAGE_DET_KEYS:
-            values = jnp.take(per_view[name][view], index, axis=1)
-            if name == "box_ltrb":
-                values = jnp.take(values, np.asarray(_LTRB_UNFLIP[axes]), axis=-1)
+            values = per_view[name][view]
+            if axes:  # the unflipped view needs no gathers
+                values = jnp.take(values, index, axis=1)
+                if name == "box_ltrb":
+                    values = jnp.take(values, np.asarray(_LTRB_UNFLIP[axes]), axis=-1)
             unflipped[name].append(values)
     merged = dict(det)
     merged["obj_logits"] = _mean_probability_logit(jnp.stack(unflipped["obj_logits"]))

@@ -107,6 +107,27 @@ def _two_level_points(image_size=64, strides=(8, 16)):
     return np.array(points, np.float32), np.array(point_strides, np.float32)
 
 
+def _assert_targets_of_image_0(targets, expected_box, boxes, box_classes, num_classes):
+    """The target arrays equal those of `expected_box` ({anchor: box index}, image 0's
+    positives; every other anchor, and the second image, negative)."""
+    num_anchors = targets["fg_mask"].shape[1]
+    expected_fg = np.zeros((2, num_anchors), np.float32)
+    expected_cls = np.zeros((2, num_anchors, num_classes), np.float32)
+    expected_weights = np.zeros((2, num_anchors), np.float32)
+    expected_boxes = np.zeros((2, num_anchors, 4), np.float32)
+    for anchor, box in expected_box.items():
+        expected_fg[0, anchor] = 1
+        expected_boxes[0, anchor] = boxes[0, box]
+        if box_classes[0, box] >= 0:
+            expected_cls[0, anchor, box_classes[0, box]] = 1
+            expected_weights[0, anchor] = 1
+    np.testing.assert_array_equal(targets["fg_mask"], expected_fg)
+    np.testing.assert_array_equal(targets["obj_targets"], expected_fg)
+    np.testing.assert_array_equal(targets["cls_targets"], expected_cls)
+    np.testing.assert_array_equal(targets["cls_weights"], expected_weights)
+    np.testing.assert_array_equal(targets["box_targets"], expected_boxes)
+
+
 def test_assign_targets_hand_built_case():
     points, strides = _two_level_points()
     index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}
@@ -144,21 +165,7 @@ def test_assign_targets_hand_built_case():
     assert targets["cls_targets"].shape == (2, num_anchors, 4)
     assert targets["box_targets"].shape == (2, num_anchors, 4)
 
-    expected_fg = np.zeros((2, num_anchors), np.float32)
-    expected_cls = np.zeros((2, num_anchors, 4), np.float32)
-    expected_weights = np.zeros((2, num_anchors), np.float32)
-    expected_boxes = np.zeros((2, num_anchors, 4), np.float32)
-    for anchor, box in expected_box.items():
-        expected_fg[0, anchor] = 1
-        expected_boxes[0, anchor] = boxes[0, box]
-        if box_classes[0, box] >= 0:
-            expected_cls[0, anchor, box_classes[0, box]] = 1
-            expected_weights[0, anchor] = 1
-    np.testing.assert_array_equal(targets["fg_mask"], expected_fg)
-    np.testing.assert_array_equal(targets["obj_targets"], expected_fg)
-    np.testing.assert_array_equal(targets["cls_targets"], expected_cls)
-    np.testing.assert_array_equal(targets["cls_weights"], expected_weights)
-    np.testing.assert_array_equal(targets["box_targets"], expected_boxes)
+    _assert_targets_of_image_0(targets, expected_box, boxes, box_classes, num_classes=4)
     # Unknown class: foreground with a box target but no class supervision.
     unknown_anchor = index[(44, 4, 8)]
     assert targets["fg_mask"][0, unknown_anchor] == 1
@@ -256,19 +263,7 @@ def test_align_targets_hand_built_case():
         index[(44, 4, 8)]: 3,
         index[(56, 8, 16)]: 3,
     }
-    expected_fg = np.zeros((2, num_anchors), np.float32)
-    expected_cls = np.zeros((2, num_anchors, 3), np.float32)
-    expected_boxes = np.zeros((2, num_anchors, 4), np.float32)
-    for anchor, box in expected_box.items():
-        expected_fg[0, anchor] = 1
-        expected_boxes[0, anchor] = boxes[0, box]
-        if box_classes[0, box] >= 0:
-            expected_cls[0, anchor, box_classes[0, box]] = 1
-    np.testing.assert_array_equal(targets["fg_mask"], expected_fg)
-    np.testing.assert_array_equal(targets["obj_targets"], expected_fg)
-    np.testing.assert_array_equal(targets["cls_targets"], expected_cls)
-    np.testing.assert_array_equal(targets["cls_weights"], expected_cls.sum(-1))
-    np.testing.assert_array_equal(targets["box_targets"], expected_boxes)
+    _assert_targets_of_image_0(targets, expected_box, boxes, box_classes, num_classes=3)
 
     # top_k above the number of candidates: every point inside a valid box is a positive.
     # Boxes 0 and 1 have 10 points inside each, sharing one; box 3 has 7; box 2 its fallback.
