@@ -25,8 +25,10 @@ import contextlib
 import json
 import logging as python_logging
 import os
+import sys
 import threading
 import time
+import traceback
 
 import jax
 import ml_collections
@@ -75,6 +77,35 @@ def unreadable_problem(error: BaseException) -> str | None:
     ):
         return None
     return (text.splitlines()[0] if text else repr(error))[:200]
+
+
+def _is_late_read_callback(error: BaseException | None, trace) -> bool:
+    """Whether `error` (raised along `trace`) is tensorstore failing to hand a finished read to a
+    closed asyncio loop: asyncio's `call_soon_threadsafe` raising 'Event loop is closed'."""
+    return (
+        isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"
+        and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(trace))
+    )
+
+
+def _drop_late_read_callbacks() -> None:
+    """Call after a read of damaged checkpoint files failed. Orbax runs a read in `asyncio.run`,
+    which closes its loop at the first error while tensorstore's other reads are still in
+    flight; those end later on tensorstore's threads, cannot deliver their (already useless)
+    results to the closed loop, and print that through `sys.excepthook` as a traceback after
+    the caller has handled the failure. From now on this process drops exactly those reports
+    (`_is_late_read_callback`); every other exception reaches the previous hook. Idempotent."""
+    previous = sys.excepthook
+    if getattr(previous, "drops_late_read_callbacks", False):
+        return
+
+    def hook(kind, error, trace):
+        if not _is_late_read_callback(error, trace):
+            previous(kind, error, trace)
+
+    hook.drops_late_read_callbacks = True
+    sys.excepthook = hook
 
 
 def _write_problem(error: BaseException) -> str | None:
@@ -283,6 +314,7 @@ def resume_meta(manager: ocp.CheckpointManager) -> dict | None:
             problem = unreadable_problem(error)
             if problem is None:
                 raise
+            _drop_late_read_callbacks()
             bad[step], meta = problem, None
     if not bad:
         return meta
@@ -462,6 +494,7 @@ def restore_params(
             first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             problem = unreadable_problem(error)
             if problem is not None:
+                _drop_late_read_callbacks()
                 others = [s for s in steps if s != step and metas[s]["stage"] == stage]
                 raise ValueError(
                     f"checkpoint {step} in {directory} is unreadable (corrupt or incomplete: "
