@@ -390,6 +390,7 @@ ARCHITECTURE_KEYS = (
     "model.detail_channels",
     "model.pixel_head_recon",
     "model.det_channels",
+    "model.det_decoupled",
     "model.num_defect_classes",
     "model.det_strides",
     "model.projection_dim",

@@ -259,6 +259,8 @@ class DetectionHead(TokenGeometry):
     own 3×3 conv ('neck_l'), then a head shared by all levels (3×3 conv + SiLU, then one 1×1
     conv for objectness, K class logits and 4 box distances; FCOS-style sharing, since distances
     are in units of the level stride). Box distances = softplus(raw) × stride (non-negative pixels).
+    With `decoupled`, the shared head has two branches, as YOLOX's: the class logits come from a
+    3×3 conv + SiLU of their own, objectness and box distances from the other.
 
     Returns `det` per docs/interfaces.md: `obj_logits [B, A]`, `cls_logits [B, A, K]`,
     `box_ltrb [B, A, 4]`, `points [A, 2]` (cell centres x, y), `strides [A]`, all float32; the
@@ -269,6 +271,7 @@ class DetectionHead(TokenGeometry):
     num_classes: int = 4
     strides: tuple[int, ...] = (16, 32)
     dropout_rate: float = 0.0
+    decoupled: bool = False
 
     @nn.compact
     def __call__(
@@ -290,18 +293,29 @@ class DetectionHead(TokenGeometry):
                 )
         projected = nn.silu(nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid))
         head_conv = nn.Conv(self.channels, (3, 3), name="head_conv", **conv)
-        # One 1x1 conv predicts [objectness, K class logits, 4 box distances]: one matmul
-        # instead of three; focal-loss logits start at the prior, box logits at zero.
+        # One 1x1 conv predicts [objectness, K class logits, 4 box distances] (decoupled: [obj,
+        # 4 box distances] here, the K class logits from their own branch): one matmul instead
+        # of three; focal-loss logits start at the prior, box logits at zero.
         num_logits = 1 + self.num_classes
+        head_logits = 1 if self.decoupled else num_logits
         predict = nn.Conv(
-            num_logits + 4,
+            head_logits + 4,
             (1, 1),
             bias_init=lambda key, shape, dtype: jnp.concatenate(
-                [jnp.full((num_logits,), prior_logit(), dtype), jnp.zeros((4,), dtype)]
+                [jnp.full((head_logits,), prior_logit(), dtype), jnp.zeros((4,), dtype)]
             ),
             name="predict",
             **conv,
         )
+        if self.decoupled:
+            cls_conv = nn.Conv(self.channels, (3, 3), name="cls_conv", **conv)
+            cls_predict = nn.Conv(
+                self.num_classes,
+                (1, 1),
+                bias_init=nn.initializers.constant(prior_logit()),
+                name="cls_predict",
+                **conv,
+            )
         predictions = []
         previous, previous_stride = None, None
         for level, stride in enumerate(self.strides):
@@ -321,9 +335,20 @@ class DetectionHead(TokenGeometry):
                 nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)
             )
             # Dropout before the last 1x1 conv only, as in the decoder (cheap MC samples).
-            features = nn.silu(head_conv(features))
-            features = nn.Dropout(self.dropout_rate)(features, deterministic=not train)
-            level_predictions = _flatten_cells(predict(features))
+            branch = nn.silu(head_conv(features))
+            branch = nn.Dropout(self.dropout_rate)(branch, deterministic=not train)
+            level_predictions = _flatten_cells(predict(branch))
+            if self.decoupled:
+                cls_branch = nn.silu(cls_conv(features))
+                cls_branch = nn.Dropout(self.dropout_rate)(cls_branch, deterministic=not train)
+                level_predictions = jnp.concatenate(
+                    [
+                        level_predictions[..., :1],
+                        _flatten_cells(cls_predict(cls_branch)),
+                        level_predictions[..., 1:],
+                    ],
+                    axis=-1,
+                )
             box_logits = level_predictions[..., num_logits:]
             predictions.append(
                 jnp.concatenate(

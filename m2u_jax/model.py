@@ -222,6 +222,7 @@ class M2UNet(nn.Module):
     pixel_head_recon: bool = False
     detach_aux_heads: bool = False
     det_channels: int = 128
+    det_decoupled: bool = False
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
     det_max_detections: int = 32
@@ -273,6 +274,7 @@ class M2UNet(nn.Module):
             num_classes=self.num_defect_classes,
             strides=self.det_strides,
             dropout_rate=self.dropout_rate,
+            decoupled=self.det_decoupled,
             **geometry,
             **common,
         )
@@ -561,6 +563,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         # forward pass is the same either way, so unresolved means off.
         detach_aux_heads=model_config.detach_aux_heads == "always",
         det_channels=int(model_config.det_channels),
+        det_decoupled=bool(model_config.det_decoupled),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),
         det_max_detections=int(model_config.det_max_detections),

@@ -124,3 +124,39 @@ def test_image_and_projection_heads():
         atol=1e-5,
     )
     assert not np.allclose(sampled, image_logits)
+
+
+def test_decoupled_detection_head_takes_classes_from_their_own_branch():
+    head = heads.DetectionHead(
+        channels=8, num_classes=3, strides=(8, 16), patch_size=8, patch_stride=8, decoupled=True
+    )
+    grid = jax.random.normal(key(2), (2, 8, 8, 4))  # 64 px image
+    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    params = variables["params"]
+    assert {"cls_conv", "cls_predict", "head_conv", "predict"} <= set(params)
+    assert params["predict"]["kernel"].shape == (1, 1, 8, 5)  # objectness + 4 box distances
+    assert params["cls_predict"]["kernel"].shape == (1, 1, 8, 3)
+    prior_logit = np.log(0.01 / 0.99)
+    np.testing.assert_allclose(params["cls_predict"]["bias"], prior_logit, rtol=1e-6)
+    np.testing.assert_allclose(params["predict"]["bias"], [prior_logit, 0, 0, 0, 0], atol=1e-6)
+
+    det = head.apply(variables, grid, (64, 64), train=False)
+    assert det["cls_logits"].shape == (2, 80, 3) and det["box_ltrb"].shape == (2, 80, 4)
+
+    # The class logits are the class branch's 1x1 conv of its features, nothing else: zero its
+    # kernel and they are its bias everywhere, while objectness and boxes do not move.
+    cls_bias = np.array([0.5, -1.0, 2.0], np.float32)
+    flat = {**params, "cls_predict": {"kernel": jnp.zeros((1, 1, 8, 3)), "bias": cls_bias}}
+    cut = head.apply({"params": flat}, grid, (64, 64), train=False)
+    np.testing.assert_allclose(cut["cls_logits"], np.broadcast_to(cls_bias, (2, 80, 3)))
+    np.testing.assert_array_equal(cut["obj_logits"], det["obj_logits"])
+    np.testing.assert_array_equal(cut["box_ltrb"], det["box_ltrb"])
+    # And the other way round: zero the box branch's 1x1 conv, the classes stay.
+    flat = {**params, "predict": {"kernel": jnp.zeros((1, 1, 8, 5)), "bias": jnp.zeros((5,))}}
+    cut = head.apply({"params": flat}, grid, (64, 64), train=False)
+    np.testing.assert_array_equal(cut["cls_logits"], det["cls_logits"])
+    np.testing.assert_allclose(cut["obj_logits"], 0.0)
+    expected_ltrb = np.log(2.0) * det["strides"][None, :, None]
+    np.testing.assert_allclose(
+        cut["box_ltrb"], np.broadcast_to(expected_ltrb, (2, 80, 4)), rtol=1e-6
+    )
