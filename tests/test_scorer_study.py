@@ -18,6 +18,24 @@ def test_standardise_uses_the_reference_pixels():
     np.testing.assert_allclose(scorer_study.standardise(maps, reference), [[[0, 2], [-2, 0]]])
 
 
+def test_gaussian_distances_by_hand():
+    # Mean 0; variances (ddof 1) 2/3 and 8/3, no covariance.
+    normal = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    queries = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0], [0.0, 0.0]])
+    np.testing.assert_allclose(
+        scorer_study.gaussian_distances(normal, queries, shrinkage=0.0), [1.5, 1.5, 3.0, 0.0]
+    )
+    # Half-way to the mean variance 5/3: variances 7/6 and 13/6.
+    np.testing.assert_allclose(
+        scorer_study.gaussian_distances(normal, queries, shrinkage=0.5),
+        [6 / 7, 4 * 6 / 13, 6 / 7 + 24 / 13, 0.0],
+    )
+    # A degenerate direction (all normal points on a line) stays finite with shrinkage.
+    line = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    distances = scorer_study.gaussian_distances(line, np.array([[1.0, 1.0]]), shrinkage=0.1)
+    np.testing.assert_allclose(distances, [1.0 / (0.1 * 0.5)])
+
+
 def test_tiled_maps_are_the_tiles_maps_stitched():
     config = tiny.get_config()
     model = model_lib.build_model(config.model)
@@ -74,6 +92,9 @@ def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
         "memory: tokens + detail",
         "memory: detail",
     } | {" + ".join(parts) for parts in scorer_study.FUSIONS}
+    image_only = set(scorer_study.GAUSSIAN_SETS)
+    image_only |= {f"pixel head + {name}" for name in scorer_study.GAUSSIAN_SETS}
+    expected |= image_only
     assert set(results) == expected
     # The pixel head's maps are evaluation's: same pixel AUROC and AUPRO (the study runs the
     # trunk and the tail as two calls, equal to the whole forward within float rounding).
@@ -87,7 +108,11 @@ def test_scorer_study_on_tiny(tiny_synthetic_root, tmp_path):
     assert flips["pixel_auroc"] == pytest.approx(flipped["pixel"]["auroc"], abs=1e-5)
     assert flips["aupro"] == pytest.approx(flipped["pixel"]["aupro"], abs=1e-5)
     assert flips["pixel_auroc"] != pytest.approx(pixel["pixel_auroc"], abs=1e-6)
-    for row in results.values():
+    for name, row in results.items():
+        if name in image_only:  # no map: image AUROC only
+            assert row["pixel_auroc"] is None and row["aupro"] is None
+            assert 0.0 <= row["image_auroc"] <= 1.0
+            continue
         for value in row.values():
             assert 0.0 <= value <= 1.0
     text = scorer_study.markdown(step, workdir, results)

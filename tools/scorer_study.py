@@ -18,6 +18,12 @@ AUROC (maximum of the 5×5 mean-filtered map, the `cpu_real` rule), pixel AUROC 
   the detail maps at stride 4 (stride-2 map pooled in); each part L2-normalised before joining;
 - `A + B`: maps standardised by the mean and standard deviation of their pixels on the
   defect-free *validation* images, then summed (no test label is used).
+- `gaussian: embedding`, `gaussian: token statistics` (image scores only, no map): CutPaste's
+  density estimator, the squared Mahalanobis distance of an image's pooled features to a
+  Gaussian fitted on the defect-free training images (covariance shrunk toward its mean
+  variance by `GAUSSIAN_SHRINKAGE`), over the backbone's pooled embedding or the mean, standard
+  deviation and maximum of the fused token grid; `pixel head + gaussian: …` sums the two image
+  scores, each standardised on the defect-free validation images.
 
 Detail-stem scorers need `model.detail_channels > 0` and are skipped otherwise. Memories hold
 `eval.feature_memory_size` patches (`DEFAULT_MEMORY_SIZE` when the run had it off). The numbers
@@ -58,7 +64,13 @@ FUSIONS = (
     (PIXEL_HEAD, "memory: tokens + detail"),
     (PIXEL_HEAD, "memory: detail"),
     (PIXEL_HEAD, RECON_ERROR),
+    (FLIPPED_PIXEL_HEAD, "memory: tokens"),
 )
+GAUSSIAN_SETS = {  # image-level scorer name → feature set of `_features`
+    "gaussian: embedding": "embedding",
+    "gaussian: token statistics": "token_stats",
+}
+GAUSSIAN_SHRINKAGE = 0.1
 IMAGE_SCORE_SMOOTHING = 5
 DEFAULT_MEMORY_SIZE = 16384  # cpu_real's eval.feature_memory_size
 
@@ -91,10 +103,15 @@ def _features(model, variables, images: jax.Array) -> dict[str, jax.Array]:
     images = images.astype(jnp.float32)
     recon_error = jnp.mean(jnp.abs(outputs["recon"].astype(jnp.float32) - images), axis=-1)
     tokens = aux["fine_grid"].astype(jnp.float32)
+    flat_tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
     result = {
         PIXEL_HEAD: jax.nn.sigmoid(outputs["pixel_logits"].astype(jnp.float32)),
         RECON_ERROR: recon_error,
         "tokens": feature_memory.neighbourhood_mean(tokens),
+        "embedding": outputs["embedding"].astype(jnp.float32),
+        "token_stats": jnp.concatenate(
+            [flat_tokens.mean(1), flat_tokens.std(1), flat_tokens.max(1)], axis=-1
+        ),
     }
     if model.detail_channels > 0:
         detail = {stride: maps.astype(jnp.float32) for stride, maps in state["detail"].items()}
@@ -129,12 +146,32 @@ def standardise(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (maps - reference.mean()) / (reference.std() + 1e-12)
 
 
+def gaussian_distances(
+    normal: np.ndarray, features: np.ndarray, shrinkage: float = GAUSSIAN_SHRINKAGE
+) -> np.ndarray:
+    """Squared Mahalanobis distance of each row of `features [N, D]` to the Gaussian fitted on
+    `normal [M, D]`: its mean, and its covariance (ddof 1) shrunk as (1 − s)·C + s·mean(diag C)·I,
+    which keeps it invertible when M is not far above D."""
+    normal = np.asarray(normal, np.float64)
+    mean = normal.mean(axis=0)
+    covariance = np.atleast_2d(np.cov(normal, rowvar=False))
+    covariance = (1.0 - shrinkage) * covariance + shrinkage * np.mean(np.diag(covariance)) * np.eye(
+        len(covariance)
+    )
+    centred = np.asarray(features, np.float64) - mean
+    return np.einsum("nd,nd->n", centred @ np.linalg.inv(covariance), centred)
+
+
+def map_image_scores(maps: np.ndarray) -> np.ndarray:
+    """`[N]` image scores of `[N, H, W]` maps: the maximum of the mean-filtered map."""
+    smoothed = scoring.smooth_maps(maps.astype(np.float32), IMAGE_SCORE_SMOOTHING)
+    return smoothed.reshape(len(smoothed), -1).max(axis=1)
+
+
 def scorer_metrics(labels, masks, maps: np.ndarray) -> dict[str, float]:
     """Image AUROC (max of the mean-filtered map), pixel AUROC and AUPRO of `[N, H, W]` maps."""
-    smoothed = scoring.smooth_maps(maps.astype(np.float32), IMAGE_SCORE_SMOOTHING)
-    scores = smoothed.reshape(len(smoothed), -1).max(axis=1)
     return {
-        "image_auroc": metrics_lib.image_auroc(labels, scores),
+        "image_auroc": metrics_lib.image_auroc(labels, map_image_scores(maps)),
         "pixel_auroc": metrics_lib.pixel_auroc(masks, maps),
         "aupro": metrics_lib.aupro(masks, maps, evaluate.AUPRO_FPR_LIMIT),
     }
@@ -203,6 +240,25 @@ def run_study(config, workdir: str, step: int | str | None = None) -> tuple[int,
                     for p in parts
                 )
                 results[" + ".join(parts)] = scorer_metrics(test["labels"], test["masks"], fused)
+    if good_train.any():  # image-level scorers: no map, so no pixel AUROC or AUPRO
+        head = {name: map_image_scores(maps[PIXEL_HEAD][name]) for name in ("validation", "test")}
+        for scorer, key in GAUSSIAN_SETS.items():
+            normal = train[key][good_train]
+            scores = {name: gaussian_distances(normal, splits[name][key]) for name in head}
+            image_only = dict(pixel_auroc=None, aupro=None)
+            results[scorer] = {
+                "image_auroc": metrics_lib.image_auroc(test["labels"], scores["test"]),
+                **image_only,
+            }
+            if good_validation.any():
+                fused = sum(
+                    standardise(part["test"], part["validation"][good_validation])
+                    for part in (head, scores)
+                )
+                results[f"{PIXEL_HEAD} + {scorer}"] = {
+                    "image_auroc": metrics_lib.image_auroc(test["labels"], fused),
+                    **image_only,
+                }
     return step, results
 
 
@@ -215,7 +271,10 @@ def markdown(step: int, workdir: str, results: dict[str, dict]) -> str:
         "|---|---|---|---|",
     ]
     for name, row in results.items():
-        cells = " | ".join(f"{row[key]:.3f}" for key in ("image_auroc", "pixel_auroc", "aupro"))
+        cells = " | ".join(
+            "—" if row[key] is None else f"{row[key]:.3f}"
+            for key in ("image_auroc", "pixel_auroc", "aupro")
+        )
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines) + "\n"
 
