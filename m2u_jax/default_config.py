@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # The model reads modalities and image size from the data section (linked, not copied).
     model.modalities = data.get_ref("modalities")  # Same as data.modalities (a reference).
     model.image_size = data.get_ref("image_size")  # Same as data.image_size (a reference).
-    model.variant = "S"  # Backbone size: 'tiny' | 'S' | 'B' (width, depth, heads, MLP).
+    model.variant = "S"  # Backbone size: 'tiny' | 'tiny4' | 'S' | 'B' (width, depth, heads, MLP).
     model.scales = (1.0, 0.5)  # Image scales tokenized by the shared patch embedding (MSPG).
     model.patch_size = 16  # Patch side (pixels).
     model.patch_stride = 16  # Patch stride (pixels); < patch_size gives overlapping patches.

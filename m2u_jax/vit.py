@@ -55,9 +55,11 @@ from m2u_jax.layers import (
 from m2u_jax.modalities import MODALITY_CHANNELS
 
 # Backbone sizes. S and B are the ViT-S/16 and ViT-B/16 shapes (so AugReg / big_vision
-# checkpoints load); tiny is for tests and CPU demos.
+# checkpoints load); tiny is for tests and CPU demos; tiny4 is tiny at twice the depth (measured
+# for real data on CPU in docs/quality.md: behind tiny at the same training minutes).
 VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=128),
+    "tiny4": dict(width=64, depth=4, num_heads=2, mlp_dim=128),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
 }

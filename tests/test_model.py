@@ -415,7 +415,7 @@ def test_predict_with_flips_averages_the_flipped_images_maps(setup, images):
 
 # Full-model parameters per variant for configs/default.py with only model.variant changed
 # (rgb, 256 px, scales (1, 0.5), patch 16, decoder 64 channels, detection 128 channels, K = 4).
-MODEL_PARAMETERS = {"tiny": 779475, "S": 25936979, "B": 100802003}
+MODEL_PARAMETERS = {"tiny": 779475, "tiny4": 863251, "S": 25936979, "B": 100802003}
 
 
 def test_every_variant_is_pinned():

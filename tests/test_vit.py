@@ -269,7 +269,7 @@ def test_trunk_then_tail_equals_call_and_remat_keeps_gradients(images):
 
 # Backbone parameters of every variant for the default geometry: rgb, 256 px, scales (1, 0.5),
 # patch 16 / stride 16, fusion every 2 blocks, learned position embedding.
-BACKBONE_PARAMETERS = {"tiny": 149632, "S": 25243776, "B": 100032768}
+BACKBONE_PARAMETERS = {"tiny": 149632, "tiny4": 233408, "S": 25243776, "B": 100032768}
 
 
 def test_every_variant_is_pinned():
