@@ -989,3 +989,32 @@ def test_predictors_and_the_predict_command_decide_alike_on_jax_and_onnx(
     # An ONNX model without thresholds and without thresholds= is refused.
     with pytest.raises(ValueError, match="carries no calibrated thresholds"):
         Predictor.from_onnx(dynamic_t4[0])
+
+
+def test_decoupled_detection_head_exports_with_parity(config, images, tmp_path):
+    # cpu_real's head: the class logits come from their own branch (and its own dropout masks).
+    decoupled = config.copy_and_resolve_references()
+    decoupled.model.det_decoupled = True
+    params = convert.random_inference_variables(decoupled, seed=3)["params"]
+    assert "cls_conv" in params["detection_head"]
+    params["detection_head"] = jax.tree.map(  # biases at 0, as in `params`: boxes pass NMS
+        lambda leaf: np.zeros_like(leaf) if leaf.ndim == 1 else leaf, params["detection_head"]
+    )
+    model, export_params = export_graph.build_export_model(decoupled.model, params)
+    fn = export_graph.make_inference_fn(model, export_params, num_mc_samples=1)
+    outputs = dict(zip(interface.OUTPUT_NAMES, jax.jit(fn)(images)))
+    expected = model_lib.predict(
+        model_lib.build_model(decoupled.model), {"params": params}, jnp.asarray(images)
+    )
+    np.testing.assert_allclose(outputs["anomaly_map"], expected["anomaly_map"], atol=1e-6)
+    assert np.asarray(expected["box_valid"]).any()
+    np.testing.assert_allclose(outputs["boxes"], expected["boxes_xyxy"], atol=1e-4)
+    report = convert.convert(
+        decoupled,
+        {"params": params},
+        str(tmp_path / "decoupled.onnx"),
+        batch=None,
+        mc_samples=2,
+        parity_count=4,
+    )
+    assert report["passed"], report
