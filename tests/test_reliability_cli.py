@@ -61,7 +61,7 @@ def _run(*args, timeout=240, env=None, prefix=()):
         ),
         (
             "--config.model.variant=XL",
-            "train.py: bad config: model.variant='XL' is not one of ['B', 'S', 'tiny']",
+            "train.py: bad config: model.variant='XL' is not one of ['B', 'S', 'tiny', 'tiny4']",
         ),
         (
             "--config.train.mesh_fsdp=3",
