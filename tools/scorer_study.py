@@ -165,7 +165,7 @@ def gaussian_distances(
 def map_image_scores(maps: np.ndarray) -> np.ndarray:
     """`[N]` image scores of `[N, H, W]` maps: the maximum of the mean-filtered map."""
     smoothed = scoring.smooth_maps(maps.astype(np.float32), IMAGE_SCORE_SMOOTHING)
-    return smoothed.reshape(len(smoothed), -1).max(axis=1)
+    return scoring.topk_mean(smoothed, 0.0)
 
 
 def scorer_metrics(labels, masks, maps: np.ndarray) -> dict[str, float]:
