@@ -47,15 +47,20 @@ def config(tiny_synthetic_root):
     return config
 
 
-@pytest.fixture(scope="module")
-def params(config):
-    """Fresh tiny params with the detection head's biases zeroed: its prior bias keeps every box
-    score near 1e-4, below any threshold; without it, scores spread around 0.25 and NMS works."""
+def _params_with_boxes(config):
+    """Fresh params for `config` with the detection head's biases zeroed: its prior bias keeps
+    every box score near 1e-4, below any threshold; without it, scores spread around 0.25 and
+    NMS works."""
     params = convert.random_inference_variables(config, seed=3)["params"]
     params["detection_head"] = jax.tree.map(
         lambda leaf: np.zeros_like(leaf) if leaf.ndim == 1 else leaf, params["detection_head"]
     )
     return params
+
+
+@pytest.fixture(scope="module")
+def params(config):
+    return _params_with_boxes(config)
 
 
 @pytest.fixture(scope="module")
@@ -995,11 +1000,8 @@ def test_decoupled_detection_head_exports_with_parity(config, images, tmp_path):
     # cpu_real's head: the class logits come from their own branch (and its own dropout masks).
     decoupled = config.copy_and_resolve_references()
     decoupled.model.det_decoupled = True
-    params = convert.random_inference_variables(decoupled, seed=3)["params"]
+    params = _params_with_boxes(decoupled)
     assert "cls_conv" in params["detection_head"]
-    params["detection_head"] = jax.tree.map(  # biases at 0, as in `params`: boxes pass NMS
-        lambda leaf: np.zeros_like(leaf) if leaf.ndim == 1 else leaf, params["detection_head"]
-    )
     model, export_params = export_graph.build_export_model(decoupled.model, params)
     fn = export_graph.make_inference_fn(model, export_params, num_mc_samples=1)
     outputs = dict(zip(interface.OUTPUT_NAMES, jax.jit(fn)(images)))
