@@ -32,8 +32,9 @@ def get_config():
     # at the same steps, for ~10 % more FLOPs per step (docs/quality.md).
     config.model.det_channels = 64
     # Class logits from a 3x3 branch of their own (YOLOX's decoupled head): NEU-DET mAP@0.5
-    # 0.503 -> 0.521 (seed 0) and 0.499 -> 0.514 (seed 1), ~5 % more FLOPs; single-class
-    # Magnetic-tile: supervised runs lower at seed 0, level at seed 1 (docs/quality.md).
+    # 0.503 -> 0.521 (seed 0) and 0.499 -> 0.514 (seed 1), ~5 % more FLOPs; Magnetic-tile
+    # (5 classes when supervised): supervised runs lower at seed 0, level at seed 1
+    # (docs/quality.md).
     config.model.det_decoupled = True
     config.model.decoder_channels = 32
     config.model.detail_channels = 16
