@@ -78,10 +78,17 @@ def _logsumexp0(values: jax.Array) -> jax.Array:
     return peak + jnp.log(jnp.sum(jnp.exp(values - peak), axis=0))
 
 
+def _log_sigmoid(values: jax.Array) -> jax.Array:
+    """log σ(x) = min(x, 0) − log(1 + e^−|x|), finite for every finite x. Written out because
+    the exported graph lowers `jax.nn.log_sigmoid` to −log(1 + e^−x), whose e^−x overflows to
+    inf for a confident logit (x < −89 in float32): −inf, then NaN in the log-sum-exp below."""
+    return jnp.minimum(values, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(values)))
+
+
 def _mean_probability_logit(logits: jax.Array) -> jax.Array:
     """`[V, ...]` logits → the logit of the mean of their sigmoids over V, computed exactly in
     log space: log mean σ(x) − log mean σ(−x) = LSE log σ(x) − LSE log σ(−x)."""
-    return _logsumexp0(jax.nn.log_sigmoid(logits)) - _logsumexp0(jax.nn.log_sigmoid(-logits))
+    return _logsumexp0(_log_sigmoid(logits)) - _logsumexp0(_log_sigmoid(-logits))
 
 
 # Box distances (left, top, right, bottom) of a flipped view, in the unflipped image's order.

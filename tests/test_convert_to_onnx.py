@@ -1020,3 +1020,26 @@ def test_decoupled_detection_head_exports_with_parity(config, images, tmp_path):
         parity_count=4,
     )
     assert report["passed"], report
+
+
+def test_flips_export_stays_finite_for_confident_pixel_logits(config, params, images, tmp_path):
+    # A trained head says "normal" with logits far below -89, where e^-x overflows float32: the
+    # exported mean-of-views once lowered log σ to -log(1 + e^-x), so the map came out NaN.
+    flipped = config.copy_and_resolve_references()
+    flipped.model.test_time_flips = 4
+    confident = jax.tree.map(np.array, params)
+    decoder = confident["anomaly_decoder"]
+    out = decoder["pixel_out"] if "pixel_out" in decoder else decoder["out"]
+    out["bias"][-1] = -150.0  # the pixel-logit channel
+    expected = model_lib.predict(
+        model_lib.build_model(flipped.model), {"params": confident}, jnp.asarray(images)
+    )
+    assert float(np.max(expected["anomaly_map"])) < 1e-38  # σ(x) this small: x below about -87
+    output = str(tmp_path / "confident.onnx")
+    report = convert.convert(
+        flipped, {"params": confident}, output, batch=None, mc_samples=1, parity_count=4
+    )
+    assert report["passed"], report
+    anomaly_map = _run(output, images)["anomaly_map"]
+    assert np.all(np.isfinite(anomaly_map))
+    np.testing.assert_allclose(anomaly_map, expected["anomaly_map"], atol=1e-6)
