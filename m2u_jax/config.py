@@ -121,6 +121,7 @@ NUMERIC_RANGES = {
     "data.synthetic_max_beta": _UNIT_OPEN_TOP,
     "data.synthetic_shading": _UNIT,
     "data.synthetic_band": _UNIT,
+    "data.synthetic_seamless": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),
     "data.prefetch": _AT_LEAST_1,
     "model.patch_size": _AT_LEAST_1,

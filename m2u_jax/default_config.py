@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_max_beta = 0.8  # Image weight in a synthetic anomaly ~ U(0, this); 1 = faint.
     data.synthetic_shading = 0.0  # Fraction of anomalies that are soft-edged gain changes.
     data.synthetic_band = 0.0  # Fraction of noise-shaped textures whose mask is a band (a side).
+    data.synthetic_seamless = 0.0  # Fraction of noise-shaped textures on the image's low-pass.
     data.synthetic_coarsest_cells = 2  # Fewest mask-noise cells per axis: 1 (DRAEM) or 2.
     data.synthetic_match_gray = False  # Gray anomalies on gray images (channels within 2/255).
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.

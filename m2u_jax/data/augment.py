@@ -41,6 +41,12 @@ One kind per anomaly:
   by smooth noise (up to 4 % of the side): a region that ends in a long, nearly straight
   boundary, as a coating, a ground band or a worn strip does, where the noise blobs have
   none. The texture, its ops and the opacity are the kind's.
+- Seamless (`data.synthetic_seamless` of the noise-shaped textures, 0 by default; after NSA's
+  Poisson blending, approximated): the pasted content keeps only its detail, the content minus
+  its Gaussian low-pass (sigma = 1/32 of the side), on the image's own low-pass, so the anomaly
+  changes texture and structure but no local brightness: no step at the mask's edge gives it
+  away. A flat colour so becomes a local blur of the image. The mask, opacity and draws are the
+  kind's.
 - Shading (`data.synthetic_shading` of the anomalies, 0 by default): the image's gain changes
   by 4-25 %, darker or brighter, under a large noise region (2 or 4 cells per axis, threshold
   0-1.5 standard deviations) with a soft edge: a stain, a coating or an uneven surface, which
@@ -130,6 +136,7 @@ def sample_anomaly_params(
     shading: float = 0.0,
     coarsest_cells: int = 2,
     band: float = 0.0,
+    seamless: float = 0.0,
 ) -> dict[str, tf.Tensor]:
     """Random parameters of one example's synthetic anomaly (per-example, stateless).
 
@@ -145,6 +152,8 @@ def sample_anomaly_params(
         draws are the same either way, only their mapping to scales changes.
       band: the fraction of noise-shaped texture anomalies whose mask is a band (0: none, and
         every draw is exactly that without the option).
+      seamless: the fraction of noise-shaped texture anomalies pasted seamlessly (0: none,
+        and every draw is exactly that without the option).
 
     Returns:
       dict of scalars / small tensors; batched, they feed `apply_anomalies`: `apply` (bool),
@@ -153,7 +162,7 @@ def sample_anomaly_params(
       above), `min_exponent` (log2 of `coarsest_cells`, f32), `gains` `[C]`, `colours`
       `[2, C]`, and the noise lattices `noise_coarse`, `noise_fine`, `noise_pattern` (square,
       values in [0, 1)); with `band` > 0 also `band` (bool) and `band_uniforms` `[3]` (angle,
-      area, edge amplitude).
+      area, edge amplitude); with `seamless` > 0 also `seamless` (bool).
     """
     if coarsest_cells not in COARSEST_CELLS:
         raise ValueError(f"coarsest_cells={coarsest_cells} is not one of {COARSEST_CELLS}")
@@ -193,6 +202,10 @@ def sample_anomaly_params(
         band_draws = tf.random.stateless_uniform([4], fold_key(key, 6))
         params["band"] = tf.logical_and(band_draws[0] < band, ~opaque)
         params["band_uniforms"] = band_draws[1:]
+    if seamless > 0:
+        # A stream of its own (fold 7), as the band's.
+        seamless_draw = tf.random.stateless_uniform([], fold_key(key, 7))
+        params["seamless"] = tf.logical_and(seamless_draw < seamless, ~opaque)
     return params
 
 
@@ -609,6 +622,7 @@ def _synthesize(
     shading: bool = False,
     match_gray: bool = False,
     band: bool = False,
+    seamless: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """All anomaly kinds in one pass: `images [n,S,S,C]` -> (`images`, `masks [n,S,S]` bool).
 
@@ -672,6 +686,8 @@ def _synthesize(
         gray = tf.reduce_max(spread, axis=[1, 2]) <= GRAY_TOLERANCE
         weight = tf.cast(gray, tf.float32)[:, None, None, None]
         patch += weight * (tf.reduce_mean(patch, axis=-1, keepdims=True) - patch)
+    if seamless:
+        patch = _seamless_content(patch, images, params["seamless"])
     # beta * image + (1 - beta) * patch inside the mask (beta = 0 for CutPaste: opaque).
     weight = tf.cast(masks, tf.float32)[..., None] * (1.0 - params["beta"])[:, None, None, None]
     out = tf.clip_by_value(images + (patch - images) * weight, 0.0, 1.0)
@@ -684,6 +700,26 @@ def _synthesize(
     shaded = tf.clip_by_value(images * (1.0 + change[:, None, None, None] * soft[..., None]), 0, 1)
     is_shading = tf.cast(tf.equal(kind, KIND_SHADING), tf.float32)[:, None, None, None]
     return out + is_shading * (shaded - out), masks
+
+
+def seamless_sigma(size: int) -> float:
+    """Gaussian sigma (pixels) of the low-pass that seamless anomalies exchange."""
+    return max(1.0, size / 32.0)
+
+
+def _seamless_content(patch: tf.Tensor, images: tf.Tensor, chosen: tf.Tensor) -> tf.Tensor:
+    """`patch [n,S,S,C]` with, where `chosen [n]`, its low-pass replaced by the image's.
+
+    A cheap stand-in for NSA's Poisson blending: where Poisson keeps the source's gradients and
+    takes its level from the target's boundary, this keeps the source's detail above the
+    low-pass and takes the level from the target around each pixel, with no linear solve.
+    """
+    n = tf.shape(patch)[0]
+    sigma = seamless_sigma(patch.shape[1])
+    lows = _gaussian_blur(tf.concat([patch, images], axis=0), tf.fill([2 * n], sigma), sigma)
+    matched = tf.clip_by_value(patch - lows[:n] + lows[n:], 0.0, 1.0)
+    weight = tf.cast(chosen, tf.float32)[:, None, None, None]
+    return patch + weight * (matched - patch)
 
 
 def _other_good_images(labels: tf.Tensor) -> tf.Tensor:
@@ -705,6 +741,7 @@ def apply_anomalies(
     shading: bool = False,
     match_gray: bool = False,
     band: bool = False,
+    seamless: bool = False,
 ) -> dict:
     """Pastes synthetic anomalies into a batch (where `params['apply']`).
 
@@ -725,6 +762,8 @@ def apply_anomalies(
         (`data.synthetic_match_gray`); the draws, masks and opacity are unchanged.
       band: whether `params` holds band draws (`data.synthetic_band` > 0); where `band` is set
         the mask is `_band_masks`'.
+      seamless: whether `params` holds seamless draws (`data.synthetic_seamless` > 0); where
+        `seamless` is set the content is `_seamless_content`'s.
 
     Returns:
       The batch with `images`, `masks`, `labels`, `defect_types`, `boxes`, `box_classes`,
@@ -743,6 +782,7 @@ def apply_anomalies(
         shading,
         match_gray,
         band,
+        seamless,
     )
     boxes, nonempty = mask_bounding_boxes(new_masks)
     # A noise threshold above the whole field leaves an image unchanged: it stays good.

@@ -369,6 +369,7 @@ def make_train_dataset(
     max_beta = float(config.data.synthetic_max_beta)
     shading = float(config.data.synthetic_shading)
     band = float(config.data.synthetic_band)
+    seamless = float(config.data.synthetic_seamless)
     coarsest_cells = int(config.data.synthetic_coarsest_cells)
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
@@ -400,7 +401,15 @@ def make_train_dataset(
             example = augment.flip_example(example, *augment.sample_flips(key))
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(
-            key, example["labels"], prob, channels, max_beta, shading, coarsest_cells, band
+            key,
+            example["labels"],
+            prob,
+            channels,
+            max_beta,
+            shading,
+            coarsest_cells,
+            band,
+            seamless,
         )
         return example, params
 
@@ -414,7 +423,7 @@ def make_train_dataset(
         if prob <= 0:
             return {**batch, "clean_images": batch["images"]}
         return augment.apply_anomalies(
-            batch, params, synthetic_type, shading > 0, match_gray, band > 0
+            batch, params, synthetic_type, shading > 0, match_gray, band > 0, seamless > 0
         )
 
     # The functions branch on Python values only, so tf.data traces them as written: AutoGraph's
