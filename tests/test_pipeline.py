@@ -91,6 +91,31 @@ def test_train_batches_contract_and_sharding(synthetic_root):
     np.testing.assert_array_equal(values["images"][good], values["clean_images"][good])
 
 
+def test_every_synthesis_option_in_the_pipeline(synthetic_root):
+    # Each option builds its ops inside tf.data's traced functions, where static shapes can be
+    # lost: one batch with all of them on, and the anomaly contract on its images.
+    config = _config(
+        synthetic_root,
+        synthetic_anomaly_prob=1.0,
+        synthetic_shading=0.3,
+        synthetic_band=0.3,
+        synthetic_seamless=0.5,
+        synthetic_match_gray=True,
+        cache=False,
+    )
+    dataset, _ = pipeline.make_train_dataset(config)
+    batch = next(dataset.take(1).as_numpy_iterator())
+    images, clean = batch["images"], batch["clean_images"]
+    assert images.shape == clean.shape == (8, 32, 32, 3)
+    assert images.min() >= 0 and images.max() <= 1
+    has_mask = batch["masks"].reshape(8, -1).max(1) > 0
+    assert has_mask.sum() >= 6  # probability 1; a threshold above the noise leaves a few empty
+    np.testing.assert_array_equal(batch["labels"], has_mask.astype(np.int32))
+    outside = np.broadcast_to(batch["masks"][..., None] == 0, images.shape)
+    np.testing.assert_array_equal(images[outside], clean[outside])
+    assert np.abs(images - clean).reshape(8, -1).max(1)[has_mask].min() > 0
+
+
 def test_fsdp_mesh_and_explicit_sharding(synthetic_root):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
     sharding = pipeline.batch_sharding(mesh)

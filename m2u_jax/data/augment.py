@@ -715,7 +715,8 @@ def _seamless_content(patch: tf.Tensor, images: tf.Tensor, chosen: tf.Tensor) ->
     low-pass and takes the level from the target around each pixel, with no linear solve.
     """
     n = tf.shape(patch)[0]
-    sigma = seamless_sigma(patch.shape[1])
+    patch = tf.ensure_shape(patch, images.shape)  # static sides for the blur (lost in reshapes)
+    sigma = seamless_sigma(images.shape[1])
     lows = _gaussian_blur(tf.concat([patch, images], axis=0), tf.fill([2 * n], sigma), sigma)
     matched = tf.clip_by_value(patch - lows[:n] + lows[n:], 0.0, 1.0)
     weight = tf.cast(chosen, tf.float32)[:, None, None, None]
