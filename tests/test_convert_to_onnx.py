@@ -636,10 +636,11 @@ def test_infer_onnx_writes_predictions_with_review_policy(dynamic_t4, line_image
     onnx_path = dynamic_t4[0]
     expected = _run(onnx_path, _loaded(line_images))
     # Thresholds between the observed values so that each decision occurs once: the most
-    # uncertain image goes to review, the higher score of the other two is rejected.
+    # uncertain image goes to review, the higher score of the other two is rejected. Midpoints,
+    # not the values themselves: the CLI's batches may round the last bits differently.
     order = np.argsort(expected["uncertainty"])
     thresholds = {
-        "score_threshold": float(expected["image_score"][order[:2]].max()),
+        "score_threshold": float(expected["image_score"][order[:2]].mean()),
         "uncertainty_threshold": float(expected["uncertainty"][order[1:]].mean()),
     }
     # The layout eval.py writes to DIR/eval/thresholds.json.
