@@ -713,6 +713,8 @@ def _seamless_content(patch: tf.Tensor, images: tf.Tensor, chosen: tf.Tensor) ->
     A cheap stand-in for NSA's Poisson blending: where Poisson keeps the source's gradients and
     takes its level from the target's boundary, this keeps the source's detail above the
     low-pass and takes the level from the target around each pixel, with no linear solve.
+    With the option on, every anomaly's content is blurred and `chosen` picks the result: a
+    gather of the chosen ones would save part of a blur for an option that is off by default.
     """
     n = tf.shape(patch)[0]
     patch = tf.ensure_shape(patch, images.shape)  # static sides for the blur (lost in reshapes)
