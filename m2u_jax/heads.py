@@ -260,7 +260,8 @@ class DetectionHead(TokenGeometry):
     conv for objectness, K class logits and 4 box distances; FCOS-style sharing, since distances
     are in units of the level stride). Box distances = softplus(raw) × stride (non-negative pixels).
     With `decoupled`, the shared head has two branches, as YOLOX's: the class logits come from a
-    3×3 conv + SiLU of their own, objectness and box distances from the other.
+    3×3 conv + SiLU of their own, objectness and box distances from the other. `branch_convs`
+    stacks that many 3×3 conv + SiLU layers in each branch (YOLOX has 2; 1 = the layout above).
 
     Returns `det` per docs/interfaces.md: `obj_logits [B, A]`, `cls_logits [B, A, K]`,
     `box_ltrb [B, A, 4]`, `points [A, 2]` (cell centres x, y), `strides [A]`, all float32; the
@@ -272,6 +273,7 @@ class DetectionHead(TokenGeometry):
     strides: tuple[int, ...] = (16, 32)
     dropout_rate: float = 0.0
     decoupled: bool = False
+    branch_convs: int = 1
 
     @nn.compact
     def __call__(
@@ -291,8 +293,14 @@ class DetectionHead(TokenGeometry):
                 raise ValueError(
                     f"model.det_strides entry {stride} does not divide the {height}x{width} input"
                 )
+        if self.branch_convs < 1:
+            raise ValueError(f"model.det_branch_convs must be >= 1, got {self.branch_convs}")
         projected = nn.silu(nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid))
-        head_conv = nn.Conv(self.channels, (3, 3), name="head_conv", **conv)
+        # Layer 0 keeps the names of the one-layer head, so its checkpoints restore unchanged.
+        head_convs = [
+            nn.Conv(self.channels, (3, 3), name="head_conv" + (f"_{i}" if i else ""), **conv)
+            for i in range(self.branch_convs)
+        ]
         # One 1x1 conv predicts [objectness, K class logits, 4 box distances] (decoupled: [obj,
         # 4 box distances] here, the K class logits from their own branch): one matmul instead
         # of three; focal-loss logits start at the prior, box logits at zero.
@@ -308,7 +316,10 @@ class DetectionHead(TokenGeometry):
             **conv,
         )
         if self.decoupled:
-            cls_conv = nn.Conv(self.channels, (3, 3), name="cls_conv", **conv)
+            cls_convs = [
+                nn.Conv(self.channels, (3, 3), name="cls_conv" + (f"_{i}" if i else ""), **conv)
+                for i in range(self.branch_convs)
+            ]
             cls_predict = nn.Conv(
                 self.num_classes,
                 (1, 1),
@@ -335,11 +346,11 @@ class DetectionHead(TokenGeometry):
                 nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)
             )
             # Dropout before the last 1x1 conv only, as in the decoder (cheap MC samples).
-            branch = nn.silu(head_conv(features))
+            branch = _stack(head_convs, features)
             branch = nn.Dropout(self.dropout_rate)(branch, deterministic=not train)
             level_predictions = _flatten_cells(predict(branch))
             if self.decoupled:
-                cls_branch = nn.silu(cls_conv(features))
+                cls_branch = _stack(cls_convs, features)
                 cls_branch = nn.Dropout(self.dropout_rate)(cls_branch, deterministic=not train)
                 level_predictions = jnp.concatenate(
                     [
@@ -365,6 +376,13 @@ class DetectionHead(TokenGeometry):
             points=jnp.asarray(points),
             strides=jnp.asarray(strides),
         )
+
+
+def _stack(convs: list[nn.Conv], features: jax.Array) -> jax.Array:
+    """conv + SiLU, layer after layer."""
+    for layer in convs:
+        features = nn.silu(layer(features))
+    return features
 
 
 def _flatten_cells(values: jax.Array) -> jax.Array:

@@ -230,6 +230,7 @@ class M2UNet(nn.Module):
     detach_aux_heads: bool = False
     det_channels: int = 128
     det_decoupled: bool = False
+    det_branch_convs: int = 1
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
     det_max_detections: int = 32
@@ -282,6 +283,7 @@ class M2UNet(nn.Module):
             strides=self.det_strides,
             dropout_rate=self.dropout_rate,
             decoupled=self.det_decoupled,
+            branch_convs=self.det_branch_convs,
             **geometry,
             **common,
         )
@@ -571,6 +573,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         detach_aux_heads=model_config.detach_aux_heads == "always",
         det_channels=int(model_config.det_channels),
         det_decoupled=bool(model_config.det_decoupled),
+        det_branch_convs=int(model_config.det_branch_convs),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),
         det_max_detections=int(model_config.det_max_detections),

@@ -160,3 +160,65 @@ def test_decoupled_detection_head_takes_classes_from_their_own_branch():
     np.testing.assert_allclose(
         cut["box_ltrb"], np.broadcast_to(expected_ltrb, (2, 80, 4)), rtol=1e-6
     )
+
+
+def test_detection_head_stacks_branch_convs():
+    """`branch_convs=2` adds a second 3x3 conv + SiLU to each branch (YOLOX's depth): the box
+    branch's output is predict(silu(conv_1(silu(conv_0(features))))), checked by hand on level 0,
+    and layer 0 keeps the one-layer head's names (old checkpoints restore)."""
+    head = heads.DetectionHead(
+        channels=8,
+        num_classes=3,
+        strides=(8, 16),
+        patch_size=8,
+        patch_stride=8,
+        decoupled=True,
+        branch_convs=2,
+    )
+    grid = jax.random.normal(key(3), (2, 8, 8, 4))  # 64 px image
+    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    params = variables["params"]
+    assert {"head_conv", "head_conv_1", "cls_conv", "cls_conv_1"} <= set(params)
+    assert params["head_conv_1"]["kernel"].shape == (3, 3, 8, 8)
+    assert params["cls_conv_1"]["kernel"].shape == (3, 3, 8, 8)
+
+    det, state = head.apply(
+        variables,
+        grid,
+        (64, 64),
+        train=False,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )
+    first_layer = state["intermediates"]["head_conv"]["__call__"][0]  # level 0, before SiLU
+    assert first_layer.shape == (2, 8, 8, 8)
+
+    def conv(x, layer):
+        out = jax.lax.conv_general_dilated(
+            x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return out + layer["bias"]
+
+    hidden = jax.nn.silu(conv(jax.nn.silu(first_layer), params["head_conv_1"]))
+    expected = conv(hidden, params["predict"])  # [obj, 4 box logits]
+    np.testing.assert_allclose(
+        det["obj_logits"][:, :64], expected[..., 0].reshape(2, 64), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        det["box_ltrb"][:, :64],
+        jax.nn.softplus(expected[..., 1:].reshape(2, 64, 4)) * 8,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # A second layer changes the output (it is in the path, not only in the params).
+    one_layer = heads.DetectionHead(
+        channels=8, num_classes=3, strides=(8, 16), patch_size=8, patch_stride=8, decoupled=True
+    )
+    shallow = {k: v for k, v in params.items() if k not in ("head_conv_1", "cls_conv_1")}
+    det_1 = one_layer.apply({"params": shallow}, grid, (64, 64), train=False)
+    assert not np.allclose(det_1["obj_logits"], det["obj_logits"])
+    np.testing.assert_allclose(
+        det_1["obj_logits"][:, :64],
+        conv(jax.nn.silu(first_layer), params["predict"])[..., 0].reshape(2, 64),
+        atol=1e-5,
+    )
