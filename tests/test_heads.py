@@ -210,6 +210,14 @@ def test_detection_head_stacks_branch_convs():
         rtol=1e-5,
         atol=1e-5,
     )
+    # The class branch stacks its own two layers the same way.
+    cls_first = state["intermediates"]["cls_conv"]["__call__"][0]
+    cls_hidden = jax.nn.silu(conv(jax.nn.silu(cls_first), params["cls_conv_1"]))
+    np.testing.assert_allclose(
+        det["cls_logits"][:, :64],
+        conv(cls_hidden, params["cls_predict"]).reshape(2, 64, 3),
+        atol=1e-5,
+    )
     # A second layer changes the output (it is in the path, not only in the params).
     one_layer = heads.DetectionHead(
         channels=8, num_classes=3, strides=(8, 16), patch_size=8, patch_stride=8, decoupled=True
