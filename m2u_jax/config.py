@@ -132,6 +132,7 @@ NUMERIC_RANGES = {
     "model.detail_channels": _AT_LEAST_0,
     "model.det_channels": _AT_LEAST_1,
     "model.det_branch_convs": _AT_LEAST_1,
+    "model.det_norm_groups": _AT_LEAST_0,
     "model.det_max_detections": _AT_LEAST_1,
     "model.det_score_threshold": _UNIT,
     "model.det_iou_threshold": (0, 1, False, True),
@@ -289,6 +290,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")
+    if model.det_norm_groups and model.det_channels % model.det_norm_groups:
+        raise ConfigError(
+            f"model.det_norm_groups={model.det_norm_groups} does not divide "
+            f"model.det_channels={model.det_channels}"
+        )
     if not 0.0 <= model.image_score_topk <= 1.0:
         raise ConfigError(f"model.image_score_topk={model.image_score_topk} must be in [0, 1]")
     if model.image_score_smoothing < 1 or model.image_score_smoothing % 2 == 0:
@@ -394,6 +400,7 @@ ARCHITECTURE_KEYS = (
     "model.det_channels",
     "model.det_decoupled",
     "model.det_branch_convs",
+    "model.det_norm_groups",
     "model.num_defect_classes",
     "model.det_strides",
     "model.projection_dim",

@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     # True: the shared head's class logits get a 3x3 branch of their own (YOLOX's decoupled head).
     model.det_decoupled = False  # Separate class and box/objectness branches in the head.
     model.det_branch_convs = 1  # 3x3 conv + SiLU layers in each branch of the shared head.
+    model.det_norm_groups = 0  # GroupNorm groups after each 3x3 conv of the head; 0 = none.
     model.num_defect_classes = 4  # Defect classes of the detection / type heads; 0 = from data.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.
     model.det_max_detections = 32  # Boxes kept after NMS (static output size).

@@ -262,6 +262,9 @@ class DetectionHead(TokenGeometry):
     With `decoupled`, the shared head has two branches, as YOLOX's: the class logits come from a
     3×3 conv + SiLU of their own, objectness and box distances from the other. `branch_convs`
     stacks that many 3×3 conv + SiLU layers in each branch (YOLOX has 2; 1 = the layout above).
+    `norm_groups` > 0 puts a GroupNorm of that many groups between every 3×3 conv of the head
+    (neck, down and branch convs) and its SiLU, as FCOS does (shared by the levels like the
+    convs); 0 = no normalisation.
 
     Returns `det` per docs/interfaces.md: `obj_logits [B, A]`, `cls_logits [B, A, K]`,
     `box_ltrb [B, A, 4]`, `points [A, 2]` (cell centres x, y), `strides [A]`, all float32; the
@@ -274,6 +277,7 @@ class DetectionHead(TokenGeometry):
     dropout_rate: float = 0.0
     decoupled: bool = False
     branch_convs: int = 1
+    norm_groups: int = 0
 
     @nn.compact
     def __call__(
@@ -295,12 +299,23 @@ class DetectionHead(TokenGeometry):
                 )
         if self.branch_convs < 1:
             raise ValueError(f"model.det_branch_convs must be >= 1, got {self.branch_convs}")
+        if self.norm_groups < 0 or (self.norm_groups and self.channels % self.norm_groups):
+            raise ValueError(
+                f"model.det_norm_groups={self.norm_groups} must be 0 or divide "
+                f"model.det_channels={self.channels}"
+            )
+
+        def norm(name: str):
+            # None without normalisation; `_stack` and the level convs apply it when given.
+            if not self.norm_groups:
+                return None
+            return nn.GroupNorm(num_groups=self.norm_groups, name=f"{name}_norm", **conv)
+
         projected = nn.silu(nn.Conv(self.channels, (1, 1), name="proj", **conv)(grid))
         # Layer 0 keeps the names of the one-layer head, so its checkpoints restore unchanged.
-        head_convs = [
-            nn.Conv(self.channels, (3, 3), name="head_conv" + (f"_{i}" if i else ""), **conv)
-            for i in range(self.branch_convs)
-        ]
+        head_names = ["head_conv" + (f"_{i}" if i else "") for i in range(self.branch_convs)]
+        head_convs = [nn.Conv(self.channels, (3, 3), name=name, **conv) for name in head_names]
+        head_norms = [norm(name) for name in head_names]
         # One 1x1 conv predicts [objectness, K class logits, 4 box distances] (decoupled: [obj,
         # 4 box distances] here, the K class logits from their own branch): one matmul instead
         # of three; focal-loss logits start at the prior, box logits at zero.
@@ -316,10 +331,9 @@ class DetectionHead(TokenGeometry):
             **conv,
         )
         if self.decoupled:
-            cls_convs = [
-                nn.Conv(self.channels, (3, 3), name="cls_conv" + (f"_{i}" if i else ""), **conv)
-                for i in range(self.branch_convs)
-            ]
+            cls_names = ["cls_conv" + (f"_{i}" if i else "") for i in range(self.branch_convs)]
+            cls_convs = [nn.Conv(self.channels, (3, 3), name=name, **conv) for name in cls_names]
+            cls_norms = [norm(name) for name in cls_names]
             cls_predict = nn.Conv(
                 self.num_classes,
                 (1, 1),
@@ -331,10 +345,8 @@ class DetectionHead(TokenGeometry):
         previous, previous_stride = None, None
         for level, stride in enumerate(self.strides):
             if previous is not None and stride == 2 * previous_stride:
-                features = nn.Conv(
-                    self.channels, (3, 3), strides=(2, 2), name=f"down_{level}", **conv
-                )(previous)
-                features = nn.silu(features)
+                down = nn.Conv(self.channels, (3, 3), strides=(2, 2), name=f"down_{level}", **conv)
+                features = _stack([down], [norm(f"down_{level}")], previous)
             else:
                 features = self.align(projected, image_hw, stride)
                 if detail and stride in detail:
@@ -342,15 +354,14 @@ class DetectionHead(TokenGeometry):
                         [features, detail[stride].astype(features.dtype)], axis=-1
                     )
             previous, previous_stride = features, stride
-            features = nn.silu(
-                nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)(features)
-            )
+            neck = nn.Conv(self.channels, (3, 3), name=f"neck_{level}", **conv)
+            features = _stack([neck], [norm(f"neck_{level}")], features)
             # Dropout before the last 1x1 conv only, as in the decoder (cheap MC samples).
-            branch = _stack(head_convs, features)
+            branch = _stack(head_convs, head_norms, features)
             branch = nn.Dropout(self.dropout_rate)(branch, deterministic=not train)
             level_predictions = _flatten_cells(predict(branch))
             if self.decoupled:
-                cls_branch = _stack(cls_convs, features)
+                cls_branch = _stack(cls_convs, cls_norms, features)
                 cls_branch = nn.Dropout(self.dropout_rate)(cls_branch, deterministic=not train)
                 level_predictions = jnp.concatenate(
                     [
@@ -378,10 +389,13 @@ class DetectionHead(TokenGeometry):
         )
 
 
-def _stack(convs: list[nn.Conv], features: jax.Array) -> jax.Array:
-    """conv + SiLU, layer after layer."""
-    for layer in convs:
-        features = nn.silu(layer(features))
+def _stack(convs: list[nn.Conv], norms: list, features: jax.Array) -> jax.Array:
+    """conv (+ its norm, where not None) + SiLU, layer after layer."""
+    for layer, norm in zip(convs, norms, strict=True):
+        features = layer(features)
+        if norm is not None:
+            features = norm(features)
+        features = nn.silu(features)
     return features
 
 

@@ -231,6 +231,7 @@ class M2UNet(nn.Module):
     det_channels: int = 128
     det_decoupled: bool = False
     det_branch_convs: int = 1
+    det_norm_groups: int = 0
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
     det_max_detections: int = 32
@@ -284,6 +285,7 @@ class M2UNet(nn.Module):
             dropout_rate=self.dropout_rate,
             decoupled=self.det_decoupled,
             branch_convs=self.det_branch_convs,
+            norm_groups=self.det_norm_groups,
             **geometry,
             **common,
         )
@@ -574,6 +576,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         det_channels=int(model_config.det_channels),
         det_decoupled=bool(model_config.det_decoupled),
         det_branch_convs=int(model_config.det_branch_convs),
+        det_norm_groups=int(model_config.det_norm_groups),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),
         det_max_detections=int(model_config.det_max_detections),

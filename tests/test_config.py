@@ -161,6 +161,17 @@ def test_negative_num_defect_classes():
     config_lib.validate(config)
 
 
+def test_det_norm_groups_must_divide_det_channels():
+    config = default.get_config()
+    assert (config.model.det_norm_groups, config.model.det_channels) == (0, 128)
+    config.model.det_norm_groups = 48
+    with pytest.raises(config_lib.ConfigError) as raised:
+        config_lib.validate(config)
+    assert str(raised.value) == "model.det_norm_groups=48 does not divide model.det_channels=128"
+    config.model.det_norm_groups = 32
+    config_lib.validate(config)
+
+
 def test_zero_defect_classes_come_from_the_run_config(tmp_path):
     config = default.get_config()
     assert config_lib.with_run_num_defect_classes(config, str(tmp_path)) is config  # 4: as is

@@ -162,6 +162,61 @@ def test_decoupled_detection_head_takes_classes_from_their_own_branch():
     )
 
 
+def test_detection_head_group_norm_by_hand():
+    """`norm_groups=4` puts a GroupNorm between every 3x3 conv of the head and its SiLU: the box
+    branch's output is predict(silu(gn(head_conv(features)))), with gn computed by hand over
+    (rows, cols, channels of the group) per image, on level 0 and with non-trivial scale/bias."""
+    head = heads.DetectionHead(
+        channels=8,
+        num_classes=3,
+        strides=(8, 16),
+        patch_size=8,
+        patch_stride=8,
+        decoupled=True,
+        norm_groups=4,
+    )
+    grid = jax.random.normal(key(3), (2, 8, 8, 4))  # 64 px image
+    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    params = dict(variables["params"])
+    assert {"neck_0_norm", "down_1_norm", "neck_1_norm", "head_conv_norm", "cls_conv_norm"} <= set(
+        params
+    )
+    assert params["head_conv_norm"]["scale"].shape == (8,)
+    scale = jax.random.uniform(key(5), (8,), minval=0.5, maxval=2.0)
+    bias = jax.random.normal(key(6), (8,))
+    params["head_conv_norm"] = {"scale": scale, "bias": bias}
+    det, state = head.apply(
+        {"params": params},
+        grid,
+        (64, 64),
+        train=False,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )
+    conv_out = np.asarray(state["intermediates"]["head_conv"]["__call__"][0], np.float64)
+    groups = conv_out.reshape(2, 8, 8, 4, 2)  # 4 groups of 2 channels
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    var = groups.var(axis=(1, 2, 4), keepdims=True)
+    normed = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(2, 8, 8, 8)
+    hidden = jax.nn.silu(normed * np.asarray(scale) + np.asarray(bias))
+    predict = params["predict"]
+    expected = np.einsum("bhwc,cf->bhwf", hidden, predict["kernel"][0, 0]) + predict["bias"]
+    np.testing.assert_allclose(
+        det["obj_logits"][:, :64], expected[..., 0].reshape(2, 64), atol=1e-4
+    )
+    # Without groups the head has no norm params and its output differs.
+    plain = heads.DetectionHead(
+        channels=8, num_classes=3, strides=(8, 16), patch_size=8, patch_stride=8, decoupled=True
+    )
+    plain_params = {k: v for k, v in params.items() if not k.endswith("_norm")}
+    det_plain = plain.apply({"params": plain_params}, grid, (64, 64), train=False)
+    assert not np.allclose(det_plain["obj_logits"], det["obj_logits"])
+    with pytest.raises(ValueError, match="det_norm_groups=3 must be 0 or divide"):
+        heads.DetectionHead(
+            channels=8, num_classes=3, strides=(8,), patch_size=8, patch_stride=8, norm_groups=3
+        ).init(key(0), grid, (64, 64), train=False)
+
+
 def test_detection_head_stacks_branch_convs():
     """`branch_convs=2` adds a second 3x3 conv + SiLU to each branch (YOLOX's depth): the box
     branch's output is predict(silu(conv_1(silu(conv_0(features))))), checked by hand on level 0,
