@@ -28,6 +28,7 @@ DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
 ASSIGN_FALLBACKS = ("nearest", "inside")  # `train.det_fallback` (boxes.assign_targets)
 DET_ASSIGNERS = ("center", "aligned")  # `train.det_assigner`
+DET_BOX_LOSSES = ("giou", "diou", "ciou")  # `train.det_box_loss` (losses.iou_loss)
 # `data.synthetic_coarsest_cells`: fewest mask-noise cells per axis (1 = DRAEM's range).
 COARSEST_CELLS = (1, 2)
 STAGES = ("pretrain", "finetune")  # the training schedule, in order
@@ -283,6 +284,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.train.det_assigner not in DET_ASSIGNERS:
         raise ConfigError(
             f"train.det_assigner={config.train.det_assigner!r} is not one of {DET_ASSIGNERS}"
+        )
+    if config.train.det_box_loss not in DET_BOX_LOSSES:
+        raise ConfigError(
+            f"train.det_box_loss={config.train.det_box_loss!r} is not one of {DET_BOX_LOSSES}"
         )
     if config.train.det_fallback not in ASSIGN_FALLBACKS:
         raise ConfigError(

@@ -126,6 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
     # boxes.assign_targets; det_fallback applies) or 'aligned' (each box takes the 10 points
     # inside it whose current prediction scores and fits it best, boxes.align_targets).
     train.det_assigner = "center"  # Detection target assignment: 'center' | 'aligned'.
+    # The positives' box loss, 1 - an IoU measure: 'giou' (FCOS), 'diou' (IoU minus the centre
+    # distance over the enclosing box's diagonal, squared) or 'ciou' (DIoU minus an aspect-ratio
+    # term: YOLOv5/v8's choice).
+    train.det_box_loss = "giou"  # Box regression loss: 'giou' | 'diou' | 'ciou'.
     # An exponential moving average of the fine-tuning params, kept beside them in each
     # checkpoint; it does not change training. Evaluation, validation, export and prediction use
     # it (eval.use_ema). Its momentum warms up as min(decay, (1 + t) / (10 + t)).

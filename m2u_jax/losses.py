@@ -325,6 +325,7 @@ def multitask_loss(
     seg_focal_alpha: float = 0.25,
     det_fallback: str = "nearest",
     det_assigner: str = "center",
+    det_box_loss: str = "giou",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -345,7 +346,8 @@ def multitask_loss(
         classification, so they share one weight);
       det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)` with
         `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
-        (`train.det_fallback`) and `assigner=det_assigner` (`train.det_assigner`).
+        (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`) and
+        `box_loss_kind=det_box_loss` (`train.det_box_loss`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -385,6 +387,7 @@ def multitask_loss(
             obj_target=det_obj_target,
             assign_fallback=det_fallback,
             assigner=det_assigner,
+            box_loss_kind=det_box_loss,
         )
     )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

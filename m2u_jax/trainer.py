@@ -246,6 +246,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     seg_focal_alpha = float(config.train.seg_focal_alpha)
     det_fallback = config.train.det_fallback
     det_assigner = config.train.det_assigner
+    det_box_loss = config.train.det_box_loss
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
@@ -260,6 +261,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
             seg_focal_alpha,
             det_fallback,
             det_assigner=det_assigner,
+            det_box_loss=det_box_loss,
         )
 
     return loss_fn

@@ -218,6 +218,12 @@ def test_detach_aux_heads_auto_follows_the_protocol():
             "aligned",
             r"train.det_assigner='soft' is not one of \('center', 'aligned'\)",
         ),
+        (
+            "det_box_loss",
+            "giou",
+            "ciou",
+            r"train.det_box_loss='soft' is not one of \('giou', 'diou', 'ciou'\)",
+        ),
     ],
 )
 def test_detection_choices_are_one_of_their_values(key, default_value, other, message):

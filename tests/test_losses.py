@@ -440,6 +440,12 @@ def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
     detection = jax.jit(losses.detection_loss)(outputs["det"], batch)
     for name in ("det_obj", "det_cls", "det_box"):
         np.testing.assert_allclose(terms[name], detection[name], rtol=1e-6)
+    # `det_box_loss` (train.det_box_loss) picks the box loss's IoU measure.
+    _, terms_ciou = losses.multitask_loss(outputs, batch, dict(weights), det_box_loss="ciou")
+    ciou = losses.detection_loss(outputs["det"], batch, box_loss_kind="ciou")
+    np.testing.assert_allclose(terms_ciou["det_box"], ciou["det_box"], rtol=1e-6)
+    assert abs(float(terms_ciou["det_box"]) - float(terms["det_box"])) > 1e-4
+    np.testing.assert_allclose(terms_ciou["det_obj"], terms["det_obj"], rtol=1e-6)
 
     # 'cls' adds the defect-type cross-entropy when the batch has defect_types.
     without_types = {k: v for k, v in batch.items() if k != "defect_types"}
