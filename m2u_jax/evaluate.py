@@ -13,7 +13,8 @@
   0.3; with `eval.variant_metrics`, also `image.score_variants` and `pixel.smoothing_variants`:
   the comparisons behind the image-score and smoothing defaults), `detection` (COCO mAP@0.5,
   mAP@[.5:.95], AP@0.5 per class; class-agnostic under the
-  unsupervised protocol or a single class), `uncertainty` (ECE with 15 bins, AUROC of the
+  unsupervised protocol or a single class; and both means with every class as one, the
+  localisation alone), `uncertainty` (ECE with 15 bins, AUROC of the
   uncertainty for catching wrong decisions, review budgets 0.5/1/2/5/10 %, decisions at the
   same rule's threshold of the MC mean score), `speed` (images/s and batch-1 latency of the
   jitted inference, deterministic and MC dropout) and `per_category` (accuracy at the image
@@ -264,7 +265,9 @@ def box_lists(split: Mapping) -> tuple[list[dict], list[dict]]:
 def detection_metrics(
     test: Mapping, class_names: Sequence[str], class_agnostic: bool
 ) -> dict[str, object]:
-    """`{map50, map, per_class_ap50}` (COCO, `metrics.box_map`); a -1 from COCO (no
+    """`{map50, map, per_class_ap50, agnostic_map50, agnostic_map}` (COCO, `metrics.box_map`);
+    `agnostic_*` score the boxes with every class as one (localisation alone: how much of the
+    mAP the class labels lose; equal to `map50`/`map` when `class_agnostic`). A -1 from COCO (no
     ground-truth box) becomes NaN."""
     predictions, ground_truth = box_lists(test)
     result = metrics_lib.box_map(
@@ -274,6 +277,11 @@ def detection_metrics(
         class_names=None if class_agnostic else list(class_names),
         class_agnostic=class_agnostic,
     )
+    agnostic = (
+        result
+        if class_agnostic
+        else metrics_lib.box_map(predictions, ground_truth, class_agnostic=True)
+    )
 
     def undefined_as_nan(value: float) -> float:
         return math.nan if value == -1.0 else value
@@ -282,6 +290,8 @@ def detection_metrics(
         "map50": undefined_as_nan(result["map50"]),
         "map": undefined_as_nan(result["map"]),
         "per_class_ap50": {k: undefined_as_nan(v) for k, v in result["per_class_ap50"].items()},
+        "agnostic_map50": undefined_as_nan(agnostic["map50"]),
+        "agnostic_map": undefined_as_nan(agnostic["map"]),
     }
 
 

@@ -205,12 +205,19 @@ def test_detection_metrics_per_class_and_agnostic():
     assert per_class["per_class_ap50"]["hole"] == pytest.approx(0.0)
     assert math.isnan(per_class["per_class_ap50"]["stain"])
     assert per_class["map50"] == pytest.approx(0.5)
-    assert set(per_class) == {"map50", "map", "per_class_ap50"}
+    assert set(per_class) == {"map50", "map", "per_class_ap50", "agnostic_map50", "agnostic_map"}
     agnostic = evaluate.detection_metrics(split, ("defect",), class_agnostic=True)
     # Class-agnostic: both GT boxes found; the false positive (0.8) ranks between the hits:
     # precision 1 up to recall 0.5, 2/3 at recall 1 -> 101-point AP = (51 + 50 * 2/3) / 101.
-    assert agnostic["per_class_ap50"] == {"all": pytest.approx((51 + 50 * 2 / 3) / 101)}
-    assert agnostic["map50"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    expected = (51 + 50 * 2 / 3) / 101
+    assert agnostic["per_class_ap50"] == {"all": pytest.approx(expected)}
+    assert agnostic["map50"] == pytest.approx(expected)
+    assert agnostic["agnostic_map50"] == agnostic["map50"]
+    # The per-class metrics carry the same localisation-only score: the wrong class of image
+    # 1's box costs 0.5 mAP@0.5 per class but nothing class-agnostic. The boxes match exactly,
+    # so mAP@[.5:.95] is the AP@0.5 at every IoU threshold.
+    assert per_class["agnostic_map50"] == pytest.approx(expected)
+    assert per_class["agnostic_map"] == pytest.approx(expected)
 
 
 def test_uncertainty_metrics_worked_case():
@@ -388,7 +395,14 @@ def test_metrics_json_has_the_documented_layout(evaluated_run):
     assert variants["mix"] == pytest.approx(saved["image"]["auroc"], abs=1e-6)
     assert set(saved["pixel"]) == {"auroc", "aupro", "smoothing_variants"}
     assert set(saved["pixel"]["smoothing_variants"]) == {"s5", "s9", "s17"}
-    assert set(saved["detection"]) == {"map50", "map", "per_class_ap50"}
+    assert set(saved["detection"]) == {
+        "map50",
+        "map",
+        "per_class_ap50",
+        "agnostic_map50",
+        "agnostic_map",
+    }
+    assert saved["detection"]["agnostic_map50"] == saved["detection"]["map50"]
     # Unsupervised protocol: class-agnostic boxes, one 'all' class.
     assert list(saved["detection"]["per_class_ap50"]) == ["all"]
     assert set(saved["uncertainty"]) == {"ece", "error_auroc", "review"}
