@@ -999,13 +999,13 @@ def test_predictors_and_the_predict_command_decide_alike_on_jax_and_onnx(
 
 def test_decoupled_detection_head_exports_with_parity(config, images, tmp_path):
     # cpu_real's head: the class logits come from their own branch (and its own dropout masks),
-    # two 3x3 layers in each branch, and a GroupNorm after every 3x3 conv of the head.
+    # three 3x3 layers in each branch; and a GroupNorm after every 3x3 conv of the head.
     decoupled = config.copy_and_resolve_references()
     decoupled.model.det_decoupled = True
-    decoupled.model.det_branch_convs = 2
+    decoupled.model.det_branch_convs = 3
     decoupled.model.det_norm_groups = 4
     params = _params_with_boxes(decoupled)
-    assert {"cls_conv", "cls_conv_1", "head_conv_1", "head_conv_1_norm"} <= set(
+    assert {"cls_conv", "cls_conv_2", "head_conv_2", "head_conv_2_norm"} <= set(
         params["detection_head"]
     )
     model, export_params = export_graph.build_export_model(decoupled.model, params)
