@@ -306,7 +306,7 @@ class DetectionHead(TokenGeometry):
             )
 
         def norm(name: str):
-            # None without normalisation; `_stack` and the level convs apply it when given.
+            # None without normalisation (`_stack` then goes straight from conv to SiLU).
             if not self.norm_groups:
                 return None
             return nn.GroupNorm(num_groups=self.norm_groups, name=f"{name}_norm", **conv)
