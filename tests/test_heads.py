@@ -162,10 +162,9 @@ def test_decoupled_detection_head_takes_classes_from_their_own_branch():
     )
 
 
-def test_detection_head_group_norm_by_hand():
-    """`norm_groups=4` puts a GroupNorm between every 3x3 conv of the head and its SiLU: the box
-    branch's output is predict(silu(gn(head_conv(features)))), with gn computed by hand over
-    (rows, cols, channels of the group) per image, on level 0 and with non-trivial scale/bias."""
+def _small_decoupled_head(**options):
+    """(head, token grid of a 64-px image, initialised variables) of an 8-channel decoupled
+    head at strides 8 and 16 with `options` (branch_convs, norm_groups)."""
     head = heads.DetectionHead(
         channels=8,
         num_classes=3,
@@ -173,10 +172,18 @@ def test_detection_head_group_norm_by_hand():
         patch_size=8,
         patch_stride=8,
         decoupled=True,
-        norm_groups=4,
+        **options,
     )
     grid = jax.random.normal(key(3), (2, 8, 8, 4))  # 64 px image
     variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    return head, grid, variables
+
+
+def test_detection_head_group_norm_by_hand():
+    """`norm_groups=4` puts a GroupNorm between every 3x3 conv of the head and its SiLU: the box
+    branch's output is predict(silu(gn(head_conv(features)))), with gn computed by hand over
+    (rows, cols, channels of the group) per image, on level 0 and with non-trivial scale/bias."""
+    head, grid, variables = _small_decoupled_head(norm_groups=4)
     params = dict(variables["params"])
     assert {"neck_0_norm", "down_1_norm", "neck_1_norm", "head_conv_norm", "cls_conv_norm"} <= set(
         params
@@ -221,17 +228,7 @@ def test_detection_head_stacks_branch_convs():
     """`branch_convs=2` adds a second 3x3 conv + SiLU to each branch (YOLOX's depth): the box
     branch's output is predict(silu(conv_1(silu(conv_0(features))))), checked by hand on level 0,
     and layer 0 keeps the one-layer head's names (old checkpoints restore)."""
-    head = heads.DetectionHead(
-        channels=8,
-        num_classes=3,
-        strides=(8, 16),
-        patch_size=8,
-        patch_stride=8,
-        decoupled=True,
-        branch_convs=2,
-    )
-    grid = jax.random.normal(key(3), (2, 8, 8, 4))  # 64 px image
-    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    head, grid, variables = _small_decoupled_head(branch_convs=2)
     params = variables["params"]
     assert {"head_conv", "head_conv_1", "cls_conv", "cls_conv_1"} <= set(params)
     assert params["head_conv_1"]["kernel"].shape == (3, 3, 8, 8)

@@ -95,8 +95,7 @@ def main(argv) -> int:
     try:
         ious = [float(value) for value in _IOUS.value]
     except ValueError:
-        print(f"nms_table.py: --ious {_IOUS.value}: use numbers in (0, 1]", file=sys.stderr)
-        return 2
+        ious = []
     if not ious or not all(0.0 < iou <= 1.0 for iou in ious):
         print(f"nms_table.py: --ious {_IOUS.value}: use numbers in (0, 1]", file=sys.stderr)
         return 2
