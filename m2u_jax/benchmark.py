@@ -68,7 +68,7 @@ import ml_collections
 import numpy as np
 
 from m2u_jax import config as config_lib
-from m2u_jax import cpu_prng, sharding, trainer, uncertainty
+from m2u_jax import cpu_prng, host_memory, sharding, trainer, uncertainty
 from m2u_jax import flops as flops_lib
 from m2u_jax import model as model_lib
 from m2u_jax.export import graph as export_graph
@@ -868,6 +868,7 @@ def environment() -> dict:
         host_cpus=os.cpu_count(),
         load_average_at_start=list(load) if load else None,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        host_memory_kept=host_memory.kept(),
     )
 
 

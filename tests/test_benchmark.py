@@ -78,6 +78,8 @@ def test_cli_json_has_every_required_number(cli_results):
     results, _ = cli_results
     assert results["device"] == "cpu:cpu x2" and results["num_devices"] == 2
     assert results["jax_version"] == jax.__version__
+    # The CLI keeps freed host memory as train.py does (glibc's mallopt; Linux only).
+    assert results["host_memory_kept"] is (sys.platform == "linux")
     for key in (
         "train.images_per_sec_per_device",
         "train.step_ms",

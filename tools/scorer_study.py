@@ -308,6 +308,10 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from absl import app, flags
 
+    from m2u_jax import host_memory
+
+    host_memory.keep_freed_memory()  # first, before JAX's threads start (as train.py)
+
     _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py.")
     _STEP = flags.DEFINE_string("step", "", "Checkpoint step or 'best' ('' = the run's default).")
     _OUT = flags.DEFINE_string("out", "", "Also write the table here (and FILE.json).")

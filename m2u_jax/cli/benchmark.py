@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from m2u_jax import benchmark
+from m2u_jax import benchmark, host_memory
 from m2u_jax import config as config_lib
 from m2u_jax import flops as flops_lib
 
@@ -257,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point (`m2u-benchmark`)."""
+    # As train.py does, so the train step is timed as it runs there; M2U_HOST_MALLOC=system
+    # times glibc's defaults (the JSON's `host_memory_kept`).
+    host_memory.keep_freed_memory()
     sys.exit(main())
 
 

@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from m2u_jax import config as config_lib
+from m2u_jax import host_memory
 from m2u_jax.cli import checkpoint_step, folder_problem
 
 _CONFIG = config_lib.define_config_flag("eval.py", sys.argv)
@@ -81,6 +82,7 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point (`m2u-eval`)."""
+    host_memory.keep_freed_memory()  # first, before JAX's threads start (as train.py)
     app.run(main, flags_parser=config_lib.flags_parser_for("eval.py"))
 
 

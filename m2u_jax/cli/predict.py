@@ -23,6 +23,7 @@ import time
 
 from PIL import Image
 
+from m2u_jax import host_memory
 from m2u_jax import predictor as predictor_lib
 from m2u_jax.cli import checkpoint_step, folder_problem
 from m2u_jax.data import records
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point (`m2u-predict`)."""
+    host_memory.keep_freed_memory()  # first, before JAX's threads start (as train.py)
     sys.exit(main())
 
 

@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from m2u_jax import config as config_lib
+from m2u_jax import host_memory
 from m2u_jax.cli import folder_problem
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -96,6 +97,9 @@ def main(argv):
 
 def run() -> None:
     """Console-script entry point (`m2u-train`)."""
+    # First, before JAX's and TensorFlow's threads start: freed blocks stay in the process
+    # instead of being faulted back in every step (m2u_jax/host_memory.py).
+    host_memory.keep_freed_memory()
     # TensorFlow's C++ warnings (before TF loads): a bad file met by the input pipeline is
     # otherwise logged with two Python tracebacks before train.py's own line names it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
