@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.warmup_steps = 200  # Linear warmup steps of each stage.
     train.weight_decay = 0.05  # AdamW decay (not on norms, biases, position embeddings).
     train.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables.
+    # With model.detach_aux_heads in effect: the detection and image heads' gradients are
+    # clipped by a norm of their own, so they cannot scale down the trunk's update either.
+    train.clip_heads_apart = False  # Detached heads get their own grad_clip_norm clip.
     train.grad_accum_steps = 1  # Micro-batches accumulated per optimizer update.
     train.temperature = 0.2  # Temperature of NT-Xent / MoCo v3 InfoNCE.
     train.moco_momentum = 0.99  # Base momentum of the MoCo v3 key encoder (cosine to 1.0).

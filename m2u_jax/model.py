@@ -54,6 +54,10 @@ from m2u_jax.vit import VARIANTS, Backbone, stream_grids
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The parameter collections of the heads that `detach_aux_heads` trains on stop-gradient
+# features (M2UNet's submodule names; the optimizer can clip their gradients apart).
+DETACHED_HEADS = ("detection_head", "image_head")
+
 # `model.test_time_flips` → the views of an image whose predictions are averaged, each as the
 # axes of `[B, H, W, C]` it reverses: 2 = left-right, 1 = up-down. Flips, not 90° turns, so that
 # non-square inputs keep their shape.

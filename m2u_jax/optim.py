@@ -9,7 +9,7 @@ parameter along a leading layer axis (a stacked LayerNorm scale is 2-D).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,21 +68,34 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
-    train_config: ml_collections.ConfigDict, total_steps: int
+    train_config: ml_collections.ConfigDict,
+    total_steps: int,
+    *,
+    clip_apart: Sequence[str] = (),
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
     """AdamW of one stage from `config.train`; returns (optimizer, learning-rate schedule).
 
     Keys read: learning_rate, warmup_steps, weight_decay, grad_clip_norm (0 = no clipping).
-    Gradient accumulation is not done here but inside the train step (a scan over
-    micro-batches), so the optimizer sees one averaged gradient per step.
+    `clip_apart`: top-level parameter collections (e.g. 'detection_head') whose gradients are
+    clipped by a global norm of their own, the other parameters by theirs; each group is then
+    scaled only by its own norm. Gradient accumulation is not done here but inside the train
+    step (a scan over micro-batches), so the optimizer sees one averaged gradient per step.
     """
     schedule = learning_rate_schedule(
         train_config.learning_rate, train_config.warmup_steps, total_steps
     )
     adamw = optax.adamw(schedule, weight_decay=train_config.weight_decay, mask=decay_mask)
-    if train_config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+    if train_config.grad_clip_norm <= 0:
+        return adamw, schedule
+    clip = optax.clip_by_global_norm(train_config.grad_clip_norm)
+    if clip_apart:
+        apart = frozenset(clip_apart)
+        clip = optax.multi_transform(
+            {"apart": clip, "rest": optax.clip_by_global_norm(train_config.grad_clip_norm)},
+            # A prefix of the params tree: one label per top-level collection.
+            lambda params: {name: "apart" if name in apart else "rest" for name in params},
+        )
+    return optax.chain(clip, adamw), schedule
 
 
 def ema_momentum(decay: float, step: jax.Array) -> jax.Array:

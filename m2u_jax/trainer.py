@@ -390,7 +390,13 @@ def build_finetune_stage(
     heads always start from their initialisation. `compiler_options` and `fsdp_min_size` as in
     `build_pretrain_stage`."""
     train = config.train
-    optimizer, schedule = optim.make_optimizer(train, train.finetune_steps)
+    # Detached heads (config resolved by `resolve_detach_aux_heads`) may get a clip of their own.
+    detached = config.model.detach_aux_heads == "always"
+    optimizer, schedule = optim.make_optimizer(
+        train,
+        train.finetune_steps,
+        clip_apart=model_lib.DETACHED_HEADS if detached and train.clip_heads_apart else (),
+    )
     metric_names = ("loss", *losses.LOSS_TERMS, "grad_norm")
 
     def init_params(init_rng):

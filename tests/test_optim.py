@@ -105,6 +105,42 @@ def test_gradient_clipping_caps_global_norm(clip_norm):
     np.testing.assert_allclose(updates["kernel"], expected, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("apart", [False, True])
+def test_heads_clipped_apart_keep_the_trunk_update(apart):
+    # The trunk's first gradient (norm 0.5) is under the clip norm 1; the head's (norm 50) is
+    # far over. One global clip scales both by 1/|all| = 1/50.0025; clipped apart, the trunk's
+    # gradient is kept and only the head's is scaled (by 1/50). Adam shows it on step 2.
+    config = tiny.get_config().train
+    config.learning_rate, config.warmup_steps, config.weight_decay = 0.1, 0, 0.0
+    config.grad_clip_norm = 1.0
+    optimizer, schedule = optim.make_optimizer(
+        config, total_steps=4, clip_apart=("detection_head",) if apart else ()
+    )
+    params = {"backbone": {"kernel": jnp.zeros(2)}, "detection_head": {"kernel": jnp.zeros(2)}}
+    trunk1, head1 = np.array([0.3, 0.4]), np.array([30.0, 40.0])
+    trunk2, head2 = np.array([0.03, -0.04]), np.array([0.3, -0.4])
+
+    def grads(trunk, head):
+        return {"backbone": {"kernel": jnp.asarray(trunk)}, "detection_head": {"kernel": head}}
+
+    opt_state = optimizer.init(params)
+    _, opt_state = optimizer.update(grads(trunk1, jnp.asarray(head1)), opt_state, params)
+    updates, _ = optimizer.update(grads(trunk2, jnp.asarray(head2)), opt_state, params)
+    lr = float(schedule(1))
+    total = float(np.sqrt(0.5**2 + 50.0**2))
+    trunk_scale, head_scale = (1.0, 1 / 50.0) if apart else (1 / total, 1 / total)
+    np.testing.assert_allclose(
+        updates["backbone"]["kernel"],
+        _adam_second_update(trunk1 * trunk_scale, trunk2, lr),
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(
+        updates["detection_head"]["kernel"],
+        _adam_second_update(head1 * head_scale, head2, lr),
+        rtol=1e-4,
+    )
+
+
 def test_decay_mask_on_the_tiny_model():
     from m2u_jax import model as model_lib
 
@@ -113,6 +149,9 @@ def test_decay_mask_on_the_tiny_model():
     params = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )["params"]
+    # The collections the optimizer may clip apart are the model's own (a renamed head would
+    # otherwise fall silently under the trunk's clip).
+    assert set(model_lib.DETACHED_HEADS) <= set(params)
     mask = optim.decay_mask(params)
     flat = {
         "/".join(optim._key_name(entry) for entry in path): decay
