@@ -326,11 +326,11 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     from absl import app, flags
+    from ml_collections import config_flags
 
     from m2u_jax import host_memory
 
     host_memory.keep_freed_memory()  # first, before JAX's threads start (as train.py)
-    from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory (one folder per run).")
