@@ -19,7 +19,6 @@ points' choice (train.py, eval.py, the study tools); importing the library chang
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -43,13 +42,11 @@ def keep_freed_memory() -> bool:
     global _kept
     if os.environ.get(ENV_VAR, "").strip().lower() == "system":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt; macOS's libSystem)
+        # The process's own symbols (libc's, or a preloaded allocator's): no library search,
+        # which would run `ldconfig -p` in a subprocess at start-up.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no mallopt: musl, macOS; Windows
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

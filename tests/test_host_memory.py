@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -13,10 +14,10 @@ from m2u_jax import host_memory
 # block (above glibc's largest mmap threshold) eight times, counting the minor page faults of
 # each round after the first. Run in a subprocess: the settings last for the process's life.
 _PROBE = """
-import ctypes, ctypes.util, json, resource, sys
+import ctypes, json, resource, sys
 from m2u_jax import host_memory
 applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -45,7 +46,17 @@ def _probe(mode: str, env_value: str | None = None) -> dict:
     return json.loads(done.stdout)
 
 
-glibc_only = pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc (Linux)")
+GLIBC = platform.libc_ver()[0] == "glibc"
+glibc_only = pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+
+
+def test_a_c_library_without_mallopt_is_left_alone(monkeypatch):
+    # musl and macOS have no mallopt: the call reports False instead of raising.
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: NoMallopt())
+    assert host_memory.keep_freed_memory() is False
 
 
 @glibc_only
