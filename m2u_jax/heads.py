@@ -72,16 +72,20 @@ class DetailStem(nn.Module):
     The token grid is coarse (one token per `patch_stride` pixels), so on its own it cannot place
     a 1-2 pixel crack to the pixel. This stem keeps what the patchify step throws away: 3×3
     stride-2 convs + SiLU on the input (normalised to [-1, 1] like the backbone's input) give
-    `channels`-wide maps at strides 2, 4, …, `max_stride`. The anomaly decoder's pixel-logit path
-    and the detection head's first level concatenate the map of their stride; the
-    reconstruction path never sees them, so it still cannot copy a defect from the input.
-    It is deterministic and runs in the trunk (once per image under MC dropout).
+    maps at strides 2, 4, …, `max_stride`, `channels` wide at stride 2 and `growth` times wider
+    at each next stride (2 = a CNN backbone's doubling: every map costs about the same FLOPs).
+    The anomaly decoder's pixel-logit path and the detection head's first level concatenate the
+    map of their stride; the reconstruction path never sees them, so it still cannot copy a
+    defect from the input. It is deterministic and runs in the trunk (once per image under MC
+    dropout).
 
-    Returns {stride: `[B, H/stride, W/stride, channels]`} for strides 2, 4, …, `max_stride`.
+    Returns {stride: `[B, H/stride, W/stride, channels · growth^(log2(stride) − 1)]`} for
+    strides 2, 4, …, `max_stride`.
     """
 
     channels: int = 16
     max_stride: int = 8
+    growth: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,13 +93,15 @@ class DetailStem(nn.Module):
     def __call__(self, images: jax.Array) -> dict[int, jax.Array]:
         conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         features = (images.astype(jnp.float32) * 2.0 - 1.0).astype(self.dtype)
-        maps, stride = {}, 1
+        if self.growth < 1:
+            raise ValueError(f"model.detail_growth must be >= 1, got {self.growth}")
+        maps, stride, width = {}, 1, self.channels
         while stride < self.max_stride:
+            if stride > 1:
+                width *= self.growth
             stride *= 2
             features = nn.silu(
-                nn.Conv(self.channels, (3, 3), strides=(2, 2), name=f"conv_s{stride}", **conv)(
-                    features
-                )
+                nn.Conv(width, (3, 3), strides=(2, 2), name=f"conv_s{stride}", **conv)(features)
             )
             maps[stride] = features
         return maps

@@ -7,7 +7,7 @@ Build it from the config with `build_model(config.model)`. Calls (all through `m
 - `method=M2UNet.trunk`: images → `(trunk_state, aux)`, everything before the last
   `mc_dropout_blocks` backbone blocks, deterministic (run once for MC dropout). `trunk_state`
   is the tokens `[B, N, D]`, or, with `detail_channels > 0`, `{'tokens': [B, N, D],
-  'detail': {stride: [B, H/stride, W/stride, detail_channels]}}` (the `DetailStem` maps, which
+  'detail': {stride: [B, H/stride, W/stride, C_stride]}}` (the `DetailStem` maps, which
   are deterministic too) and, with `pixel_head_recon`, `'images'` (the input, which the pixel
   head compares with the reconstruction). Treat it as an opaque pytree.
 - `method=M2UNet.stochastic_tail`: `(trunk_state, image_hw=(H, W), train=True)` →
@@ -230,6 +230,7 @@ class M2UNet(nn.Module):
     remat: bool = False
     decoder_channels: int = 64
     detail_channels: int = 0
+    detail_growth: int = 1
     pixel_head_recon: bool = False
     detach_aux_heads: bool = False
     det_channels: int = 128
@@ -295,7 +296,10 @@ class M2UNet(nn.Module):
         )
         if self.detail_channels > 0:
             self.detail_stem = DetailStem(
-                channels=self.detail_channels, max_stride=self._detail_max_stride(), **common
+                channels=self.detail_channels,
+                max_stride=self._detail_max_stride(),
+                growth=self.detail_growth,
+                **common,
             )
         self.image_head = ImageHead(
             num_defect_classes=self.num_defect_classes,
@@ -573,6 +577,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         remat=bool(model_config.remat),
         decoder_channels=int(model_config.decoder_channels),
         detail_channels=int(model_config.detail_channels),
+        detail_growth=int(model_config.detail_growth),
         pixel_head_recon=bool(model_config.pixel_head_recon),
         # 'auto' is resolved by the trainer (config.resolve_detach_aux_heads); anywhere else the
         # forward pass is the same either way, so unresolved means off.

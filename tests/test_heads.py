@@ -282,3 +282,51 @@ def test_detection_head_stacks_branch_convs():
         conv(jax.nn.silu(first_layer), params["predict"])[..., 0].reshape(2, 64),
         atol=1e-5,
     )
+
+
+def _conv3x3_stride2_same(inputs, kernel, bias):
+    """By hand: a 3x3, stride-2, SAME-padded conv (XLA pads 0 before and 1 after an even side
+    at stride 2), as numpy loops over the kernel taps."""
+    batch, height, width, _ = inputs.shape
+    padded = np.pad(inputs, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    out = np.zeros((batch, height // 2, width // 2, kernel.shape[-1]))
+    for dy in range(3):
+        for dx in range(3):
+            taps = padded[:, dy : dy + height : 2, dx : dx + width : 2]
+            out += taps @ kernel[dy, dx]
+    return out + bias
+
+
+def test_detail_stem_widths_grow_by_stride_and_maps_match_a_hand_conv():
+    """`growth=2`: 4, 8, 16 channels at strides 2, 4, 8 (growth 1: 4 at every stride); each map
+    is silu(3x3 stride-2 conv) of the previous one, the first of the input mapped to [-1, 1]."""
+    images = np.random.default_rng(1).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    stem = heads.DetailStem(channels=4, max_stride=8, growth=2)
+    params = jax.jit(lambda k: stem.init(k, images))(key(2))["params"]
+    assert {name: params[name]["kernel"].shape for name in params} == {
+        "conv_s2": (3, 3, 3, 4),
+        "conv_s4": (3, 3, 4, 8),
+        "conv_s8": (3, 3, 8, 16),
+    }
+    maps = stem.apply({"params": params}, images)
+    assert {s: m.shape for s, m in maps.items()} == {
+        2: (2, 8, 8, 4),
+        4: (2, 4, 4, 8),
+        8: (2, 2, 2, 16),
+    }
+    expected = images.astype(np.float64) * 2.0 - 1.0
+    for stride in (2, 4, 8):
+        layer = params[f"conv_s{stride}"]
+        expected = np.asarray(
+            jax.nn.silu(
+                _conv3x3_stride2_same(
+                    expected, np.asarray(layer["kernel"], np.float64), np.asarray(layer["bias"])
+                )
+            )
+        )
+        np.testing.assert_allclose(maps[stride], expected, atol=1e-5)
+    flat = heads.DetailStem(channels=4, max_stride=8)
+    flat_shapes = jax.eval_shape(lambda: flat.init(key(2), images))["params"]
+    assert [flat_shapes[f"conv_s{s}"]["kernel"].shape[-1] for s in (2, 4, 8)] == [4, 4, 4]
+    with pytest.raises(ValueError, match="model.detail_growth must be >= 1, got 0"):
+        heads.DetailStem(channels=4, growth=0).init(key(0), images)

@@ -525,3 +525,27 @@ def test_pixel_head_recon_compares_the_input_with_the_reconstruction(images):
     changed, _, _ = run(other, images)
     np.testing.assert_allclose(changed["recon"], 0.5)
     assert np.max(np.abs(changed["pixel_logits"] - full["pixel_logits"])) > 1e-3
+
+
+def test_detail_growth_widens_the_stem_maps_the_heads_concatenate(images):
+    """`detail_growth=2` at 32 px (stem strides 2, 4, 8): widths 8, 16, 32; the decoder's pixel
+    path and the first detection level take the grown map of their stride."""
+    model = model_lib.build_model(tiny_model_config(detail_channels=8, detail_growth=2))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
+    stem = shapes["detail_stem"]
+    assert [stem[f"conv_s{s}"]["kernel"].shape for s in (2, 4, 8)] == [
+        (3, 3, 3, 8),
+        (3, 3, 8, 16),
+        (3, 3, 16, 32),
+    ]
+    decoder, det = shapes["anomaly_decoder"], shapes["detection_head"]
+    assert model.decoder_channels == 8  # every decoder stage 8 wide (the floor is min(16, 8))
+    # Input widths: decoder features + the stem's map of the stage's stride (+ the pixel path
+    # so far, 8 wide, after the start stage).
+    assert [decoder[name]["kernel"].shape[2] for name in ("pixel_start", "pixel_0", "pixel_1")] == [
+        8 + 32,
+        8 + 16 + 8,
+        8 + 8 + 8,
+    ]
+    # Detection level 0 (stride 8): the projected tokens + the 32-wide map.
+    assert det["neck_0"]["kernel"].shape == (3, 3, model.det_channels + 32, model.det_channels)
