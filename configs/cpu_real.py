@@ -1,5 +1,7 @@
 """CPU config for real data on a laptop: train + evaluate a set the size of Magnetic-tile or
-NEU-DET within 30 minutes on 2 CPU cores.
+NEU-DET on 2 CPU cores. The aim is 30 minutes; its 2,200 fine-tuning steps take 31-39 training
+minutes on the 2-core development machine, depending on its phase, plus 1-3 per evaluation
+(docs/quality.md): the step count, chosen for quality, is the budget.
 
     # unsupervised (train on defect-free images only)
     python train.py --config configs/cpu_real.py --workdir runs/mt \
