@@ -73,7 +73,8 @@ class DetailStem(nn.Module):
     a 1-2 pixel crack to the pixel. This stem keeps what the patchify step throws away: 3×3
     stride-2 convs + SiLU on the input (normalised to [-1, 1] like the backbone's input) give
     maps at strides 2, 4, …, `max_stride`, `channels` wide at stride 2 and `growth` times wider
-    at each next stride (2 = a CNN backbone's doubling: every map costs about the same FLOPs).
+    at each next stride (2 = a CNN backbone's doubling: each map after the first costs about the
+    same FLOPs).
     The anomaly decoder's pixel-logit path and the detection head's first level concatenate the
     map of their stride; the reconstruction path never sees them, so it still cannot copy a
     defect from the input. It is deterministic and runs in the trunk (once per image under MC
