@@ -135,6 +135,7 @@ NUMERIC_RANGES = {
     "model.det_channels": _AT_LEAST_1,
     "model.det_branch_convs": _AT_LEAST_1,
     "model.det_norm_groups": _AT_LEAST_0,
+    "model.det_box_bins": _AT_LEAST_0,
     "model.det_max_detections": _AT_LEAST_1,
     "model.det_score_threshold": _UNIT,
     "model.det_iou_threshold": (0, 1, False, True),
@@ -296,6 +297,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")
+    if model.det_box_bins == 1:
+        raise ConfigError("model.det_box_bins=1 is one bin (a constant distance); use 0 or >= 2")
     if model.det_norm_groups and model.det_channels % model.det_norm_groups:
         raise ConfigError(
             f"model.det_norm_groups={model.det_norm_groups} does not divide "
@@ -408,6 +411,7 @@ ARCHITECTURE_KEYS = (
     "model.det_decoupled",
     "model.det_branch_convs",
     "model.det_norm_groups",
+    "model.det_box_bins",
     "model.num_defect_classes",
     "model.det_strides",
     "model.projection_dim",

@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.det_decoupled = False  # Separate class and box/objectness branches in the head.
     model.det_branch_convs = 1  # 3x3 conv + SiLU layers in each branch of the shared head.
     model.det_norm_groups = 0  # GroupNorm groups after each 3x3 conv of the head; 0 = none.
+    # R >= 2: each box side is a distribution over 0..R-1 strides (GFL / YOLOv8), trained by the
+    # distribution focal loss (train.loss_weights.det_dfl); 0 = one softplus distance per side.
+    model.det_box_bins = 0  # Bins per box side (0 or >= 2).
     model.num_defect_classes = 4  # Defect classes of the detection / type heads; 0 = from data.
     model.det_strides = (16, 32)  # Feature strides (pixels) of the YOLO-style head levels.
     model.det_max_detections = 32  # Boxes kept after NMS (static output size).
@@ -114,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
             det_obj=1.0,  # Detection objectness focal loss.
             det_cls=1.0,  # Detection class focal loss.
             det_box=2.0,  # Detection IoU (GIoU) loss.
+            # GFL's ratio to the GIoU weight (0.25 : 2); 0 loss without model.det_box_bins.
+            det_dfl=0.25,  # Distribution focal loss of the box-side bins.
         )
     )
     # Focal alpha of the pixel loss: defect pixels weigh alpha, normal ones 1 - alpha (RetinaNet's

@@ -271,7 +271,10 @@ class DetectionHead(TokenGeometry):
     stacks that many 3×3 conv + SiLU layers in each branch (YOLOX has 2; 1 = the layout above).
     `norm_groups` > 0 puts a GroupNorm of that many groups between every 3×3 conv of the head
     (neck, down and branch convs) and its SiLU, as FCOS does (shared by the levels like the
-    convs); 0 = no normalisation.
+    convs); 0 = no normalisation. `box_bins` = R ≥ 2 predicts each box side as a distribution
+    over the R distances 0, 1, …, R−1 strides (GFL / YOLOv8): the distance is its expectation
+    × stride, at most (R−1)·stride, and the logits `box_bins [B, A, 4, R]` are returned too
+    for the distribution focal loss; 0 = the softplus distances above.
 
     Returns `det` per docs/interfaces.md: `obj_logits [B, A]`, `cls_logits [B, A, K]`,
     `box_ltrb [B, A, 4]`, `points [A, 2]` (cell centres x, y), `strides [A]`, all float32; the
@@ -285,6 +288,7 @@ class DetectionHead(TokenGeometry):
     decoupled: bool = False
     branch_convs: int = 1
     norm_groups: int = 0
+    box_bins: int = 0
 
     @nn.compact
     def __call__(
@@ -306,6 +310,8 @@ class DetectionHead(TokenGeometry):
                 )
         if self.branch_convs < 1:
             raise ValueError(f"model.det_branch_convs must be >= 1, got {self.branch_convs}")
+        if self.box_bins < 0 or self.box_bins == 1:
+            raise ValueError(f"model.det_box_bins must be 0 or >= 2, got {self.box_bins}")
         if self.norm_groups < 0 or (self.norm_groups and self.channels % self.norm_groups):
             raise ValueError(
                 f"model.det_norm_groups={self.norm_groups} must be 0 or divide "
@@ -328,11 +334,14 @@ class DetectionHead(TokenGeometry):
         # of three; focal-loss logits start at the prior, box logits at zero.
         num_logits = 1 + self.num_classes
         head_logits = 1 if self.decoupled else num_logits
+        # Box outputs per anchor: 4 softplus distances, or 4 × R bin logits (zero: each side's
+        # distribution starts uniform).
+        box_outputs = 4 * (self.box_bins or 1)
         predict = nn.Conv(
-            head_logits + 4,
+            head_logits + box_outputs,
             (1, 1),
             bias_init=lambda key, shape, dtype: jnp.concatenate(
-                [jnp.full((head_logits,), prior_logit(), dtype), jnp.zeros((4,), dtype)]
+                [jnp.full((head_logits,), prior_logit(), dtype), jnp.zeros((box_outputs,), dtype)]
             ),
             name="predict",
             **conv,
@@ -348,7 +357,7 @@ class DetectionHead(TokenGeometry):
                 name="cls_predict",
                 **conv,
             )
-        predictions = []
+        predictions, bin_logits = [], []
         previous, previous_stride = None, None
         for level, stride in enumerate(self.strides):
             if previous is not None and stride == 2 * previous_stride:
@@ -379,21 +388,33 @@ class DetectionHead(TokenGeometry):
                     axis=-1,
                 )
             box_logits = level_predictions[..., num_logits:]
+            if self.box_bins:
+                box_logits = box_logits.reshape(*box_logits.shape[:-1], 4, self.box_bins)
+                bin_logits.append(box_logits)
+                distances = expected_bin(box_logits) * stride
+            else:
+                distances = jax.nn.softplus(box_logits) * stride
             predictions.append(
-                jnp.concatenate(
-                    [level_predictions[..., :num_logits], jax.nn.softplus(box_logits) * stride],
-                    axis=-1,
-                )
+                jnp.concatenate([level_predictions[..., :num_logits], distances], axis=-1)
             )
         predictions = jnp.concatenate(predictions, axis=1)  # [B, A, 1 + K + 4]
         points, strides = anchor_points(image_hw, self.strides)
-        return dict(
+        det = dict(
             obj_logits=predictions[..., 0],
             cls_logits=predictions[..., 1:num_logits],
             box_ltrb=predictions[..., num_logits:],
             points=jnp.asarray(points),
             strides=jnp.asarray(strides),
         )
+        if bin_logits:
+            det["box_bins"] = jnp.concatenate(bin_logits, axis=1)  # [B, A, 4, R]
+        return det
+
+
+def expected_bin(bin_logits: jax.Array) -> jax.Array:
+    """`[..., R]` logits over the bins 0, 1, …, R−1 → `[...]` the expected bin (float32)."""
+    bins = jnp.arange(bin_logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(bin_logits.astype(jnp.float32), axis=-1) @ bins
 
 
 def _stack(convs: list[nn.Conv], norms: list, features: jax.Array) -> jax.Array:

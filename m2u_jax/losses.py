@@ -17,7 +17,16 @@ import optax
 from m2u_jax import boxes as box_ops
 from m2u_jax.config import DET_ASSIGNERS, DET_OBJ_TARGETS
 
-LOSS_TERMS = ("recon", "seg_focal", "seg_dice", "cls", "det_obj", "det_cls", "det_box")
+LOSS_TERMS = (
+    "recon",
+    "seg_focal",
+    "seg_dice",
+    "cls",
+    "det_obj",
+    "det_cls",
+    "det_box",
+    "det_dfl",
+)
 
 _SSIM_WINDOW = 11
 _SSIM_SIGMA = 1.5
@@ -75,6 +84,23 @@ def iou_loss(pred_xyxy: jax.Array, target_xyxy: jax.Array, kind: str = "giou") -
     pred_xyxy = pred_xyxy.astype(jnp.float32)
     target_xyxy = target_xyxy.astype(jnp.float32)
     return 1.0 - metrics[kind](pred_xyxy, target_xyxy)
+
+
+def distribution_focal_loss(bin_logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """GFL's distribution focal loss: `bin_logits [..., R]` over the bins 0, 1, …, R−1 and a
+    real target `[...]` (in bins) → `[...]` the cross-entropy with the two bins around the
+    target, weighted by nearness: t = 2.3 gives 0.7·(−log p₂) + 0.3·(−log p₃), so the
+    distribution's expectation is pulled to t. Targets are clipped into [0, R−1−0.01] (a box
+    side farther than the last bin trains towards it)."""
+    num_bins = bin_logits.shape[-1]
+    targets = jnp.clip(targets.astype(jnp.float32), 0.0, num_bins - 1 - 0.01)
+    lower = jnp.floor(targets)
+    upper_weight = targets - lower
+    log_probs = jax.nn.log_softmax(bin_logits.astype(jnp.float32), axis=-1)
+    lower_index = lower.astype(jnp.int32)[..., None]
+    log_lower = jnp.take_along_axis(log_probs, lower_index, axis=-1)[..., 0]
+    log_upper = jnp.take_along_axis(log_probs, lower_index + 1, axis=-1)[..., 0]
+    return -((1.0 - upper_weight) * log_lower + upper_weight * log_upper)
 
 
 def dice_loss(logits: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
@@ -254,7 +280,8 @@ def detection_loss(
 
     Args:
       det: head outputs (docs/interfaces.md): `obj_logits` `[B, A]`, `cls_logits` `[B, A, K]`,
-        `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`.
+        `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`, and `box_bins`
+        `[B, A, 4, R]` when the head predicts bins (`model.det_box_bins`).
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
     Targets come from `boxes.assign_targets` (`fallback=assign_fallback`) with
     `assigner='center'`, or from `boxes.align_targets` on the current predictions with
@@ -265,8 +292,11 @@ def detection_loss(
         assigned box (no gradient through it) and the loss `quality_focal_loss`, so the box
         score ranks boxes by how well they fit,
       det_cls = Σ focal(cls) over positives of a known class and all K classes / P_known,
-      det_box = Σ (1 - GIoU) over positives / P.
-    Returns {'det_obj', 'det_cls', 'det_box'}.
+      det_box = Σ (1 - GIoU) over positives / P,
+      det_dfl = Σ `distribution_focal_loss` over positives / P, mean over the 4 sides, each
+        target distance in strides (the point's distance to the assigned box side, ≥ 0); 0
+        without `box_bins`.
+    Returns {'det_obj', 'det_cls', 'det_box', 'det_dfl'}.
     """
     num_classes = det["cls_logits"].shape[-1]
     if obj_target not in DET_OBJ_TARGETS:
@@ -304,10 +334,19 @@ def detection_loss(
     )
     cls_loss = jnp.sum(cls_loss, axis=-1) * targets["cls_weights"]
     box_loss = iou_loss(pred_boxes, targets["box_targets"], box_loss_kind) * fg_mask
+    dfl = jnp.zeros((), jnp.float32)
+    if "box_bins" in det:
+        # The point's distance to each side of its box, in strides (negative where a fallback
+        # point lies outside its box: clipped to bin 0 by the loss).
+        target_ltrb = box_ops.encode_ltrb(det["points"], targets["box_targets"])
+        target_bins = target_ltrb / det["strides"].astype(jnp.float32)[:, None]
+        side_loss = distribution_focal_loss(det["box_bins"], target_bins)
+        dfl = jnp.sum(jnp.mean(side_loss, axis=-1) * fg_mask) / num_positives
     return {
         "det_obj": jnp.sum(obj_loss) / num_positives,
         "det_cls": jnp.sum(cls_loss) / num_known,
         "det_box": jnp.sum(box_loss) / num_positives,
+        "det_dfl": dfl,
     }
 
 
@@ -344,7 +383,7 @@ def multitask_loss(
         batch has `defect_types` — the softmax cross-entropy of `type_logits` [B, K+1] against
         them, skipping images whose type is -1 (unknown) (both are image-level
         classification, so they share one weight);
-      det_obj, det_cls, det_box: `detection_loss(outputs['det'], batch)` with
+      det_obj, det_cls, det_box, det_dfl: `detection_loss(outputs['det'], batch)` with
         `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
         (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`) and
         `box_loss_kind=det_box_loss` (`train.det_box_loss`).

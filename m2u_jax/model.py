@@ -130,7 +130,8 @@ def _merge_flip_detections(det: dict, count: int, image_hw, strides) -> dict:
                 if name == "box_ltrb":
                     values = jnp.take(values, np.asarray(_LTRB_UNFLIP[axes]), axis=-1)
             unflipped[name].append(values)
-    merged = dict(det)
+    # The views' bin logits (`box_bins`, training only) are not merged: the distances are.
+    merged = {name: value for name, value in det.items() if name != "box_bins"}
     merged["obj_logits"] = _mean_probability_logit(jnp.stack(unflipped["obj_logits"]))
     merged["cls_logits"] = _mean_probability_logit(jnp.stack(unflipped["cls_logits"]))
     merged["box_ltrb"] = jnp.mean(jnp.stack(unflipped["box_ltrb"]), axis=0)
@@ -161,6 +162,7 @@ def merge_flip_views(outputs: dict, count: int, det_strides: tuple[int, ...] | N
             merged["det"] = {
                 name: by_view(value)[0] if name in PER_IMAGE_DET_KEYS else value
                 for name, value in outputs["det"].items()
+                if name != "box_bins"
             }
     logits = {
         name: by_view(outputs[name].astype(jnp.float32))
@@ -237,6 +239,7 @@ class M2UNet(nn.Module):
     det_decoupled: bool = False
     det_branch_convs: int = 1
     det_norm_groups: int = 0
+    det_box_bins: int = 0
     num_defect_classes: int = 4
     det_strides: tuple[int, ...] = (16, 32)
     det_max_detections: int = 32
@@ -291,6 +294,7 @@ class M2UNet(nn.Module):
             decoupled=self.det_decoupled,
             branch_convs=self.det_branch_convs,
             norm_groups=self.det_norm_groups,
+            box_bins=self.det_box_bins,
             **geometry,
             **common,
         )
@@ -586,6 +590,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         det_decoupled=bool(model_config.det_decoupled),
         det_branch_convs=int(model_config.det_branch_convs),
         det_norm_groups=int(model_config.det_norm_groups),
+        det_box_bins=int(model_config.det_box_bins),
         num_defect_classes=int(model_config.num_defect_classes),
         det_strides=tuple(int(stride) for stride in model_config.det_strides),
         det_max_detections=int(model_config.det_max_detections),

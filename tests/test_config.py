@@ -254,6 +254,8 @@ def test_split_list_and_channels():
         ("train.learning_rate", 0.0, "'train.learning_rate'=0.0 is outside its range (0, inf)"),
         ("eval.review_budget", float("nan"), "'eval.review_budget'=nan is outside"),
         ("train.loss_weights.recon", -1.0, "'train.loss_weights.recon'=-1.0 is outside"),
+        ("model.det_box_bins", -1, "'model.det_box_bins'=-1 is outside its range [0, inf)"),
+        ("model.det_box_bins", 1, "model.det_box_bins=1 is one bin (a constant distance)"),
     ],
 )
 def test_numeric_keys_out_of_range_are_one_line_errors(key, value, message):

@@ -162,6 +162,47 @@ def test_decoupled_detection_head_takes_classes_from_their_own_branch():
     )
 
 
+def test_detection_head_box_bins_are_distributions_whose_expectation_is_the_distance():
+    """`box_bins=8`: the 1x1 conv predicts objectness + 4 x 8 bin logits (zero biases: uniform
+    bins, so every side starts at 3.5 strides); `box_ltrb` is each side's softmax-weighted bin
+    index times its level's stride, computed here by hand from the returned logits."""
+    head = heads.DetectionHead(
+        channels=8,
+        num_classes=3,
+        strides=(8, 16),
+        patch_size=8,
+        patch_stride=8,
+        decoupled=True,
+        box_bins=8,
+    )
+    grid = jnp.zeros((2, 8, 8, 4))  # 64 px image
+    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    assert variables["params"]["predict"]["kernel"].shape == (1, 1, 8, 1 + 4 * 8)
+    det = head.apply(variables, grid, (64, 64), train=False)
+    assert det["box_bins"].shape == (2, 80, 4, 8) and det["box_ltrb"].shape == (2, 80, 4)
+    np.testing.assert_allclose(det["box_bins"], 0.0, atol=1e-6)
+    expected = np.broadcast_to(3.5 * np.asarray(det["strides"])[None, :, None], (2, 80, 4))
+    np.testing.assert_allclose(det["box_ltrb"], expected, rtol=1e-5)
+
+    det = head.apply(variables, jax.random.normal(key(4), grid.shape), (64, 64), train=False)
+    logits = np.asarray(det["box_bins"], np.float64)
+    assert np.std(logits) > 0.01  # the random grid moves the bins off uniform
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    by_hand = (probs @ np.arange(8.0)) * np.asarray(det["strides"])[None, :, None]
+    np.testing.assert_allclose(det["box_ltrb"], by_hand, rtol=1e-5)
+    # The distance is bounded by the last bin: 7 strides.
+    assert np.all(np.asarray(det["box_ltrb"]) <= 7 * np.asarray(det["strides"])[None, :, None])
+    # Without bins the head returns no `box_bins`; one bin is rejected.
+    plain = heads.DetectionHead(channels=8, num_classes=3, strides=(8,), patch_size=8)
+    plain_variables = plain.init(key(0), grid, (64, 64), train=False)
+    assert "box_bins" not in plain.apply(plain_variables, grid, (64, 64), train=False)
+    with pytest.raises(ValueError, match="model.det_box_bins must be 0 or >= 2, got 1"):
+        heads.DetectionHead(channels=8, num_classes=3, strides=(8,), box_bins=1).init(
+            key(0), grid, (64, 64), train=False
+        )
+
+
 def _small_decoupled_head(**options):
     """(head, token grid of a 64-px image, initialised variables) of an 8-channel decoupled
     head at strides 8 and 16 with `options` (branch_convs, norm_groups)."""

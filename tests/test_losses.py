@@ -261,7 +261,8 @@ def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
         "box_ltrb": jnp.zeros((2, num_anchors, 4)),
     }
     terms = jax.jit(losses.detection_loss)(det, batch)
-    assert set(terms) == {"det_obj", "det_cls", "det_box"}
+    assert set(terms) == {"det_obj", "det_cls", "det_box", "det_dfl"}
+    assert float(terms["det_dfl"]) == 0.0  # no `box_bins`: no distribution to train
     targets = jax.jit(box_ops.assign_targets, static_argnames=("num_classes",))(
         points,
         strides,
@@ -286,6 +287,69 @@ def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
     perfect["box_ltrb"] = jnp.where(targets["fg_mask"][..., None] > 0, perfect["box_ltrb"], 0.0)
     perfect_terms = jax.jit(losses.detection_loss)(perfect, batch)
     np.testing.assert_allclose(perfect_terms["det_box"], 0.0, atol=1e-5)
+
+
+def test_distribution_focal_loss_by_hand():
+    """Cross-entropy with the two bins around the target, weighted by nearness; targets outside
+    [0, R-1) clip to the end bins."""
+    logits = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+    log_p = logits - np.log(np.sum(np.exp(logits)))
+    targets = jnp.array([1.3, 0.0, -2.0, 10.0, 2.0])
+    loss = losses.distribution_focal_loss(jnp.tile(logits, (5, 1)), targets)
+    expected = [
+        -(0.7 * log_p[1] + 0.3 * log_p[2]),
+        -log_p[0],
+        -log_p[0],  # below 0: bin 0
+        -(0.01 * log_p[2] + 0.99 * log_p[3]),  # beyond the last bin: clipped to 2.99
+        -log_p[2],
+    ]
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Its minimum over distributions puts the target's two weights on its two bins.
+    exact = jnp.log(jnp.array([[1e-9, 0.7, 0.3, 1e-9]]))
+    entropy = -(0.7 * np.log(0.7) + 0.3 * np.log(0.3))
+    np.testing.assert_allclose(
+        losses.distribution_focal_loss(exact, jnp.array([1.3])), [entropy], rtol=1e-5
+    )
+
+
+def test_detection_loss_trains_box_bins_by_distribution_focal_loss():
+    """With `box_bins` the det_dfl term is the mean over positives of the 4 sides' DFL against
+    the point-to-side distances in strides; det_box still uses `box_ltrb`."""
+    num_classes, num_bins = 3, 6
+    points, strides = _det_points(16, (4, 8))
+    num_anchors = points.shape[0]
+    batch = _box_batch()
+    rng = np.random.default_rng(3)
+    bins = rng.normal(size=(2, num_anchors, 4, num_bins)).astype(np.float32)
+    det = {
+        "points": points,
+        "strides": strides,
+        "obj_logits": jnp.zeros((2, num_anchors)),
+        "cls_logits": jnp.zeros((2, num_anchors, num_classes)),
+        "box_ltrb": jnp.zeros((2, num_anchors, 4)),
+        "box_bins": jnp.asarray(bins),
+    }
+    terms = jax.jit(losses.detection_loss)(det, batch)
+    targets = box_ops.assign_targets(
+        points, strides, batch["boxes"], batch["box_classes"], batch["box_valid"], num_classes
+    )
+    fg = np.asarray(targets["fg_mask"])
+    boxes = np.asarray(targets["box_targets"])
+    pts, strd = np.asarray(points), np.asarray(strides)
+    log_p = bins - np.log(np.sum(np.exp(bins), axis=-1, keepdims=True))
+    total = 0.0
+    for image, anchor in zip(*np.nonzero(fg)):
+        x, y = pts[anchor]
+        x1, y1, x2, y2 = boxes[image, anchor]
+        sides = np.array([x - x1, y - y1, x2 - x, y2 - y]) / strd[anchor]
+        for side, target in enumerate(np.clip(sides, 0, num_bins - 1.01)):
+            low = int(np.floor(target))
+            weight = target - low
+            row = log_p[image, anchor, side]
+            total += -((1 - weight) * row[low] + weight * row[low + 1]) / 4
+    assert fg.sum() > 0
+    np.testing.assert_allclose(terms["det_dfl"], total / fg.sum(), rtol=1e-5)
+    np.testing.assert_allclose(terms["det_box"], 1.0, rtol=1e-5)  # from box_ltrb, as before
 
 
 def test_aligned_assigner_feeds_the_detection_loss():
@@ -401,6 +465,7 @@ def _fake_outputs_and_batch(rng, num_classes=3, size=16):
             "obj_logits": jnp.asarray(rng.normal(size=(2, num_anchors)), jnp.float32),
             "cls_logits": jnp.asarray(rng.normal(size=(2, num_anchors, num_classes)), jnp.float32),
             "box_ltrb": jnp.asarray(rng.uniform(0, 6, (2, num_anchors, 4)), jnp.float32),
+            "box_bins": jnp.asarray(rng.normal(size=(2, num_anchors, 4, 5)), jnp.float32),
         },
     }
     masks = np.zeros((2, size, size), np.float32)
@@ -438,7 +503,7 @@ def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
         terms["seg_dice"], losses.dice_loss(outputs["pixel_logits"], batch["masks"]).mean()
     )
     detection = jax.jit(losses.detection_loss)(outputs["det"], batch)
-    for name in ("det_obj", "det_cls", "det_box"):
+    for name in ("det_obj", "det_cls", "det_box", "det_dfl"):
         np.testing.assert_allclose(terms[name], detection[name], rtol=1e-6)
     # `det_box_loss` (train.det_box_loss) picks the box loss's IoU measure.
     _, terms_ciou = losses.multitask_loss(outputs, batch, dict(weights), det_box_loss="ciou")

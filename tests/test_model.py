@@ -325,9 +325,10 @@ def test_merge_flip_views_hand_case():
         pixel_logits=jnp.asarray(pixel.reshape(2, 1, 2)),  # view 0: (0.2, 0.6); view 1: (0.9, 0.4)
         image_logits=jnp.log(jnp.asarray([0.5 / 0.5, 0.9 / 0.1])),  # p = 0.5, 0.9
         type_logits=jnp.log(jnp.asarray([[0.5, 0.5], [0.1, 0.9]])),  # softmax = these
-        det=dict(box_ltrb=jnp.asarray([[1.0], [2.0]])),
+        det=dict(box_ltrb=jnp.asarray([[1.0], [2.0]]), box_bins=jnp.zeros((2, 1, 4, 3))),
     )
     merged = model_lib.merge_flip_views(outputs, 2)  # no detection strides: view 0's boxes
+    assert "box_bins" not in merged["det"]  # training-only logits are not merged
     # Pixel (0, 0) pairs view 0's 0.2 with view 1's flipped-back 0.4: mean 0.3; (0, 1): 0.75.
     np.testing.assert_allclose(jax.nn.sigmoid(merged["pixel_logits"]), [[[0.3, 0.75]]], atol=1e-6)
     np.testing.assert_allclose(jax.nn.sigmoid(merged["image_logits"]), [0.7], atol=1e-6)
@@ -355,9 +356,11 @@ def test_merge_flip_views_maps_each_views_anchors_and_box_sides_back():
             box_ltrb=jnp.asarray(np.tile(ltrb, (count, 1, 1)), jnp.float32),
             points=jnp.zeros((cells, 2)),
             strides=jnp.full((cells,), 2.0),
+            box_bins=jnp.zeros((count, cells, 4, 3)),
         ),
     )
     merged = model_lib.merge_flip_views(outputs, count, det_strides=(2,))["det"]
+    assert "box_bins" not in merged
     # Image anchor 0 (top left) is anchor 0 of view 0, 1 of the left-right view, 2 of the
     # up-down view and 3 of the double flip: mean probability (0.1 + 0.2 + 0.3 + 0.4) / 4.
     # Every image anchor sees each view anchor once, so all four means are 0.25.
@@ -549,3 +552,16 @@ def test_detail_growth_widens_the_stem_maps_the_heads_concatenate(images):
     ]
     # Detection level 0 (stride 8): the projected tokens + the 32-wide map.
     assert det["neck_0"]["kernel"].shape == (3, 3, model.det_channels + 32, model.det_channels)
+
+
+def test_det_box_bins_reach_the_detection_head(images):
+    """`model.det_box_bins=4`: the head's 1x1 conv predicts 4 x 4 bin logits per anchor and the
+    outputs carry them as `box_bins [B, A, 4, 4]` beside the distances."""
+    model = model_lib.build_model(tiny_model_config(det_box_bins=4))
+    assert model.det_box_bins == 4
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    predict = variables["params"]["detection_head"]["predict"]["kernel"]
+    assert predict.shape[-1] == 1 + model.num_defect_classes + 4 * 4  # not decoupled here
+    outputs, _ = jax.eval_shape(lambda v: model.apply(v, images, train=False), variables)
+    anchors = outputs["det"]["box_ltrb"].shape[1]
+    assert outputs["det"]["box_bins"].shape == (BATCH, anchors, 4, 4)

@@ -64,6 +64,7 @@ def test_method_configs_keep_only_their_losses():
         "det_obj",
         "det_cls",
         "det_box",
+        "det_dfl",
     }
     assert detection.train.loss_weights.det_box == config.train.loss_weights.det_box
     assert detection.train.pretrain_steps == 0

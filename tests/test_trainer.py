@@ -430,6 +430,7 @@ def test_finetune_loss_decreases_on_a_fixed_batch(finetune_eight_devices):
         "det_obj",
         "det_cls",
         "det_box",
+        "det_dfl",
         "grad_norm",
     }
     assert int(state.nonfinite_step) == -1

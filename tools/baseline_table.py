@@ -13,7 +13,7 @@ Methods (each trained in WORKDIR/<method> with `trainer.train`):
   = mean of its top `model.image_score_topk` fraction. Boxes = connected components of the map
   above the pixel threshold with the best pixel F1 on validation, scored by their peak error,
   evaluated class-agnostically (an autoencoder has no notion of defect type).
-- `detection`: only the detection losses (det_obj, det_cls, det_box), no pretraining: the
+- `detection`: only the detection losses (det_obj, det_cls, det_box, det_dfl), no pretraining: the
   YOLO-style head alone. Image score = the highest anchor score sigmoid(obj) x max sigmoid(cls).
 - `svm`: contrastive pretraining only; the frozen encoder's pooled embedding of the training
   images (standardised) trains a linear SVM (scikit-learn `LinearSVC`, balanced classes);
@@ -64,7 +64,7 @@ PAPER_TABLE = {
 }
 LOSS_TERMS_OF = {
     "autoencoder": ("recon",),
-    "detection": ("det_obj", "det_cls", "det_box"),
+    "detection": ("det_obj", "det_cls", "det_box", "det_dfl"),
 }
 # Candidate pixel thresholds (quantiles of the validation map) for the autoencoder's boxes.
 _PIXEL_THRESHOLD_QUANTILES = np.linspace(0.5, 0.9999, 200)
