@@ -197,6 +197,14 @@ def _check_image_side(size_key: str, size: int, model) -> None:
             raise ConfigError(
                 f"{size_key}={size} is not divisible by model.det_strides entry {stride}"
             )
+    # Binned box sides reach at most (R - 1) strides of the coarsest level from a point: a box
+    # filling the image needs half its side.
+    reach = (model.det_box_bins - 1) * max(model.det_strides)
+    if model.det_box_bins >= 2 and 2 * reach < size:
+        raise ConfigError(
+            f"model.det_box_bins={model.det_box_bins} reaches {reach}px from a point at stride "
+            f"{max(model.det_strides)}, less than half of {size_key}={size}; use more bins"
+        )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -256,6 +256,8 @@ def test_split_list_and_channels():
         ("train.loss_weights.recon", -1.0, "'train.loss_weights.recon'=-1.0 is outside"),
         ("model.det_box_bins", -1, "'model.det_box_bins'=-1 is outside its range [0, inf)"),
         ("model.det_box_bins", 1, "model.det_box_bins=1 is one bin (a constant distance)"),
+        # default: 256 px, strides (16, 32): 2 bins reach 32 px, less than 128.
+        ("model.det_box_bins", 2, "model.det_box_bins=2 reaches 32px from a point at stride 32"),
     ],
 )
 def test_numeric_keys_out_of_range_are_one_line_errors(key, value, message):
