@@ -31,6 +31,7 @@ import time
 import traceback
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -364,13 +365,42 @@ def abstract_like(state, shardings):
     )
 
 
+# TrainState fields keyed by metric name (`losses.LOSS_TERMS` and the rest): a run saved before a
+# loss term was added, or after one was dropped, holds other names there.
+_PER_METRIC_FIELDS = ("metric_sums", "nonfinite_terms")
+
+
 def restore_state(manager: ocp.CheckpointManager, global_step: int, abstract_state):
     """Restores checkpoint `global_step`'s `state` into the layout of `abstract_state`
-    (a pytree of ShapeDtypeStructs with shardings, see `abstract_like`)."""
+    (a pytree of ShapeDtypeStructs with shardings, see `abstract_like`).
+
+    The per-metric bookkeeping (`metric_sums`, `nonfinite_terms`) follows the names the
+    checkpoint holds: names it lacks start at zero and names the code no longer has are
+    dropped, so a run resumes across a release that added or removed a loss term."""
+    saved = ocp.PyTreeCheckpointHandler().metadata(manager.directory / str(global_step) / _STATE)
+    layout, changed = abstract_state, []
+    for field in _PER_METRIC_FIELDS:
+        wanted = getattr(abstract_state, field)
+        saved_names = set(saved.tree.get(field, {}))
+        if saved_names and saved_names != set(wanted):
+            template = next(iter(wanted.values()))
+            layout = layout.replace(
+                **{field: {name: wanted.get(name, template) for name in sorted(saved_names)}}
+            )
+            changed.append(field)
     restored = manager.restore(
-        global_step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
-    )
-    return restored[_STATE]
+        global_step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(layout)})
+    )[_STATE]
+    for field in changed:
+        values = getattr(restored, field)
+        filled = {
+            name: values[name]
+            if name in values
+            else jax.device_put(jnp.zeros(spec.shape, spec.dtype), spec.sharding)
+            for name, spec in getattr(abstract_state, field).items()
+        }
+        restored = restored.replace(**{field: filled})
+    return restored
 
 
 def abstract_params(config: ml_collections.ConfigDict, stage: str = "finetune"):

@@ -1,10 +1,16 @@
-"""Unit tests of m2u_jax.run_checkpoint helpers that need no checkpoint on disk (the resume and
-restore paths themselves are exercised end to end in test_reliability_training.py)."""
+"""Unit tests of m2u_jax.run_checkpoint helpers (the resume and restore paths themselves are
+exercised end to end in test_reliability_training.py)."""
 
 import asyncio
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 from m2u_jax import run_checkpoint
+from m2u_jax.train_state import TrainState
 
 
 def _raised(call):
@@ -63,3 +69,36 @@ def test_a_late_read_needs_both_the_message_and_the_closed_loop_frame():
     assert not run_checkpoint._is_late_read_callback(late_error, other_trace)
     assert not run_checkpoint._is_late_read_callback(ValueError("x"), late_trace)
     assert not run_checkpoint._is_late_read_callback(None, late_trace)
+
+
+def test_restore_state_follows_the_metric_names_the_checkpoint_holds(tmp_path):
+    """A state saved with metrics (loss, old_term) restores into a layout expecting (loss,
+    new_term): loss keeps its saved sum and flag, new_term starts at zero, old_term is dropped;
+    params and step come back unchanged."""
+    optimizer = optax.sgd(0.1)
+    params = {"w": jnp.arange(3.0)}
+    saved = TrainState.create(params, optimizer, jax.random.key(0), ("loss", "old_term"))
+    saved = saved.replace(
+        step=jnp.array(7, jnp.int32),
+        metric_sums={"loss": jnp.array(2.5), "old_term": jnp.array(4.0)},
+        nonfinite_terms={"loss": jnp.array(1, jnp.int32), "old_term": jnp.array(1, jnp.int32)},
+    )
+    manager = run_checkpoint.make_manager(str(tmp_path), 2, async_save=False)
+    run_checkpoint.save(manager, 7, saved, {"stage": "finetune", "stage_step": 7})
+    manager.wait_until_finished()
+
+    fresh = TrainState.create(params, optimizer, jax.random.key(1), ("loss", "new_term"))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = run_checkpoint.abstract_like(fresh, jax.tree.map(lambda _: sharding, fresh))
+    restored = run_checkpoint.restore_state(manager, 7, abstract)
+    manager.close()
+    assert set(restored.metric_sums) == {"loss", "new_term"}
+    assert float(restored.metric_sums["loss"]) == 2.5
+    assert float(restored.metric_sums["new_term"]) == 0.0
+    assert restored.metric_sums["new_term"].dtype == jnp.float32
+    assert {name: int(flag) for name, flag in restored.nonfinite_terms.items()} == {
+        "loss": 1,
+        "new_term": 0,
+    }
+    assert int(restored.step) == 7
+    np.testing.assert_array_equal(restored.params["w"], [0.0, 1.0, 2.0])
