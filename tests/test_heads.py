@@ -166,25 +166,16 @@ def test_detection_head_box_bins_are_distributions_whose_expectation_is_the_dist
     """`box_bins=8`: the 1x1 conv predicts objectness + 4 x 8 bin logits (zero biases: uniform
     bins, so every side starts at 3.5 strides); `box_ltrb` is each side's softmax-weighted bin
     index times its level's stride, computed here by hand from the returned logits."""
-    head = heads.DetectionHead(
-        channels=8,
-        num_classes=3,
-        strides=(8, 16),
-        patch_size=8,
-        patch_stride=8,
-        decoupled=True,
-        box_bins=8,
-    )
-    grid = jnp.zeros((2, 8, 8, 4))  # 64 px image
-    variables = jax.jit(lambda k: head.init(k, grid, (64, 64), train=False))(key(0))
+    head, grid, variables = _small_decoupled_head(box_bins=8)
     assert variables["params"]["predict"]["kernel"].shape == (1, 1, 8, 1 + 4 * 8)
-    det = head.apply(variables, grid, (64, 64), train=False)
+    # Zero tokens -> zero features (zero conv biases): the bin logits are their zero biases.
+    det = head.apply(variables, jnp.zeros_like(grid), (64, 64), train=False)
     assert det["box_bins"].shape == (2, 80, 4, 8) and det["box_ltrb"].shape == (2, 80, 4)
     np.testing.assert_allclose(det["box_bins"], 0.0, atol=1e-6)
     expected = np.broadcast_to(3.5 * np.asarray(det["strides"])[None, :, None], (2, 80, 4))
     np.testing.assert_allclose(det["box_ltrb"], expected, rtol=1e-5)
 
-    det = head.apply(variables, jax.random.normal(key(4), grid.shape), (64, 64), train=False)
+    det = head.apply(variables, grid, (64, 64), train=False)  # a random token grid
     logits = np.asarray(det["box_bins"], np.float64)
     assert np.std(logits) > 0.01  # the random grid moves the bins off uniform
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -205,7 +196,7 @@ def test_detection_head_box_bins_are_distributions_whose_expectation_is_the_dist
 
 def _small_decoupled_head(**options):
     """(head, token grid of a 64-px image, initialised variables) of an 8-channel decoupled
-    head at strides 8 and 16 with `options` (branch_convs, norm_groups)."""
+    head at strides 8 and 16 with `options` (branch_convs, norm_groups, box_bins)."""
     head = heads.DetectionHead(
         channels=8,
         num_classes=3,
