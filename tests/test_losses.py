@@ -248,18 +248,27 @@ def _box_batch():
     }
 
 
-def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
-    num_classes = 3
+def _zero_det(num_classes: int, **extra) -> dict:
+    """Head outputs at zero logits and zero distances on a 16-px image, levels 4 and 8 (2
+    images), plus `extra` entries."""
     points, strides = _det_points(16, (4, 8))
     num_anchors = points.shape[0]
-    batch = _box_batch()
-    det = {
+    return {
         "points": points,
         "strides": strides,
         "obj_logits": jnp.zeros((2, num_anchors)),
         "cls_logits": jnp.zeros((2, num_anchors, num_classes)),
         "box_ltrb": jnp.zeros((2, num_anchors, 4)),
+        **extra,
     }
+
+
+def test_detection_loss_values_at_zero_logits_and_at_perfect_boxes():
+    num_classes = 3
+    det = _zero_det(num_classes)
+    points, strides = det["points"], det["strides"]
+    num_anchors = points.shape[0]
+    batch = _box_batch()
     terms = jax.jit(losses.detection_loss)(det, batch)
     assert set(terms) == {"det_obj", "det_cls", "det_box", "det_dfl"}
     assert float(terms["det_dfl"]) == 0.0  # no `box_bins`: no distribution to train
@@ -317,18 +326,10 @@ def test_detection_loss_trains_box_bins_by_distribution_focal_loss():
     the point-to-side distances in strides; det_box still uses `box_ltrb`."""
     num_classes, num_bins = 3, 6
     points, strides = _det_points(16, (4, 8))
-    num_anchors = points.shape[0]
     batch = _box_batch()
     rng = np.random.default_rng(3)
-    bins = rng.normal(size=(2, num_anchors, 4, num_bins)).astype(np.float32)
-    det = {
-        "points": points,
-        "strides": strides,
-        "obj_logits": jnp.zeros((2, num_anchors)),
-        "cls_logits": jnp.zeros((2, num_anchors, num_classes)),
-        "box_ltrb": jnp.zeros((2, num_anchors, 4)),
-        "box_bins": jnp.asarray(bins),
-    }
+    bins = rng.normal(size=(2, points.shape[0], 4, num_bins)).astype(np.float32)
+    det = _zero_det(num_classes, box_bins=jnp.asarray(bins))
     terms = jax.jit(losses.detection_loss)(det, batch)
     targets = box_ops.assign_targets(
         points, strides, batch["boxes"], batch["box_classes"], batch["box_valid"], num_classes
