@@ -123,6 +123,8 @@ NUMERIC_RANGES = {
     "data.synthetic_shading": _UNIT,
     "data.synthetic_band": _UNIT,
     "data.synthetic_seamless": _UNIT,
+    "data.mosaic_prob": _UNIT,
+    "data.mosaic_off_fraction": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),
     "data.prefetch": _AT_LEAST_1,
     "model.patch_size": _AT_LEAST_1,
@@ -258,6 +260,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
     if not 0.0 <= data.random_scale < 1.0:
         raise ConfigError(f"data.random_scale={data.random_scale} must be in [0, 1) (0 = off)")
+    if data.mosaic_prob > 0 and data.protocol == "unsupervised":
+        # The seams between good images would be trained as normal texture.
+        raise ConfigError(
+            f"data.mosaic_prob={data.mosaic_prob} needs data.protocol=supervised: under the "
+            "unsupervised protocol the seams between good images would be learnt as normal"
+        )
     if data.train_crop < 0 or data.train_crop > data.image_size:
         raise ConfigError(
             f"data.train_crop={data.train_crop} must be 0 (off) or in [1, data.image_size="

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
     data.random_scale = 0.0  # Fine-tuning: zoom image, mask, boxes by U(1 - this, 1 + this).
     data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
+    # Fine-tuning (supervised): an example becomes, with this probability, a window of a 2x2
+    # canvas of itself and three random training images (YOLO's mosaic; objects keep their scale).
+    data.mosaic_prob = 0.0  # Probability of a mosaic example; 0 = off.
+    data.mosaic_off_fraction = 0.1  # Last fraction of fine-tuning steps without mosaics (YOLOv8).
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.
     data.prefetch = 2  # Batches prefetched to the devices.

@@ -258,6 +258,10 @@ def test_split_list_and_channels():
         ("model.det_box_bins", 1, "model.det_box_bins=1 is one bin (a constant distance)"),
         # default: 256 px, strides (16, 32): 2 bins reach 32 px, less than 128.
         ("model.det_box_bins", 2, "model.det_box_bins=2 reaches 32px from a point at stride 32"),
+        ("data.mosaic_prob", 1.5, "'data.mosaic_prob'=1.5 is outside its range [0, 1]"),
+        ("data.mosaic_off_fraction", -0.1, "'data.mosaic_off_fraction'=-0.1 is outside"),
+        # the default protocol is unsupervised: seams between good images would look normal
+        ("data.mosaic_prob", 0.5, "data.mosaic_prob=0.5 needs data.protocol=supervised"),
     ],
 )
 def test_numeric_keys_out_of_range_are_one_line_errors(key, value, message):

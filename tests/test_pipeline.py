@@ -460,6 +460,157 @@ def test_random_scale_batches_keep_boxes_on_their_masks(synthetic_root):
     assert not np.allclose(batch["images"], plain["images"])  # the same examples, zoomed
 
 
+def _mosaic_parts():
+    """Four 4x4 one-channel parts (pixel values 100 k + 4 row + col) with two box slots each:
+    part 0 a defect at rows/cols 2-3 (type 1), part 1 good, part 2 a defect at row 0, cols 0-1
+    (type 2), part 3 a defect at pixel (3, 3) (type 3)."""
+    parts = []
+    defects = {
+        0: (slice(2, 4), slice(2, 4), [2, 2, 4, 4]),
+        2: (slice(0, 1), slice(0, 2), [0, 0, 2, 1]),
+    }
+    defects[3] = (slice(3, 4), slice(3, 4), [3, 3, 4, 4])
+    for k in range(4):
+        image = (100.0 * k + np.arange(16, dtype=np.float32)).reshape(4, 4, 1)
+        mask = np.zeros((4, 4), np.float32)
+        boxes, valid, classes = (
+            np.zeros((2, 4), np.float32),
+            np.zeros(2, np.float32),
+            np.zeros(2, np.int32),
+        )
+        if k in defects:
+            rows, cols, box = defects[k]
+            mask[rows, cols] = 1.0
+            boxes[0], valid[0], classes[0] = box, 1.0, k or 1
+        parts.append(
+            {
+                "images": image,
+                "masks": mask,
+                "boxes": boxes,
+                "box_classes": classes,
+                "box_valid": valid,
+                "labels": np.int32(k != 1),
+                "defect_types": np.int32(k or 1 if k != 1 else 0),
+            }
+        )
+    return parts
+
+
+def _mosaic(parts, x0, y0):
+    from m2u_jax.data import augment
+
+    out = augment.mosaic_example(parts, np.int32(x0), np.int32(y0), 4)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_mosaic_example_keeps_image_mask_boxes_and_labels_consistent():
+    parts = _mosaic_parts()
+    canvas = np.block(
+        [
+            [parts[0]["images"][..., 0], parts[1]["images"][..., 0]],
+            [parts[2]["images"][..., 0], parts[3]["images"][..., 0]],
+        ]
+    )
+    masks = np.block(
+        [[parts[0]["masks"], parts[1]["masks"]], [parts[2]["masks"], parts[3]["masks"]]]
+    )
+    # The window at (2, 2): part 0's whole defect (its box moved by -2), part 1 good, parts 2
+    # and 3 shown without their defects (their boxes clipped to nothing: padding).
+    out = _mosaic(parts, 2, 2)
+    np.testing.assert_array_equal(out["images"][..., 0], canvas[2:6, 2:6])
+    np.testing.assert_array_equal(out["masks"], masks[2:6, 2:6])
+    np.testing.assert_array_equal(out["boxes"], [[0, 0, 2, 2], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["box_valid"], [1, 0])
+    np.testing.assert_array_equal(out["box_classes"], [1, 0])
+    assert out["labels"] == 1 and out["defect_types"] == 1
+    # The window at (4, 4) is part 3 alone: its defect, box and type.
+    alone = _mosaic(parts, 4, 4)
+    np.testing.assert_array_equal(alone["images"], parts[3]["images"])
+    np.testing.assert_array_equal(alone["boxes"], [[3, 3, 4, 4], [0, 0, 0, 0]])
+    assert alone["labels"] == 1 and alone["defect_types"] == 3
+    # The window at (1, 3): part 0 shows 2 defect pixels (box [2,2,4,4] -> [1,0,3,1], area 2),
+    # part 2 one (box [0,0,2,1] moved by (-1, +1) -> [0,1,1,2], area 1): largest box first,
+    # the type of the part with more defect pixels in the window.
+    both = _mosaic(parts, 1, 3)
+    np.testing.assert_array_equal(both["masks"], masks[3:7, 1:5])
+    np.testing.assert_array_equal(both["boxes"], [[1, 0, 3, 1], [0, 1, 1, 2]])
+    np.testing.assert_array_equal(both["box_classes"], [1, 2])
+    assert both["labels"] == 1 and both["defect_types"] == 1
+    # More kept boxes than slots: the smallest go. Part 1 gets a defect at rows 2-3, cols 0-1
+    # (box [0, 2, 2, 4]); the window at (1, 3) then keeps three boxes: part 0's [1, 0, 3, 1]
+    # (area 2), part 1's moved by (+3, -3) to [3, 0, 4, 1] (area 1) and part 2's (area 1): the
+    # two slots take the largest, then the tie in part order (a stable sort).
+    crowded = [dict(part) for part in parts]
+    crowded[1] = {**parts[1], "labels": np.int32(1), "defect_types": np.int32(2)}
+    crowded[1]["masks"] = np.zeros((4, 4), np.float32)
+    crowded[1]["masks"][2:4, 0:2] = 1.0
+    crowded[1]["boxes"] = np.array([[0, 2, 2, 4], [0, 0, 0, 0]], np.float32)
+    crowded[1]["box_valid"] = np.array([1, 0], np.float32)
+    crowded[1]["box_classes"] = np.array([2, 0], np.int32)
+    full = _mosaic(crowded, 1, 3)
+    np.testing.assert_array_equal(full["boxes"], [[1, 0, 3, 1], [3, 0, 4, 1]])
+    np.testing.assert_array_equal(full["box_classes"], [1, 2])
+    np.testing.assert_array_equal(full["box_valid"], [1, 1])
+    assert full["defect_types"] == 1  # 2 defect pixels of part 0 against 1 of parts 1 and 2
+    # Labelled defective with no mask and no box: counts whenever the window shows the part.
+    unknown = [dict(part) for part in parts]
+    unknown[0] = {
+        **parts[0],
+        "masks": np.zeros((4, 4), np.float32),
+        "box_valid": np.zeros(2, np.float32),
+    }
+    unknown[3] = {**parts[3], "labels": np.int32(0), "defect_types": np.int32(0)}
+    unknown[3]["masks"] = np.zeros((4, 4), np.float32)
+    unknown[3]["box_valid"] = np.zeros(2, np.float32)
+    shown = _mosaic(unknown, 3, 3)  # shows parts 0 (1 px), 1, 2 (no defect), 3 (now good)
+    assert shown["labels"] == 1 and shown["defect_types"] == 1 and shown["box_valid"].sum() == 0
+    hidden = _mosaic(unknown, 4, 4)  # part 3 alone, good
+    assert hidden["labels"] == 0 and hidden["defect_types"] == 0
+
+
+def test_sample_mosaic_draws_windows_holding_the_centre_deterministically():
+    from m2u_jax.data import augment
+
+    key = np.array([0, 1], np.int64)
+    draws = [augment.sample_mosaic(augment.fold_key(key, i), 10, 32, 32) for i in range(400)]
+    corners = {(int(x0), int(y0)) for _, _, x0, y0 in draws}
+    # A full-size window holds the canvas centre (32, 32): corners 0..32 on each axis, all drawn.
+    assert {x for x, _ in corners} == set(range(33)) and {y for _, y in corners} == set(range(33))
+    partners = np.concatenate([np.asarray(p) for _, p, _, _ in draws])
+    assert partners.shape == (1200,) and set(partners.tolist()) == set(range(10))
+    uniforms = np.array([float(d) for d, _, _, _ in draws])
+    assert 0 <= uniforms.min() and uniforms.max() < 1 and abs(uniforms.mean() - 0.5) < 0.05
+    # A 16-px window (a crop of 32-px images) holds the centre from corners 16 .. 32.
+    small = {
+        int(augment.sample_mosaic(augment.fold_key(key, i), 10, 32, 16)[2]) for i in range(400)
+    }
+    assert small == set(range(16, 33))
+    again = augment.sample_mosaic(augment.fold_key(key, 7), 10, 32, 32)
+    for a, b in zip(again, draws[7], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mosaic_batches_until_the_plain_tail(synthetic_root):
+    def batches(mosaic_prob):
+        config = _config(synthetic_root, mosaic_prob=mosaic_prob, mosaic_off_fraction=0.5)
+        config.data.protocol = "supervised"
+        config.train.finetune_steps = 4
+        return list(itertools.islice(pipeline.make_train_dataset(config)[0].as_numpy_iterator(), 4))
+
+    plain, mosaic = batches(0.0), batches(1.0)
+    for step, (one, other) in enumerate(zip(plain, mosaic, strict=True)):
+        assert one["images"].shape == other["images"].shape == (8, 32, 32, 3)
+        same = np.array_equal(one["images"], other["images"])
+        assert same == (step >= 2), step  # mosaics in the first half of the steps only
+        # The synthetic data localises every defect: an example is defective iff it shows one,
+        # and every kept box is a defective example's.
+        defect_pixels = other["masks"].reshape(8, -1).max(axis=1) > 0
+        np.testing.assert_array_equal(other["labels"], defect_pixels.astype(np.int32))
+        assert (other["labels"][other["box_valid"].sum(axis=1) > 0] == 1).all()
+        inside = (other["boxes"] >= 0) & (other["boxes"] <= 32)
+        assert inside.all()
+
+
 def test_train_crop_gives_crop_sized_batches_from_every_window(synthetic_root):
     from m2u_jax.data import augment
 

@@ -375,6 +375,98 @@ def _fit_boxes_and_labels(example, out, boxes, size):
     return out
 
 
+MOSAIC_PARTS = 4  # a 2x2 canvas: the example itself top-left, three partners after it
+
+
+def sample_mosaic(
+    key: tf.Tensor, num_examples: int, size: int, side: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(draw, partners, x0, y0) for `mosaic_example` (stateless): `draw` ~ U(0, 1) (the caller
+    compares it with the mosaic probability), `partners` three int64 example indices uniform
+    over `num_examples`, and the window's int32 top-left corner uniform over the positions
+    where a `side`-pixel window holds the canvas centre (`size - side` .. `size`), so every
+    window shows part of all four images when `side` = `size`."""
+    draw = tf.random.stateless_uniform([], fold_key(key, 19))
+    partners = tf.random.stateless_uniform(
+        [MOSAIC_PARTS - 1], fold_key(key, 20), maxval=num_examples, dtype=tf.int64
+    )
+    uniforms = tf.random.stateless_uniform([2], fold_key(key, 21))
+    origin = size - side + tf.minimum(tf.cast(tf.floor(uniforms * (side + 1)), tf.int32), side)
+    return draw, partners, origin[0], origin[1]
+
+
+def mosaic_example(
+    parts: list[dict[str, tf.Tensor]], x0: tf.Tensor, y0: tf.Tensor, side: int
+) -> dict[str, tf.Tensor]:
+    """Cuts the `side`-pixel window at (x0, y0) out of a 2x2 canvas of four examples (YOLO's
+    mosaic), keeping image, mask, boxes and labels consistent.
+
+    `parts` (each as `crop_example` takes it, all of one size S) fill the canvas top-left,
+    top-right, bottom-left, bottom-right; objects keep their scale. Each part's boxes move with
+    it and are clipped to the window (the rules of `crop_example`); the kept boxes, largest
+    first, fill the first part's `G` box slots, so a mosaic with more than `G` kept boxes drops
+    its smallest. Label: defective when any part stays defective by `crop_example`'s rule
+    (a part with a defect but no mask or box counts when the window shows any of it); its
+    `defect_types` is that of the defective part with the most defect pixels in the window.
+    Keys other than the contract's come from the first part.
+    """
+    size = parts[0]["images"].shape[0]
+    num_boxes = parts[0]["boxes"].shape[0]
+    top = tf.concat([parts[0]["images"], parts[1]["images"]], axis=1)
+    bottom = tf.concat([parts[2]["images"], parts[3]["images"]], axis=1)
+    out = dict(parts[0])
+    out["images"] = tf.concat([top, bottom], axis=0)[y0 : y0 + side, x0 : x0 + side]
+    mask_top = tf.concat([parts[0]["masks"], parts[1]["masks"]], axis=1)
+    mask_bottom = tf.concat([parts[2]["masks"], parts[3]["masks"]], axis=1)
+    out["masks"] = tf.concat([mask_top, mask_bottom], axis=0)[y0 : y0 + side, x0 : x0 + side]
+    out["images"] = tf.ensure_shape(out["images"], [side, side, parts[0]["images"].shape[-1]])
+    out["masks"] = tf.ensure_shape(out["masks"], [side, side])
+
+    boxes, valid, classes, part_of = [], [], [], []
+    still, scores = [], []
+    for k, part in enumerate(parts):
+        dx, dy = size * (k % 2), size * (k // 2)
+        shift = tf.cast(tf.stack([x0 - dx, y0 - dy, x0 - dx, y0 - dy]), part["boxes"].dtype)
+        moved = tf.clip_by_value(part["boxes"] - shift, 0.0, float(side))
+        kept = (
+            (part["box_valid"] > 0)
+            & (moved[:, 2] - moved[:, 0] >= 1.0)
+            & (moved[:, 3] - moved[:, 1] >= 1.0)
+        )
+        boxes.append(moved)
+        valid.append(kept)
+        classes.append(part["box_classes"])
+        # The part's pixels inside the window (possibly none).
+        col0, col1 = tf.clip_by_value(x0 - dx, 0, size), tf.clip_by_value(x0 + side - dx, 0, size)
+        row0, row1 = tf.clip_by_value(y0 - dy, 0, size), tf.clip_by_value(y0 + side - dy, 0, size)
+        visible = (col1 > col0) & (row1 > row0)
+        shown = part["masks"][row0:row1, col0:col1]
+        defect_pixels = tf.reduce_sum(tf.cast(shown > 0.5, tf.float32))
+        localised = tf.reduce_any(part["masks"] > 0.5) | tf.reduce_any(part["box_valid"] > 0)
+        inside = (defect_pixels > 0) | tf.reduce_any(kept)
+        defective = part["labels"] > 0
+        stays = tf.where(localised, defective & inside, defective & visible)
+        still.append(stays)
+        # A defective part outranks the clean ones; among them, the most defect pixels.
+        scores.append(tf.where(stays, defect_pixels + 1.0, -1.0))
+    boxes, valid = tf.concat(boxes, axis=0), tf.concat(valid, axis=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = tf.argsort(tf.where(valid, area, -1.0), direction="DESCENDING", stable=True)
+    order = order[:num_boxes]
+    kept = tf.gather(valid, order)
+    kept_float = tf.cast(kept, boxes.dtype)
+    out["boxes"] = tf.gather(boxes, order) * kept_float[:, None]
+    out["box_valid"] = tf.cast(kept, parts[0]["box_valid"].dtype)
+    box_classes = tf.gather(tf.concat(classes, axis=0), order)
+    out["box_classes"] = box_classes * tf.cast(kept, box_classes.dtype)
+    defective = tf.reduce_any(tf.stack(still))
+    types = tf.stack([part["defect_types"] for part in parts])
+    main = tf.argmax(tf.stack(scores))
+    out["labels"] = tf.cast(defective, parts[0]["labels"].dtype)
+    out["defect_types"] = tf.where(defective, types[main], tf.zeros_like(types[main]))
+    return out
+
+
 def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
     uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))

@@ -343,10 +343,16 @@ def make_train_dataset(
     stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch_order)
     stream = stream.skip(offset).shard(process_count, process_index)
 
-    def fetch(element):
+    mosaic_prob = float(config.data.mosaic_prob) if stage == "finetune" else 0.0
+    crop = int(config.data.train_crop)
+    # Examples before this position (in the global order) may be mosaics; the rest are plain.
+    mosaic_steps = round(int(config.train.finetune_steps) * (1 - config.data.mosaic_off_fraction))
+    mosaic_examples = mosaic_steps * global_batch
+
+    def load(index):
         outputs = tf.numpy_function(
             store.fetch,
-            [element["index"]],
+            [index],
             [tf.uint16, tf.uint8, tf.float32, tf.int32, tf.float32, tf.int32, tf.int32, tf.bool],
             stateful=False,
         )
@@ -360,10 +366,23 @@ def make_train_dataset(
             "labels": tf.ensure_shape(label, []),
             "defect_types": tf.ensure_shape(defect_type, []),
         }
+        return example, tf.ensure_shape(ok, [])
+
+    def fetch(element):
+        example, ok = load(element["index"])
         key = augment.fold_key(augment_key, element["epoch"], element["index"])
         if share.active:
             key = augment.fold_key(key, element["slot"])
-        return example, tf.ensure_shape(ok, []), key
+        if mosaic_prob <= 0:
+            return example, ok, key
+        draw, partners, x0, y0 = augment.sample_mosaic(key, num_examples, size, crop or size)
+        position = element["epoch"] * epoch_length + element["slot"]
+        use = (draw < mosaic_prob) & (position < mosaic_examples)
+        loaded = [load(partners[i]) for i in range(augment.MOSAIC_PARTS - 1)]
+        # A bad partner file only matters when the mosaic uses it.
+        ok = ok & (~use | tf.reduce_all(tf.stack([part_ok for _, part_ok in loaded])))
+        mosaic = {"parts": tuple(part for part, _ in loaded), "use": use, "x0": x0, "y0": y0}
+        return example, ok, key, mosaic
 
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
@@ -373,19 +392,33 @@ def make_train_dataset(
     coarsest_cells = int(config.data.synthetic_coarsest_cells)
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
-    crop = int(config.data.train_crop)
     scale_change = float(config.data.random_scale)
     rgb_offset = _rgb_offset(modalities)
     # Class-agnostic (unsupervised): an anomaly is a 'defect' (type 1); else its type is unknown.
     synthetic_type = 1 if info.protocol == "unsupervised" else -1
 
-    def prepare(example, ok, key):
+    def to_float(example):
         example = dict(example)
         example["images"] = tf.cast(example["images"], tf.float32) / 65535.0
         example["masks"] = tf.cast(example["masks"], tf.float32)
-        if crop:
-            example = augment.crop_example(
-                example, *augment.sample_crop_origin(key, size, crop), crop
+        return example
+
+    def single(example, key):
+        """The example itself, or its random crop (`data.train_crop`)."""
+        if not crop:
+            return example
+        return augment.crop_example(example, *augment.sample_crop_origin(key, size, crop), crop)
+
+    def prepare(example, ok, key, mosaic=None):
+        example = to_float(example)
+        if mosaic is None:
+            example = single(example, key)
+        else:
+            parts = [example] + [to_float(part) for part in mosaic["parts"]]
+            example = tf.cond(
+                mosaic["use"],
+                lambda: augment.mosaic_example(parts, mosaic["x0"], mosaic["y0"], crop or size),
+                lambda: single(example, key),
             )
         if stage == "pretrain":
             views = tf.stack(
@@ -430,7 +463,7 @@ def make_train_dataset(
     # source rewrite would add seconds to every training start (the augmentations are long).
     plain = tf.autograph.experimental.do_not_convert
     dataset = stream.map(plain(fetch), num_parallel_calls=parallel, deterministic=True)
-    dataset = dataset.filter(plain(lambda example, ok, key: ok))
+    dataset = dataset.filter(plain(lambda example, ok, *rest: ok))
     dataset = dataset.map(plain(prepare), num_parallel_calls=parallel, deterministic=True)
     dataset = dataset.batch(local_batch, drop_remainder=True)
     dataset = dataset.map(plain(augment_batch), num_parallel_calls=parallel, deterministic=True)
