@@ -139,6 +139,13 @@ def test_tables_format_undefined_values_and_label_the_paper():
     [
         ("limited_data_study.py", "--fractions=1.0,1.5", "--fractions entry 1.5 is not in (0, 1]"),
         ("baseline_table.py", "--methods=full,yolo", "use a comma-separated subset of"),
+        # Checked per run (the base config is unsupervised, neu_sup supervised): one run's
+        # protocol rejects the key before any run trains.
+        (
+            "quality_study.py",
+            "--runs=neu_sup,mt_unsup --config.data.mosaic_prob=0.5",
+            "run mt_unsup: data.mosaic_prob=0.5 needs data.protocol=supervised",
+        ),
     ],
 )
 def test_command_line_rejects_bad_flags_before_any_work(tool, flag, message, tmp_path):
@@ -146,7 +153,7 @@ def test_command_line_rejects_bad_flags_before_any_work(tool, flag, message, tmp
     # Run from elsewhere: the tool finds the package on its own.
     result = subprocess.run(
         [sys.executable, str(repo / "tools" / tool), "--config", str(repo / "configs" / "tiny.py"),
-         "--workdir", str(tmp_path / "run"), flag],
+         "--workdir", str(tmp_path / "run"), *flag.split()],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2

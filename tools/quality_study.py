@@ -301,7 +301,14 @@ def main(argv) -> int:
     config = _CONFIG.value
     try:
         runs = [parse_run(spec, _DATA_DIR.value) for spec in _RUNS.value.split(",") if spec]
-        config_lib.validate(config)
+        if not runs:
+            raise ValueError("--runs names no run")
+        # Each run's own config (its protocol can decide a check), before any run trains.
+        for run in runs:
+            try:
+                config_lib.validate(run_config(config, run, _CURVE_POINTS.value))
+            except config_lib.ConfigError as error:
+                raise config_lib.ConfigError(f"run {run['name']}: {error}") from None
     except (ValueError, config_lib.ConfigError) as error:
         print(f"quality_study.py: {error}", file=sys.stderr)
         return 2
