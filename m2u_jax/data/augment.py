@@ -67,6 +67,10 @@ Contrastive views (SimCLR / MoCo v3 recipe, per view): random resized crop (scal
 colour jitter with probability 0.8 (brightness, contrast on every channel; saturation and hue
 on the RGB channels only), grayscale with probability 0.2 (RGB), Gaussian blur with probability
 0.5 (sigma 0.1-2.0 pixels at 224 px, scaled with the image side).
+
+Fine-tuning geometry (before the anomalies, each keeping image, mask, boxes and labels
+consistent): a random crop (`crop_example`), YOLO's mosaic of four examples
+(`mosaic_example`, supervised only), a zoom (`zoom_example`) and flips (`flip_example`).
 """
 
 from __future__ import annotations
