@@ -609,6 +609,12 @@ def test_mosaic_batches_until_the_plain_tail(synthetic_root):
         assert (other["labels"][other["box_valid"].sum(axis=1) > 0] == 1).all()
         inside = (other["boxes"] >= 0) & (other["boxes"] <= 32)
         assert inside.all()
+    # With data.train_crop the mosaic window is crop-sized (cut from the full-size canvas).
+    config = _config(synthetic_root, mosaic_prob=1.0, train_crop=16)
+    config.data.protocol = "supervised"
+    batch = next(pipeline.make_train_dataset(config)[0].as_numpy_iterator())
+    assert batch["images"].shape == (8, 16, 16, 3) and batch["masks"].shape == (8, 16, 16)
+    assert (batch["boxes"] <= 16).all()
 
 
 def test_train_crop_gives_crop_sized_batches_from_every_window(synthetic_root):
