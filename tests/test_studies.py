@@ -28,6 +28,7 @@ from tools import (
     defect_type_table,
     limited_data_study,
     quality_study,
+    study_setup,
 )
 
 pytestmark = pytest.mark.slow  # trains the study tools' runs
@@ -159,6 +160,19 @@ def test_command_line_rejects_bad_flags_before_any_work(tool, flag, message, tmp
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_supervised_studies_validate_under_the_protocol_they_train_with():
+    from m2u_jax import config as config_lib
+
+    config = tiny.get_config()  # unsupervised
+    config.data.mosaic_prob = 0.5  # a supervised-only key
+    with pytest.raises(config_lib.ConfigError, match="needs data.protocol=supervised"):
+        config_lib.validate(config)
+    study = study_setup.with_supervised_protocol(config)
+    config_lib.validate(study)
+    assert study.data.protocol == "supervised" and config.data.protocol == "unsupervised"
+    assert study.data.mosaic_prob == 0.5
 
 
 def test_svm_is_skipped_without_defect_free_training_images(tmp_path):

@@ -45,7 +45,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools.study_setup import enable_compilation_cache, supervised_config  # noqa: E402
+from tools.study_setup import (  # noqa: E402
+    enable_compilation_cache,
+    supervised_config,
+    with_supervised_protocol,
+)
 
 METHODS = ("full", "autoencoder", "detection", "svm")
 METHOD_NAMES = {
@@ -481,7 +485,7 @@ def main(argv) -> int:
     workdir = _WORKDIR.value
     try:
         methods = parse_methods(_METHODS.value)
-        config_lib.validate(config)
+        config_lib.validate(with_supervised_protocol(config))
     except (ValueError, config_lib.ConfigError) as error:
         print(f"baseline_table.py: {error}", file=sys.stderr)
         return 2

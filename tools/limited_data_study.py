@@ -30,7 +30,11 @@ if __package__ in (None, ""):  # `python tools/limited_data_study.py` from anywh
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools.study_setup import enable_compilation_cache, supervised_config  # noqa: E402
+from tools.study_setup import (  # noqa: E402
+    enable_compilation_cache,
+    supervised_config,
+    with_supervised_protocol,
+)
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.2, 0.1, 0.05)
 # (column name, metrics.json section, key, label)
@@ -199,7 +203,7 @@ def main(argv) -> int:
     workdir = _WORKDIR.value
     try:
         fractions = parse_fractions(_FRACTIONS.value)
-        config_lib.validate(config)
+        config_lib.validate(with_supervised_protocol(config))
     except (ValueError, config_lib.ConfigError) as error:
         print(f"limited_data_study.py: {error}", file=sys.stderr)
         return 2

@@ -426,7 +426,7 @@ def mosaic_example(
     out["images"] = tf.ensure_shape(out["images"], [side, side, parts[0]["images"].shape[-1]])
     out["masks"] = tf.ensure_shape(out["masks"], [side, side])
 
-    boxes, valid, classes, part_of = [], [], [], []
+    boxes, valid, classes = [], [], []
     still, scores = [], []
     for k, part in enumerate(parts):
         dx, dy = size * (k % 2), size * (k // 2)
