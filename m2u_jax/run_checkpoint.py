@@ -91,11 +91,13 @@ def _is_late_read_callback(error: BaseException | None, trace) -> bool:
 
 
 def _drop_late_read_callbacks() -> None:
-    """Call after a read of damaged checkpoint files failed. Orbax runs a read in `asyncio.run`,
+    """Call before reading checkpoint files that may be damaged. Orbax runs a read in `asyncio.run`,
     which closes its loop at the first error while tensorstore's other reads are still in
     flight; those end later on tensorstore's threads, cannot deliver their (already useless)
     results to the closed loop, and print that through `sys.excepthook` as a traceback after
-    the caller has handled the failure. From now on this process drops exactly those reports
+    the caller has handled the failure, or even before: on a loaded machine they arrived while
+    the error was still on its way to the caller, so installing the filter after the failure
+    let one through. From now on this process drops exactly those reports
     (`_is_late_read_callback`); every other exception reaches the previous hook. Idempotent."""
     previous = sys.excepthook
     if getattr(previous, "drops_late_read_callbacks", False):
@@ -306,6 +308,7 @@ def resume_meta(manager: ocp.CheckpointManager) -> dict | None:
     directory = str(manager.directory)
     bad: dict[int, str] = {}
     meta = None
+    _drop_late_read_callbacks()  # before the reads: a failed one's late reports can come early
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             meta = _read_meta(manager, step)
@@ -315,7 +318,6 @@ def resume_meta(manager: ocp.CheckpointManager) -> dict | None:
             problem = unreadable_problem(error)
             if problem is None:
                 raise
-            _drop_late_read_callbacks()
             bad[step], meta = problem, None
     if not bad:
         return meta
@@ -507,6 +509,7 @@ def restore_params(
             stage == "finetune" and subdir == "checkpoints" and config_lib.uses_params_ema(config)
         )
         key = "ema_params" if use_ema else "params"
+        _drop_late_read_callbacks()  # before the read: a failed one's late reports can come early
         try:
             restored = manager.restore(
                 step,
@@ -524,7 +527,6 @@ def restore_params(
             first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             problem = unreadable_problem(error)
             if problem is not None:
-                _drop_late_read_callbacks()
                 others = [s for s in steps if s != step and metas[s]["stage"] == stage]
                 raise ValueError(
                     f"checkpoint {step} in {directory} is unreadable (corrupt or incomplete: "

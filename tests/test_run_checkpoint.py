@@ -61,6 +61,21 @@ def test_late_read_callbacks_are_dropped_and_nothing_else(monkeypatch):
     assert reached[1:] == [elsewhere[1], value_error[1]]
 
 
+def test_resume_filters_late_read_reports_before_it_reads(monkeypatch, tmp_path):
+    # A failed read's late reports can arrive before its error reaches resume_meta's handler
+    # (seen once on a loaded machine), so the filter must be in place before the first read.
+    reached = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, trace: reached.append(error))
+    manager = run_checkpoint.make_manager(str(tmp_path), keep=1, async_save=False)
+    try:
+        assert run_checkpoint.resume_meta(manager) is None  # no checkpoint: nothing read
+    finally:
+        manager.close()
+    assert getattr(sys.excepthook, "drops_late_read_callbacks", False)
+    sys.excepthook(*_late_callback_report())
+    assert reached == []
+
+
 def test_a_late_read_needs_both_the_message_and_the_closed_loop_frame():
     _, late_error, late_trace = _late_callback_report()
     _, other_error, other_trace = _other_closed_loop_error()
