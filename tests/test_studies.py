@@ -147,6 +147,7 @@ def test_tables_format_undefined_values_and_label_the_paper():
             "--runs=neu_sup,mt_unsup --config.data.mosaic_prob=0.5",
             "run mt_unsup: data.mosaic_prob=0.5 needs data.protocol=supervised",
         ),
+        ("quality_study.py", "--runs=", "--runs names no run"),
     ],
 )
 def test_command_line_rejects_bad_flags_before_any_work(tool, flag, message, tmp_path):

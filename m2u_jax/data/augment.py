@@ -416,53 +416,43 @@ def mosaic_example(
     """
     size = parts[0]["images"].shape[0]
     num_boxes = parts[0]["boxes"].shape[0]
-    top = tf.concat([parts[0]["images"], parts[1]["images"]], axis=1)
-    bottom = tf.concat([parts[2]["images"], parts[3]["images"]], axis=1)
-    out = dict(parts[0])
-    out["images"] = tf.concat([top, bottom], axis=0)[y0 : y0 + side, x0 : x0 + side]
-    mask_top = tf.concat([parts[0]["masks"], parts[1]["masks"]], axis=1)
-    mask_bottom = tf.concat([parts[2]["masks"], parts[3]["masks"]], axis=1)
-    out["masks"] = tf.concat([mask_top, mask_bottom], axis=0)[y0 : y0 + side, x0 : x0 + side]
-    out["images"] = tf.ensure_shape(out["images"], [side, side, parts[0]["images"].shape[-1]])
-    out["masks"] = tf.ensure_shape(out["masks"], [side, side])
 
+    def window(key):
+        top = tf.concat([parts[0][key], parts[1][key]], axis=1)
+        bottom = tf.concat([parts[2][key], parts[3][key]], axis=1)
+        cut = tf.concat([top, bottom], axis=0)[y0 : y0 + side, x0 : x0 + side]
+        return tf.ensure_shape(cut, [side, side, *parts[0][key].shape[2:]])
+
+    out = dict(parts[0])
+    out["images"], out["masks"] = window("images"), window("masks")
     boxes, valid, classes = [], [], []
     still, scores = [], []
     for k, part in enumerate(parts):
         dx, dy = size * (k % 2), size * (k // 2)
-        shift = tf.cast(tf.stack([x0 - dx, y0 - dy, x0 - dx, y0 - dy]), part["boxes"].dtype)
-        moved = tf.clip_by_value(part["boxes"] - shift, 0.0, float(side))
-        kept = (
-            (part["box_valid"] > 0)
-            & (moved[:, 2] - moved[:, 0] >= 1.0)
-            & (moved[:, 3] - moved[:, 1] >= 1.0)
-        )
-        boxes.append(moved)
-        valid.append(kept)
-        classes.append(part["box_classes"])
         # The part's pixels inside the window (possibly none).
         col0, col1 = tf.clip_by_value(x0 - dx, 0, size), tf.clip_by_value(x0 + side - dx, 0, size)
         row0, row1 = tf.clip_by_value(y0 - dy, 0, size), tf.clip_by_value(y0 + side - dy, 0, size)
-        visible = (col1 > col0) & (row1 > row0)
         shown = part["masks"][row0:row1, col0:col1]
-        defect_pixels = tf.reduce_sum(tf.cast(shown > 0.5, tf.float32))
-        localised = tf.reduce_any(part["masks"] > 0.5) | tf.reduce_any(part["box_valid"] > 0)
-        inside = (defect_pixels > 0) | tf.reduce_any(kept)
-        defective = part["labels"] > 0
-        stays = tf.where(localised, defective & inside, defective & visible)
+        # The part's boxes and label as a crop of it to the window would leave them; a defect
+        # of unknown place counts only when the window shows the part at all.
+        shift = tf.cast(tf.stack([x0 - dx, y0 - dy, x0 - dx, y0 - dy]), part["boxes"].dtype)
+        fitted = _fit_boxes_and_labels(part, {"masks": shown}, part["boxes"] - shift, side)
+        boxes.append(fitted["boxes"])
+        valid.append(fitted["box_valid"] > 0)
+        classes.append(fitted["box_classes"])
+        stays = (fitted["labels"] > 0) & (col1 > col0) & (row1 > row0)
         still.append(stays)
         # A defective part outranks the clean ones; among them, the most defect pixels.
+        defect_pixels = tf.reduce_sum(tf.cast(shown > 0.5, tf.float32))
         scores.append(tf.where(stays, defect_pixels + 1.0, -1.0))
     boxes, valid = tf.concat(boxes, axis=0), tf.concat(valid, axis=0)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     order = tf.argsort(tf.where(valid, area, -1.0), direction="DESCENDING", stable=True)
     order = order[:num_boxes]
-    kept = tf.gather(valid, order)
-    kept_float = tf.cast(kept, boxes.dtype)
-    out["boxes"] = tf.gather(boxes, order) * kept_float[:, None]
-    out["box_valid"] = tf.cast(kept, parts[0]["box_valid"].dtype)
-    box_classes = tf.gather(tf.concat(classes, axis=0), order)
-    out["box_classes"] = box_classes * tf.cast(kept, box_classes.dtype)
+    # Boxes the crop rule dropped are all-zero padding already (class 0), and sort last.
+    out["boxes"] = tf.gather(boxes, order)
+    out["box_valid"] = tf.cast(tf.gather(valid, order), parts[0]["box_valid"].dtype)
+    out["box_classes"] = tf.gather(tf.concat(classes, axis=0), order)
     defective = tf.reduce_any(tf.stack(still))
     types = tf.stack([part["defect_types"] for part in parts])
     main = tf.argmax(tf.stack(scores))

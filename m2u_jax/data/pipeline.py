@@ -378,11 +378,20 @@ def make_train_dataset(
         draw, partners, x0, y0 = augment.sample_mosaic(key, num_examples, size, crop or size)
         position = element["epoch"] * epoch_length + element["slot"]
         use = (draw < mosaic_prob) & (position < mosaic_examples)
-        loaded = [load(partners[i]) for i in range(augment.MOSAIC_PARTS - 1)]
-        # A bad partner file only matters when the mosaic uses it.
-        ok = ok & (~use | tf.reduce_all(tf.stack([part_ok for _, part_ok in loaded])))
-        mosaic = {"parts": tuple(part for part, _ in loaded), "use": use, "x0": x0, "y0": y0}
-        return example, ok, key, mosaic
+
+        def load_partners():
+            loaded = [load(partners[i]) for i in range(augment.MOSAIC_PARTS - 1)]
+            parts_ok = tf.reduce_all(tf.stack([part_ok for _, part_ok in loaded]))
+            return tuple(part for part, _ in loaded), parts_ok
+
+        def no_partners():  # placeholders of the same structure (the plain path ignores them)
+            blank = tf.nest.map_structure(tf.zeros_like, example)
+            return (blank,) * (augment.MOSAIC_PARTS - 1), tf.constant(True)
+
+        # Partners are read only for a drawn mosaic; a bad partner file only matters then.
+        parts, parts_ok = tf.cond(use, load_partners, no_partners)
+        mosaic = {"parts": parts, "use": use, "x0": x0, "y0": y0}
+        return example, ok & parts_ok, key, mosaic
 
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
