@@ -713,3 +713,50 @@ def test_sample_flips_is_stateless_and_balanced():
     # 400 fair coins per axis: the mean is within 0.5 +- 0.1 with overwhelming probability.
     assert np.all(np.abs(draws.mean(0) - 0.5) < 0.1)
     assert 0.1 < np.mean(draws[:, 0] & draws[:, 1]) < 0.4
+
+
+def test_transposed_example_keeps_mask_boxes_and_pixels_together():
+    # A 1-pixel-tall bar at row 1, columns 2..4 of a 6x6 image (box [2, 1, 5, 2)), channel 1
+    # marked at one pixel so the channel axis is seen to stay last.
+    image = np.zeros((6, 6, 3), np.float32)
+    mask = np.zeros((6, 6), np.float32)
+    image[1, 2:5, 0] = 1.0
+    image[0, 5, 1] = 0.5
+    mask[1, 2:5] = 1.0
+    example = {
+        "images": tf.constant(image),
+        "masks": tf.constant(mask),
+        "boxes": tf.constant([[2.0, 1.0, 5.0, 2.0], [0.0, 0.0, 0.0, 0.0]]),
+        "box_valid": tf.constant([1.0, 0.0]),
+        "labels": tf.constant(1),
+    }
+    no = tf.constant(False)
+    swapped = augment.flip_example(example, no, no, tf.constant(True))
+    # Transposed: a 1-pixel-wide bar at column 1, rows 2..4; its box [1, 2, 2, 5).
+    expected_mask = np.zeros((6, 6), np.float32)
+    expected_mask[2:5, 1] = 1.0
+    np.testing.assert_array_equal(swapped["masks"].numpy(), expected_mask)
+    np.testing.assert_array_equal(swapped["images"].numpy()[..., 0], expected_mask)
+    assert swapped["images"].numpy()[5, 0, 1] == 0.5
+    np.testing.assert_array_equal(swapped["boxes"].numpy(), [[1.0, 2.0, 2.0, 5.0], [0.0] * 4])
+    recomputed, _ = augment.mask_bounding_boxes(tf.constant(expected_mask[None] > 0))
+    np.testing.assert_array_equal(recomputed.numpy()[0], swapped["boxes"].numpy()[0])
+    # Transpose, then mirror left-right: a quarter turn clockwise (row r, col c -> row c,
+    # col 5 - r): the bar at column 4, rows 2..4, box [4, 2, 5, 5).
+    turned = augment.flip_example(example, tf.constant(True), no, tf.constant(True))
+    np.testing.assert_array_equal(turned["images"].numpy(), np.rot90(image, k=-1, axes=(0, 1)))
+    np.testing.assert_array_equal(turned["boxes"].numpy()[0], [4.0, 2.0, 5.0, 5.0])
+    same = augment.flip_example(example, no, no, tf.constant(False))
+    np.testing.assert_array_equal(same["images"].numpy(), image)
+    np.testing.assert_array_equal(same["boxes"].numpy(), example["boxes"].numpy())
+
+
+def test_sample_transpose_is_stateless_balanced_and_apart_from_the_flips():
+    keys = [augment.fold_key(tf.constant([0, 1], tf.int64), index) for index in range(400)]
+    draws = np.array([bool(augment.sample_transpose(key)) for key in keys])
+    again = np.array([bool(augment.sample_transpose(key)) for key in keys[:20]])
+    np.testing.assert_array_equal(draws[:20], again)
+    assert abs(draws.mean() - 0.5) < 0.1
+    flips = np.array([bool(augment.sample_flips(key)[0]) for key in keys])
+    # Its own stream: it agrees with the left-right flip about half the time, not always.
+    assert 0.4 < np.mean(draws == flips) < 0.6

@@ -460,6 +460,30 @@ def test_random_scale_batches_keep_boxes_on_their_masks(synthetic_root):
     assert not np.allclose(batch["images"], plain["images"])  # the same examples, zoomed
 
 
+def test_random_transpose_batches_are_the_plain_examples_or_their_transposes(synthetic_root):
+    def batches(random_transpose):
+        config = _config(
+            synthetic_root, random_transpose=random_transpose, synthetic_anomaly_prob=0.0
+        )
+        config.data.protocol = "supervised"
+        return list(itertools.islice(pipeline.make_train_dataset(config)[0].as_numpy_iterator(), 3))
+
+    swapped_count = 0
+    for plain, batch in zip(batches(False), batches(True)):
+        np.testing.assert_array_equal(batch["labels"], plain["labels"])
+        for i in range(len(batch["images"])):
+            if np.array_equal(batch["images"][i], plain["images"][i]):
+                np.testing.assert_array_equal(batch["boxes"][i], plain["boxes"][i])
+                continue
+            # Otherwise exactly the transpose: pixels, mask, and boxes with x and y swapped.
+            np.testing.assert_array_equal(batch["images"][i], plain["images"][i].transpose(1, 0, 2))
+            np.testing.assert_array_equal(batch["masks"][i], plain["masks"][i].T)
+            np.testing.assert_array_equal(batch["boxes"][i], plain["boxes"][i][:, [1, 0, 3, 2]])
+            swapped_count += 1
+    images = 3 * len(batch["images"])
+    assert 0.2 * images < swapped_count < 0.8 * images  # about half, with a wide margin
+
+
 def _mosaic_parts():
     """Four 4x4 one-channel parts (pixel values 100 k + 4 row + col) with two box slots each:
     part 0 a defect at rows/cols 2-3 (type 1), part 1 good, part 2 a defect at row 0, cols 0-1

@@ -251,7 +251,10 @@ def _warp(images: tf.Tensor, transforms: tf.Tensor, interpolation: str = "BILINE
 
 
 def flip_example(
-    example: dict[str, tf.Tensor], horizontal: tf.Tensor, vertical: tf.Tensor
+    example: dict[str, tf.Tensor],
+    horizontal: tf.Tensor,
+    vertical: tf.Tensor,
+    transpose: tf.Tensor | bool = False,
 ) -> dict[str, tf.Tensor]:
     """Mirrors one fine-tuning example, keeping image, mask and boxes consistent.
 
@@ -260,13 +263,20 @@ def flip_example(
         the last column / row, as `mask_bounding_boxes` writes them), `box_valid [G]`, and any
         other keys (passed through).
       horizontal, vertical: scalar bools, mirror left-right / top-bottom.
+      transpose: scalar bool, swap rows and columns first (mirror about the main diagonal; the
+        example must be square). With both flips this reaches all 8 rotations and mirrors.
 
-    A box [x1, x2) becomes [W - x2, W - x1): the same pixels as the mirrored mask. Padding boxes
-    (`box_valid` 0) stay all-zero. Labels and types do not change: a mirrored defect is the same
-    defect, and inspection surfaces have no canonical orientation (see the contrastive views).
+    A box [x1, x2) becomes [W - x2, W - x1): the same pixels as the mirrored mask; transposed,
+    [x1, y1, x2, y2] becomes [y1, x1, y2, x2]. Padding boxes (`box_valid` 0) stay all-zero.
+    Labels and types do not change: a mirrored defect is the same defect, and inspection
+    surfaces have no canonical orientation (see the contrastive views).
     """
     out = dict(example)
     images, masks, boxes = example["images"], example["masks"], example["boxes"]
+    if transpose is not False:
+        images = tf.where(transpose, tf.transpose(images, [1, 0, 2]), images)
+        masks = tf.where(transpose, tf.transpose(masks), masks)
+        boxes = tf.where(transpose, tf.gather(boxes, [1, 0, 3, 2], axis=-1), boxes)
     height = tf.cast(tf.shape(images)[0], boxes.dtype)
     width = tf.cast(tf.shape(images)[1], boxes.dtype)
     x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
@@ -465,6 +475,12 @@ def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
     uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))
     return uniforms[0] < 0.5, uniforms[1] < 0.5
+
+
+def sample_transpose(key: tf.Tensor) -> tf.Tensor:
+    """A scalar bool, true with probability 1/2 (stateless; its own stream, so turning it on
+    leaves the flips and every other draw of the example unchanged)."""
+    return tf.random.stateless_uniform([], fold_key(key, 22)) < 0.5
 
 
 def mask_bounding_boxes(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -401,6 +401,7 @@ def make_train_dataset(
     coarsest_cells = int(config.data.synthetic_coarsest_cells)
     match_gray = bool(config.data.synthetic_match_gray)
     flips = bool(config.data.random_flips)
+    transpose = bool(config.data.random_transpose)
     scale_change = float(config.data.random_scale)
     rgb_offset = _rgb_offset(modalities)
     # Class-agnostic (unsupervised): an anomaly is a 'defect' (type 1); else its type is unknown.
@@ -439,8 +440,10 @@ def make_train_dataset(
             return {"images": example["images"]}, {"views": views}
         if scale_change > 0:
             example = augment.zoom_example(example, *augment.sample_zoom(key, scale_change))
-        if flips:
-            example = augment.flip_example(example, *augment.sample_flips(key))
+        if flips or transpose:
+            horizontal, vertical = augment.sample_flips(key) if flips else (False, False)
+            swap = augment.sample_transpose(key) if transpose else False
+            example = augment.flip_example(example, horizontal, vertical, swap)
         example["recon_valid"] = 1.0 - tf.cast(example["labels"], tf.float32)
         params = augment.sample_anomaly_params(
             key,
