@@ -24,7 +24,8 @@ def get_config():
     config.data.synthetic_anomaly_prob = 0.5
     config.data.random_flips = True
     # Left off, measured on NEU-DET at this budget: YOLO's mosaic (data.mosaic_prob=1: mAP@0.5
-    # 0.605 -> 0.553) and zoom augmentation (data.random_scale; level); no dropout
+    # 0.605 -> 0.553), zoom augmentation (data.random_scale; level), transposed examples
+    # (data.random_transpose: 0.558, crazing halves: its texture has an orientation); no dropout
     # (model.dropout_rate=0: 0.592, and MC dropout needs it) (docs/quality.md).
     # Gray anomalies on gray images (Magnetic-tile, NEU-DET are grayscale files): colour is no
     # cue a real defect there has (docs/quality.md: one run, within the run-to-run spread).
