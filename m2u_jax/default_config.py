@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.synthetic_coarsest_cells = 2  # Fewest mask-noise cells per axis: 1 (DRAEM) or 2.
     data.synthetic_match_gray = False  # Gray anomalies on gray images (channels within 2/255).
     data.random_flips = False  # Fine-tuning: mirror each image (mask, boxes) left-right/up-down.
-    # With random_flips: all 8 rotations and mirrors. For surfaces without a canonical orientation.
+    # With random_flips: all 8 rotations and mirrors. Only for textures with no direction (NEU-DET
+    # lost 0.047 mAP@0.5 with it: its marks run one way; docs/quality.md).
     data.random_transpose = False  # Fine-tuning: swap rows and columns (image, mask, boxes), p=1/2.
     data.random_scale = 0.0  # Fine-tuning: zoom image, mask, boxes by U(1 - this, 1 + this).
     data.train_crop = 0  # Train on random crops of this side (px) of the resized image; 0 = off.
