@@ -65,8 +65,8 @@ masks) leaves the image unchanged and good.
 Contrastive views (SimCLR / MoCo v3 recipe, per view): random resized crop (scale 0.2-1, aspect
 3/4-4/3), horizontal and vertical flips (no up or left on a surface; flips keep the directions
 of its marks), colour jitter with probability 0.8 (brightness, contrast on every channel;
-saturation and hue on the RGB channels only), grayscale with probability 0.2 (RGB), Gaussian blur with probability
-0.5 (sigma 0.1-2.0 pixels at 224 px, scaled with the image side).
+saturation and hue on the RGB channels only), grayscale with probability 0.2 (RGB), Gaussian
+blur with probability 0.5 (sigma 0.1-2.0 pixels at 224 px, scaled with the image side).
 
 Fine-tuning geometry (before the anomalies, each keeping image, mask, boxes and labels
 consistent): a random crop (`crop_example`), YOLO's mosaic of four examples
