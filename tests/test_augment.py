@@ -674,19 +674,25 @@ def test_blur_keeps_constant_images():
     np.testing.assert_allclose(blurred[0, 13:20, 13:20, 0], np.outer(taps, taps), atol=1e-6)
 
 
-def test_flip_example_moves_mask_and_boxes_together():
-    # A 1-pixel-tall bar at rows 1, columns 2..4 of a 6x8 image; its box is [2, 1, 5, 2).
-    image = np.zeros((6, 8, 3), np.float32)
-    mask = np.zeros((6, 8), np.float32)
-    image[1, 2:5] = 1.0
-    mask[1, 2:5] = 1.0
-    example = {
+def _bar_example(image: np.ndarray, mask: np.ndarray) -> dict:
+    """A fine-tuning example of one defect: the bar at row 1, columns 2..4 (box [2, 1, 5, 2)),
+    one padding box slot."""
+    return {
         "images": tf.constant(image),
         "masks": tf.constant(mask),
         "boxes": tf.constant([[2.0, 1.0, 5.0, 2.0], [0.0, 0.0, 0.0, 0.0]]),
         "box_valid": tf.constant([1.0, 0.0]),
         "labels": tf.constant(1),
     }
+
+
+def test_flip_example_moves_mask_and_boxes_together():
+    # A 1-pixel-tall bar at rows 1, columns 2..4 of a 6x8 image; its box is [2, 1, 5, 2).
+    image = np.zeros((6, 8, 3), np.float32)
+    mask = np.zeros((6, 8), np.float32)
+    image[1, 2:5] = 1.0
+    mask[1, 2:5] = 1.0
+    example = _bar_example(image, mask)
     both = augment.flip_example(example, tf.constant(True), tf.constant(True))
     # Mirrored left-right: columns 8-5=3 .. 8-2=6; top-bottom: row 6-2=4.
     np.testing.assert_array_equal(both["boxes"].numpy(), [[3.0, 4.0, 6.0, 5.0], [0.0] * 4])
@@ -723,13 +729,7 @@ def test_transposed_example_keeps_mask_boxes_and_pixels_together():
     image[1, 2:5, 0] = 1.0
     image[0, 5, 1] = 0.5
     mask[1, 2:5] = 1.0
-    example = {
-        "images": tf.constant(image),
-        "masks": tf.constant(mask),
-        "boxes": tf.constant([[2.0, 1.0, 5.0, 2.0], [0.0, 0.0, 0.0, 0.0]]),
-        "box_valid": tf.constant([1.0, 0.0]),
-        "labels": tf.constant(1),
-    }
+    example = _bar_example(image, mask)
     no = tf.constant(False)
     swapped = augment.flip_example(example, no, no, tf.constant(True))
     # Transposed: a 1-pixel-wide bar at column 1, rows 2..4; its box [1, 2, 2, 5).
