@@ -384,6 +384,7 @@ def batched_nms(
     max_detections: int,
     iou_threshold: float,
     score_threshold: float,
+    merge: bool = False,
     candidates_per_detection: int = 8,
 ) -> dict[str, jax.Array]:
     """Class-aware greedy NMS with static shapes (jit-able, exports to ONNX).
@@ -394,6 +395,10 @@ def batched_nms(
       iou_threshold: a box is suppressed by a higher-scored kept box of the same class whose
         IoU with it is above this.
       score_threshold: boxes scoring below this are dropped.
+      merge: weighted NMS (YOLOv5's 'merge'): each kept box is replaced by the mean of the
+        candidates of its class that overlap it by more than `iou_threshold` (itself included),
+        weighted by score x IoU with it; its score and class stay its own. Kept boxes of a
+        class overlap by at most `iou_threshold`, so no kept box enters another's mean.
       candidates_per_detection: only the top `k = min(A, candidates_per_detection * M)` boxes by
         score enter NMS (`lax.top_k`, ties in index order), which bounds the k² IoU matrix. The
         result equals exact greedy NMS over all A boxes whenever fewer than k boxes pass the
@@ -423,12 +428,18 @@ def batched_nms(
     candidate_boxes = jnp.take_along_axis(boxes_xyxy, candidate_index[..., None], axis=1)
     candidate_classes = jnp.take_along_axis(classes, candidate_index, axis=1)
 
-    overlaps = pairwise_iou(candidate_boxes, candidate_boxes) > iou_threshold
+    iou = pairwise_iou(candidate_boxes, candidate_boxes)
+    overlaps = iou > iou_threshold
     same_class = candidate_classes[:, :, None] == candidate_classes[:, None, :]
     later = np.arange(num_candidates)[None, :] > np.arange(num_candidates)[:, None]
     # suppresses[b, i, j]: candidate i (higher score) suppresses candidate j if i is kept.
     suppresses = overlaps & same_class & later[None]
-    keep = greedy_nms_keep(suppresses, candidate_scores >= score_threshold)
+    passing = candidate_scores >= score_threshold
+    keep = greedy_nms_keep(suppresses, passing)
+    if merge:
+        candidate_boxes = _merged_boxes(
+            candidate_boxes, candidate_scores, iou, overlaps & same_class, passing
+        )
 
     # Kept candidates first, in score order: rank key k - position for kept, 0 otherwise.
     rank_key = jnp.where(keep, num_candidates - jnp.arange(num_candidates), 0)
@@ -445,16 +456,35 @@ def batched_nms(
     }
 
 
+def _merged_boxes(
+    boxes_xyxy: jax.Array,
+    scores: jax.Array,
+    iou: jax.Array,
+    overlaps: jax.Array,
+    passing: jax.Array,
+) -> jax.Array:
+    """`[B, k, 4]`: box i = mean of the passing boxes j with `overlaps[b, i, j]`, weighted by
+    score_j x IoU_ij (`batched_nms`'s `merge`; the diagonal always overlaps, so the weights
+    never all vanish for a passing box). Rows of boxes that do not pass are left as they were."""
+    weights = jnp.where(overlaps & passing[:, None, :], iou * scores[:, None, :], 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    # matmul: one MatMul in ONNX; rows with no weight keep their own box.
+    merged = jnp.matmul(weights, boxes_xyxy) / jnp.maximum(total, EPS)
+    return jnp.where(total > 0, merged, boxes_xyxy)
+
+
 def postprocess(
     det: dict[str, jax.Array],
     *,
     max_detections: int,
     iou_threshold: float,
     score_threshold: float,
+    merge: bool = False,
 ) -> dict[str, jax.Array]:
     """Detection head outputs → final boxes (see docs/interfaces.md for `det`).
 
-    Box score = sigmoid(obj) × max_k sigmoid(cls_k), class = argmax_k; then `batched_nms`.
+    Box score = sigmoid(obj) × max_k sigmoid(cls_k), class = argmax_k; then `batched_nms`
+    (`merge`: weighted NMS).
     Returns the `batched_nms` dict: `boxes_xyxy` `[B, M, 4]`, `scores` `[B, M]`,
     `classes` `[B, M]` int32, `valid` `[B, M]` bool.
     """
@@ -469,4 +499,5 @@ def postprocess(
         max_detections=max_detections,
         iou_threshold=iou_threshold,
         score_threshold=score_threshold,
+        merge=merge,
     )

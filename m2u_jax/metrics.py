@@ -455,32 +455,16 @@ def _coco_annotations(boxes, classes, image_id, first_id, scores=None) -> list[d
     return annotations
 
 
-def box_map(
+def _evaluated_coco(
     predictions: Sequence[dict],
     ground_truth: Sequence[dict],
-    num_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-    class_agnostic: bool = False,
-) -> dict:
-    """COCO box mAP with pycocotools (`COCOeval`, iouType 'bbox', 101-point interpolated
-    precision, at most 100 detections per image, area range 'all', every box iscrowd=0).
-
-    Args:
-      predictions: one dict per image with `boxes_xyxy [k, 4]` (pixels), `scores [k]`,
-        `classes [k]` (0..K-1) and optionally `valid [k]` (entries with valid <= 0 are dropped,
-        so padded `batched_nms` outputs can be passed as they are).
-      ground_truth: one dict per image (same order) with `boxes_xyxy [g, 4]`, `classes [g]` and
-        optionally `valid [g]`. Images without boxes are fine.
-      num_classes: K; None = 1 + the largest class id seen in either list.
-      class_names: K names for `per_class_*` keys; default '0', '1', ...
-      class_agnostic: map every class (also -1, the unknown class of synthetic anomalies) to 0:
-        localisation quality regardless of the predicted defect type.
-    Returns:
-      dict with `map50` (AP at IoU 0.5 averaged over classes), `map` (AP averaged over IoU
-      0.50:0.05:0.95 and classes), `per_class_ap50` and `per_class_ap` (name -> AP). As in
-      COCO, a class without ground-truth boxes gets -1 and is left out of the means; the means
-      are -1 when no class has a ground-truth box.
-    """
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    class_agnostic: bool,
+    iou_thresholds: Sequence[float] | None = None,
+):
+    """(accumulated `COCOeval` of the boxes, class names): `box_map`'s arguments checked and
+    turned into COCO's records; `iou_thresholds` replaces COCO's ten (0.50:0.05:0.95)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -540,9 +524,43 @@ def box_map(
         }
         coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if iou_thresholds is not None:
+            evaluator.params.iouThrs = np.asarray(iou_thresholds, np.float64)
         evaluator.evaluate()
         evaluator.accumulate()
 
+    return evaluator, names
+
+
+def box_map(
+    predictions: Sequence[dict],
+    ground_truth: Sequence[dict],
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    class_agnostic: bool = False,
+) -> dict:
+    """COCO box mAP with pycocotools (`COCOeval`, iouType 'bbox', 101-point interpolated
+    precision, at most 100 detections per image, area range 'all', every box iscrowd=0).
+
+    Args:
+      predictions: one dict per image with `boxes_xyxy [k, 4]` (pixels), `scores [k]`,
+        `classes [k]` (0..K-1) and optionally `valid [k]` (entries with valid <= 0 are dropped,
+        so padded `batched_nms` outputs can be passed as they are).
+      ground_truth: one dict per image (same order) with `boxes_xyxy [g, 4]`, `classes [g]` and
+        optionally `valid [g]`. Images without boxes are fine.
+      num_classes: K; None = 1 + the largest class id seen in either list.
+      class_names: K names for `per_class_*` keys; default '0', '1', ...
+      class_agnostic: map every class (also -1, the unknown class of synthetic anomalies) to 0:
+        localisation quality regardless of the predicted defect type.
+    Returns:
+      dict with `map50` (AP at IoU 0.5 averaged over classes), `map` (AP averaged over IoU
+      0.50:0.05:0.95 and classes), `per_class_ap50` and `per_class_ap` (name -> AP). As in
+      COCO, a class without ground-truth boxes gets -1 and is left out of the means; the means
+      are -1 when no class has a ground-truth box.
+    """
+    evaluator, names = _evaluated_coco(
+        predictions, ground_truth, num_classes, class_names, class_agnostic
+    )
     params = evaluator.params
     # precision: [iou thresholds T, recall points R, classes K, area ranges A, max dets M]
     precision = evaluator.eval["precision"]
@@ -556,8 +574,42 @@ def box_map(
     return {
         "map50": float(ap50_per_class[has_gt].mean()) if has_gt.any() else -1.0,
         "map": float(ap_per_class[has_gt].mean()) if has_gt.any() else -1.0,
-        "per_class_ap50": {names[k]: float(ap50_per_class[k]) for k in range(num_classes)},
-        "per_class_ap": {names[k]: float(ap_per_class[k]) for k in range(num_classes)},
+        "per_class_ap50": {name: float(ap50_per_class[k]) for k, name in enumerate(names)},
+        "per_class_ap": {name: float(ap_per_class[k]) for k, name in enumerate(names)},
+    }
+
+
+def box_ap_by_iou(
+    predictions: Sequence[dict],
+    ground_truth: Sequence[dict],
+    iou_thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.75),
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """Per-class COCO AP and recall at each IoU threshold: whether a detector misses defects
+    (low AP even at IoU 0.1) or finds them but fits their boxes loosely (AP falling between
+    0.3 and 0.5). Same arguments and box rules as `box_map` (101-point precision, 100
+    detections per image, area 'all').
+
+    Returns `{'iou_thresholds': [T], 'ap': {name: [T]}, 'recall': {name: [T]}, 'map': [T]}`;
+    a class without ground-truth boxes gets -1 and is left out of `map` (-1 when none has).
+    """
+    evaluator, names = _evaluated_coco(
+        predictions, ground_truth, num_classes, class_names, False, iou_thresholds
+    )
+    params = evaluator.params
+    area_all = params.areaRngLbl.index("all")
+    max_dets = params.maxDets.index(100)
+    precision = evaluator.eval["precision"][:, :, :, area_all, max_dets]  # [T, R, K]
+    recall = evaluator.eval["recall"][:, :, area_all, max_dets]  # [T, K]
+    has_gt = np.all(precision > -1, axis=(0, 1))
+    ap = np.where(has_gt[None], precision.mean(axis=1), -1.0)  # [T, K]
+    recall = np.where(has_gt[None], recall, -1.0)
+    return {
+        "iou_thresholds": [float(t) for t in params.iouThrs],
+        "ap": {name: [float(v) for v in ap[:, k]] for k, name in enumerate(names)},
+        "recall": {name: [float(v) for v in recall[:, k]] for k, name in enumerate(names)},
+        "map": [float(row[has_gt].mean()) if has_gt.any() else -1.0 for row in ap],
     }
 
 

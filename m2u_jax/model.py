@@ -245,6 +245,7 @@ class M2UNet(nn.Module):
     det_max_detections: int = 32
     det_score_threshold: float = 0.25
     det_iou_threshold: float = 0.5
+    det_nms_merge: bool = False
     image_score_topk: float = 0.01
     image_score_smoothing: int = 1
     image_score_classifier: float = 0.5
@@ -318,6 +319,16 @@ class M2UNet(nn.Module):
             topk_fraction=self.image_score_topk,
             smoothing=self.image_score_smoothing,
             classifier_weight=self.image_score_classifier,
+        )
+
+    @property
+    def nms_kwargs(self) -> dict:
+        """The box post-processing of this model, as keyword arguments of `boxes.postprocess`."""
+        return dict(
+            max_detections=self.det_max_detections,
+            iou_threshold=self.det_iou_threshold,
+            score_threshold=self.det_score_threshold,
+            merge=self.det_nms_merge,
         )
 
     @property
@@ -475,9 +486,7 @@ class M2UNet(nn.Module):
         return predictions_from_outputs(
             merge_flip_views(outputs, self.test_time_flips, self.det_strides),
             score_kwargs=self.score_kwargs,
-            max_detections=self.det_max_detections,
-            iou_threshold=self.det_iou_threshold,
-            score_threshold=self.det_score_threshold,
+            nms_kwargs=self.nms_kwargs,
         )
 
 
@@ -485,17 +494,11 @@ def predictions_from_outputs(
     outputs: dict,
     *,
     score_kwargs: dict,
-    max_detections: int,
-    iou_threshold: float,
-    score_threshold: float,
+    nms_kwargs: dict,
 ) -> dict[str, jax.Array]:
-    """Model outputs → the prediction dict of `M2UNet.predict` (pure, jit-able)."""
-    detections = boxes.postprocess(
-        outputs["det"],
-        max_detections=max_detections,
-        iou_threshold=iou_threshold,
-        score_threshold=score_threshold,
-    )
+    """Model outputs → the prediction dict of `M2UNet.predict` (pure, jit-able); `score_kwargs`
+    and `nms_kwargs` are the model's (`M2UNet.score_kwargs`, `.nms_kwargs`)."""
+    detections = boxes.postprocess(outputs["det"], **nms_kwargs)
     return dict(
         anomaly_map=jax.nn.sigmoid(outputs["pixel_logits"]),
         image_score=image_score(outputs, **score_kwargs),
@@ -596,6 +599,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         det_max_detections=int(model_config.det_max_detections),
         det_score_threshold=float(model_config.det_score_threshold),
         det_iou_threshold=float(model_config.det_iou_threshold),
+        det_nms_merge=bool(model_config.det_nms_merge),
         image_score_topk=float(model_config.image_score_topk),
         image_score_smoothing=int(model_config.image_score_smoothing),
         image_score_classifier=float(model_config.image_score_classifier),

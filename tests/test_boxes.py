@@ -494,6 +494,42 @@ def test_batched_nms_hand_built_cases():
     np.testing.assert_array_equal(result["boxes_xyxy"][:, 2:], 0.0)
 
 
+def test_batched_nms_merge_replaces_a_kept_box_by_its_weighted_cluster_mean():
+    boxes = jnp.array(
+        [
+            [
+                [0, 0, 10, 10],  # class 0, 0.9: kept, merged with the next box
+                [1, 1, 11, 11],  # class 0, 0.8: IoU 81/119 with the first -> in its mean
+                [0, 0, 10, 10],  # class 1, 0.7: kept, alone in its class
+                [5, 0, 15, 10],  # class 0, 0.6: IoU 1/3 and 54/146 with the first two -> kept alone
+                [2, 0, 12, 10],  # class 0, 0.2: overlaps the first, but under the score floor
+            ]
+        ],
+        jnp.float32,
+    )
+    scores = jnp.array([[0.9, 0.8, 0.7, 0.6, 0.2]])
+    classes = jnp.array([[0, 0, 1, 0, 0]])
+    kwargs = dict(max_detections=4, iou_threshold=0.5, score_threshold=0.25)
+    plain = box_ops.batched_nms(boxes, scores, classes, **kwargs)
+    merged = jax.jit(functools.partial(box_ops.batched_nms, merge=True, **kwargs))(
+        boxes, scores, classes
+    )
+    # Which boxes are kept, their scores and classes: as without merging.
+    for key in ("valid", "scores", "classes"):
+        np.testing.assert_array_equal(merged[key], plain[key])
+    np.testing.assert_array_equal(merged["valid"][0], [True, True, True, False])
+    # The first kept box: (0.9 * 1 * A + 0.8 * (81/119) * B) / (0.9 + 0.8 * 81/119).
+    weight_b = 0.8 * 81 / 119
+    expected = (0.9 * np.array([0, 0, 10, 10]) + weight_b * np.array([1, 1, 11, 11])) / (
+        0.9 + weight_b
+    )
+    np.testing.assert_allclose(merged["boxes_xyxy"][0, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(merged["boxes_xyxy"][0, 0, :2], [0.377, 0.377], atol=1e-3)
+    # The other class's box and the box beyond the threshold keep their own coordinates.
+    np.testing.assert_array_equal(merged["boxes_xyxy"][0, 1:3], [[0, 0, 10, 10], [5, 0, 15, 10]])
+    np.testing.assert_array_equal(merged["boxes_xyxy"][0, 3], 0.0)
+
+
 def test_postprocess_scores_decodes_and_suppresses():
     points = jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]])
     det = {
@@ -522,7 +558,8 @@ def test_postprocess_scores_decodes_and_suppresses():
     np.testing.assert_array_equal(result["valid"][0], [True, True, False, False])
 
 
-def test_batched_nms_exports_to_onnx_with_exact_parity():
+@pytest.mark.parametrize("merge", [False, True])
+def test_batched_nms_exports_to_onnx_with_exact_parity(merge):
     jax2onnx = pytest.importorskip("jax2onnx")
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -541,6 +578,7 @@ def test_batched_nms_exports_to_onnx_with_exact_parity():
             max_detections=8,
             iou_threshold=0.5,
             score_threshold=0.3,
+            merge=merge,
         )
         return result["boxes_xyxy"], result["scores"], result["classes"], result["valid"]
 
@@ -552,7 +590,12 @@ def test_batched_nms_exports_to_onnx_with_exact_parity():
     )
     input_names = [spec.name for spec in session.get_inputs()]
     exported = session.run(None, dict(zip(input_names, (boxes, scores, classes))))
-    for onnx_value, jax_value in zip(exported, nms(boxes, scores, classes)):
+    for onnx_value, jax_value in zip(exported[1:], nms(boxes, scores, classes)[1:]):
         np.testing.assert_array_equal(onnx_value, np.asarray(jax_value))
+    # Merged coordinates are sums of products, whose order ONNX Runtime may choose.
+    np.testing.assert_allclose(
+        exported[0], nms(boxes, scores, classes)[0], atol=1e-4 if merge else 0
+    )
     assert exported[3][:2].sum() > 0
-    np.testing.assert_array_equal(exported[0][2], boxes[2, :16:2])  # every other chain box
+    if not merge:
+        np.testing.assert_array_equal(exported[0][2], boxes[2, :16:2])  # every other chain box

@@ -375,6 +375,24 @@ def test_box_map_iou_thresholds_and_missing_classes():
     assert result["map50"] == pytest.approx(0.5)
 
 
+def test_box_ap_by_iou_tells_loose_boxes_from_misses():
+    # Class a: its one box found with IoU 0.2 (20 / 100); class b: IoU 0.625; class c: no GT.
+    ground_truth = [gt([[0, 0, 10, 10]], [0]), gt([[0, 0, 10, 10]], [1])]
+    predictions = [pred([[0, 0, 10, 2]], [0.9], [0]), pred([[0, 0, 10, 6.25]], [0.8], [1])]
+    result = metrics.box_ap_by_iou(
+        predictions, ground_truth, (0.1, 0.3, 0.5, 0.75), num_classes=3, class_names="abc"
+    )
+    assert result["iou_thresholds"] == pytest.approx([0.1, 0.3, 0.5, 0.75])
+    assert result["ap"]["a"] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert result["ap"]["b"] == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    assert result["ap"]["c"] == pytest.approx([-1.0] * 4)
+    assert result["recall"]["a"] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert result["recall"]["b"] == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    assert result["map"] == pytest.approx([1.0, 0.5, 0.5, 0.0])
+    # At 0.5 it agrees with box_map's mAP@0.5.
+    assert metrics.box_map(predictions, ground_truth, num_classes=3)["map50"] == pytest.approx(0.5)
+
+
 def test_box_map_class_agnostic_and_valid_entries():
     ground_truth = [gt([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 0, 0]], [0, -1, 0])]
     ground_truth[0]["valid"] = [1, 1, 0]  # padding row

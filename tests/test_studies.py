@@ -25,6 +25,7 @@ from tests.runs import tiny_run_config
 from tools import (
     assignment_table,
     baseline_table,
+    box_fit_table,
     defect_type_table,
     limited_data_study,
     quality_study,
@@ -235,6 +236,33 @@ def test_defect_type_table_by_hand():
     ]
     table = defect_type_table.markdown(rows)
     assert "| crack | 2 | 0.750 | 0.625 | 25.0 % |" in table
+
+
+def test_box_fit_table_by_hand():
+    # Two test images (class a: a box found at IoU 0.2; class b: at IoU 0.625) and a
+    # validation image the table must not read.
+    def padded(rows, width=2):
+        return np.array(rows + [[0, 0, 0, 0]] * (width - len(rows)), np.float32)
+
+    predictions = {
+        "test/labels": np.array([1, 1]),
+        "test/gt_boxes": np.stack([padded([[0, 0, 10, 10]]), padded([[0, 0, 10, 10]])]),
+        "test/gt_box_classes": np.array([[0, 0], [1, 0]]),
+        "test/gt_box_valid": np.array([[1, 0], [1, 0]], np.float32),
+        "test/boxes_xyxy": np.stack([padded([[0, 0, 10, 2]]), padded([[0, 0, 10, 6.25]])]),
+        "test/box_scores": np.array([[0.9, 0.0], [0.8, 0.0]], np.float32),
+        "test/box_classes": np.array([[0, 0], [1, 0]]),
+        "test/box_valid": np.array([[True, False], [True, False]]),
+        "validation/labels": np.array([1]),
+    }
+    result = box_fit_table.box_fit(predictions, ["a", "b"], (0.1, 0.5))
+    assert result["ap"]["a"] == pytest.approx([1.0, 0.0])
+    assert result["ap"]["b"] == pytest.approx([1.0, 1.0])
+    assert result["map"] == pytest.approx([1.0, 0.5])
+    table = box_fit_table.markdown(result)
+    assert "| class | AP@0.1 | AP@0.5 | recall@0.1 | recall@0.5 |" in table
+    assert "| a | 1.000 | 0.000 | 1.000 | 0.000 |" in table
+    assert "| **mean** | **1.000** | **0.500** | | |" in table
 
 
 # ----------------------------------------------------------------------------- real runs

@@ -129,9 +129,7 @@ def _detection_forward(model, variables, images):
     predictions = model_lib.predictions_from_outputs(
         outputs,
         score_kwargs=model.score_kwargs,
-        max_detections=model.det_max_detections,
-        iou_threshold=model.det_iou_threshold,
-        score_threshold=model.det_score_threshold,
+        nms_kwargs=model.nms_kwargs,
     )
     keys = ("boxes_xyxy", "box_scores", "box_classes", "box_valid")
     return {"image_score": jnp.max(anchor_scores, axis=-1), **{k: predictions[k] for k in keys}}

@@ -195,9 +195,7 @@ def inference_with_params(
                 predictions = model_lib.predictions_from_outputs(
                     model_lib.merge_flip_views(outputs, views, model.det_strides),
                     score_kwargs=model.score_kwargs,
-                    max_detections=model.det_max_detections,
-                    iou_threshold=model.det_iou_threshold,
-                    score_threshold=model.det_score_threshold,
+                    nms_kwargs=model.nms_kwargs,
                 )
                 anomaly_map = predictions["anomaly_map"]
                 image_score = predictions["image_score"]
@@ -227,12 +225,7 @@ def inference_with_params(
                 det = dict(outputs["det"])
                 for key in PER_IMAGE_DET_KEYS:
                     det[key] = _first_axis_copies(det[key], copies)[0]
-                detections = boxes.postprocess(
-                    det,
-                    max_detections=model.det_max_detections,
-                    iou_threshold=model.det_iou_threshold,
-                    score_threshold=model.det_score_threshold,
-                )
+                detections = boxes.postprocess(det, **model.nms_kwargs)
                 predictions = dict(
                     boxes_xyxy=detections["boxes_xyxy"],
                     box_scores=detections["scores"],
