@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2u_jax.config import ASSIGN_FALLBACKS
+from m2u_jax.config import ASSIGN_FALLBACKS, LEVEL_SIZES
 
 EPS = 1e-7
 
@@ -141,6 +141,7 @@ def assign_targets(
     center_radius: float = 2.5,
     scale_range_factor: float = 4.0,
     fallback: str = "nearest",
+    level_size: str = "edge",
 ) -> dict[str, jax.Array]:
     """Anchor-free (FCOS / YOLOX centre sampling) assignment of ground-truth boxes to points.
 
@@ -154,12 +155,16 @@ def assign_targets(
       center_radius: centre-sampling radius in units of the anchor's stride.
       scale_range_factor: sets the per-level size ranges (below).
       fallback: what a box without a candidate takes (`ASSIGN_FALLBACKS`, below).
+      level_size: the size m of rule 3 (`LEVEL_SIZES`): 'edge' = the point's farthest box edge
+        max(l, t, r, b) (FCOS); 'box' = half the box's geometric-mean side, sqrt(w h) / 2,
+        the same for every point of the box (FPN's rule by area: a long thin box counts as
+        small and stays on the fine levels, whose points lie in its band).
 
     Rules. Point `a` is a candidate for valid box `g` when all three hold:
       1. it lies strictly inside the box;
       2. it lies within the square of half-side `center_radius * stride[a]` around the box
          centre (centre sampling: the border of a box is a poor anchor);
-      3. its farthest box edge, m = max(l, t, r, b), is in the level's range
+      3. its size m (`level_size`; 'edge': its farthest box edge) is in the level's range
          (f * s_prev, f * s] with f = `scale_range_factor`, s = stride[a] and s_prev the next
          finer stride present; the finest level has no lower bound and the coarsest no upper
          bound. With f = 4, a stride-s level learns boxes up to about 8 s wide, so large boxes
@@ -200,13 +205,17 @@ def assign_targets(
     is_coarsest = strides >= sorted_strides[-1]
     lower = scale_range_factor * finer_stride  # 0 on the finest level.
     upper = jnp.where(is_coarsest, jnp.inf, scale_range_factor * strides)
-    farthest_edge = jnp.max(ltrb, axis=-1)  # [B, A, G]
-    in_scale_range = (farthest_edge > lower[None, :, None]) & (
-        farthest_edge <= upper[None, :, None]
-    )
-
     if fallback not in ASSIGN_FALLBACKS:
         raise ValueError(f"fallback={fallback!r} is not one of {ASSIGN_FALLBACKS}")
+    if level_size not in LEVEL_SIZES:
+        raise ValueError(f"level_size={level_size!r} is not one of {LEVEL_SIZES}")
+    if level_size == "box":
+        sides = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 0.0)  # [B, G, 2]
+        size = (jnp.sqrt(sides[..., 0] * sides[..., 1]) / 2)[:, None, :]  # [B, 1, G]
+    else:
+        size = jnp.max(ltrb, axis=-1)  # [B, A, G]: the farthest edge
+    in_scale_range = (size > lower[None, :, None]) & (size <= upper[None, :, None])
+
     near_inside = inside_box & inside_center & valid[:, None, :]
     candidate = near_inside & in_scale_range
     if fallback == "inside":

@@ -27,6 +27,7 @@ THRESHOLD_RULES = ("f1", "fpr", "auto")
 DETACH_AUX_HEADS = ("auto", "always", "never")  # `model.detach_aux_heads`
 DET_OBJ_TARGETS = ("binary", "iou")  # `train.det_obj_target`
 ASSIGN_FALLBACKS = ("nearest", "inside")  # `train.det_fallback` (boxes.assign_targets)
+LEVEL_SIZES = ("edge", "box")  # `train.det_level_size` (boxes.assign_targets)
 DET_ASSIGNERS = ("center", "aligned")  # `train.det_assigner`
 DET_BOX_LOSSES = ("giou", "diou", "ciou")  # `train.det_box_loss` (losses.iou_loss)
 # `data.synthetic_coarsest_cells`: fewest mask-noise cells per axis (1 = DRAEM's range).
@@ -310,6 +311,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.train.det_fallback not in ASSIGN_FALLBACKS:
         raise ConfigError(
             f"train.det_fallback={config.train.det_fallback!r} is not one of {ASSIGN_FALLBACKS}"
+        )
+    if config.train.det_level_size not in LEVEL_SIZES:
+        raise ConfigError(
+            f"train.det_level_size={config.train.det_level_size!r} is not one of {LEVEL_SIZES}"
         )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")

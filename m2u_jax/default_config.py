@@ -139,6 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
     # levels, too narrow for a coarse level's points) takes 'nearest': the finest-level point
     # nearest its centre, or 'inside': every point inside it near its centre, on any level.
     train.det_fallback = "nearest"  # Positives of a box without candidates: 'nearest' | 'inside'.
+    # Which size picks a box's level (boxes.assign_targets): 'edge', a point's farthest box edge
+    # (FCOS), or 'box', half the box's geometric-mean side (FPN's rule by area: thin boxes stay
+    # on the fine levels).
+    train.det_level_size = "edge"  # Size that picks the level of a box: 'edge' | 'box'.
     # Which points learn each box: 'center' (fixed rules: level size ranges and centre sampling,
     # boxes.assign_targets; det_fallback applies) or 'aligned' (each box takes the 10 points
     # inside it whose current prediction scores and fits it best, boxes.align_targets).

@@ -275,6 +275,7 @@ def detection_loss(
     obj_target: str = "binary",
     assign_fallback: str = "nearest",
     assigner: str = "center",
+    level_size: str = "edge",
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -283,7 +284,7 @@ def detection_loss(
         `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`, and `box_bins`
         `[B, A, 4, R]` when the head predicts bins (`model.det_box_bins`).
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
-    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`) with
+    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`, `level_size`) with
     `assigner='center'`, or from `boxes.align_targets` on the current predictions with
     'aligned'. With P = max(number of positives, 1) over the (global) batch and P_known the
     same over positives of a known class:
@@ -316,7 +317,12 @@ def detection_loss(
         )
     else:
         targets = box_ops.assign_targets(
-            det["points"], det["strides"], *box_keys, num_classes, fallback=assign_fallback
+            det["points"],
+            det["strides"],
+            *box_keys,
+            num_classes,
+            fallback=assign_fallback,
+            level_size=level_size,
         )
     fg_mask = targets["fg_mask"]
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
@@ -365,6 +371,7 @@ def multitask_loss(
     det_fallback: str = "nearest",
     det_assigner: str = "center",
     det_box_loss: str = "giou",
+    det_level_size: str = "edge",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -385,8 +392,9 @@ def multitask_loss(
         classification, so they share one weight);
       det_obj, det_cls, det_box, det_dfl: `detection_loss(outputs['det'], batch)` with
         `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
-        (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`) and
-        `box_loss_kind=det_box_loss` (`train.det_box_loss`).
+        (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`),
+        `box_loss_kind=det_box_loss` (`train.det_box_loss`) and `level_size=det_level_size`
+        (`train.det_level_size`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -427,6 +435,7 @@ def multitask_loss(
             assign_fallback=det_fallback,
             assigner=det_assigner,
             box_loss_kind=det_box_loss,
+            level_size=det_level_size,
         )
     )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

@@ -247,6 +247,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     det_fallback = config.train.det_fallback
     det_assigner = config.train.det_assigner
     det_box_loss = config.train.det_box_loss
+    det_level_size = config.train.det_level_size
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
@@ -262,6 +263,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
             det_fallback,
             det_assigner=det_assigner,
             det_box_loss=det_box_loss,
+            det_level_size=det_level_size,
         )
 
     return loss_fn

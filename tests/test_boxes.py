@@ -217,6 +217,43 @@ def test_assign_targets_inside_fallback_gives_a_thin_box_its_row_of_points():
         box_ops.assign_targets(points, strides, boxes, classes, valid, 2, fallback="all")
 
 
+def test_assign_targets_level_by_box_size_keeps_thin_boxes_fine_and_big_boxes_coarse():
+    points, strides = _two_level_points(image_size=128)
+    boxes = np.array(
+        [
+            [
+                [2, 10, 62, 14],  # a scratch 60 x 4: sqrt(240) / 2 = 7.7 -> stride 8
+                [0, 48, 96, 128],  # 96 x 80: sqrt(7680) / 2 = 43.8 > 4 * 8 -> stride 16
+            ]
+        ],
+        np.float32,
+    )
+    classes, valid = np.array([[0, 1]], np.int32), np.ones((1, 2), np.float32)
+    assign = jax.jit(box_ops.assign_targets, static_argnames=("num_classes", "level_size"))
+    by_box = assign(points, strides, boxes, classes, valid, num_classes=2, level_size="box")
+    by_edge = assign(points, strides, boxes, classes, valid, num_classes=2)
+
+    def positives(targets, cls):
+        on = (np.asarray(targets["fg_mask"][0]) == 1) & (
+            np.asarray(targets["cls_targets"][0, :, cls]) == 1
+        )
+        return sorted((*points[a].tolist(), float(strides[a])) for a in np.flatnonzero(on))
+
+    # The scratch: under 'box' its stride-8 points in its band within 20 px of its centre
+    # (32, 12); under 'edge' their farthest edges (34..58 px) send it to stride 16, whose points
+    # miss its band, and it falls back to the one nearest stride-8 point.
+    assert positives(by_box, 0) == [(x, 12.0, 8.0) for x in (20.0, 28.0, 36.0, 44.0)]
+    assert positives(by_edge, 0) == [(28.0, 12.0, 8.0)]
+    # The big box: under 'box' only stride-16 points, inside it and within 40 px of its centre
+    # (48, 88): x in {24, 40, 56, 72}, y in {56, 72, 88, 104, 120}.
+    big = [(x, y, 16.0) for x in (24.0, 40.0, 56.0, 72.0) for y in (56.0, 72.0, 88.0, 104.0, 120.0)]
+    assert positives(by_box, 1) == sorted(big)
+    # Under 'edge' the same: no point lies within 32 px of all four edges of a 96-px box.
+    assert positives(by_edge, 1) == sorted(big)
+    with pytest.raises(ValueError, match="level_size='area'"):
+        box_ops.assign_targets(points, strides, boxes, classes, valid, 2, level_size="area")
+
+
 def test_align_targets_hand_built_case():
     points, strides = _two_level_points()
     index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}

@@ -224,6 +224,12 @@ def test_detach_aux_heads_auto_follows_the_protocol():
             "ciou",
             r"train.det_box_loss='soft' is not one of \('giou', 'diou', 'ciou'\)",
         ),
+        (
+            "det_level_size",
+            "edge",
+            "box",
+            r"train.det_level_size='soft' is not one of \('edge', 'box'\)",
+        ),
     ],
 )
 def test_detection_choices_are_one_of_their_values(key, default_value, other, message):
