@@ -463,11 +463,22 @@ def test_assignment_table_counts_positives_per_box_under_each_fallback():
     ]
     rows = assignment_table.class_rows(images, 64, (8, 16))
     columns = ("defect", "boxes", "median_nearest", "single_nearest", "median_inside")
-    columns += ("single_inside", "gains_inside")
+    columns += ("single_inside", "gains_inside", "level_shares")
     assert [tuple(row[c] for c in columns) for row in rows] == [
-        ("scratch", 1, 1.0, 1.0, 4.0, 0.0, 1.0),
-        ("spot", 2, 4.0, 0.0, 4.0, 0.0, 0.0),
+        ("scratch", 1, 1.0, 1.0, 4.0, 0.0, 1.0, {8: 1.0, 16: 0.0}),
+        ("spot", 2, 4.0, 0.0, 4.0, 0.0, 0.0, {8: 1.0, 16: 0.0}),
     ]
     assert all(set(row) == set(columns) for row in rows)
     table = assignment_table.markdown(rows)
-    assert "| scratch | 1 | 1 | 100.0% | 4 | 0.0% | 100.0% |" in table
+    assert "| scratch | 1 | 1 | 100.0% | 4 | 0.0% | 100.0% | 100% / 0% |" in table
+    assert "positives on stride 8 / 16 ('inside')" in table
+    # A 56-px box. Edge rule: the one stride-8 point within 32 px of all its edges, (28, 28),
+    # and the stride-16 points inside it, x, y in {8, 24, 40}, but (24, 24), whose farthest
+    # edge is 32, not above: 1 + 8 positives. Box rule (sqrt(56 * 56) / 2 = 28 <= 32): only
+    # the stride-8 points within 20 px of its centre: x, y in {12, 20, 28, 36, 44}, 25.
+    big = [(["blob"], np.array([[0, 0, 56, 56]], np.float32))]
+    by_edge = assignment_table.class_rows(big, 64, (8, 16))[0]
+    by_box = assignment_table.class_rows(big, 64, (8, 16), level_size="box")[0]
+    assert by_edge["level_shares"] == pytest.approx({8: 1 / 9, 16: 8 / 9})
+    assert by_edge["median_inside"] == 9
+    assert by_box["level_shares"] == {8: 1.0, 16: 0.0} and by_box["median_inside"] == 25

@@ -5,10 +5,11 @@
 
 Reads the training split's annotated boxes (VOC records; no image is decoded), scales them to
 the model's input as the pipeline does (per axis to `data.image_size`), and runs
-`boxes.assign_targets` at the head's points (`model.det_strides`) with each `train.det_fallback`.
-Per class: the boxes, the median positives per box and the share of boxes left with a single
-positive under each fallback, and the share that 'inside' gives more positives (boxes that no
-level's size range took).
+`boxes.assign_targets` at the head's points (`model.det_strides`, the level rule
+`train.det_level_size`) with each `train.det_fallback`. Per class: the boxes, the median
+positives per box and the share of boxes left with a single positive under each fallback, the
+share that 'inside' gives more positives (boxes that no level's size range took), and how the
+class's positives spread over the levels under the configured fallback.
 """
 
 from __future__ import annotations
@@ -29,36 +30,62 @@ from m2u_jax import heads  # noqa: E402
 from m2u_jax.config import ASSIGN_FALLBACKS  # noqa: E402
 
 
-def positives_per_box(boxes: np.ndarray, points, point_strides, fallback: str) -> np.ndarray:
-    """Positive points of each of one image's `[G, 4]` boxes at the head's points."""
-    targets = _assign(points, point_strides, boxes[None], fallback=fallback)
+def positives_per_level(
+    boxes: np.ndarray, points, point_strides, fallback: str, level_size: str = "edge"
+) -> np.ndarray:
+    """`[G, L]`: positive points of each of one image's `[G, 4]` boxes on each level (levels
+    in ascending stride)."""
+    targets = _assign(points, point_strides, boxes[None], fallback=fallback, level_size=level_size)
     fg = np.asarray(targets["fg_mask"][0]) > 0
     assigned = np.asarray(targets["box_targets"][0])[fg]  # [P, 4]
-    return np.array([np.all(assigned == box, axis=-1).sum() for box in boxes], np.int64)
+    fg_strides = np.asarray(point_strides)[fg]
+    levels = np.unique(np.asarray(point_strides))
+    return np.array(
+        [
+            [np.sum(np.all(assigned == box, axis=-1) & (fg_strides == s)) for s in levels]
+            for box in boxes
+        ],
+        np.int64,
+    ).reshape(len(boxes), len(levels))
 
 
-@functools.partial(jax.jit, static_argnames=("fallback",))
-def _assign(points, point_strides, boxes, *, fallback):
+@functools.partial(jax.jit, static_argnames=("fallback", "level_size"))
+def _assign(points, point_strides, boxes, *, fallback, level_size):
     count = boxes.shape[1]
     classes = np.zeros((1, count), np.int32)
     return box_ops.assign_targets(
-        points, point_strides, boxes, classes, np.ones((1, count), np.float32), 1, fallback=fallback
+        points,
+        point_strides,
+        boxes,
+        classes,
+        np.ones((1, count), np.float32),
+        1,
+        fallback=fallback,
+        level_size=level_size,
     )
 
 
-def class_rows(image_boxes, image_size: int, strides) -> list[dict]:
-    """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class."""
-    counts = {fallback: collections.defaultdict(list) for fallback in ASSIGN_FALLBACKS}
+def class_rows(
+    image_boxes, image_size: int, strides, level_size: str = "edge", fallback: str = "inside"
+) -> list[dict]:
+    """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class;
+    `level_shares` {stride: share of the class's positives} under `fallback`."""
+    counts = {name: collections.defaultdict(list) for name in ASSIGN_FALLBACKS}
+    per_level = collections.defaultdict(list)
     points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
     for names, boxes in image_boxes:
-        for fallback in ASSIGN_FALLBACKS:
-            positives = positives_per_box(boxes, points, point_strides, fallback)
-            for name, count in zip(names, positives):
-                counts[fallback][name].append(int(count))
+        for name in ASSIGN_FALLBACKS:
+            positives = positives_per_level(boxes, points, point_strides, name, level_size)
+            for defect, count in zip(names, positives):
+                counts[name][defect].append(int(count.sum()))
+                if name == fallback:
+                    per_level[defect].append(count)
+    levels = sorted(int(s) for s in strides)
     rows = []
     for name in sorted(counts["nearest"]):
         nearest = np.array(counts["nearest"][name])
         inside = np.array(counts["inside"][name])
+        on_levels = np.sum(per_level[name], axis=0)
         rows.append(
             dict(
                 defect=name,
@@ -68,22 +95,29 @@ def class_rows(image_boxes, image_size: int, strides) -> list[dict]:
                 median_inside=float(np.median(inside)),
                 single_inside=float(np.mean(inside == 1)),
                 gains_inside=float(np.mean(inside > nearest)),
+                level_shares={
+                    s: float(n / max(on_levels.sum(), 1)) for s, n in zip(levels, on_levels)
+                },
             )
         )
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], fallback: str = "inside") -> str:
+    levels = list(rows[0]["level_shares"]) if rows else []
+    shares = " / ".join(str(s) for s in levels)
     lines = [
         "| defect | boxes | positives per box, 'nearest' (median) | one positive | "
-        "'inside' (median) | one positive | more positives with 'inside' |",
-        "|---|---|---|---|---|---|---|",
+        f"'inside' (median) | one positive | more positives with 'inside' | "
+        f"positives on stride {shares} ('{fallback}') |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        spread = " / ".join(f"{row['level_shares'][s]:.0%}" for s in levels)
         lines.append(
             f"| {row['defect']} | {row['boxes']} | {row['median_nearest']:g} | "
             f"{row['single_nearest']:.1%} | {row['median_inside']:g} | "
-            f"{row['single_inside']:.1%} | {row['gains_inside']:.1%} |"
+            f"{row['single_inside']:.1%} | {row['gains_inside']:.1%} | {spread} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -101,7 +135,11 @@ def main(argv) -> int:
             continue
         boxes = decode.scale_boxes(record.boxes, record.width, record.height, size)
         image_boxes.append((list(record.box_names), boxes))
-    print(markdown(class_rows(image_boxes, size, config.model.det_strides)))
+    fallback = config.train.det_fallback
+    rows = class_rows(
+        image_boxes, size, config.model.det_strides, config.train.det_level_size, fallback
+    )
+    print(markdown(rows, fallback))
     return 0
 
 
