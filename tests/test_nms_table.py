@@ -53,3 +53,9 @@ def test_nms_table_matches_evaluation_at_the_runs_own_threshold(tiny_eval_root, 
     # An IoU of 0.05 suppresses nearly every overlapping box of the untrained detector, so
     # the boxes (and the mAP) differ from the run's own threshold's.
     assert rows[0]["test_map50"] != pytest.approx(rows[1]["test_map50"], abs=1e-9)
+
+
+def test_parse_ious_accepts_only_numbers_in_the_unit_interval():
+    assert nms_table.parse_ious(["0.3", "0.5", "1"]) == [0.3, 0.5, 1.0]
+    for bad in (["0.5", "x"], ["0"], ["1.5"], []):
+        assert nms_table.parse_ious(bad) is None

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 
-import numpy as np
+if __package__ in (None, ""):  # `python tools/box_fit_table.py` from anywhere
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from m2u_jax import evaluate, metrics
+import numpy as np  # noqa: E402
+
+from m2u_jax import evaluate, metrics  # noqa: E402
+from tools import nms_table  # noqa: E402
 
 DEFAULT_IOUS = (0.1, 0.3, 0.5, 0.75)
 
@@ -57,11 +62,8 @@ def markdown(result: dict) -> str:
 
 def main(argv) -> int:
     del argv
-    try:
-        ious = [float(value) for value in _IOUS.value]
-    except ValueError:
-        ious = []
-    if not ious or not all(0.0 < iou <= 1.0 for iou in ious):
+    ious = nms_table.parse_ious(_IOUS.value)
+    if ious is None:
         print(f"box_fit_table.py: --ious {_IOUS.value}: use numbers in (0, 1]", file=sys.stderr)
         return 2
     folder = os.path.join(_WORKDIR.value, "eval")

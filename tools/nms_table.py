@@ -27,6 +27,16 @@ def choose(rows: list[dict]) -> dict | None:
     return max(defined, key=lambda row: (row["validation_map50"], row["iou"]))
 
 
+def parse_ious(values) -> list[float] | None:
+    """`--ious` strings → thresholds in (0, 1]; None when any is not a number in that range
+    (shared by the table tools that take `--ious`)."""
+    try:
+        ious = [float(value) for value in values]
+    except ValueError:
+        return None
+    return ious if ious and all(0.0 < iou <= 1.0 for iou in ious) else None
+
+
 def nms_rows(config, workdir: str, step, ious) -> tuple[int, list[dict]]:
     """(checkpoint step, one row per IoU threshold: `iou`, `{validation,test}_map50`,
     `{validation,test}_map`)."""
@@ -92,11 +102,8 @@ def main(argv) -> int:
     from m2u_jax import config as config_lib
     from m2u_jax import cpu_prng
 
-    try:
-        ious = [float(value) for value in _IOUS.value]
-    except ValueError:
-        ious = []
-    if not ious or not all(0.0 < iou <= 1.0 for iou in ious):
+    ious = parse_ious(_IOUS.value)
+    if ious is None:
         print(f"nms_table.py: --ious {_IOUS.value}: use numbers in (0, 1]", file=sys.stderr)
         return 2
     try:
