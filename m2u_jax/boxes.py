@@ -142,6 +142,7 @@ def assign_targets(
     scale_range_factor: float = 4.0,
     fallback: str = "nearest",
     level_size: str = "edge",
+    min_level_points: int = 0,
 ) -> dict[str, jax.Array]:
     """Anchor-free (FCOS / YOLOX centre sampling) assignment of ground-truth boxes to points.
 
@@ -159,6 +160,12 @@ def assign_targets(
         max(l, t, r, b) (FCOS); 'box' = half the box's geometric-mean side, sqrt(w h) / 2,
         the same for every point of the box (FPN's rule by area: a long thin box counts as
         small and stays on the fine levels, whose points lie in its band).
+      min_level_points: with n > 0, a box uses only the levels that hold at least n points
+        meeting rules 1 and 2 for it, and the coarsest of these takes no upper bound in rule 3
+        (it learns the box's points that the size ranges would send to a coarser level). A
+        narrow box (a scratch) that a coarse level's sparse points miss stays on the finer
+        levels whose points lie in its band, with all of them; a box that no level holds n
+        points of keeps every level. 0: every level for every box.
 
     Rules. Point `a` is a candidate for valid box `g` when all three hold:
       1. it lies strictly inside the box;
@@ -209,14 +216,19 @@ def assign_targets(
         raise ValueError(f"fallback={fallback!r} is not one of {ASSIGN_FALLBACKS}")
     if level_size not in LEVEL_SIZES:
         raise ValueError(f"level_size={level_size!r} is not one of {LEVEL_SIZES}")
+    if min_level_points < 0:
+        raise ValueError(f"min_level_points={min_level_points} is negative")
     if level_size == "box":
         sides = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 0.0)  # [B, G, 2]
         size = (jnp.sqrt(sides[..., 0] * sides[..., 1]) / 2)[:, None, :]  # [B, 1, G]
     else:
         size = jnp.max(ltrb, axis=-1)  # [B, A, G]: the farthest edge
-    in_scale_range = (size > lower[None, :, None]) & (size <= upper[None, :, None])
-
     near_inside = inside_box & inside_center & valid[:, None, :]
+    upper = upper[None, :, None]  # [1, A, 1]; [B, A, G] once it depends on the box
+    if min_level_points > 0:
+        upper, usable_level = _levels_holding_the_box(near_inside, strides, upper, min_level_points)
+        near_inside = near_inside & usable_level
+    in_scale_range = (size > lower[None, :, None]) & (size <= upper)
     candidate = near_inside & in_scale_range
     if fallback == "inside":
         no_candidate = ~jnp.any(candidate, axis=1)  # [B, G]
@@ -293,6 +305,23 @@ def align_targets(
     chosen = _with_nearest_fallback(chosen, offset_from_center, is_finest, valid)
     assigned_box = jnp.argmax(jnp.where(chosen, overlap, -1.0), axis=-1)  # [B, A]
     return _targets_from_assignment(chosen, assigned_box, boxes, box_classes, num_classes)
+
+
+def _levels_holding_the_box(
+    near_inside: jax.Array, strides: jax.Array, upper: jax.Array, min_points: int
+) -> tuple[jax.Array, jax.Array]:
+    """The `min_level_points` rule of `assign_targets`: (upper size bounds `[B, A, G]` with the
+    coarsest usable level of each box unbounded, usable `[B, A, G]`: the point's level holds
+    `min_points` points of `near_inside` `[B, A, G]` for the box, or the box has no such level)."""
+    same_level = (strides[:, None] == strides[None, :]).astype(jnp.float32)  # [A, A]
+    # For point a and box g: how many points of a's level lie inside g near its centre.
+    level_count = jnp.einsum("bcg,ca->bag", near_inside.astype(jnp.float32), same_level)
+    holds = level_count >= min_points
+    coarsest = jnp.max(jnp.where(holds, strides[None, :, None], 0.0), axis=1)[:, None, :]
+    restricted = coarsest > 0  # [B, 1, G]; a box no level holds keeps every level
+    usable = ~restricted | (strides[None, :, None] <= coarsest)
+    unbounded = restricted & (strides[None, :, None] == coarsest)
+    return jnp.where(unbounded, jnp.inf, upper), usable
 
 
 def _with_nearest_fallback(

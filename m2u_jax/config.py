@@ -316,6 +316,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError(
             f"train.det_level_size={config.train.det_level_size!r} is not one of {LEVEL_SIZES}"
         )
+    if config.train.det_min_level_points < 0:
+        raise ConfigError(
+            f"train.det_min_level_points={config.train.det_min_level_points} is negative"
+        )
     if model.pixel_head_recon and model.detail_channels <= 0:
         raise ConfigError("model.pixel_head_recon=True needs model.detail_channels > 0")
     if model.det_box_bins == 1:

@@ -143,6 +143,10 @@ def get_config() -> ml_collections.ConfigDict:
     # (FCOS), or 'box', half the box's geometric-mean side (FPN's rule by area: thin boxes stay
     # on the fine levels).
     train.det_level_size = "edge"  # Size that picks the level of a box: 'edge' | 'box'.
+    # With n > 0 a box uses only the levels holding n of its points near its centre, the
+    # coarsest of them taking its largest sizes too (boxes.assign_targets): a scratch that a
+    # coarse level's sparse grid misses keeps its points on the finer levels.
+    train.det_min_level_points = 0  # Points a level needs inside a box to learn it; 0: any level.
     # Which points learn each box: 'center' (fixed rules: level size ranges and centre sampling,
     # boxes.assign_targets; det_fallback applies) or 'aligned' (each box takes the 10 points
     # inside it whose current prediction scores and fits it best, boxes.align_targets).

@@ -276,6 +276,7 @@ def detection_loss(
     assign_fallback: str = "nearest",
     assigner: str = "center",
     level_size: str = "edge",
+    min_level_points: int = 0,
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -284,7 +285,8 @@ def detection_loss(
         `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`, and `box_bins`
         `[B, A, 4, R]` when the head predicts bins (`model.det_box_bins`).
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
-    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`, `level_size`) with
+    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`, `level_size`,
+    `min_level_points`) with
     `assigner='center'`, or from `boxes.align_targets` on the current predictions with
     'aligned'. With P = max(number of positives, 1) over the (global) batch and P_known the
     same over positives of a known class:
@@ -323,6 +325,7 @@ def detection_loss(
             num_classes,
             fallback=assign_fallback,
             level_size=level_size,
+            min_level_points=min_level_points,
         )
     fg_mask = targets["fg_mask"]
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
@@ -372,6 +375,7 @@ def multitask_loss(
     det_assigner: str = "center",
     det_box_loss: str = "giou",
     det_level_size: str = "edge",
+    det_min_level_points: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -393,8 +397,9 @@ def multitask_loss(
       det_obj, det_cls, det_box, det_dfl: `detection_loss(outputs['det'], batch)` with
         `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
         (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`),
-        `box_loss_kind=det_box_loss` (`train.det_box_loss`) and `level_size=det_level_size`
-        (`train.det_level_size`).
+        `box_loss_kind=det_box_loss` (`train.det_box_loss`), `level_size=det_level_size`
+        (`train.det_level_size`) and `min_level_points=det_min_level_points`
+        (`train.det_min_level_points`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -436,6 +441,7 @@ def multitask_loss(
             assigner=det_assigner,
             box_loss_kind=det_box_loss,
             level_size=det_level_size,
+            min_level_points=det_min_level_points,
         )
     )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

@@ -248,6 +248,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     det_assigner = config.train.det_assigner
     det_box_loss = config.train.det_box_loss
     det_level_size = config.train.det_level_size
+    det_min_level_points = int(config.train.det_min_level_points)
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
@@ -264,6 +265,7 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
             det_assigner=det_assigner,
             det_box_loss=det_box_loss,
             det_level_size=det_level_size,
+            det_min_level_points=det_min_level_points,
         )
 
     return loss_fn

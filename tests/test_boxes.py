@@ -254,6 +254,53 @@ def test_assign_targets_level_by_box_size_keeps_thin_boxes_fine_and_big_boxes_co
         box_ops.assign_targets(points, strides, boxes, classes, valid, 2, level_size="area")
 
 
+def test_assign_targets_min_level_points_keeps_a_scratch_on_the_level_that_holds_it():
+    points, strides = _two_level_points(image_size=128, strides=(8, 16, 32))
+    # Image 0: a vertical scratch 10 x 100 centred at (57, 64). No stride-32 point (columns 16,
+    # 48, 80, 112) lies in its band; stride 16 has the column x = 56 with y in {40, 56, 72, 88}
+    # within 40 px of the centre; stride 8 the column x = 60 with y in {52, 60, 68, 76}.
+    # Image 1: a 112-px square centred at (64, 64), which all 16 stride-32 points lie in.
+    boxes = np.array([[[52, 14, 62, 114]], [[8, 8, 120, 120]]], np.float32)
+    classes, valid = np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32)
+    assign = jax.jit(
+        box_ops.assign_targets, static_argnames=("num_classes", "fallback", "min_level_points")
+    )
+
+    def positives(min_level_points, image):
+        targets = assign(
+            points,
+            strides,
+            boxes,
+            classes,
+            valid,
+            num_classes=1,
+            fallback="inside",
+            min_level_points=min_level_points,
+        )
+        on = np.flatnonzero(np.asarray(targets["fg_mask"][image]) == 1)
+        return sorted((*points[a].tolist(), float(strides[a])) for a in on)
+
+    # Sizes (farthest edge): stride 8 <= 32 px, stride 16 in (32, 64], stride 32 above.
+    # Plain rule: of the stride-16 points only y = 56 and 72 are within 64 px of both ends
+    # (farthest edges 58); y = 40 and 88 (74 px) belong to stride 32, which misses the band; the
+    # stride-8 points' farthest edges (50..62 px) are above 32.
+    assert positives(0, 0) == [(56.0, 56.0, 16.0), (56.0, 72.0, 16.0)]
+    # One point: stride 16 is the coarsest level holding the scratch and takes all four.
+    scratch = [(56.0, y, 16.0) for y in (40.0, 56.0, 72.0, 88.0)]
+    assert positives(1, 0) == scratch
+    assert positives(4, 0) == scratch
+    # Five: no level holds five of its points, so the scratch keeps every level (plain rule).
+    assert positives(5, 0) == positives(0, 0)
+    # The square: stride 32 (all 16 points, farthest edges >= 72 px) and the four stride-16
+    # points whose farthest edge is 64 px, under every setting (stride 32 is the coarsest).
+    square = [(x, y, 32.0) for x in (16.0, 48.0, 80.0, 112.0) for y in (16.0, 48.0, 80.0, 112.0)]
+    square += [(x, y, 16.0) for x in (56.0, 72.0) for y in (56.0, 72.0)]
+    for min_level_points in (0, 1, 16):
+        assert positives(min_level_points, 1) == sorted(square), min_level_points
+    with pytest.raises(ValueError, match="min_level_points=-1 is negative"):
+        box_ops.assign_targets(points, strides, boxes, classes, valid, 1, min_level_points=-1)
+
+
 def test_align_targets_hand_built_case():
     points, strides = _two_level_points()
     index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}

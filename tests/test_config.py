@@ -242,6 +242,16 @@ def test_detection_choices_are_one_of_their_values(key, default_value, other, me
         config_lib.validate(config)
 
 
+def test_min_level_points_is_zero_by_default_and_not_negative():
+    config = default.get_config()
+    assert config.train.det_min_level_points == 0
+    config.train.det_min_level_points = 2
+    config_lib.validate(config)
+    config.train.det_min_level_points = -1
+    with pytest.raises(config_lib.ConfigError, match="train.det_min_level_points=-1 is negative"):
+        config_lib.validate(config)
+
+
 def test_split_list_and_channels():
     assert split_list(" bottle, cable,,") == ("bottle", "cable")
     assert split_list("") == ()

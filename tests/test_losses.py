@@ -483,21 +483,22 @@ def _fake_outputs_and_batch(rng, num_classes=3, size=16):
     return outputs, batch
 
 
-def test_multitask_loss_passes_the_level_size_to_the_assignment(monkeypatch):
-    # (On this small batch both rules pick the same level, so the call itself is checked.)
+def test_multitask_loss_passes_the_level_rules_to_the_assignment(monkeypatch):
+    # (On this small batch every rule picks the same points, so the call itself is checked.)
     outputs, batch = _fake_outputs_and_batch(np.random.default_rng(4))
     weights = dict(default_config.get_config().train.loss_weights)
     seen = []
     assign = losses.box_ops.assign_targets
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["level_size"])
+        seen.append((kwargs["level_size"], kwargs["min_level_points"]))
         return assign(*args, **kwargs)
 
     monkeypatch.setattr(losses.box_ops, "assign_targets", spy)
     losses.multitask_loss(outputs, batch, weights, det_level_size="box")
+    losses.multitask_loss(outputs, batch, weights, det_min_level_points=3)
     losses.multitask_loss(outputs, batch, weights)
-    assert seen == ["box", "edge"]
+    assert seen == [("box", 0), ("edge", 3), ("edge", 0)]
 
 
 def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():

@@ -482,3 +482,10 @@ def test_assignment_table_counts_positives_per_box_under_each_fallback():
     assert by_edge["level_shares"] == pytest.approx({8: 1 / 9, 16: 8 / 9})
     assert by_edge["median_inside"] == 9
     assert by_box["level_shares"] == {8: 1.0, 16: 0.0} and by_box["median_inside"] == 25
+    # tests/test_boxes.py's 10 x 100 scratch at 128 px on strides 8, 16, 32: two stride-16
+    # positives under the plain rule, four when a level must hold one of its points.
+    scratch = [(["scratch"], np.array([[52, 14, 62, 114]], np.float32))]
+    plain = assignment_table.class_rows(scratch, 128, (8, 16, 32))[0]
+    held = assignment_table.class_rows(scratch, 128, (8, 16, 32), min_level_points=1)[0]
+    assert plain["level_shares"] == held["level_shares"] == {8: 0.0, 16: 1.0, 32: 0.0}
+    assert (plain["median_inside"], held["median_inside"]) == (2, 4)

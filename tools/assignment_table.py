@@ -5,11 +5,12 @@
 
 Reads the training split's annotated boxes (VOC records; no image is decoded), scales them to
 the model's input as the pipeline does (per axis to `data.image_size`), and runs
-`boxes.assign_targets` at the head's points (`model.det_strides`, the level rule
-`train.det_level_size`) with each `train.det_fallback`. Per class: the boxes, the median
-positives per box and the share of boxes left with a single positive under each fallback, the
-share that 'inside' gives more positives (boxes that no level's size range took), and how the
-class's positives spread over the levels under the configured fallback.
+`boxes.assign_targets` at the head's points (`model.det_strides`, the level rules
+`train.det_level_size` and `train.det_min_level_points`) with each `train.det_fallback`. Per
+class: the boxes, the median positives per box and the share of boxes left with a single
+positive under each fallback, the share that 'inside' gives more positives (boxes that no
+level's size range took), and how the class's positives spread over the levels under the
+configured fallback.
 """
 
 from __future__ import annotations
@@ -31,11 +32,23 @@ from m2u_jax.config import ASSIGN_FALLBACKS  # noqa: E402
 
 
 def positives_per_level(
-    boxes: np.ndarray, points, point_strides, fallback: str, level_size: str = "edge"
+    boxes: np.ndarray,
+    points,
+    point_strides,
+    fallback: str,
+    level_size: str = "edge",
+    min_level_points: int = 0,
 ) -> np.ndarray:
     """`[G, L]`: positive points of each of one image's `[G, 4]` boxes on each level (levels
     in ascending stride)."""
-    targets = _assign(points, point_strides, boxes[None], fallback=fallback, level_size=level_size)
+    targets = _assign(
+        points,
+        point_strides,
+        boxes[None],
+        fallback=fallback,
+        level_size=level_size,
+        min_level_points=min_level_points,
+    )
     fg = np.asarray(targets["fg_mask"][0]) > 0
     assigned = np.asarray(targets["box_targets"][0])[fg]  # [P, 4]
     fg_strides = np.asarray(point_strides)[fg]
@@ -49,8 +62,8 @@ def positives_per_level(
     ).reshape(len(boxes), len(levels))
 
 
-@functools.partial(jax.jit, static_argnames=("fallback", "level_size"))
-def _assign(points, point_strides, boxes, *, fallback, level_size):
+@functools.partial(jax.jit, static_argnames=("fallback", "level_size", "min_level_points"))
+def _assign(points, point_strides, boxes, *, fallback, level_size, min_level_points):
     count = boxes.shape[1]
     classes = np.zeros((1, count), np.int32)
     return box_ops.assign_targets(
@@ -62,11 +75,17 @@ def _assign(points, point_strides, boxes, *, fallback, level_size):
         1,
         fallback=fallback,
         level_size=level_size,
+        min_level_points=min_level_points,
     )
 
 
 def class_rows(
-    image_boxes, image_size: int, strides, level_size: str = "edge", fallback: str = "inside"
+    image_boxes,
+    image_size: int,
+    strides,
+    level_size: str = "edge",
+    fallback: str = "inside",
+    min_level_points: int = 0,
 ) -> list[dict]:
     """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class;
     `level_shares` {stride: share of the class's positives} under `fallback`."""
@@ -75,7 +94,9 @@ def class_rows(
     points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
     for names, boxes in image_boxes:
         for name in ASSIGN_FALLBACKS:
-            positives = positives_per_level(boxes, points, point_strides, name, level_size)
+            positives = positives_per_level(
+                boxes, points, point_strides, name, level_size, min_level_points
+            )
             for defect, count in zip(names, positives):
                 counts[name][defect].append(int(count.sum()))
                 if name == fallback:
@@ -137,7 +158,12 @@ def main(argv) -> int:
         image_boxes.append((list(record.box_names), boxes))
     fallback = config.train.det_fallback
     rows = class_rows(
-        image_boxes, size, config.model.det_strides, config.train.det_level_size, fallback
+        image_boxes,
+        size,
+        config.model.det_strides,
+        config.train.det_level_size,
+        fallback,
+        int(config.train.det_min_level_points),
     )
     print(markdown(rows, fallback))
     return 0
