@@ -37,6 +37,16 @@ STAGES = ("pretrain", "finetune")  # the training schedule, in order
 BEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "map50")
 
 
+def assign_rules(train: ml_collections.ConfigDict) -> dict:
+    """The keyword arguments of `boxes.assign_targets` that `train.*` sets: the one place the
+    config's centre-assignment rules are read (the loss and tools/assignment_table.py use it)."""
+    return {
+        "fallback": train.det_fallback,
+        "level_size": train.det_level_size,
+        "min_level_points": int(train.det_min_level_points),
+    }
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 

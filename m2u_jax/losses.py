@@ -273,10 +273,8 @@ def detection_loss(
     focal_gamma: float = 2.0,
     box_loss_kind: str = "giou",
     obj_target: str = "binary",
-    assign_fallback: str = "nearest",
     assigner: str = "center",
-    level_size: str = "edge",
-    min_level_points: int = 0,
+    assign_rules: Mapping | None = None,
 ) -> dict[str, jax.Array]:
     """Detection losses from the head outputs and the batch's boxes (unweighted scalars).
 
@@ -285,11 +283,10 @@ def detection_loss(
         `box_ltrb` `[B, A, 4]`, `points` `[A, 2]`, `strides` `[A]`, and `box_bins`
         `[B, A, 4, R]` when the head predicts bins (`model.det_box_bins`).
       batch: `boxes` `[B, G, 4]`, `box_classes` `[B, G]`, `box_valid` `[B, G]`.
-    Targets come from `boxes.assign_targets` (`fallback=assign_fallback`, `level_size`,
-    `min_level_points`) with
-    `assigner='center'`, or from `boxes.align_targets` on the current predictions with
-    'aligned'. With P = max(number of positives, 1) over the (global) batch and P_known the
-    same over positives of a known class:
+    Targets come from `boxes.assign_targets(..., **assign_rules)` (`config.assign_rules`; its
+    defaults when None) with `assigner='center'`, or from `boxes.align_targets` on the current
+    predictions with 'aligned'. With P = max(number of positives, 1) over the (global) batch and
+    P_known the same over positives of a known class:
       det_obj = Σ focal(obj) over all anchors / P with `obj_target='binary'` (target 1 on
         positives); with 'iou' the positives' target is the IoU of their predicted box with the
         assigned box (no gradient through it) and the loss `quality_focal_loss`, so the box
@@ -323,9 +320,7 @@ def detection_loss(
             det["strides"],
             *box_keys,
             num_classes,
-            fallback=assign_fallback,
-            level_size=level_size,
-            min_level_points=min_level_points,
+            **(assign_rules or {}),
         )
     fg_mask = targets["fg_mask"]
     num_positives = jnp.maximum(jnp.sum(fg_mask), 1.0)
@@ -371,11 +366,9 @@ def multitask_loss(
     weights: Mapping[str, float],
     det_obj_target: str = "binary",
     seg_focal_alpha: float = 0.25,
-    det_fallback: str = "nearest",
     det_assigner: str = "center",
     det_box_loss: str = "giou",
-    det_level_size: str = "edge",
-    det_min_level_points: int = 0,
+    det_assign_rules: Mapping | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Fine-tuning loss: (weighted total, {term: unweighted scalar}).
 
@@ -395,11 +388,9 @@ def multitask_loss(
         them, skipping images whose type is -1 (unknown) (both are image-level
         classification, so they share one weight);
       det_obj, det_cls, det_box, det_dfl: `detection_loss(outputs['det'], batch)` with
-        `obj_target=det_obj_target` (`train.det_obj_target`), `assign_fallback=det_fallback`
-        (`train.det_fallback`), `assigner=det_assigner` (`train.det_assigner`),
-        `box_loss_kind=det_box_loss` (`train.det_box_loss`), `level_size=det_level_size`
-        (`train.det_level_size`) and `min_level_points=det_min_level_points`
-        (`train.det_min_level_points`).
+        `obj_target=det_obj_target` (`train.det_obj_target`), `assigner=det_assigner`
+        (`train.det_assigner`), `box_loss_kind=det_box_loss` (`train.det_box_loss`) and
+        `assign_rules=det_assign_rules` (`config.assign_rules(config.train)`).
     """
     weight_keys = set(weights.keys())
     if weight_keys != set(LOSS_TERMS):
@@ -437,11 +428,9 @@ def multitask_loss(
             outputs["det"],
             batch,
             obj_target=det_obj_target,
-            assign_fallback=det_fallback,
             assigner=det_assigner,
             box_loss_kind=det_box_loss,
-            level_size=det_level_size,
-            min_level_points=det_min_level_points,
+            assign_rules=det_assign_rules,
         )
     )
     # jnp.asarray rather than float(): the weights may arrive traced (as a jit argument).

@@ -244,11 +244,9 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
     weights = {name: float(value) for name, value in config.train.loss_weights.items()}
     det_obj_target = config.train.det_obj_target
     seg_focal_alpha = float(config.train.seg_focal_alpha)
-    det_fallback = config.train.det_fallback
     det_assigner = config.train.det_assigner
     det_box_loss = config.train.det_box_loss
-    det_level_size = config.train.det_level_size
-    det_min_level_points = int(config.train.det_min_level_points)
+    det_assign_rules = config_lib.assign_rules(config.train)
 
     def loss_fn(params, ema_params, batch, rng):
         del ema_params
@@ -261,11 +259,9 @@ def finetune_loss_fn(config: ml_collections.ConfigDict, model):
             weights,
             det_obj_target,
             seg_focal_alpha,
-            det_fallback,
             det_assigner=det_assigner,
             det_box_loss=det_box_loss,
-            det_level_size=det_level_size,
-            det_min_level_points=det_min_level_points,
+            det_assign_rules=det_assign_rules,
         )
 
     return loss_fn

@@ -12,6 +12,7 @@ from scipy import ndimage
 from configs import default as default_config
 from m2u_jax import boxes as box_ops
 from m2u_jax import losses
+from m2u_jax.config import assign_rules
 
 LN2 = math.log(2.0)
 
@@ -483,22 +484,23 @@ def _fake_outputs_and_batch(rng, num_classes=3, size=16):
     return outputs, batch
 
 
-def test_multitask_loss_passes_the_level_rules_to_the_assignment(monkeypatch):
+def test_multitask_loss_passes_the_config_assign_rules_to_the_assignment(monkeypatch):
     # (On this small batch every rule picks the same points, so the call itself is checked.)
     outputs, batch = _fake_outputs_and_batch(np.random.default_rng(4))
-    weights = dict(default_config.get_config().train.loss_weights)
+    train = default_config.get_config().train
+    weights = dict(train.loss_weights)
     seen = []
     assign = losses.box_ops.assign_targets
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["level_size"], kwargs["min_level_points"]))
+        seen.append(kwargs)
         return assign(*args, **kwargs)
 
     monkeypatch.setattr(losses.box_ops, "assign_targets", spy)
-    losses.multitask_loss(outputs, batch, weights, det_level_size="box")
-    losses.multitask_loss(outputs, batch, weights, det_min_level_points=3)
+    train.det_level_size, train.det_min_level_points, train.det_fallback = "box", 3, "inside"
+    losses.multitask_loss(outputs, batch, weights, det_assign_rules=assign_rules(train))
     losses.multitask_loss(outputs, batch, weights)
-    assert seen == [("box", 0), ("edge", 3), ("edge", 0)]
+    assert seen == [dict(fallback="inside", level_size="box", min_level_points=3), {}]
 
 
 def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():

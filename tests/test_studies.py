@@ -478,7 +478,7 @@ def test_assignment_table_counts_positives_per_box_under_each_fallback():
     # the stride-8 points within 20 px of its centre: x, y in {12, 20, 28, 36, 44}, 25.
     big = [(["blob"], np.array([[0, 0, 56, 56]], np.float32))]
     by_edge = assignment_table.class_rows(big, 64, (8, 16))[0]
-    by_box = assignment_table.class_rows(big, 64, (8, 16), level_size="box")[0]
+    by_box = assignment_table.class_rows(big, 64, (8, 16), {"level_size": "box"})[0]
     assert by_edge["level_shares"] == pytest.approx({8: 1 / 9, 16: 8 / 9})
     assert by_edge["median_inside"] == 9
     assert by_box["level_shares"] == {8: 1.0, 16: 0.0} and by_box["median_inside"] == 25
@@ -486,6 +486,6 @@ def test_assignment_table_counts_positives_per_box_under_each_fallback():
     # positives under the plain rule, four when a level must hold one of its points.
     scratch = [(["scratch"], np.array([[52, 14, 62, 114]], np.float32))]
     plain = assignment_table.class_rows(scratch, 128, (8, 16, 32))[0]
-    held = assignment_table.class_rows(scratch, 128, (8, 16, 32), min_level_points=1)[0]
+    held = assignment_table.class_rows(scratch, 128, (8, 16, 32), {"min_level_points": 1})[0]
     assert plain["level_shares"] == held["level_shares"] == {8: 0.0, 16: 1.0, 32: 0.0}
     assert (plain["median_inside"], held["median_inside"]) == (2, 4)

@@ -5,8 +5,8 @@
 
 Reads the training split's annotated boxes (VOC records; no image is decoded), scales them to
 the model's input as the pipeline does (per axis to `data.image_size`), and runs
-`boxes.assign_targets` at the head's points (`model.det_strides`, the level rules
-`train.det_level_size` and `train.det_min_level_points`) with each `train.det_fallback`. Per
+`boxes.assign_targets` at the head's points (`model.det_strides`) under the config's rules
+(`config.assign_rules`: `train.det_level_size`, ...) with each `train.det_fallback`. Per
 class: the boxes, the median positives per box and the share of boxes left with a single
 positive under each fallback, the share that 'inside' gives more positives (boxes that no
 level's size range took), and how the class's positives spread over the levels under the
@@ -28,27 +28,13 @@ import numpy as np  # noqa: E402
 
 from m2u_jax import boxes as box_ops  # noqa: E402
 from m2u_jax import heads  # noqa: E402
-from m2u_jax.config import ASSIGN_FALLBACKS  # noqa: E402
+from m2u_jax.config import ASSIGN_FALLBACKS, assign_rules  # noqa: E402
 
 
-def positives_per_level(
-    boxes: np.ndarray,
-    points,
-    point_strides,
-    fallback: str,
-    level_size: str = "edge",
-    min_level_points: int = 0,
-) -> np.ndarray:
+def positives_per_level(boxes: np.ndarray, points, point_strides, rules: dict) -> np.ndarray:
     """`[G, L]`: positive points of each of one image's `[G, 4]` boxes on each level (levels
-    in ascending stride)."""
-    targets = _assign(
-        points,
-        point_strides,
-        boxes[None],
-        fallback=fallback,
-        level_size=level_size,
-        min_level_points=min_level_points,
-    )
+    in ascending stride), under `rules` (`boxes.assign_targets` keyword arguments)."""
+    targets = _assign(points, point_strides, boxes[None], tuple(sorted(rules.items())))
     fg = np.asarray(targets["fg_mask"][0]) > 0
     assigned = np.asarray(targets["box_targets"][0])[fg]  # [P, 4]
     fg_strides = np.asarray(point_strides)[fg]
@@ -62,8 +48,8 @@ def positives_per_level(
     ).reshape(len(boxes), len(levels))
 
 
-@functools.partial(jax.jit, static_argnames=("fallback", "level_size", "min_level_points"))
-def _assign(points, point_strides, boxes, *, fallback, level_size, min_level_points):
+@functools.partial(jax.jit, static_argnames=("rules",))
+def _assign(points, point_strides, boxes, rules: tuple):
     count = boxes.shape[1]
     classes = np.zeros((1, count), np.int32)
     return box_ops.assign_targets(
@@ -73,33 +59,27 @@ def _assign(points, point_strides, boxes, *, fallback, level_size, min_level_poi
         classes,
         np.ones((1, count), np.float32),
         1,
-        fallback=fallback,
-        level_size=level_size,
-        min_level_points=min_level_points,
+        **dict(rules),
     )
 
 
-def class_rows(
-    image_boxes,
-    image_size: int,
-    strides,
-    level_size: str = "edge",
-    fallback: str = "inside",
-    min_level_points: int = 0,
-) -> list[dict]:
-    """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class;
-    `level_shares` {stride: share of the class's positives} under `fallback`."""
+def class_rows(image_boxes, image_size: int, strides, rules: dict | None = None) -> list[dict]:
+    """`image_boxes`: (names [G], boxes [G, 4] at `image_size`) per image → one row per class,
+    under `rules` (`config.assign_rules`; 'inside' fallback when it names none) with each
+    fallback in turn; `level_shares` {stride: share of the class's positives} under the rules'
+    own fallback."""
+    rules = {"fallback": "inside", **(rules or {})}
     counts = {name: collections.defaultdict(list) for name in ASSIGN_FALLBACKS}
     per_level = collections.defaultdict(list)
     points, point_strides = heads.anchor_points((image_size, image_size), tuple(strides))
     for names, boxes in image_boxes:
         for name in ASSIGN_FALLBACKS:
             positives = positives_per_level(
-                boxes, points, point_strides, name, level_size, min_level_points
+                boxes, points, point_strides, {**rules, "fallback": name}
             )
             for defect, count in zip(names, positives):
                 counts[name][defect].append(int(count.sum()))
-                if name == fallback:
+                if name == rules["fallback"]:
                     per_level[defect].append(count)
     levels = sorted(int(s) for s in strides)
     rows = []
@@ -156,16 +136,9 @@ def main(argv) -> int:
             continue
         boxes = decode.scale_boxes(record.boxes, record.width, record.height, size)
         image_boxes.append((list(record.box_names), boxes))
-    fallback = config.train.det_fallback
-    rows = class_rows(
-        image_boxes,
-        size,
-        config.model.det_strides,
-        config.train.det_level_size,
-        fallback,
-        int(config.train.det_min_level_points),
-    )
-    print(markdown(rows, fallback))
+    rules = assign_rules(config.train)
+    rows = class_rows(image_boxes, size, config.model.det_strides, rules)
+    print(markdown(rows, rules["fallback"]))
     return 0
 
 
