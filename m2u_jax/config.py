@@ -44,6 +44,7 @@ def assign_rules(train: ml_collections.ConfigDict) -> dict:
         "fallback": train.det_fallback,
         "level_size": train.det_level_size,
         "min_level_points": int(train.det_min_level_points),
+        "center_radius": float(train.det_center_radius),
     }
 
 
@@ -325,6 +326,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.train.det_level_size not in LEVEL_SIZES:
         raise ConfigError(
             f"train.det_level_size={config.train.det_level_size!r} is not one of {LEVEL_SIZES}"
+        )
+    if config.train.det_center_radius <= 0:
+        raise ConfigError(
+            f"train.det_center_radius={config.train.det_center_radius} is not positive"
         )
     if config.train.det_min_level_points < 0:
         raise ConfigError(

@@ -147,6 +147,9 @@ def get_config() -> ml_collections.ConfigDict:
     # coarsest of them taking its largest sizes too (boxes.assign_targets): a scratch that a
     # coarse level's sparse grid misses keeps its points on the finer levels.
     train.det_min_level_points = 0  # Points a level needs inside a box to learn it; 0: any level.
+    # Centre sampling (boxes.assign_targets): a point learns a box only within this many of its
+    # level's strides of the box centre (YOLOX 2.5, FCOS 1.5).
+    train.det_center_radius = 2.5  # Half-side of the centre square, in strides.
     # Which points learn each box: 'center' (fixed rules: level size ranges and centre sampling,
     # boxes.assign_targets; det_fallback applies) or 'aligned' (each box takes the 10 points
     # inside it whose current prediction scores and fits it best, boxes.align_targets).

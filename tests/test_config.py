@@ -242,13 +242,20 @@ def test_detection_choices_are_one_of_their_values(key, default_value, other, me
         config_lib.validate(config)
 
 
-def test_min_level_points_is_zero_by_default_and_not_negative():
+def test_assign_rules_from_the_config_and_their_checks():
     config = default.get_config()
-    assert config.train.det_min_level_points == 0
-    config.train.det_min_level_points = 2
+    assert config_lib.assign_rules(config.train) == dict(
+        fallback="nearest", level_size="edge", min_level_points=0, center_radius=2.5
+    )
+    config.train.det_min_level_points, config.train.det_center_radius = 2, 4.0
     config_lib.validate(config)
+    assert config_lib.assign_rules(config.train)["min_level_points"] == 2
+    assert config_lib.assign_rules(config.train)["center_radius"] == 4.0
     config.train.det_min_level_points = -1
     with pytest.raises(config_lib.ConfigError, match="train.det_min_level_points=-1 is negative"):
+        config_lib.validate(config)
+    config.train.det_min_level_points, config.train.det_center_radius = 0, 0.0
+    with pytest.raises(config_lib.ConfigError, match="train.det_center_radius=0.0 is not positive"):
         config_lib.validate(config)
 
 

@@ -498,9 +498,11 @@ def test_multitask_loss_passes_the_config_assign_rules_to_the_assignment(monkeyp
 
     monkeypatch.setattr(losses.box_ops, "assign_targets", spy)
     train.det_level_size, train.det_min_level_points, train.det_fallback = "box", 3, "inside"
+    train.det_center_radius = 1.5
     losses.multitask_loss(outputs, batch, weights, det_assign_rules=assign_rules(train))
     losses.multitask_loss(outputs, batch, weights)
-    assert seen == [dict(fallback="inside", level_size="box", min_level_points=3), {}]
+    rules = dict(fallback="inside", level_size="box", min_level_points=3, center_radius=1.5)
+    assert seen == [rules, {}]
 
 
 def test_multitask_loss_total_is_weighted_sum_and_gradients_finite():
