@@ -301,6 +301,27 @@ def test_assign_targets_min_level_points_keeps_a_scratch_on_the_level_that_holds
         box_ops.assign_targets(points, strides, boxes, classes, valid, 1, min_level_points=-1)
 
 
+def test_assign_targets_center_radius_bounds_the_square_of_positives():
+    points, strides = _two_level_points(image_size=128, strides=(8, 16, 32))
+    boxes = np.array([[[8, 8, 120, 120]]], np.float32)  # centre (64, 64)
+    classes, valid = np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32)
+
+    def positives(center_radius):
+        targets = box_ops.assign_targets(
+            points, strides, boxes, classes, valid, 1, center_radius=center_radius
+        )
+        on = np.flatnonzero(np.asarray(targets["fg_mask"][0]) == 1)
+        return sorted((*points[a].tolist(), float(strides[a])) for a in on)
+
+    # 1.5 strides: stride 32 keeps x, y in {48, 80} (|16 - 64| = 48 is not below 48); stride 16
+    # x, y in {48, 56, 72, 80}, of which only {56, 72}² have farthest edges <= 64 px.
+    inner = [(x, y, 32.0) for x in (48.0, 80.0) for y in (48.0, 80.0)]
+    inner += [(x, y, 16.0) for x in (56.0, 72.0) for y in (56.0, 72.0)]
+    assert positives(1.5) == sorted(inner)
+    # 2.5 (the default): every stride-32 point inside the box (tests above).
+    assert len(positives(2.5)) == 16 + 4
+
+
 def test_align_targets_hand_built_case():
     points, strides = _two_level_points()
     index = {(x, y, s): a for a, ((x, y), s) in enumerate(zip(points.tolist(), strides.tolist()))}
