@@ -93,22 +93,32 @@ def _is_late_read_callback(error: BaseException | None, trace) -> bool:
 def _drop_late_read_callbacks() -> None:
     """Call before reading checkpoint files that may be damaged. Orbax runs a read in `asyncio.run`,
     which closes its loop at the first error while tensorstore's other reads are still in
-    flight; those end later on tensorstore's threads, cannot deliver their (already useless)
-    results to the closed loop, and print that through `sys.excepthook` as a traceback after
-    the caller has handled the failure, or even before: on a loaded machine they arrived while
-    the error was still on its way to the caller, so installing the filter after the failure
-    let one through. From now on this process drops exactly those reports
-    (`_is_late_read_callback`); every other exception reaches the previous hook. Idempotent."""
-    previous = sys.excepthook
-    if getattr(previous, "drops_late_read_callbacks", False):
-        return
+    flight; those end later on tensorstore's threads and cannot deliver their (already useless)
+    results to the closed loop. Tensorstore reports that as an unraisable exception
+    (`sys.unraisablehook`, printed as a bare traceback) after the caller has handled the failure,
+    or even before: on a loaded machine one arrived while the error was still on its way to the
+    caller. From now on this process drops exactly those reports (`_is_late_read_callback`) in
+    both `sys.unraisablehook` and `sys.excepthook`; every other exception reaches the previous
+    hook. Idempotent."""
+    previous_excepthook = sys.excepthook
+    if not getattr(previous_excepthook, "drops_late_read_callbacks", False):
 
-    def hook(kind, error, trace):
-        if not _is_late_read_callback(error, trace):
-            previous(kind, error, trace)
+        def excepthook(kind, error, trace):
+            if not _is_late_read_callback(error, trace):
+                previous_excepthook(kind, error, trace)
 
-    hook.drops_late_read_callbacks = True
-    sys.excepthook = hook
+        excepthook.drops_late_read_callbacks = True
+        sys.excepthook = excepthook
+
+    previous_unraisablehook = sys.unraisablehook
+    if not getattr(previous_unraisablehook, "drops_late_read_callbacks", False):
+
+        def unraisablehook(unraisable):
+            if not _is_late_read_callback(unraisable.exc_value, unraisable.exc_traceback):
+                previous_unraisablehook(unraisable)
+
+        unraisablehook.drops_late_read_callbacks = True
+        sys.unraisablehook = unraisablehook
 
 
 def _write_problem(error: BaseException) -> str | None:

@@ -42,6 +42,7 @@ def _other_closed_loop_error():
 def test_late_read_callbacks_are_dropped_and_nothing_else(monkeypatch):
     reached = []
     monkeypatch.setattr(sys, "excepthook", lambda kind, error, trace: reached.append(error))
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # undone after the test
 
     late = _late_callback_report()
     assert run_checkpoint._is_late_read_callback(*late[1:])
@@ -61,17 +62,66 @@ def test_late_read_callbacks_are_dropped_and_nothing_else(monkeypatch):
     assert reached[1:] == [elsewhere[1], value_error[1]]
 
 
+class _Unraisable:
+    """Calls `send` when collected: an error there cannot be raised, so CPython hands it to
+    `sys.unraisablehook` (`PyErr_WriteUnraisable`), the same path tensorstore's C++ takes for a
+    callback it cannot deliver; the default hook prints its traceback to stderr."""
+
+    def __init__(self, send):
+        self.send = send
+
+    def __del__(self):
+        self.send()
+
+
+def _report_unraisable(send):
+    _Unraisable(send)  # collected at once (no reference kept): `send` runs in __del__
+
+
+def _late_send():
+    loop = asyncio.new_event_loop()
+    loop.close()
+    return lambda: loop.call_soon_threadsafe(print)
+
+
+def _other_send():
+    def fail():
+        raise RuntimeError("Event loop is closed")
+
+    return fail
+
+
+def test_late_read_reports_through_the_unraisable_hook_are_dropped(monkeypatch, capsys):
+    # CI (stop 48) printed a late report with the excepthook filter in place: tensorstore also
+    # reports through PyErr_WriteUnraisable, which reaches sys.unraisablehook instead.
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    _report_unraisable(_late_send())
+    printed = capsys.readouterr().err
+    assert "call_soon_threadsafe" in printed and "RuntimeError: Event loop is closed" in printed
+
+    run_checkpoint._drop_late_read_callbacks()
+    _report_unraisable(_late_send())
+    assert capsys.readouterr().err == ""
+
+    _report_unraisable(_other_send())
+    printed = capsys.readouterr().err
+    assert "RuntimeError: Event loop is closed" in printed and "fail" in printed
+
+
 def test_resume_filters_late_read_reports_before_it_reads(monkeypatch, tmp_path):
     # A failed read's late reports can arrive before its error reaches resume_meta's handler
     # (seen once on a loaded machine), so the filter must be in place before the first read.
     reached = []
     monkeypatch.setattr(sys, "excepthook", lambda kind, error, trace: reached.append(error))
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # undone after the test
     manager = run_checkpoint.make_manager(str(tmp_path), keep=1, async_save=False)
     try:
         assert run_checkpoint.resume_meta(manager) is None  # no checkpoint: nothing read
     finally:
         manager.close()
     assert getattr(sys.excepthook, "drops_late_read_callbacks", False)
+    assert getattr(sys.unraisablehook, "drops_late_read_callbacks", False)
     sys.excepthook(*_late_callback_report())
     assert reached == []
 
