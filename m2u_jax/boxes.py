@@ -520,18 +520,30 @@ def postprocess(
     iou_threshold: float,
     score_threshold: float,
     merge: bool = False,
+    multi_label: bool = False,
 ) -> dict[str, jax.Array]:
     """Detection head outputs → final boxes (see docs/interfaces.md for `det`).
 
-    Box score = sigmoid(obj) × max_k sigmoid(cls_k), class = argmax_k; then `batched_nms`
-    (`merge`: weighted NMS).
+    Box score = sigmoid(obj) × sigmoid(cls_k). One label (default): each point proposes its box
+    once, for its best class k = argmax. `multi_label`: each point proposes its box once per
+    class, scored per class, so a point torn between two classes keeps a box in each (the
+    rule YOLOv5/v8 validate with); NMS stays per class. Then `batched_nms` (`merge`: weighted
+    NMS).
     Returns the `batched_nms` dict: `boxes_xyxy` `[B, M, 4]`, `scores` `[B, M]`,
     `classes` `[B, M]` int32, `valid` `[B, M]` bool.
     """
     boxes_xyxy = decode_boxes(det["points"], det["box_ltrb"].astype(jnp.float32))
     class_probs = jax.nn.sigmoid(det["cls_logits"].astype(jnp.float32))
-    scores = jax.nn.sigmoid(det["obj_logits"].astype(jnp.float32)) * jnp.max(class_probs, axis=-1)
-    classes = jnp.argmax(class_probs, axis=-1)
+    objectness = jax.nn.sigmoid(det["obj_logits"].astype(jnp.float32))
+    if multi_label:
+        batch, num_points, num_classes = class_probs.shape
+        scores = (objectness[..., None] * class_probs).reshape(batch, num_points * num_classes)
+        classes = jnp.broadcast_to(jnp.arange(num_classes), class_probs.shape)
+        classes = classes.reshape(batch, num_points * num_classes)
+        boxes_xyxy = jnp.repeat(boxes_xyxy, num_classes, axis=1)  # point-major, as the scores
+    else:
+        scores = objectness * jnp.max(class_probs, axis=-1)
+        classes = jnp.argmax(class_probs, axis=-1)
     return batched_nms(
         boxes_xyxy,
         scores,

@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.det_score_threshold = 0.25  # Minimum box score kept by post-processing.
     model.det_iou_threshold = 0.5  # IoU above which NMS suppresses a same-class box.
     model.det_nms_merge = False  # Weighted NMS: a kept box = score x IoU mean of its cluster.
+    model.det_multi_label = False  # A box per class at each point (True), or for its best class.
     model.image_score_topk = 0.01  # Fraction of pixels averaged (top-k) for the map-based score.
     model.image_score_smoothing = 1  # Mean-filter width (px) on the map before top-k; 1 = off.
     model.image_score_classifier = 0.5  # Weight of the image head in the score (rest: the map).

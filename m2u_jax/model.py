@@ -246,6 +246,7 @@ class M2UNet(nn.Module):
     det_score_threshold: float = 0.25
     det_iou_threshold: float = 0.5
     det_nms_merge: bool = False
+    det_multi_label: bool = False
     image_score_topk: float = 0.01
     image_score_smoothing: int = 1
     image_score_classifier: float = 0.5
@@ -329,6 +330,7 @@ class M2UNet(nn.Module):
             iou_threshold=self.det_iou_threshold,
             score_threshold=self.det_score_threshold,
             merge=self.det_nms_merge,
+            multi_label=self.det_multi_label,
         )
 
     @property
@@ -600,6 +602,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> M2UNet:
         det_score_threshold=float(model_config.det_score_threshold),
         det_iou_threshold=float(model_config.det_iou_threshold),
         det_nms_merge=bool(model_config.det_nms_merge),
+        det_multi_label=bool(model_config.det_multi_label),
         image_score_topk=float(model_config.image_score_topk),
         image_score_smoothing=int(model_config.image_score_smoothing),
         image_score_classifier=float(model_config.image_score_classifier),

@@ -663,6 +663,42 @@ def test_postprocess_scores_decodes_and_suppresses():
     np.testing.assert_array_equal(result["valid"][0], [True, True, False, False])
 
 
+def test_postprocess_multi_label_keeps_a_box_for_each_likely_class():
+    # The same head outputs as above. With one label, point 1 proposes only its best class (0)
+    # and loses it to point 0. With a box per class, its class-1 box (score s(1) s(0)) stands,
+    # as no other class-1 box overlaps it by more than 0.5 (point 0's class-1 box, IoU 49/79
+    # with it, scores lower and is the one suppressed); point 2's class-0 box scores
+    # s(0.5) s(-2) = 0.074, under the 0.1 floor.
+    det = {
+        "points": jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]]),
+        "strides": jnp.array([8.0, 8.0, 8.0]),
+        "box_ltrb": jnp.array([[[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0], [2.0, 2.0, 6.0, 6.0]]]),
+        "obj_logits": jnp.array([[2.0, 1.0, 0.5]]),
+        "cls_logits": jnp.array([[[3.0, -1.0], [2.0, 0.0], [-2.0, 1.0]]]),
+    }
+    result = jax.jit(
+        functools.partial(
+            box_ops.postprocess,
+            max_detections=4,
+            iou_threshold=0.5,
+            score_threshold=0.1,
+            multi_label=True,
+        )
+    )(det)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
+    np.testing.assert_allclose(
+        result["scores"][0],
+        [sigmoid(2.0) * sigmoid(3.0), sigmoid(0.5) * sigmoid(1.0), sigmoid(1.0) * 0.5, 0],
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(result["classes"][0], [0, 1, 1, 0])
+    np.testing.assert_allclose(
+        result["boxes_xyxy"][0, :3],
+        [[4.0, 4.0, 12.0, 12.0], [38.0, 38.0, 46.0, 46.0], [5.0, 5.0, 13.0, 13.0]],
+    )
+    np.testing.assert_array_equal(result["valid"][0], [True, True, True, False])
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_batched_nms_exports_to_onnx_with_exact_parity(merge):
     jax2onnx = pytest.importorskip("jax2onnx")
@@ -704,3 +740,39 @@ def test_batched_nms_exports_to_onnx_with_exact_parity(merge):
     assert exported[3][:2].sum() > 0
     if not merge:
         np.testing.assert_array_equal(exported[0][2], boxes[2, :16:2])  # every other chain box
+
+
+def test_postprocess_multi_label_exports_with_a_free_batch():
+    """The per-class candidates (repeat + reshape over points × classes) export to ONNX with a
+    symbolic batch axis, and ONNX Runtime keeps the same boxes as jax."""
+    jax2onnx = pytest.importorskip("jax2onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(3)
+    num_points, num_classes = 30, 3
+    points = jnp.asarray(rng.uniform(0, 64, (num_points, 2)).astype(np.float32))
+
+    def boxes_of(box_ltrb, obj_logits, cls_logits):
+        det = {"points": points, "box_ltrb": box_ltrb, "obj_logits": obj_logits}
+        det["cls_logits"] = cls_logits
+        result = box_ops.postprocess(
+            det, max_detections=8, iou_threshold=0.5, score_threshold=0.2, multi_label=True
+        )
+        return result["boxes_xyxy"], result["scores"], result["classes"], result["valid"]
+
+    inputs = (
+        rng.uniform(1, 12, (2, num_points, 4)).astype(np.float32),
+        rng.normal(0, 2, (2, num_points)).astype(np.float32),
+        rng.normal(0, 2, (2, num_points, num_classes)).astype(np.float32),
+    )
+    shapes = [("batch", *x.shape[1:]) for x in inputs]
+    model = jax2onnx.to_onnx(boxes_of, shapes, opset=17)
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    names = [spec.name for spec in session.get_inputs()]
+    exported = session.run(None, dict(zip(names, inputs)))
+    expected = boxes_of(*map(jnp.asarray, inputs))
+    assert np.asarray(expected[3]).sum() >= 4  # enough boxes kept for the check to mean something
+    assert set(np.asarray(expected[2])[np.asarray(expected[3])]) == {0, 1, 2}
+    for onnx_value, jax_value in zip(exported, expected):
+        np.testing.assert_allclose(onnx_value, np.asarray(jax_value), rtol=1e-6, atol=1e-6)
