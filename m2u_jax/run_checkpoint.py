@@ -94,12 +94,13 @@ def _drop_late_read_callbacks() -> None:
     """Call before reading checkpoint files that may be damaged. Orbax runs a read in `asyncio.run`,
     which closes its loop at the first error while tensorstore's other reads are still in
     flight; those end later on tensorstore's threads and cannot deliver their (already useless)
-    results to the closed loop. Tensorstore reports that as an unraisable exception
-    (`sys.unraisablehook`, printed as a bare traceback) after the caller has handled the failure,
-    or even before: on a loaded machine one arrived while the error was still on its way to the
-    caller. From now on this process drops exactly those reports (`_is_late_read_callback`) in
-    both `sys.unraisablehook` and `sys.excepthook`; every other exception reaches the previous
-    hook. Idempotent."""
+    results to the closed loop. Tensorstore's C++ reports that through `PyErr_WriteUnraisable`
+    (`sys.unraisablehook`, whose default prints a bare traceback; the path CI hit with only the
+    `sys.excepthook` filter in place) or `PyErr_Print` (`sys.excepthook`), after the caller has
+    handled the failure, or even before: on a loaded machine one arrived while the error was
+    still on its way to the caller. From now on this process drops exactly those reports
+    (`_is_late_read_callback`) in both hooks; every other exception reaches the previous hook.
+    Idempotent."""
     previous_excepthook = sys.excepthook
     if not getattr(previous_excepthook, "drops_late_read_callbacks", False):
 
