@@ -635,15 +635,20 @@ def test_batched_nms_merge_replaces_a_kept_box_by_its_weighted_cluster_mean():
     np.testing.assert_array_equal(merged["boxes_xyxy"][0, 3], 0.0)
 
 
-def test_postprocess_scores_decodes_and_suppresses():
-    points = jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]])
-    det = {
-        "points": points,
+def _three_point_head_outputs():
+    """Head outputs of one image, three points, two classes: points 0 and 1 propose boxes with
+    IoU 49/79, point 2 a box apart from both."""
+    return {
+        "points": jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]]),
         "strides": jnp.array([8.0, 8.0, 8.0]),
         "box_ltrb": jnp.array([[[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0], [2.0, 2.0, 6.0, 6.0]]]),
         "obj_logits": jnp.array([[2.0, 1.0, 0.5]]),
         "cls_logits": jnp.array([[[3.0, -1.0], [2.0, 0.0], [-2.0, 1.0]]]),
     }
+
+
+def test_postprocess_scores_decodes_and_suppresses():
+    det = _three_point_head_outputs()
     result = jax.jit(
         functools.partial(
             box_ops.postprocess, max_detections=4, iou_threshold=0.5, score_threshold=0.1
@@ -664,18 +669,12 @@ def test_postprocess_scores_decodes_and_suppresses():
 
 
 def test_postprocess_multi_label_keeps_a_box_for_each_likely_class():
-    # The same head outputs as above. With one label, point 1 proposes only its best class (0)
+    # The head outputs above. With one label, point 1 proposes only its best class (0)
     # and loses it to point 0. With a box per class, its class-1 box (score s(1) s(0)) stands,
     # as no other class-1 box overlaps it by more than 0.5 (point 0's class-1 box, IoU 49/79
     # with it, scores lower and is the one suppressed); point 2's class-0 box scores
     # s(0.5) s(-2) = 0.074, under the 0.1 floor.
-    det = {
-        "points": jnp.array([[8.0, 8.0], [9.0, 9.0], [40.0, 40.0]]),
-        "strides": jnp.array([8.0, 8.0, 8.0]),
-        "box_ltrb": jnp.array([[[4.0, 4.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0], [2.0, 2.0, 6.0, 6.0]]]),
-        "obj_logits": jnp.array([[2.0, 1.0, 0.5]]),
-        "cls_logits": jnp.array([[[3.0, -1.0], [2.0, 0.0], [-2.0, 1.0]]]),
-    }
+    det = _three_point_head_outputs()
     result = jax.jit(
         functools.partial(
             box_ops.postprocess,

@@ -22,21 +22,31 @@ def _raised(call):
     raise AssertionError("expected an exception")
 
 
-def _late_callback_report():
-    """The report tensorstore prints when a read ends after orbax's asyncio loop closed: asyncio's
-    own error for a callback handed to a closed loop."""
+def _late_send():
+    """A call that fails as tensorstore's late read does after orbax's asyncio loop closed:
+    asyncio's own error for a callback handed to a closed loop."""
     loop = asyncio.new_event_loop()
     loop.close()
-    return _raised(lambda: loop.call_soon_threadsafe(print))
+    return lambda: loop.call_soon_threadsafe(print)
 
 
-def _other_closed_loop_error():
-    """The same message from anywhere else (here: our own raise), which must not be dropped."""
+def _other_send():
+    """A call raising the same message from anywhere else (our own raise): never dropped."""
 
     def fail():
         raise RuntimeError("Event loop is closed")
 
-    return _raised(fail)
+    return fail
+
+
+def _late_callback_report():
+    """(type, error, traceback) of the late read's report."""
+    return _raised(_late_send())
+
+
+def _other_closed_loop_error():
+    """(type, error, traceback) of the same message raised elsewhere."""
+    return _raised(_other_send())
 
 
 def test_late_read_callbacks_are_dropped_and_nothing_else(monkeypatch):
@@ -76,19 +86,6 @@ class _Unraisable:
 
 def _report_unraisable(send):
     _Unraisable(send)  # collected at once (no reference kept): `send` runs in __del__
-
-
-def _late_send():
-    loop = asyncio.new_event_loop()
-    loop.close()
-    return lambda: loop.call_soon_threadsafe(print)
-
-
-def _other_send():
-    def fail():
-        raise RuntimeError("Event loop is closed")
-
-    return fail
 
 
 def test_late_read_reports_through_the_unraisable_hook_are_dropped(monkeypatch, capsys):
