@@ -164,6 +164,12 @@ def test_synthetic_batch_follows_the_batch_contract():
     assert batch["masks"][1].sum() == 64 and batch["masks"][0].sum() == 0
     np.testing.assert_array_equal(batch["boxes"][1, 0], [8, 8, 16, 16])
     np.testing.assert_array_equal(batch["recon_valid"], [1, 0, 1, 0])
+    # --all-defective: a NEU-DET-like batch, every image defective, no reconstruction target.
+    batch = benchmark.synthetic_batch(config, 4, all_defective=True)
+    np.testing.assert_array_equal(batch["labels"], [1, 1, 1, 1])
+    np.testing.assert_array_equal(batch["defect_types"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(batch["recon_valid"], [0, 0, 0, 0])
+    assert batch["labels"].dtype == np.int32 and batch["masks"].sum() == 4 * 64
 
 
 def test_load_config_settings_and_overrides():

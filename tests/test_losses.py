@@ -171,6 +171,25 @@ def test_reconstruction_loss_zero_for_identical_and_weighted_mean():
     assert float(losses.reconstruction_loss(recon, clean, jnp.zeros(3))) == 0.0
 
 
+def test_reconstruction_loss_branch_follows_the_traced_weights():
+    """Under jit the weights are data: the same program gives the weighted loss and its
+    gradient for a batch with targets and exact zeros for one without (the skipped branch)."""
+    rng = np.random.default_rng(4)
+    clean = rng.uniform(0, 1, (2, 16, 16, 1)).astype(np.float32)
+    recon = np.clip(clean + rng.normal(0, 0.2, clean.shape), 0, 1).astype(np.float32)
+    loss_and_grad = jax.jit(jax.value_and_grad(losses.reconstruction_loss))
+    value, grad = loss_and_grad(recon, clean, jnp.zeros(2))
+    assert float(value) == 0.0 and not np.any(np.asarray(grad))
+    weights = jnp.array([0.0, 1.0])
+    value, grad = loss_and_grad(recon, clean, weights)
+    per_image = np.mean((recon - clean) ** 2, axis=(1, 2, 3)) + 1 - _reference_ssim(recon, clean)
+    np.testing.assert_allclose(value, per_image[1], rtol=1e-4)
+    # Only the image with a target gets a gradient, the same as outside jit.
+    assert not np.any(np.asarray(grad[0])) and np.any(np.asarray(grad[1]))
+    eager = jax.grad(lambda r: losses.reconstruction_loss(r, clean, weights))(recon)
+    np.testing.assert_allclose(grad, eager, rtol=1e-5, atol=1e-8)
+
+
 # ---------------------------------------------------------------- contrastive
 
 

@@ -206,6 +206,12 @@ def _parse(argv):
         help="tiled mode: side in pixels of the square image predicted with tiling",
     )
     parser.add_argument(
+        "--all-defective",
+        action="store_true",
+        help="train mode: every image of the batch defective, no reconstruction target "
+        "(a set like NEU-DET; the default batch is half defect-free)",
+    )
+    parser.add_argument(
         "--unrolled-threefry",
         action="store_true",
         help="m2u_jax.cpu_prng.install(): loop-free dropout RNG on CPU (same bits)",
@@ -233,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             onnx_path=args.onnx_path,
             unrolled_threefry=args.unrolled_threefry,
             mc_chunk=args.mc_chunk,
+            all_defective=args.all_defective,
             tile_image_size=args.tile_image_size,
         )
         modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
