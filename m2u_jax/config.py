@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from m2u_jax import default_config
-from m2u_jax.modalities import MODALITY_CHANNELS, split_list
+from m2u_jax.modalities import IMAGE_FILE_MODALITIES, MODALITY_CHANNELS, split_list
 
 DATA_FORMATS = ("mvtec_ad", "mvtec_3d", "mask_folder", "voc", "tfds")
 # `eval.threshold_rule`: how the image decision threshold is chosen on validation (evaluate.py).
@@ -261,6 +261,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             )
     if not split_list(data.modalities):
         raise ConfigError("data.modalities is empty")
+    from_image_file = [m for m in split_list(data.modalities) if m in IMAGE_FILE_MODALITIES]
+    if len(from_image_file) > 1:
+        raise ConfigError(
+            f"data.modalities={data.modalities!r} reads the image file as both "
+            f"{' and '.join(from_image_file)}; choose one"
+        )
     if data.protocol not in ("unsupervised", "supervised"):
         raise ConfigError(f"data.protocol={data.protocol!r}: use 'unsupervised' or 'supervised'")
     if not 0.0 < data.labeled_fraction <= 1.0:

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.tfds_data_dir = ""  # Prepared-data folder of the 'tfds' builder; '' = TFDS default.
     data.categories = ""  # Comma-separated categories to use; '' = every category under root.
     data.image_size = 256  # Square side the images are resized to (pixels).
-    data.modalities = "rgb"  # Comma-separated stacked modalities: rgb,thermal,xray,depth.
+    data.modalities = "rgb"  # Comma-separated stacked modalities: rgb|gray,thermal,xray,depth.
     data.protocol = "unsupervised"  # 'unsupervised' (train on good) | 'supervised' (labels).
     data.labeled_fraction = 1.0  # Fraction of the labelled training defects kept (supervised only).
     data.defect_share = 0.0  # Fine-tuning: oversample real defects to this share; 0 = natural.

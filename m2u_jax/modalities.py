@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
-MODALITY_CHANNELS = {"rgb": 3, "thermal": 1, "xray": 1, "depth": 1}
+MODALITY_CHANNELS = {"rgb": 3, "gray": 1, "thermal": 1, "xray": 1, "depth": 1}
 
-__all__ = ["MODALITY_CHANNELS", "num_channels", "split_list"]
+# Read from the sample's image file itself (at most one per list); every other modality comes
+# from a side file beside it. 'gray' is that file as one luma channel: a set from monochrome
+# cameras trains a 1-channel model instead of three equal channels (a 12 % cheaper cpu_real
+# train step, docs/performance.md).
+IMAGE_FILE_MODALITIES = ("rgb", "gray")
+
+__all__ = ["IMAGE_FILE_MODALITIES", "MODALITY_CHANNELS", "num_channels", "split_list"]
 
 
 def split_list(value: str) -> tuple[str, ...]:

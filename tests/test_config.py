@@ -3,6 +3,7 @@
 import importlib
 import json
 import pathlib
+import re
 
 import ml_collections
 import pytest
@@ -263,6 +264,19 @@ def test_split_list_and_channels():
     assert split_list(" bottle, cable,,") == ("bottle", "cable")
     assert split_list("") == ()
     assert num_channels("rgb,depth,thermal") == 5
+    assert num_channels("gray,depth") == 2
+
+
+def test_the_image_file_is_read_as_one_modality():
+    config = default.get_config()
+    config.data.modalities = "gray,thermal"
+    config_lib.validate(config)
+    config.data.modalities = "rgb,gray"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=re.escape("data.modalities='rgb,gray' reads the image file as both rgb and gray"),
+    ):
+        config_lib.validate(config)
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,27 @@ def test_grayscale_is_replicated_for_rgb(tmp_path):
     np.testing.assert_array_equal(array[..., 2], gray)
 
 
+def test_gray_reads_grayscale_as_is_and_rgb_as_luma(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    array, kind = decode.read_modality(str(save_png(tmp_path / "g.png", gray)), "gray")
+    assert kind == "uint8" and array.shape == (3, 4, 1)
+    np.testing.assert_array_equal(array[..., 0], gray)
+    # ITU-R 601-2 luma, rounded: 0.299 R + 0.587 G + 0.114 B.
+    pixels = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [100, 50, 155]]], np.uint8)
+    array, kind = decode.read_modality(str(save_png(tmp_path / "c.png", pixels)), "gray")
+    assert kind == "uint8" and array.shape == (1, 4, 1)
+    np.testing.assert_array_equal(array[0, :, 0], [76, 150, 29, 77])
+    # A palette file is its RGB colours, then luma.
+    palette = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "p.png")
+    array, _ = decode.read_modality(str(tmp_path / "p.png"), "gray")
+    np.testing.assert_array_equal(array[0, :, 0], [76, 150, 29, 77])
+    values = np.full((2, 2), 40000, np.uint16)
+    Image.fromarray(values).save(tmp_path / "w.png")
+    array, kind = decode.read_modality(str(tmp_path / "w.png"), "gray")
+    assert kind == "uint16" and array.shape == (2, 2, 1) and int(array.max()) == 40000
+
+
 def test_sixteen_bit_thermal_and_resize_is_exact(tmp_path):
     values = np.full((4, 4), 1000, np.uint16)
     path = tmp_path / "t.png"
@@ -103,6 +124,11 @@ def test_sixteen_bit_thermal_and_resize_is_exact(tmp_path):
     [
         (np.zeros((4, 4, 4), np.uint8), "rgb", "has 4 channels (mode RGBA)"),
         (np.zeros((4, 4, 3), np.uint8), "thermal", "has 3 channels (mode RGB); 'thermal' needs"),
+        (
+            np.zeros((4, 4, 4), np.uint8),
+            "gray",
+            "has 4 channels (mode RGBA); 'gray' needs 3 (RGB, converted to luma) or 1 (grayscale)",
+        ),
     ],
 )
 def test_wrong_channel_count_names_file(tmp_path, array, modality, message):

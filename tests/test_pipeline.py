@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
@@ -252,6 +253,28 @@ def test_mvtec_3d_depth_channel(tmp_path):
             np.testing.assert_allclose(batch["images"][row, ..., 3], expected, atol=1e-4)
     dataset, _ = pipeline.make_train_dataset(config)
     assert next(dataset.as_numpy_iterator())["images"].shape == (8, 24, 24, 4)
+
+
+def test_gray_modality_batches_hold_the_files_luma(synthetic_root):
+    """`data.modalities=gray` on RGB files: one channel, the file's luma, in evaluation and
+    in training with synthetic anomalies (the anomaly contract on the one channel)."""
+    config = _config(synthetic_root, modalities="gray", cache=False)
+    batch = next(pipeline.iterate_eval(config, "test"))
+    assert batch["images"].shape == (8, 32, 32, 1)
+    for row in np.nonzero(batch["valid"])[0][:3]:
+        with Image.open(batch["paths"][row]) as image:
+            luma = np.asarray(image.convert("L"), np.float32) / 255.0
+        np.testing.assert_allclose(batch["images"][row, ..., 0], luma, atol=1e-6)
+    config.data.synthetic_anomaly_prob = 1.0
+    dataset, _ = pipeline.make_train_dataset(config)
+    batch = next(dataset.take(1).as_numpy_iterator())
+    images, clean = batch["images"], batch["clean_images"]
+    assert images.shape == clean.shape == (8, 32, 32, 1)
+    assert images.min() >= 0 and images.max() <= 1
+    has_mask = batch["masks"].reshape(8, -1).max(1) > 0
+    assert has_mask.sum() >= 6
+    outside = batch["masks"][..., None] == 0
+    np.testing.assert_array_equal(images[outside], clean[outside])
 
 
 def test_bad_file_during_training(tmp_path, caplog):

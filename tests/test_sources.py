@@ -108,6 +108,9 @@ def test_sidecar_modalities(tmp_path):
     discovery = sources.discover_mvtec_ad(str(root), modalities=("rgb", "thermal"))
     (record,) = discovery.records  # The side file is not an image of its own.
     assert record.modality_paths == {"rgb": str(image), "thermal": str(thermal)}
+    # 'gray' reads the image file itself, as 'rgb' does.
+    (record,) = sources.discover_mvtec_ad(str(root), modalities=("gray", "thermal")).records
+    assert record.modality_paths == {"gray": str(image), "thermal": str(thermal)}
     (problem,) = discovery.problems
     assert "001.png: no 'thermal' image beside it (expected 001.thermal.png" in str(problem)
 

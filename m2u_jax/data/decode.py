@@ -9,6 +9,8 @@ Value conventions (the sample contract in docs/interfaces.md):
 - 8-bit sources scale by 1/255, 16-bit sources by 1/65535.
 - `rgb` accepts RGB, palette and grayscale files; grayscale is replicated to 3 channels (e.g.
   the Magnetic-tile set). Alpha or CMYK channels are an error.
+- `gray` accepts the same files as one channel: grayscale as it is, RGB and palette converted
+  to luma by Pillow's ITU-R 601-2 rule (L = 0.299 R + 0.587 G + 0.114 B, rounded).
 - `thermal` / `xray` / `depth` need single-channel files; float files are min-max normalised per
   image over their finite values.
 - `depth` is always normalised per image to [0, 1] over its *valid* pixels (finite and non-zero,
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from m2u_jax.modalities import MODALITY_CHANNELS
+from m2u_jax.modalities import IMAGE_FILE_MODALITIES, MODALITY_CHANNELS
 from m2u_jax.data.records import DataError, SampleRecord
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -118,11 +120,13 @@ def probe_image(path: str | pathlib.Path) -> ImageHeader:
 
 def check_modality_header(path: str, header: ImageHeader, modality: str) -> None:
     """Raises DataError when the file's channels cannot feed `modality`."""
-    if modality == "rgb":
+    if modality in IMAGE_FILE_MODALITIES:
         if header.channels not in (1, 3) or header.mode == "YCbCr":
+            how = "grayscale, replicated" if modality == "rgb" else "grayscale"
+            into = "(RGB)" if modality == "rgb" else "(RGB, converted to luma)"
             raise DataError(
-                f"{path}: has {header.channels} channels (mode {header.mode}); 'rgb' needs 3 "
-                "(RGB) or 1 (grayscale, replicated): drop the alpha channel or convert to RGB"
+                f"{path}: has {header.channels} channels (mode {header.mode}); '{modality}' needs "
+                f"3 {into} or 1 ({how}): drop the alpha channel or convert to RGB"
             )
     elif modality == "depth":
         if header.channels not in (1, 3) or (header.channels == 3 and header.mode != "F"):
@@ -179,7 +183,7 @@ def read_modality(path: str, modality: str, *, data: bytes | None = None) -> tup
 
     Args:
       path: the file (also the name used in errors when `data` holds its bytes).
-      modality: 'rgb' | 'thermal' | 'xray' | 'depth'.
+      modality: a key of `MODALITY_CHANNELS` ('rgb', 'gray', 'thermal', 'xray', 'depth').
       data: the encoded file, when it does not come from the file system (TFDS).
 
     Returns:
@@ -198,6 +202,8 @@ def read_modality(path: str, modality: str, *, data: bytes | None = None) -> tup
     if image.mode == "P":
         image = image.convert("RGB")
     elif image.mode == "1":
+        image = image.convert("L")
+    if modality == "gray" and image.mode == "RGB":
         image = image.convert("L")
     if image.mode in ("L", "RGB"):
         array = np.asarray(image, np.uint8)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from m2u_jax.data import decode
 from m2u_jax.data.records import GOOD, DataError, Discovery, SampleRecord, defect_name_of
+from m2u_jax.modalities import IMAGE_FILE_MODALITIES
 
 SIDECAR_MODALITIES = ("thermal", "xray", "depth")
 _MASK_SUFFIXES = ("_mask", ".mask")
@@ -97,7 +98,7 @@ def _modality_paths(
 ) -> dict[str, str]:
     paths = {}
     for modality in modalities:
-        if modality == "rgb":
+        if modality in IMAGE_FILE_MODALITIES:
             paths[modality] = str(image_path)
         elif special and modality in special:
             paths[modality] = str(special[modality])
@@ -114,9 +115,10 @@ def _checked_record(
 ) -> SampleRecord:
     """Builds a record after checking every file's header (channels, sizes)."""
     header = decode.probe_image(image_path)
-    decode.check_modality_header(str(image_path), header, "rgb")
+    as_read = next((m for m in modality_paths if m in IMAGE_FILE_MODALITIES), "rgb")
+    decode.check_modality_header(str(image_path), header, as_read)
     for modality, path in modality_paths.items():
-        if path == str(image_path) and modality == "rgb":
+        if path == str(image_path) and modality in IMAGE_FILE_MODALITIES:
             continue
         side = decode.probe_image(path)
         decode.check_modality_header(path, side, modality)
