@@ -29,6 +29,7 @@ def test_voc_summary(tmp_path):
     assert sum(s["boxes"] for s in splits.values()) == 9
     assert splits["train"]["images"] == 1 and splits["train"]["defective"] == 0
     assert result["bad_files"] == 0 and result["notes"] == []
+    assert result["gray_files"] == {"checked": 8, "gray": 0}  # coloured RGB JPEGs
 
 
 def test_mask_folder_summary_counts_mask_components(tmp_path):
@@ -45,6 +46,13 @@ def test_mask_folder_summary_counts_mask_components(tmp_path):
     assert result["boxes_per_defect_type"] == {"MT_Crack": 6, "MT_Hole": 2}
     assert result["image_size"]["max"] == {"width": 40, "height": 20}
     assert result["class_names"] == ["MT_Crack", "MT_Hole"] and result["num_classes"] == 2
+    # Grayscale JPEGs, read as 'rgb': the summary points at the 1-channel modality.
+    assert result["gray_files"] == {"checked": 9, "gray": 9}
+    (note,) = result["notes"]
+    assert note.startswith("the 9 image files checked are gray: data.modalities=gray reads them")
+    config.data.modalities = "gray"
+    result = summary.summarize(config)
+    assert result["num_channels"] == 1 and result["notes"] == []
 
 
 def test_command_line(tmp_path, capsys):

@@ -106,6 +106,20 @@ def test_gray_reads_grayscale_as_is_and_rgb_as_luma(tmp_path):
     assert kind == "uint16" and array.shape == (2, 2, 1) and int(array.max()) == 40000
 
 
+def test_is_gray_allows_a_grey_level_of_spread_between_channels():
+    gray = np.repeat(np.arange(6, dtype=np.uint8).reshape(2, 3, 1) * 40, 3, axis=-1)
+    assert decode.is_gray(gray, "uint8") and decode.is_gray(gray[..., :1], "uint8")
+    gray[1, 2] = (200, 202, 201)  # JPEG's rounding: within 2/255
+    assert decode.is_gray(gray, "uint8")
+    gray[1, 2] = (200, 203, 201)  # one pixel 3/255 apart: a colour picture
+    assert not decode.is_gray(gray, "uint8")
+    wide = np.full((2, 2, 3), 30000, np.uint16)
+    wide[0, 0, 1] += 500  # just under 2/255 of the 16-bit range (514)
+    assert decode.is_gray(wide, "uint16")
+    wide[0, 0, 1] += 300
+    assert not decode.is_gray(wide, "uint16")
+
+
 def test_sixteen_bit_thermal_and_resize_is_exact(tmp_path):
     values = np.full((4, 4), 1000, np.uint16)
     path = tmp_path / "t.png"

@@ -80,6 +80,7 @@ import math
 import tensorflow as tf
 
 from m2u_jax.config import COARSEST_CELLS
+from m2u_jax.data.decode import GRAY_TOLERANCE
 
 # Anomaly kinds and their probabilities (CutPaste, then the noise-shaped textures by source);
 # KIND_SHADING takes `data.synthetic_shading` of the anomalies and the others share the rest.
@@ -103,7 +104,6 @@ _MIN_CELL_PIXELS = 4
 _FINE_OCTAVE_WEIGHT = 0.5
 _THRESHOLD_RANGE = (0.4, 2.4)  # standard deviations of the mask noise
 MAX_BETA = 0.8  # DRAEM's largest image weight inside a mask (data.synthetic_max_beta)
-GRAY_TOLERANCE = 2.0 / 255.0  # largest channel spread of a gray image (data.synthetic_match_gray)
 _PATTERN_LATTICE = 17  # smooth-noise patterns: up to 16 cells
 # Photometric ops of a texture (3 of them per texture); the linear ones (gain, invert, contrast,
 # brightness, desaturate) apply first, as one affine map, then gamma, posterize, solarize.

@@ -40,6 +40,9 @@ from m2u_jax.modalities import IMAGE_FILE_MODALITIES, MODALITY_CHANNELS
 from m2u_jax.data.records import DataError, SampleRecord
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Largest channel spread, in [0, 1], of an image that counts as gray: JPEG stores a gray picture
+# saved as RGB with channels a grey level or so apart (data.synthetic_match_gray, the summary).
+GRAY_TOLERANCE = 2.0 / 255.0
 # Pillow modes -> channels as stored in the file.
 _MODE_CHANNELS = {
     "1": 1,
@@ -229,6 +232,16 @@ def read_modality(path: str, modality: str, *, data: bytes | None = None) -> tup
     if modality == "rgb" and array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     return array, kind
+
+
+def is_gray(array: np.ndarray, kind: str) -> bool:
+    """Whether `read_modality`'s `(array, kind)` is a gray picture: one channel, or channels
+    within `GRAY_TOLERANCE` of each other at every pixel."""
+    if array.shape[-1] == 1:
+        return True
+    scale = {"uint8": 255.0, "uint16": 65535.0}.get(kind, 1.0)
+    spread = array.max(axis=-1).astype(np.float32) - array.min(axis=-1).astype(np.float32)
+    return float(spread.max()) / scale <= GRAY_TOLERANCE
 
 
 def _float_tiff_layout(path: str) -> tuple[str, int, int, int]:
