@@ -107,6 +107,28 @@ def test_resized_results_come_back_in_the_image_pixels():
     assert (x0, y0, x1, y1) == pytest.approx((64, 32, 128, 96), abs=4)
 
 
+def test_a_gray_model_sees_the_luma_of_a_colour_file(tmp_path):
+    image = np.full((64, 64, 3), 128, np.uint8)
+    image[10:20, 30:40] = (60, 0, 0)  # dark red: luma 0.299 * 60 = 17.9 -> 18 of 255
+    path = tmp_path / "part.png"
+    Image.fromarray(image).save(path)
+    seen = []
+
+    def forward(images):
+        seen.append(images)
+        return _spot_detector(images)
+
+    predictor = predictor_lib.Predictor(
+        forward, image_size=64, modalities=("gray",), thresholds=THRESHOLDS, class_names=("d",)
+    )
+    result = predictor.predict([str(path)], tiling="off")[0]
+    (images,) = seen
+    assert images.shape == (1, 64, 64, 1)
+    assert images[0, 15, 35, 0] == pytest.approx(18 / 255, abs=1e-4)
+    assert images[0, 0, 0, 0] == pytest.approx(128 / 255, abs=1e-4)
+    assert result.decision == "reject" and result.boxes[0]["box"] == [30.0, 10.0, 40.0, 20.0]
+
+
 def test_review_decision_follows_the_uncertainty_threshold():
     def uncertain(images):
         outputs = _spot_detector(images)
