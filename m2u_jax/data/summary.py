@@ -4,11 +4,12 @@
         --config.data.format=voc --config.data.root=../shared/data/neu_det
 
 prints images per split / category / defect type, box counts, the size range of the image
-files, whether they are gray pictures (a sample of them), modalities, the class map, the number of bad files and of suspicious masks (empty on a
-defective image, or mostly set), with an example in `notes`. Box counts are those of the
-annotations (VOC) or of the 8-connected components of the masks at the files' own resolution
-(every component, before resizing and before truncation to `data.max_boxes`). Exits with status
-2 and a one-line message naming the file or key on bad input.
+files, how many of a sample of them are gray pictures, modalities, the class map, the number of
+bad files and of suspicious masks (empty on a defective image, or mostly set), with an example
+in `notes`. Box counts are those of the annotations (VOC) or of the 8-connected components of
+the masks at the files' own resolution (every component, before resizing and before truncation
+to `data.max_boxes`). Exits with status 2 and a one-line message naming the file or key on bad
+input.
 """
 
 from __future__ import annotations
