@@ -64,6 +64,7 @@ def cli_results(tmp_path_factory):
         "--unrolled-threefry",  # loop-free dropout RNG: a third of the compile time on CPU
         "--mc-chunk",
         "0",
+        "--all-defective",
         "--out",
         str(out),
     ]
@@ -119,7 +120,13 @@ def test_cli_numbers_are_consistent(cli_results):
     assert mc["flops_bound_ratio"] == pytest.approx(1 + 2 * mc["tail_flops_fraction"])
     assert 0 < mc["tail_flops_fraction"] < 1
     assert train["loss_is_finite"]
-    # Warm-up and every timed call reused one compiled program per jitted function.
+    # --all-defective: the same program on a NEU-DET-like batch, alternated with the default.
+    assert _finite_positive(train["all_defective_step_ms"])
+    assert _finite_positive(train["alternated_step_ms"])
+    assert _finite_positive(train["all_defective_ratio"])
+    assert "train step, all defective" in stdout
+    # Warm-up and every timed call reused one compiled program per jitted function (both
+    # batches included).
     assert train["jit_cache_entries"] == 1
     assert infer["jit_cache_entries"] == 1
     assert mc["jit_cache_entries"] == 1

@@ -63,6 +63,15 @@ def format_table(results: dict) -> str:
             ("train MFU", _fmt(train["mfu"], " %", 100)),
             ("train compile", _fmt(train["compile_s"], " s", digits=2)),
         ]
+        if "all_defective_step_ms" in train:
+            rows.append(
+                (
+                    "train step, all defective",
+                    f"{_fmt(train['all_defective_step_ms'], ' ms', digits=2)} against "
+                    f"{_fmt(train['alternated_step_ms'], ' ms', digits=2)} alternated "
+                    f"(ratio {train['all_defective_ratio']:.3f})",
+                )
+            )
     if "infer" in results:
         infer = results["infer"]
         rows += [
@@ -208,8 +217,8 @@ def _parse(argv):
     parser.add_argument(
         "--all-defective",
         action="store_true",
-        help="train mode: every image of the batch defective, no reconstruction target "
-        "(a set like NEU-DET; the default batch is half defect-free)",
+        help="train mode: also time the step on a batch with no defect-free image (a set "
+        "like NEU-DET: no reconstruction target), alternated with the half defect-free one",
     )
     parser.add_argument(
         "--unrolled-threefry",

@@ -96,8 +96,8 @@ def summarize(config) -> dict:
     if sample and gray == len(sample) and "rgb" in modalities:
         notes.append(
             f"the {len(sample)} image files checked are gray: data.modalities=gray reads them "
-            "as one channel (a 1-channel model, 12 % fewer train-step milliseconds with "
-            "configs/cpu_real.py); 'rgb' reads them as three"
+            "as one channel (a 1-channel model with a cheaper train step, docs/performance.md); "
+            "'rgb' reads them as three"
         )
     good = per_type.get("good", 0)
     return {
