@@ -220,7 +220,7 @@ def reconstruction_loss(
     if weights is None:
         return weighted_loss(recon, target)
     # A set with no defect-free image (NEU-DET: every image has boxes) never has a target: the
-    # branch skips SSIM and its gradient, ~12 % of a CPU train step (docs/performance.md).
+    # branch skips SSIM and its gradient: 3-9 % of a cpu_real train step (docs/performance.md).
     return jax.lax.cond(
         jnp.any(weights > 0),
         weighted_loss,
