@@ -7,8 +7,8 @@ MODALITY_CHANNELS = {"rgb": 3, "gray": 1, "thermal": 1, "xray": 1, "depth": 1}
 
 # Read from the sample's image file itself (at most one per list); every other modality comes
 # from a side file beside it. 'gray' is that file as one luma channel: a set from monochrome
-# cameras trains a 1-channel model instead of three equal channels (a 12 % cheaper cpu_real
-# train step, docs/performance.md).
+# cameras trains a 1-channel model instead of three equal channels (a 14-22 % cheaper cpu_real
+# train step, docs/performance.md; NEU-DET ended 0.007-0.024 mAP@0.5 lower, docs/quality.md).
 IMAGE_FILE_MODALITIES = ("rgb", "gray")
 
 __all__ = ["IMAGE_FILE_MODALITIES", "MODALITY_CHANNELS", "num_channels", "split_list"]

@@ -49,7 +49,8 @@ def test_mask_folder_summary_counts_mask_components(tmp_path):
     # Grayscale JPEGs, read as 'rgb': the summary points at the 1-channel modality.
     assert result["gray_files"] == {"checked": 9, "gray": 9}
     (note,) = result["notes"]
-    assert note.startswith("the 9 image files checked are gray: data.modalities=gray reads them")
+    assert note.startswith("the 9 image files checked are gray: 'rgb' reads them as three equal")
+    assert "data.modalities=gray would read one" in note
     config.data.modalities = "gray"
     result = summary.summarize(config)
     assert result["num_channels"] == 1 and result["notes"] == []

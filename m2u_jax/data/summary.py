@@ -95,9 +95,9 @@ def summarize(config) -> dict:
     modalities = split_list(data.modalities)
     if sample and gray == len(sample) and "rgb" in modalities:
         notes.append(
-            f"the {len(sample)} image files checked are gray: data.modalities=gray reads them "
-            "as one channel (a 1-channel model with a cheaper train step, docs/performance.md); "
-            "'rgb' reads them as three"
+            f"the {len(sample)} image files checked are gray: 'rgb' reads them as three equal "
+            "channels; data.modalities=gray would read one (a cheaper train step, slightly lower "
+            "quality on NEU-DET: docs/quality.md, 'One channel for gray pictures')"
         )
     good = per_type.get("good", 0)
     return {
