@@ -54,6 +54,12 @@ def test_mask_folder_summary_counts_mask_components(tmp_path):
     config.data.modalities = "gray"
     result = summary.summarize(config)
     assert result["num_channels"] == 1 and result["notes"] == []
+    # A file whose header reads but whose pixels do not is counted as not gray, no crash.
+    path = tmp_path / "tiles" / "MT_Free" / "Imgs" / "exp_0.jpg"
+    path.write_bytes(path.read_bytes()[:-3])  # no end-of-image marker: the pixels fail
+    config.data.modalities = "rgb"
+    result = summary.summarize(config)
+    assert result["gray_files"] == {"checked": 9, "gray": 8} and result["notes"] == []
 
 
 def test_command_line(tmp_path, capsys):

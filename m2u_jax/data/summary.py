@@ -44,8 +44,12 @@ GRAY_SAMPLE = 64  # image files checked for gray content, spread evenly over the
 
 
 def _is_gray_file(record: SampleRecord) -> bool:
-    """Whether the record's image file is a gray picture (one channel, or RGB channels alike)."""
-    return decode.is_gray(*decode.read_modality(record.path, "rgb"))
+    """Whether the record's image file is a gray picture (one channel, or RGB channels alike);
+    False for a file that does not decode (the summary reports, training names the file)."""
+    try:
+        return decode.is_gray(*decode.read_modality(record.path, "rgb"))
+    except DataError:
+        return False
 
 
 def _size_range(records: Sequence[SampleRecord]) -> dict:
