@@ -306,6 +306,20 @@ def test_float_tiffs_read_at_their_values_with_samples_last(tmp_path, channels, 
     np.testing.assert_array_equal(decode._read_float_tiff(str(path)), values)
 
 
+def test_a_one_channel_float_image_is_normalised_then_replicated_for_rgb(tmp_path):
+    values = np.array([[2.0, 4.0], [6.0, 10.0]], np.float32)
+    path = tmp_path / "f.tiff"
+    write_float_tiff(path, values)
+    expected = (values - 2.0) / 8.0  # min-max over the finite values
+    array, kind = decode.read_modality(str(path), "rgb")
+    assert kind == "float" and array.shape == (2, 2, 3)
+    for channel in range(3):
+        np.testing.assert_allclose(array[..., channel], expected, rtol=1e-6)
+    array, _ = decode.read_modality(str(path), "gray")
+    assert array.shape == (2, 2, 1)
+    np.testing.assert_allclose(array[..., 0], expected, rtol=1e-6)
+
+
 def test_bad_float_tiffs_name_the_file(tmp_path):
     path = tmp_path / "x.tiff"
     write_float_tiff(path, np.ones((16, 16, 3), np.float32))

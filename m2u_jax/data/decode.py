@@ -228,7 +228,7 @@ def read_modality(path: str, modality: str, *, data: bytes | None = None) -> tup
         return _normalise_finite(depth, valid)[..., None], "float"
     if kind == "float":
         values = array[..., 0]
-        return _normalise_finite(values, np.isfinite(values))[..., None], "float"
+        array = _normalise_finite(values, np.isfinite(values))[..., None]
     if modality == "rgb" and array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     return array, kind
