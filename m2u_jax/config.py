@@ -136,6 +136,7 @@ NUMERIC_RANGES = {
     "data.synthetic_band": _UNIT,
     "data.synthetic_seamless": _UNIT,
     "data.mosaic_prob": _UNIT,
+    "data.real_paste_prob": _UNIT,
     "data.mosaic_off_fraction": _UNIT,
     "data.num_parallel_calls": (-1, None, True, False),
     "data.prefetch": _AT_LEAST_1,
@@ -283,6 +284,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise ConfigError(
             f"data.mosaic_prob={data.mosaic_prob} needs data.protocol=supervised: under the "
             "unsupervised protocol the seams between good images would be learnt as normal"
+        )
+    if data.real_paste_prob > 0 and data.protocol == "unsupervised":
+        raise ConfigError(
+            f"data.real_paste_prob={data.real_paste_prob} needs data.protocol=supervised: it "
+            "pastes labelled real defects, and the unsupervised protocol trains on good images only"
         )
     if data.train_crop < 0 or data.train_crop > data.image_size:
         raise ConfigError(

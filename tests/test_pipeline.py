@@ -7,6 +7,7 @@ import collections
 import itertools
 import logging
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -17,12 +18,15 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from configs import tiny  # noqa: E402
-from m2u_jax.data import decode, pipeline, synthetic  # noqa: E402
+from m2u_jax import config as config_lib  # noqa: E402
+from m2u_jax.config import ConfigError  # noqa: E402
+from m2u_jax.data import augment, decode, pipeline, synthetic  # noqa: E402
 from m2u_jax.data.records import DataError  # noqa: E402
 from tests.data_trees import (  # noqa: E402
     block_mask,
     rgb_image,
     save_png,
+    write_mask_folder,
     write_mvtec_3d,
     write_voc,
 )
@@ -62,6 +66,13 @@ def _config(root, **data):
     for key, value in data.items():
         setattr(config.data, key, value)
     return config
+
+
+def _plain_supervised(root, **data):
+    """The supervised protocol's examples as they are: no synthetic anomalies, no flips."""
+    return _config(
+        root, protocol="supervised", synthetic_anomaly_prob=0.0, random_flips=False, **data
+    )
 
 
 def _numpy(batch):
@@ -718,13 +729,7 @@ def test_defect_share_at_or_below_the_natural_share_changes_nothing(labels, valu
 
 def test_defect_share_oversamples_real_defects_in_training_batches(synthetic_root):
     # 16 good + 8 defective training images (one per category and type): natural share 1/3.
-    config = _config(
-        synthetic_root,
-        protocol="supervised",
-        synthetic_anomaly_prob=0.0,
-        random_flips=False,
-        cache=False,
-    )
+    config = _plain_supervised(synthetic_root, cache=False)
     plain, _ = pipeline.make_train_dataset(config)
     config.data.defect_share = 0.5
     shared, _ = pipeline.make_train_dataset(config)
@@ -741,3 +746,111 @@ def test_defect_share_oversamples_real_defects_in_training_batches(synthetic_roo
     assert masks.reshape(16, -1).max(1).min() == 1  # each draw keeps its real mask
     resumed, _ = pipeline.make_train_dataset(config, start_step=3)
     np.testing.assert_array_equal(next(resumed.as_numpy_iterator())["images"], batches[3]["images"])
+
+
+def test_paste_defect_puts_the_donors_defect_pixels_and_labels_on_the_good_image():
+    size = 6
+    good = {
+        "images": tf.fill([size, size, 1], 0.2),
+        "masks": tf.zeros([size, size]),
+        "boxes": tf.zeros([2, 4]),
+        "box_classes": tf.zeros([2], tf.int32),
+        "box_valid": tf.zeros([2]),
+        "labels": tf.constant(0, tf.int32),
+        "defect_types": tf.constant(0, tf.int32),
+    }
+    mask = np.zeros((size, size), np.float32)
+    mask[1:3, 2:5] = 1.0
+    donor = {
+        "images": tf.fill([size, size, 1], 0.9),
+        "masks": tf.constant(mask),
+        "boxes": tf.constant([[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 0.0, 0.0]]),
+        "box_classes": tf.constant([3, 0], tf.int32),
+        "box_valid": tf.constant([1.0, 0.0]),
+        "labels": tf.constant(1, tf.int32),
+        "defect_types": tf.constant(2, tf.int32),
+    }
+    pasted = _numpy(augment.paste_defect(good, donor))
+    expected = np.where(mask[..., None] > 0, 0.9, 0.2).astype(np.float32)
+    np.testing.assert_array_equal(pasted["images"], expected)
+    np.testing.assert_array_equal(pasted["masks"], mask)
+    np.testing.assert_array_equal(pasted["boxes"], donor["boxes"].numpy())
+    assert pasted["box_classes"].tolist() == [3, 0] and pasted["box_valid"].tolist() == [1, 0]
+    assert (int(pasted["labels"]), int(pasted["defect_types"])) == (1, 2)
+    # A donor without mask pixels (a defect labelled by class only) pastes nothing.
+    donor["masks"] = tf.zeros([size, size])
+    unchanged = _numpy(augment.paste_defect(good, donor))
+    for name, value in good.items():
+        np.testing.assert_array_equal(unchanged[name], value.numpy())
+
+
+def test_sample_paste_draws_deterministically_in_range():
+    keys = [tf.constant([seed, 7], tf.int64) for seed in range(200)]
+    draws = [augment.sample_paste(key, 5) for key in keys]
+    again = augment.sample_paste(keys[3], 5)
+    assert (float(again[0]), int(again[1])) == (float(draws[3][0]), int(draws[3][1]))
+    uniforms = np.array([float(draw) for draw, _ in draws])
+    donors = np.array([int(donor) for _, donor in draws])
+    assert uniforms.min() >= 0 and uniforms.max() < 1 and 0.4 < uniforms.mean() < 0.6
+    assert sorted(set(donors.tolist())) == [0, 1, 2, 3, 4]
+
+
+def test_real_paste_turns_good_images_into_real_defects_on_their_background(synthetic_root):
+    # 16 good + 8 defective training images (one per category and type), no synthesis, no flips:
+    # with real_paste_prob=1 every good image carries one of the 8 real defects.
+    config = _plain_supervised(synthetic_root, real_paste_prob=1.0)
+    (train,) = pipeline.iterate_eval(config, "train", batch_size=24)
+    defective = train["labels"] == 1
+    donor_images, donor_masks = train["images"][defective], train["masks"][defective]
+    good_keys = set(_image_keys(train["images"][~defective]))
+    dataset, _ = pipeline.make_train_dataset(config)
+    batches = list(dataset.take(3).as_numpy_iterator())  # one epoch of 24
+    assert all(batch["labels"].all() for batch in batches)
+    pasted = 0
+    for batch in batches:
+        for image, mask in zip(batch["images"], batch["masks"]):
+            if _image_keys(image[None])[0] in set(_image_keys(donor_images)):
+                continue  # a real defect as it is
+            pasted += 1
+            (donor,) = [j for j, m in enumerate(donor_masks) if np.array_equal(m, mask)][:1]
+            inside = mask[..., None] > 0
+            assert inside.any()
+            np.testing.assert_array_equal(
+                np.where(inside, image, 0), np.where(inside, donor_images[donor], 0)
+            )
+            # Outside the mask, one of the good images.
+            assert any(
+                np.array_equal(np.where(inside, 0, image), np.where(inside, 0, good))
+                for good in train["images"][~defective]
+            )
+    assert pasted == 16 and len(good_keys) == 16
+    # Half the good images at 0.5, the same ones on every build (seeded draws).
+    config.data.real_paste_prob = 0.5
+    half = [
+        [
+            batch["labels"]
+            for batch in pipeline.make_train_dataset(config)[0].take(3).as_numpy_iterator()
+        ]
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(half[0], half[1])
+    assert 8 + 4 <= np.concatenate(half[0]).sum() <= 8 + 12
+
+
+def test_real_paste_needs_labelled_defects_and_the_supervised_protocol(tmp_path, synthetic_root):
+    with pytest.raises(
+        ConfigError, match="data.real_paste_prob=0.5 needs data.protocol=supervised"
+    ):
+        config_lib.validate(_config(synthetic_root, real_paste_prob=0.5))
+    write_mask_folder(tmp_path / "tiles")
+    for folder in ("MT_Crack", "MT_Hole"):
+        shutil.rmtree(tmp_path / "tiles" / folder)
+    config = _config(
+        tmp_path / "tiles",
+        format="mask_folder",
+        good_class="MT_Free",
+        protocol="supervised",
+        real_paste_prob=0.5,
+    )
+    with pytest.raises(DataError, match="real_paste_prob=0.5 needs labelled defects"):
+        pipeline.make_train_dataset(config)

@@ -472,6 +472,30 @@ def mosaic_example(
     return out
 
 
+def sample_paste(key: tf.Tensor, num_donors: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(draw, donor) for `paste_defect` (stateless): `draw` ~ U(0, 1) (the caller compares it
+    with `data.real_paste_prob`) and `donor`, an int64 position uniform over `num_donors`."""
+    draw = tf.random.stateless_uniform([], fold_key(key, 23))
+    donor = tf.random.stateless_uniform([], fold_key(key, 24), maxval=num_donors, dtype=tf.int64)
+    return draw, donor
+
+
+def paste_defect(example: dict[str, tf.Tensor], donor: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """`example` (a good image, float as `crop_example` takes it) with the `donor`'s defect
+    pixels pasted in where the donor's mask is set, at the same place (copy-paste of a real
+    defect; both of one size). The result is the donor's defect on the example's background:
+    the donor's mask, boxes, label and defect type; the example's other keys. A donor without
+    mask pixels leaves the example as it was."""
+    mask = tf.cast(donor["masks"] > 0.5, example["images"].dtype)
+    has_defect = tf.reduce_any(mask > 0)
+    inside = mask[..., None]
+    pasted = dict(example)
+    pasted["images"] = example["images"] * (1.0 - inside) + donor["images"] * inside
+    for name in ("masks", "boxes", "box_classes", "box_valid", "labels", "defect_types"):
+        pasted[name] = tf.cast(donor[name], example[name].dtype)
+    return {name: tf.where(has_defect, pasted[name], example[name]) for name in example}
+
+
 def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
     uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))

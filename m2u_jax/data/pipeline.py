@@ -21,7 +21,9 @@ Training (`make_train_iterator`, tf.data, TensorFlow imported lazily):
    file, re-raised as such by the iterator) through `tf.numpy_function` in a parallel map. With
    `data.cache` the decoded, resized example (uint16 image) is kept in host memory by index, so
    later epochs skip decoding; bad files are dropped with a warning under
-   `data.skip_bad_files`.
+   `data.skip_bad_files`. Fine-tuning examples that combine several files read their
+   partners in the same map, only when drawn: YOLO's mosaic (`data.mosaic_prob`) and a
+   labelled real defect pasted into a good image (`data.real_paste_prob`, `augment.paste_defect`).
 4. Per example, augmentation parameters are drawn with stateless ops keyed by
    (seed, stage, epoch, index); after `batch(train.batch_size / process_count,
    drop_remainder=True)` a parallel map applies them to the whole batch (`augment`): synthetic
@@ -368,30 +370,56 @@ def make_train_dataset(
         }
         return example, tf.ensure_shape(ok, [])
 
+    paste_prob = float(config.data.real_paste_prob) if stage == "finetune" else 0.0
+    donors = [index for index, record in enumerate(records) if record.label > 0]
+    if paste_prob > 0 and not donors:
+        raise DataError(
+            f"{config.data.root}: data.real_paste_prob={paste_prob} needs labelled defects in "
+            "the training split, and it has none"
+        )
+    donor_table = tf.constant(donors or [0], tf.int64)
+    is_good = tf.constant([record.label == 0 for record in records], tf.bool)
+
     def fetch(element):
+        """(example, ok, key, extras): `extras` holds what `prepare` combines with the example,
+        `mosaic` (its partners) and `paste` (a real defect), each read only when drawn."""
         example, ok = load(element["index"])
         key = augment.fold_key(augment_key, element["epoch"], element["index"])
         if share.active:
             key = augment.fold_key(key, element["slot"])
-        if mosaic_prob <= 0:
-            return example, ok, key
-        draw, partners, x0, y0 = augment.sample_mosaic(key, num_examples, size, crop or size)
-        position = element["epoch"] * epoch_length + element["slot"]
-        use = (draw < mosaic_prob) & (position < mosaic_examples)
+        extras = {}
 
-        def load_partners():
-            loaded = [load(partners[i]) for i in range(augment.MOSAIC_PARTS - 1)]
-            parts_ok = tf.reduce_all(tf.stack([part_ok for _, part_ok in loaded]))
-            return tuple(part for part, _ in loaded), parts_ok
+        def blank():  # a placeholder of the example's structure (an unused branch ignores it)
+            return tf.nest.map_structure(tf.zeros_like, example)
 
-        def no_partners():  # placeholders of the same structure (the plain path ignores them)
-            blank = tf.nest.map_structure(tf.zeros_like, example)
-            return (blank,) * (augment.MOSAIC_PARTS - 1), tf.constant(True)
+        if mosaic_prob > 0:
+            draw, partners, x0, y0 = augment.sample_mosaic(key, num_examples, size, crop or size)
+            position = element["epoch"] * epoch_length + element["slot"]
+            use = (draw < mosaic_prob) & (position < mosaic_examples)
 
-        # Partners are read only for a drawn mosaic; a bad partner file only matters then.
-        parts, parts_ok = tf.cond(use, load_partners, no_partners)
-        mosaic = {"parts": parts, "use": use, "x0": x0, "y0": y0}
-        return example, ok & parts_ok, key, mosaic
+            def load_partners():
+                loaded = [load(partners[i]) for i in range(augment.MOSAIC_PARTS - 1)]
+                parts_ok = tf.reduce_all(tf.stack([part_ok for _, part_ok in loaded]))
+                return tuple(part for part, _ in loaded), parts_ok
+
+            def no_partners():
+                return (blank(),) * (augment.MOSAIC_PARTS - 1), tf.constant(True)
+
+            # Partners are read only for a drawn mosaic; a bad partner file only matters then.
+            parts, parts_ok = tf.cond(use, load_partners, no_partners)
+            extras["mosaic"] = {"parts": parts, "use": use, "x0": x0, "y0": y0}
+            ok &= parts_ok
+        if paste_prob > 0:
+            draw, pick = augment.sample_paste(key, len(donors))
+            use = (draw < paste_prob) & tf.gather(is_good, element["index"])
+            donor, donor_ok = tf.cond(
+                use,
+                lambda: load(tf.gather(donor_table, pick)),
+                lambda: (blank(), tf.constant(True)),
+            )
+            extras["paste"] = {"donor": donor, "use": use}
+            ok &= donor_ok
+        return example, ok, key, extras
 
     prob = float(config.data.synthetic_anomaly_prob)
     max_beta = float(config.data.synthetic_max_beta)
@@ -419,8 +447,13 @@ def make_train_dataset(
             return example
         return augment.crop_example(example, *augment.sample_crop_origin(key, size, crop), crop)
 
-    def prepare(example, ok, key, mosaic=None):
+    def prepare(example, ok, key, extras):
         example = to_float(example)
+        if "paste" in extras:
+            paste = extras["paste"]
+            pasted = augment.paste_defect(example, to_float(paste["donor"]))
+            example = {name: tf.where(paste["use"], pasted[name], example[name]) for name in example}
+        mosaic = extras.get("mosaic")
         if mosaic is None:
             example = single(example, key)
         else:
