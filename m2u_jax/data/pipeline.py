@@ -377,6 +377,13 @@ def make_train_dataset(
             f"{config.data.root}: data.real_paste_prob={paste_prob} needs labelled defects in "
             "the training split, and it has none"
         )
+    if paste_prob > 0:
+        logger.info(
+            "data.real_paste_prob=%g: %d labelled real defects to paste into %d good images",
+            paste_prob,
+            len(donors),
+            num_examples - len(donors),
+        )
     donor_table = tf.constant(donors or [0], tf.int64)
     is_good = tf.constant([record.label == 0 for record in records], tf.bool)
 
