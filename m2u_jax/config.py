@@ -285,11 +285,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"data.mosaic_prob={data.mosaic_prob} needs data.protocol=supervised: under the "
             "unsupervised protocol the seams between good images would be learnt as normal"
         )
-    if data.real_paste_prob > 0 and data.protocol == "unsupervised":
-        raise ConfigError(
-            f"data.real_paste_prob={data.real_paste_prob} needs data.protocol=supervised: it "
-            "pastes labelled real defects, and the unsupervised protocol trains on good images only"
-        )
     if data.train_crop < 0 or data.train_crop > data.image_size:
         raise ConfigError(
             f"data.train_crop={data.train_crop} must be 0 (off) or in [1, data.image_size="

@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.mosaic_off_fraction = 0.1  # Last fraction of fine-tuning steps without mosaics (YOLOv8).
     # Fine-tuning (supervised): a good image gets, with this probability, a labelled real defect
     # of the training split pasted in through its mask (copy-paste), so a few masks show up on
-    # many backgrounds. Examples that get one are not also given a synthetic anomaly.
+    # many backgrounds. Examples that get one are not also given a synthetic anomaly. Nothing is
+    # pasted when the training split holds no labelled defect (the unsupervised protocol).
     data.real_paste_prob = 0.0  # Probability that a good image gets a real defect pasted in.
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.

@@ -7,7 +7,6 @@ import collections
 import itertools
 import logging
 import re
-import shutil
 
 import jax
 import numpy as np
@@ -18,15 +17,12 @@ from PIL import Image
 tf = pytest.importorskip("tensorflow")
 
 from configs import tiny  # noqa: E402
-from m2u_jax import config as config_lib  # noqa: E402
-from m2u_jax.config import ConfigError  # noqa: E402
 from m2u_jax.data import augment, decode, pipeline, synthetic  # noqa: E402
 from m2u_jax.data.records import DataError  # noqa: E402
 from tests.data_trees import (  # noqa: E402
     block_mask,
     rgb_image,
     save_png,
-    write_mask_folder,
     write_mvtec_3d,
     write_voc,
 )
@@ -837,20 +833,13 @@ def test_real_paste_turns_good_images_into_real_defects_on_their_background(synt
     assert 8 + 4 <= np.concatenate(half[0]).sum() <= 8 + 12
 
 
-def test_real_paste_needs_labelled_defects_and_the_supervised_protocol(tmp_path, synthetic_root):
-    with pytest.raises(
-        ConfigError, match="data.real_paste_prob=0.5 needs data.protocol=supervised"
-    ):
-        config_lib.validate(_config(synthetic_root, real_paste_prob=0.5))
-    write_mask_folder(tmp_path / "tiles")
-    for folder in ("MT_Crack", "MT_Hole"):
-        shutil.rmtree(tmp_path / "tiles" / folder)
-    config = _config(
-        tmp_path / "tiles",
-        format="mask_folder",
-        good_class="MT_Free",
-        protocol="supervised",
-        real_paste_prob=0.5,
-    )
-    with pytest.raises(DataError, match="real_paste_prob=0.5 needs labelled defects"):
-        pipeline.make_train_dataset(config)
+def test_real_paste_without_labelled_defects_pastes_nothing(synthetic_root, caplog):
+    # The unsupervised protocol trains on good images only: the same batches as without it.
+    config = _config(synthetic_root, random_flips=False)
+    plain = next(pipeline.make_train_dataset(config)[0].as_numpy_iterator())
+    config.data.real_paste_prob = 0.5
+    with caplog.at_level(logging.WARNING, logger=pipeline.logger.name):
+        pasted = next(pipeline.make_train_dataset(config)[0].as_numpy_iterator())
+    assert "holds no labelled defect to paste (protocol unsupervised)" in caplog.text
+    for name, value in plain.items():
+        np.testing.assert_array_equal(pasted[name], value)

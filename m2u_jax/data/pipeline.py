@@ -373,10 +373,14 @@ def make_train_dataset(
     paste_prob = float(config.data.real_paste_prob) if stage == "finetune" else 0.0
     donors = [index for index, record in enumerate(records) if record.label > 0]
     if paste_prob > 0 and not donors:
-        raise DataError(
-            f"{config.data.root}: data.real_paste_prob={paste_prob} needs labelled defects in "
-            "the training split, and it has none"
+        # The unsupervised protocol, or labels without defects: one config serves every data set.
+        logger.warning(
+            "data.real_paste_prob=%g: the training split holds no labelled defect to paste "
+            "(protocol %s), so none is pasted",
+            paste_prob,
+            config.data.protocol,
         )
+        paste_prob = 0.0
     if paste_prob > 0:
         logger.info(
             "data.real_paste_prob=%g: %d labelled real defects to paste into %d good images",
