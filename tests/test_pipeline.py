@@ -798,17 +798,17 @@ def test_real_paste_turns_good_images_into_real_defects_on_their_background(synt
     (train,) = pipeline.iterate_eval(config, "train", batch_size=24)
     defective = train["labels"] == 1
     donor_images, donor_masks = train["images"][defective], train["masks"][defective]
-    good_keys = set(_image_keys(train["images"][~defective]))
+    donor_keys = set(_image_keys(donor_images))
     dataset, _ = pipeline.make_train_dataset(config)
     batches = list(dataset.take(3).as_numpy_iterator())  # one epoch of 24
     assert all(batch["labels"].all() for batch in batches)
     pasted = 0
     for batch in batches:
         for image, mask in zip(batch["images"], batch["masks"]):
-            if _image_keys(image[None])[0] in set(_image_keys(donor_images)):
+            if _image_keys(image[None])[0] in donor_keys:
                 continue  # a real defect as it is
             pasted += 1
-            (donor,) = [j for j, m in enumerate(donor_masks) if np.array_equal(m, mask)][:1]
+            donor = next(j for j, m in enumerate(donor_masks) if np.array_equal(m, mask))
             inside = mask[..., None] > 0
             assert inside.any()
             np.testing.assert_array_equal(
@@ -819,7 +819,7 @@ def test_real_paste_turns_good_images_into_real_defects_on_their_background(synt
                 np.array_equal(np.where(inside, 0, image), np.where(inside, 0, good))
                 for good in train["images"][~defective]
             )
-    assert pasted == 16 and len(good_keys) == 16
+    assert pasted == 16  # every good image once
     # Half the good images at 0.5, the same ones on every build (seeded draws).
     config.data.real_paste_prob = 0.5
     half = [
