@@ -773,6 +773,10 @@ def test_paste_defect_puts_the_donors_defect_pixels_and_labels_on_the_good_image
     np.testing.assert_array_equal(pasted["boxes"], donor["boxes"].numpy())
     assert pasted["box_classes"].tolist() == [3, 0] and pasted["box_valid"].tolist() == [1, 0]
     assert (int(pasted["labels"]), int(pasted["defect_types"])) == (1, 2)
+    # Not drawn: nothing pasted.
+    not_drawn = _numpy(augment.paste_defect(good, donor, tf.constant(False)))
+    for name, value in good.items():
+        np.testing.assert_array_equal(not_drawn[name], value.numpy())
     # A donor without mask pixels (a defect labelled by class only) pastes nothing.
     donor["masks"] = tf.zeros([size, size])
     unchanged = _numpy(augment.paste_defect(good, donor))

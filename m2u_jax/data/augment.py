@@ -480,14 +480,16 @@ def sample_paste(key: tf.Tensor, num_donors: int) -> tuple[tf.Tensor, tf.Tensor]
     return draw, donor
 
 
-def paste_defect(example: dict[str, tf.Tensor], donor: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+def paste_defect(
+    example: dict[str, tf.Tensor], donor: dict[str, tf.Tensor], use: tf.Tensor | bool = True
+) -> dict[str, tf.Tensor]:
     """`example` (a good image, float as `crop_example` takes it) with the `donor`'s defect
     pixels pasted in where the donor's mask is set, at the same place (copy-paste of a real
     defect; both of one size). The result is the donor's defect on the example's background:
     the donor's mask, boxes, label and defect type; the example's other keys. A donor without
-    mask pixels leaves the example as it was."""
+    mask pixels, or `use` false (a scalar bool: the draw), leaves the example as it was."""
     mask = tf.cast(donor["masks"] > 0.5, example["images"].dtype)
-    has_defect = tf.reduce_any(mask > 0)
+    has_defect = tf.logical_and(tf.reduce_any(mask > 0), use)
     inside = mask[..., None]
     pasted = dict(example)
     pasted["images"] = example["images"] * (1.0 - inside) + donor["images"] * inside

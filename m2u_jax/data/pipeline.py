@@ -462,8 +462,7 @@ def make_train_dataset(
         example = to_float(example)
         if "paste" in extras:
             paste = extras["paste"]
-            pasted = augment.paste_defect(example, to_float(paste["donor"]))
-            example = {name: tf.where(paste["use"], pasted[name], example[name]) for name in example}
+            example = augment.paste_defect(example, to_float(paste["donor"]), paste["use"])
         mosaic = extras.get("mosaic")
         if mosaic is None:
             example = single(example, key)
