@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     # many backgrounds. Examples that get one are not also given a synthetic anomaly. Nothing is
     # pasted when the training split holds no labelled defect (the unsupervised protocol).
     data.real_paste_prob = 0.0  # Probability that a good image gets a real defect pasted in.
+    data.real_paste_flips = False  # Mirror each pasted defect at random (its own draw) first.
     data.num_parallel_calls = -1  # tf.data parallelism for map(); -1 = AUTOTUNE.
     data.cache = True  # Cache decoded, resized images in memory before augmentation.
     data.prefetch = 2  # Batches prefetched to the devices.

@@ -837,6 +837,62 @@ def test_real_paste_turns_good_images_into_real_defects_on_their_background(synt
     assert 8 + 4 <= np.concatenate(half[0]).sum() <= 8 + 12
 
 
+def test_real_paste_flips_mirror_each_pasted_defect_on_its_own_draw(synthetic_root):
+    # As above with data.real_paste_flips: a pasted defect is one of the real ones in one of its
+    # four poses (as is, mirrored left-right, top-bottom, both), mask, pixels and box alike.
+    config = _plain_supervised(synthetic_root, real_paste_prob=1.0, real_paste_flips=True)
+    (train,) = pipeline.iterate_eval(config, "train", batch_size=24)
+    defective = train["labels"] == 1
+    donors = {
+        "images": train["images"][defective],
+        "masks": train["masks"][defective],
+        "boxes": train["boxes"][defective],
+    }
+    donor_keys = set(_image_keys(donors["images"]))
+    size = train["masks"].shape[-1]
+    poses = {"none": (False, False), "lr": (True, False), "tb": (False, True), "both": (True, True)}
+    seen = []
+    for batch in pipeline.make_train_dataset(config)[0].take(3).as_numpy_iterator():
+        for image, mask, boxes in zip(batch["images"], batch["masks"], batch["boxes"]):
+            if _image_keys(image[None])[0] in donor_keys:
+                continue
+            inside = mask[..., None] > 0
+            found = []
+            for name, (horizontal, vertical) in poses.items():
+                for j in range(len(donors["masks"])):
+                    donor_mask = donors["masks"][j]
+                    donor_image = donors["images"][j]
+                    if horizontal:
+                        donor_mask, donor_image = donor_mask[:, ::-1], donor_image[:, ::-1]
+                    if vertical:
+                        donor_mask, donor_image = donor_mask[::-1], donor_image[::-1]
+                    if np.array_equal(donor_mask, mask) and np.array_equal(
+                        np.where(inside, image, 0), np.where(inside, donor_image, 0)
+                    ):
+                        found.append((name, j))
+            assert found, "a pasted defect that is none of the real ones in any pose"
+            name, j = found[0]
+            # The box follows the pose: [x1, x2) -> [S - x2, S - x1) when mirrored left-right.
+            x1, y1, x2, y2 = donors["boxes"][j][0]
+            if poses[name][0]:
+                x1, x2 = size - x2, size - x1
+            if poses[name][1]:
+                y1, y2 = size - y2, size - y1
+            np.testing.assert_allclose(boxes[0], [x1, y1, x2, y2])
+            seen.append(name)
+    assert len(seen) == 16
+    # 16 independent draws, each mirrored with probability 3/4 (seeded, so this cannot flake).
+    assert seen.count("none") < 16 and len(set(seen)) >= 3
+    # The draws themselves: deterministic per key, each mirror about half the time.
+    keys = [tf.constant([seed, 7], tf.int64) for seed in range(400)]
+    mirrors = np.array([[bool(m) for m in augment.sample_paste_flips(key)] for key in keys])
+    assert [bool(m) for m in augment.sample_paste_flips(keys[5])] == mirrors[5].tolist()
+    assert np.all((0.4 < mirrors.mean(axis=0)) & (mirrors.mean(axis=0) < 0.6))
+    # Not the example's own flips: the two streams differ on these keys.
+    own = np.array([[bool(m) for m in augment.sample_flips(key)] for key in keys])
+    assert not np.array_equal(mirrors, own)
+
+
 def test_real_paste_without_labelled_defects_pastes_nothing(synthetic_root, caplog):
     # The unsupervised protocol trains on good images only: the same batches as without it.
     config = _config(synthetic_root, random_flips=False)

@@ -480,6 +480,13 @@ def sample_paste(key: tf.Tensor, num_donors: int) -> tuple[tf.Tensor, tf.Tensor]
     return draw, donor
 
 
+def sample_paste_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(horizontal, vertical) mirrors of a pasted defect (`data.real_paste_flips`), each true
+    with probability 1/2 (stateless; a stream apart from the example's own flips)."""
+    uniforms = tf.random.stateless_uniform([2], fold_key(key, 25))
+    return uniforms[0] < 0.5, uniforms[1] < 0.5
+
+
 def paste_defect(
     example: dict[str, tf.Tensor], donor: dict[str, tf.Tensor], use: tf.Tensor | bool = True
 ) -> dict[str, tf.Tensor]:

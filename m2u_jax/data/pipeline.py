@@ -388,6 +388,7 @@ def make_train_dataset(
             len(donors),
             num_examples - len(donors),
         )
+    paste_flips = bool(config.data.real_paste_flips)
     donor_table = tf.constant(donors or [0], tf.int64)
     is_good = tf.constant([record.label == 0 for record in records], tf.bool)
 
@@ -462,7 +463,12 @@ def make_train_dataset(
         example = to_float(example)
         if "paste" in extras:
             paste = extras["paste"]
-            example = augment.paste_defect(example, to_float(paste["donor"]), paste["use"])
+            donor = to_float(paste["donor"])
+            if paste_flips:
+                # Mirrored on its own draw, a defect meets the backgrounds in four poses (up to
+                # four times the few labelled shapes); the example's flips then move both.
+                donor = augment.flip_example(donor, *augment.sample_paste_flips(key))
+            example = augment.paste_defect(example, donor, paste["use"])
         mosaic = extras.get("mosaic")
         if mosaic is None:
             example = single(example, key)
