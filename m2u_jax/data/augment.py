@@ -481,10 +481,9 @@ def sample_paste(key: tf.Tensor, num_donors: int) -> tuple[tf.Tensor, tf.Tensor]
 
 
 def sample_paste_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(horizontal, vertical) mirrors of a pasted defect (`data.real_paste_flips`), each true
-    with probability 1/2 (stateless; a stream apart from the example's own flips)."""
-    uniforms = tf.random.stateless_uniform([2], fold_key(key, 25))
-    return uniforms[0] < 0.5, uniforms[1] < 0.5
+    """`sample_flips` for a pasted defect (`data.real_paste_flips`), on a stream apart from the
+    example's own flips."""
+    return sample_flips(key, stream=25)
 
 
 def paste_defect(
@@ -505,9 +504,10 @@ def paste_defect(
     return {name: tf.where(has_defect, pasted[name], example[name]) for name in example}
 
 
-def sample_flips(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless)."""
-    uniforms = tf.random.stateless_uniform([2], fold_key(key, 3))
+def sample_flips(key: tf.Tensor, stream: int = 3) -> tuple[tf.Tensor, tf.Tensor]:
+    """(horizontal, vertical) scalar bools, each true with probability 1/2 (stateless; `stream`
+    folded into `key`: 3 for the example's flips, `sample_paste_flips` its own)."""
+    uniforms = tf.random.stateless_uniform([2], fold_key(key, stream))
     return uniforms[0] < 0.5, uniforms[1] < 0.5
 
 
