@@ -36,12 +36,11 @@ def get_config():
     # With labelled defects (supervised protocol), a quarter of the good images get one of them
     # pasted in through its mask: Magnetic-tile with 10 % of the masks (23) 0.803 / 0.611 / 0.501
     # -> 0.823 / 0.730 / 0.632 image / pixel AUROC / AUPRO at seed 0, 0.660 / 0.655 / 0.469 ->
-    # 0.774 / 0.661 / 0.630 at seed 1; all masks AUPRO 0.671 -> 0.719, mAP@0.5 0.102 -> 0.258
-    # (one seed; docs/quality.md, "Real defects pasted into good images"). The donor as it is:
-    # mirrored on its own draw (data.real_paste_flips) it measured 0.793 / 0.681 / 0.630 at seed
-    # 0. Half the good images (0.5): two-seed means 0.788 / 0.683 / 0.667 against 0.798 / 0.695
-    # / 0.631, AUPRO up, pixel AUROC down. No effect without labelled defects or good images
-    # (unsupervised, NEU-DET).
+    # 0.774 / 0.661 / 0.630 at seed 1; all masks (seed 0) AUPRO 0.671 -> 0.719, mAP@0.5 0.102 ->
+    # 0.258. Left off: half the good images (0.5; two-seed pixel AUROC 0.695 -> 0.683, AUPRO
+    # 0.631 -> 0.667) and mirrored donors (data.real_paste_flips; 0.730 -> 0.681 pixel AUROC)
+    # (docs/quality.md, "Real defects pasted into good images"). No effect without labelled
+    # defects or good images (unsupervised, NEU-DET).
     config.data.real_paste_prob = 0.25
     config.model.variant = "tiny"
     # 16-px patches (the detail stem keeps the fine detail): a fine-tuning step costs 33 against
